@@ -1,0 +1,284 @@
+"""Windows, patch masks and leak-free splits over a circles series (data.npz + config.json).
+
+The series is cut into three contiguous time blocks, train | gap | validation | gap | test,
+with gaps of at least one window, so no window of one block ever touches a step scored in
+another. Windows are taken inside a block only.
+
+Masks are contiguous patches (fixed size, or sizes drawn from [patch_min, patch_max]) that
+cover exactly round(mask_ratio * seq_len) steps, each step masked with probability exactly
+mask_ratio. Each window's mask is drawn from its own
+generator keyed by (mask seed, epoch, window index): fresh every epoch for training, fixed
+for evaluation, identical across DataLoader workers and reruns.
+
+This module only needs numpy; torch's DataLoader turns the returned arrays into tensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+REQUIRED_ARRAYS = ("X", "states")
+
+
+# ----------------------------------------------------------------------------- loading
+
+@dataclass
+class Series:
+    X: np.ndarray            # (T, D) float32 observations
+    states: np.ndarray       # (T,) circle index
+    thetas: np.ndarray | None
+    signal: np.ndarray | None
+    config: dict
+    data_dir: str
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.X)
+
+    @property
+    def dim(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def n_states(self) -> int:
+        return int(self.config.get("n_circles", int(self.states.max()) + 1))
+
+    @property
+    def noise_var(self) -> float | None:
+        """Per-dimension noise variance: the MSE floor of any predictor of the observations."""
+        if "noise_var" in self.config:
+            return float(self.config["noise_var"])
+        if "noise_std" in self.config:
+            return float(self.config["noise_std"]) ** 2
+        return None
+
+
+def load_series(data_dir: str) -> Series:
+    """Load data.npz + config.json, with one clear error for each way it can be wrong."""
+    npz = os.path.join(data_dir, "data.npz")
+    cfg_path = os.path.join(data_dir, "config.json")
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"data directory {data_dir!r} does not exist; generate it with "
+            f"`python markov_circles_timeseries.py --out-dir {data_dir}`")
+    if not os.path.exists(npz):
+        raise FileNotFoundError(
+            f"{npz} not found; generate the data with `python markov_circles_timeseries.py --out-dir {data_dir}`")
+    try:
+        with np.load(npz) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # corrupt zip, truncated file
+        raise ValueError(f"{npz} is not a readable .npz file ({e}); regenerate it") from e
+    missing = [k for k in REQUIRED_ARRAYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{npz} lacks the arrays {missing}; it was not written by markov_circles_timeseries.py")
+    X, states = arrays["X"], arrays["states"]
+    if X.ndim != 2 or states.shape != (len(X),):
+        raise ValueError(f"{npz}: X must be (T, D) and states (T,), got {X.shape} and {states.shape}")
+    if not np.all(np.isfinite(X)):
+        raise ValueError(f"{npz}: X contains NaN or infinite values")
+    config = {}
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_path} is not valid JSON ({e})") from e
+    return Series(X=X.astype(np.float32, copy=False), states=states.astype(np.int64, copy=False),
+                  thetas=arrays.get("thetas"), signal=arrays.get("signal"), config=config,
+                  data_dir=data_dir)
+
+
+# ----------------------------------------------------------------------------- splits
+
+@dataclass(frozen=True)
+class Splits:
+    """Half-open [start, end) time blocks."""
+    train: tuple[int, int]
+    val: tuple[int, int]
+    test: tuple[int, int]
+    gap: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_splits(n_steps: int, seq_len: int, val_frac: float = 0.1, test_frac: float = 0.1,
+                gap: int | None = None) -> Splits:
+    """train | gap | val | gap | test as contiguous blocks; the gap defaults to one window."""
+    gap = seq_len if gap is None else gap
+    if gap < 0:
+        raise ValueError("gap must be >= 0")
+    if not (0 < val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"bad split fractions val={val_frac}, test={test_frac}")
+    usable = n_steps - 2 * gap
+    n_test = int(round(usable * test_frac))
+    n_val = int(round(usable * val_frac))
+    n_train = usable - n_val - n_test
+    blocks = {"train": n_train, "validation": n_val}
+    if test_frac > 0:
+        blocks["test"] = n_test
+    short = {k: v for k, v in blocks.items() if v < seq_len}
+    if short:
+        raise ValueError(
+            f"a window of {seq_len} steps does not fit in the {', '.join(f'{k} block ({v} steps)' for k, v in short.items())} "
+            f"of a {n_steps}-step series (gaps of {gap}); use a shorter --seq-len or a longer series")
+    train = (0, n_train)
+    val = (n_train + gap, n_train + gap + n_val)
+    test = (val[1] + gap, n_steps) if test_frac > 0 else (n_steps, n_steps)
+    return Splits(train=train, val=val, test=test, gap=gap)
+
+
+def window_starts(block: tuple[int, int], seq_len: int, stride: int, cover_end: bool = False) -> np.ndarray:
+    """Start indices of the windows [s, s + seq_len) inside a block.
+
+    With cover_end, one more window flush with the block's end is added when the stride
+    does not land there, so every step of the block lies in some window.
+    """
+    start, end = block
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if end - start < seq_len:
+        raise ValueError(f"windows of {seq_len} steps do not fit in a block of {end - start} steps")
+    starts = np.arange(start, end - seq_len + 1, stride)
+    if cover_end and starts[-1] != end - seq_len:
+        starts = np.append(starts, end - seq_len)
+    return starts
+
+
+# ----------------------------------------------------------------------------- masks
+
+@dataclass(frozen=True)
+class MaskConfig:
+    ratio: float = 0.15
+    patch_size: int = 16                  # fixed size when patch_min/max are not given
+    patch_min: int | None = None
+    patch_max: int | None = None
+
+    def __post_init__(self):
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"mask ratio must be in (0, 1), got {self.ratio}")
+        if (self.patch_min is None) != (self.patch_max is None):
+            raise ValueError("give both --mask-patch-min and --mask-patch-max, or neither")
+        if self.patch_min is not None and not 1 <= self.patch_min <= self.patch_max:
+            raise ValueError(f"need 1 <= mask-patch-min <= mask-patch-max, got {self.patch_min}, {self.patch_max}")
+        if self.patch_size < 1:
+            raise ValueError("mask patch size must be >= 1")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.patch_min is not None
+
+    def n_masked(self, seq_len: int) -> int:
+        return max(1, int(round(self.ratio * seq_len)))
+
+
+def patch_sizes(total: int, cfg: MaskConfig, rng: np.random.Generator) -> list[int]:
+    """Patch lengths summing exactly to `total`.
+
+    Sizes are drawn (or fixed) until they reach the total; the last one is cut to fit, and
+    when the cut leaves it shorter than the minimum size it is spread over the others.
+    """
+    lo, hi = (cfg.patch_min, cfg.patch_max) if cfg.stochastic else (cfg.patch_size, cfg.patch_size)
+    sizes: list[int] = []
+    acc = 0
+    while acc < total:
+        s = int(rng.integers(lo, hi + 1))
+        s = min(s, total - acc)
+        sizes.append(s)
+        acc += s
+    if len(sizes) > 1 and sizes[-1] < lo:
+        extra = sizes.pop()
+        for i in range(extra):
+            sizes[i % len(sizes)] += 1
+    return sizes
+
+
+def patch_mask(seq_len: int, cfg: MaskConfig, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of length seq_len with exactly cfg.n_masked(seq_len) True steps in
+    contiguous patches.
+
+    The patches are laid out on the window taken as a circle, separated by random gaps of
+    at least one step, and the layout is rotated by a uniform offset. Every step is then
+    masked with probability exactly mask_ratio (a linear layout starves the window's
+    edges); the patch that crosses the window's end is cut in two, like a patch that
+    extends past the window.
+    """
+    total = min(cfg.n_masked(seq_len), seq_len - 1)
+    sizes = patch_sizes(total, cfg, rng)
+    rng.shuffle(sizes)
+    while len(sizes) > seq_len - total:  # too many patches to separate: merge the last two
+        last = sizes.pop()
+        sizes[-1] += last
+    k = len(sizes)
+    free = seq_len - total - k  # unmasked steps beyond one separator after each patch
+    # uniform composition of `free` spare steps into k gaps (stars and bars)
+    cuts = np.sort(rng.choice(free + k - 1, size=k - 1, replace=False)) - np.arange(k - 1)
+    extra = np.diff(np.concatenate(([0], cuts, [free])))
+    mask = np.zeros(seq_len, dtype=bool)
+    pos = 0
+    for s, g in zip(sizes, extra):
+        mask[pos:pos + s] = True
+        pos += s + 1 + int(g)
+    return np.roll(mask, int(rng.integers(seq_len)))
+
+
+# ----------------------------------------------------------------------------- datasets
+
+class WindowDataset:
+    """Map-style dataset of windows: item i -> (x (L, D) float32, states (L,) int64, mask (L,) bool).
+
+    fixed=True: the mask of window i never changes (evaluation). fixed=False: masks depend
+    on the epoch set with set_epoch (training). mask_cfg=None gives all-False masks.
+    """
+
+    def __init__(self, X: np.ndarray, states: np.ndarray, starts: np.ndarray, seq_len: int,
+                 mask_cfg: MaskConfig | None = None, mask_seed: int = 0, fixed: bool = True):
+        self.X, self.states, self.starts = X, states, np.asarray(starts)
+        self.seq_len, self.mask_cfg, self.mask_seed, self.fixed = seq_len, mask_cfg, mask_seed, fixed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def mask(self, i: int) -> np.ndarray:
+        if self.mask_cfg is None:
+            return np.zeros(self.seq_len, dtype=bool)
+        key = [self.mask_seed, i] if self.fixed else [self.mask_seed, self.epoch, i]
+        return patch_mask(self.seq_len, self.mask_cfg, np.random.default_rng(key))
+
+    def __getitem__(self, i: int):
+        s = int(self.starts[i])
+        e = s + self.seq_len
+        return self.X[s:e], self.states[s:e], self.mask(i)
+
+
+def build_datasets(series: Series, seq_len: int, stride: int, mask_cfg: MaskConfig | None,
+                   seed: int, val_frac: float = 0.1, test_frac: float = 0.1,
+                   gap: int | None = None, eval_stride: int | None = None):
+    """Train / validation / test WindowDatasets over leak-free time blocks.
+
+    Evaluation windows tile their block (stride seq_len by default, plus one flush with the
+    end), so each scored step is counted about once; their masks are fixed by the seed.
+    """
+    if seq_len > series.n_steps:
+        raise ValueError(f"--seq-len {seq_len} is longer than the series ({series.n_steps} steps)")
+    splits = time_splits(series.n_steps, seq_len, val_frac, test_frac, gap)
+    eval_stride = eval_stride or seq_len
+    ss = np.random.SeedSequence(seed).spawn(3)
+    mseed = [int(s.generate_state(1)[0]) for s in ss]
+    train = WindowDataset(series.X, series.states, window_starts(splits.train, seq_len, stride),
+                          seq_len, mask_cfg, mseed[0], fixed=False)
+    val = WindowDataset(series.X, series.states, window_starts(splits.val, seq_len, eval_stride, True),
+                        seq_len, mask_cfg, mseed[1], fixed=True)
+    test = None
+    if splits.test[1] > splits.test[0]:
+        test = WindowDataset(series.X, series.states, window_starts(splits.test, seq_len, eval_stride, True),
+                             seq_len, mask_cfg, mseed[2], fixed=True)
+    return {"train": train, "val": val, "test": test, "splits": splits}

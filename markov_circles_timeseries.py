@@ -1,0 +1,465 @@
+"""Synthetic Markov-switching circles: a 20-D time series with syllable-like structure.
+
+A point runs around one of ``n_circles`` circles, all centred at the origin of an
+``ambient_dim``-dimensional space, each lying in its own random 2-D plane. Each circle
+has its own fixed angular velocity (periods evenly spaced from 40 to 400 steps). The
+point stays on a circle for a dwell time drawn from N(400, 100) and rounded to a whole
+number of laps, so every visit enters and leaves a circle at that circle's fixed entry
+angle; it then jumps to another circle according to a sparse Markov transition matrix
+(a ring i -> i +- 1 plus a few long-range shortcuts, no self-transitions). Isotropic
+Gaussian noise (std 2.83, SNR about 2.5 by power) is added to every observation.
+
+``--subspace-dim k`` places every circle plane inside one shared random k-dimensional
+subspace, which controls how much the circles overlap geometrically (k = 2: all
+circles coplanar).
+
+Three independent random streams (geometry, transitions, noise) are derived from
+``--seed``, so the noise never changes the circles, and a shorter series is an exact
+prefix of a longer one with the same seed.
+
+Usage:
+    python markov_circles_timeseries.py                       # 100k steps, with UMAP
+    python markov_circles_timeseries.py --no-umap             # data + figures, fast
+    python markov_circles_timeseries.py --n-steps 200000 --subspace-dim 4
+
+Writes ``<out-dir>/data.npz`` and ``<out-dir>/config.json``, and figures in
+``<plots-dir>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CirclesConfig:
+    n_steps: int = 100_000
+    n_circles: int = 10
+    ambient_dim: int = 20
+    subspace_dim: int | None = None  # None: planes span the whole ambient space
+    radius_mean: float = 20.0
+    radius_std: float = 2.0
+    period_min: int = 40
+    period_max: int = 400
+    dwell_mean: float = 400.0
+    dwell_std: float = 100.0
+    n_shortcuts: int = 1  # long-range shortcuts per circle on top of the ring
+    noise_std: float = 2.83
+    seed: int = 0
+    format_version: int = field(default=FORMAT_VERSION)
+
+    def validate(self) -> None:
+        if self.n_steps < 1:
+            raise ValueError(f"--n-steps must be positive, got {self.n_steps}")
+        if self.n_circles < 2:
+            raise ValueError(f"--n-circles must be at least 2 (transitions need another circle), got {self.n_circles}")
+        if self.ambient_dim < 2:
+            raise ValueError(f"--ambient-dim must be at least 2, got {self.ambient_dim}")
+        k = self.subspace_dim
+        if k is not None and not 2 <= k <= self.ambient_dim:
+            raise ValueError(
+                f"--subspace-dim must lie in [2, ambient_dim={self.ambient_dim}], got {k}")
+        if not 1 <= self.period_min <= self.period_max:
+            raise ValueError("periods must satisfy 1 <= period_min <= period_max")
+        if self.noise_std < 0:
+            raise ValueError(f"--noise-std must be >= 0, got {self.noise_std}")
+        if self.n_shortcuts < 0:
+            raise ValueError("--n-shortcuts must be >= 0")
+
+
+# ----------------------------------------------------------------------------- streams
+
+def rng_streams(seed: int) -> dict[str, np.random.Generator]:
+    """Independent generators for the three sources of randomness."""
+    children = np.random.SeedSequence(seed).spawn(4)
+    return {name: np.random.default_rng(s)
+            for name, s in zip(("geometry", "transitions", "noise", "plots"), children)}
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def random_orthonormal(rng: np.random.Generator, dim: int, k: int) -> np.ndarray:
+    """A (dim, k) matrix with orthonormal columns, uniformly distributed (Haar)."""
+    q, r = np.linalg.qr(rng.standard_normal((dim, k)))
+    return q * np.sign(np.diag(r))  # fix the sign ambiguity of QR -> Haar measure
+
+
+def circle_planes(rng: np.random.Generator, cfg: CirclesConfig) -> np.ndarray:
+    """Orthonormal bases of the circle planes, shape (n_circles, 2, ambient_dim)."""
+    k = cfg.subspace_dim or cfg.ambient_dim
+    shared = random_orthonormal(rng, cfg.ambient_dim, k)  # (D, k)
+    planes = np.empty((cfg.n_circles, 2, cfg.ambient_dim))
+    for c in range(cfg.n_circles):
+        planes[c] = (shared @ random_orthonormal(rng, k, 2)).T
+    return planes
+
+
+def circle_periods(cfg: CirclesConfig) -> np.ndarray:
+    """Whole-step periods evenly spaced from period_min to period_max."""
+    return np.rint(np.linspace(cfg.period_min, cfg.period_max, cfg.n_circles)).astype(np.int64)
+
+
+def transition_matrix(rng: np.random.Generator, cfg: CirclesConfig) -> np.ndarray:
+    """Sparse row-stochastic matrix: ring neighbours plus long-range shortcuts, zero diagonal.
+
+    Ring edges get weights U(0.5, 1.5); each circle adds ``n_shortcuts`` edges to circles
+    that are neither itself nor a ring neighbour, with weights U(0.2, 0.6).
+    """
+    n = cfg.n_circles
+    W = np.zeros((n, n))
+    for i in range(n):
+        for j in ((i - 1) % n, (i + 1) % n):
+            if j != i:
+                W[i, j] = rng.uniform(0.5, 1.5)
+        far = [j for j in range(n) if j != i and W[i, j] == 0 and j not in ((i - 1) % n, (i + 1) % n)]
+        for j in rng.permutation(far)[: cfg.n_shortcuts] if far else []:
+            W[i, j] = rng.uniform(0.2, 0.6)
+    np.fill_diagonal(W, 0.0)
+    return W / W.sum(axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- sequence
+
+def sample_visits(rng: np.random.Generator, cfg: CirclesConfig, P: np.ndarray,
+                  periods: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Markov chain of visits covering n_steps: (state per visit, dwell steps per visit).
+
+    Each visit consumes a fixed amount of the transitions stream (one next-state draw and
+    one dwell draw), so the visits of a shorter series are a prefix of a longer one.
+    """
+    cum = np.cumsum(P, axis=1)
+    states, dwells = [], []
+    state = int(rng.integers(cfg.n_circles))
+    total = 0
+    while total < cfg.n_steps:
+        dwell = rng.normal(cfg.dwell_mean, cfg.dwell_std)
+        laps = max(1, int(np.rint(dwell / periods[state])))
+        states.append(state)
+        dwells.append(laps * int(periods[state]))
+        total += dwells[-1]
+        u = rng.random()
+        state = int(min(np.searchsorted(cum[state], u, side="right"), cfg.n_circles - 1))
+    return np.asarray(states, dtype=np.int64), np.asarray(dwells, dtype=np.int64)
+
+
+def generate(cfg: CirclesConfig) -> dict[str, np.ndarray]:
+    """Generate the series. Returns arrays; nothing is written."""
+    cfg.validate()
+    rngs = rng_streams(cfg.seed)
+    g = rngs["geometry"]
+    planes = circle_planes(g, cfg)
+    radii_raw = g.normal(cfg.radius_mean, cfg.radius_std, cfg.n_circles)
+    radii = np.clip(radii_raw, 0.5 * cfg.radius_mean, 1.5 * cfg.radius_mean)
+    entry_angles = g.uniform(0.0, 2 * np.pi, cfg.n_circles)
+    P = transition_matrix(g, cfg)
+    periods = circle_periods(cfg)
+
+    visit_states, visit_dwells = sample_visits(rngs["transitions"], cfg, P, periods)
+    n = cfg.n_steps
+    states = np.repeat(visit_states, visit_dwells)[:n]
+    starts = np.concatenate(([0], np.cumsum(visit_dwells)[:-1]))
+    step_in_visit = np.arange(n) - np.repeat(starts, visit_dwells)[:n]
+    thetas = np.mod(entry_angles[states] + 2 * np.pi * step_in_visit / periods[states], 2 * np.pi)
+
+    r = radii[states][:, None]
+    signal = r * (np.cos(thetas)[:, None] * planes[states, 0] + np.sin(thetas)[:, None] * planes[states, 1])
+    noise = rngs["noise"].standard_normal((n, cfg.ambient_dim)) * cfg.noise_std
+    X = signal + noise
+    keep = starts < n
+    return {
+        "X": X.astype(np.float32),
+        "signal": signal.astype(np.float32),
+        "states": states.astype(np.int64),
+        "thetas": thetas,
+        "transition_matrix": P,
+        "radii": radii,
+        "entry_angles": entry_angles,
+        "periods": periods,
+        "planes": planes,
+        "visit_starts": starts[keep],
+        "visit_states": visit_states[keep],
+        "visit_dwells": np.minimum(visit_dwells[keep], n - starts[keep]),
+    }
+
+
+def summary(data: dict[str, np.ndarray], cfg: CirclesConfig) -> dict:
+    """Realised statistics: SNR, and per circle radius, period, share, visits, dwell."""
+    signal_power = float(np.mean(data["signal"].astype(np.float64) ** 2))
+    noise_var = cfg.noise_std ** 2
+    rows = []
+    n = len(data["states"])
+    for c in range(cfg.n_circles):
+        d = data["visit_dwells"][data["visit_states"] == c]
+        rows.append({
+            "circle": c,
+            "radius": float(data["radii"][c]),
+            "period": int(data["periods"][c]),
+            "share": float(np.mean(data["states"] == c)),
+            "visits": int(len(d)),
+            "dwell_mean": float(d.mean()) if len(d) else float("nan"),
+            "dwell_std": float(d.std()) if len(d) else float("nan"),
+        })
+    return {
+        "n_steps": n,
+        "n_visits": int(len(data["visit_states"])),
+        "signal_power_per_dim": signal_power,
+        "noise_var": noise_var,
+        "snr": signal_power / noise_var if noise_var > 0 else float("inf"),
+        "circles": rows,
+    }
+
+
+def format_table(stats: dict) -> str:
+    lines = ["circle  radius  period   share  visits  dwell mean  dwell std"]
+    for r in stats["circles"]:
+        lines.append(f"{r['circle']:6d}  {r['radius']:6.2f}  {r['period']:6d}  {r['share']:6.3f}  "
+                     f"{r['visits']:6d}  {r['dwell_mean']:10.1f}  {r['dwell_std']:9.1f}")
+    lines.append(f"{stats['n_steps']} steps, {stats['n_visits']} visits, "
+                 f"SNR {stats['snr']:.2f} (signal power/dim {stats['signal_power_per_dim']:.2f}, "
+                 f"noise var {stats['noise_var']:.2f})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- I/O
+
+def save(out_dir: str, data: dict[str, np.ndarray], cfg: CirclesConfig, stats: dict) -> None:
+    """Write data.npz and config.json atomically (temp file + rename)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, ".data.tmp.npz")
+    np.savez(tmp, **data)
+    os.replace(tmp, os.path.join(out_dir, "data.npz"))
+    config = asdict(cfg)
+    config.update(noise_var=cfg.noise_std ** 2, snr=stats["snr"],
+                  subspace_dim_effective=cfg.subspace_dim or cfg.ambient_dim,
+                  generator="markov_circles_timeseries.py")
+    tmp = os.path.join(out_dir, ".config.tmp.json")
+    with open(tmp, "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "config.json"))
+
+
+# ----------------------------------------------------------------------------- figures
+
+def state_colors(n: int):
+    import matplotlib.pyplot as plt
+    if n <= 10:  # tab10 with its grey swapped out: grey marks masked steps in the figures
+        cols = [plt.get_cmap("tab10")(i) for i in range(10)]
+        cols[7] = (0.0, 0.0, 0.5, 1.0)
+        return cols[:n]
+    cmap = plt.get_cmap("hsv")
+    return [cmap(i / n) for i in range(n)]
+
+
+def draw_state_strip(ax, states: np.ndarray, n_states: int, mask: np.ndarray | None = None,
+                     extent_x: tuple[float, float] | None = None) -> None:
+    """Coloured strip of circle labels; masked steps (if given) drawn grey."""
+    from matplotlib.colors import ListedColormap
+    cols = state_colors(n_states) + [(0.6, 0.6, 0.6, 1.0)]
+    s = states.copy()
+    if mask is not None:
+        s = np.where(mask, n_states, s)
+    x0, x1 = extent_x if extent_x else (0, len(states))
+    ax.imshow(s[None, :], aspect="auto", cmap=ListedColormap(cols), vmin=-0.5, vmax=n_states + 0.5,
+              interpolation="nearest", extent=(x0, x1, 0, 1))
+    ax.set_yticks([])
+
+
+def plot_sample_windows(data, cfg, plots_dir, rng, n_windows=3, length=1000) -> list[str]:
+    import matplotlib.pyplot as plt
+    X, states = data["X"], data["states"]
+    length = min(length, len(X))
+    paths = []
+    for w in range(n_windows):
+        start = int(rng.integers(0, len(X) - length + 1))
+        fig, (a0, a1) = plt.subplots(2, 1, figsize=(12, 5), sharex=True,
+                                     gridspec_kw={"height_ratios": [1, 8], "hspace": 0.05})
+        draw_state_strip(a0, states[start:start + length], cfg.n_circles, extent_x=(start, start + length))
+        a0.set_title(f"Sample window {w}: steps {start}-{start + length} (strip: active circle)")
+        lim = np.percentile(np.abs(X), 99)
+        im = a1.imshow(X[start:start + length].T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim,
+                       interpolation="nearest", extent=(start, start + length, cfg.ambient_dim - 0.5, -0.5))
+        a1.set_ylabel("ambient dimension")
+        a1.set_xlabel("time step")
+        fig.colorbar(im, ax=[a0, a1], fraction=0.02, pad=0.01)
+        p = os.path.join(plots_dir, f"sample_window_{w}.png")
+        fig.savefig(p, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def plot_overview(data, cfg, stats, plots_dir, emb=None, emb_idx=None) -> str:
+    import matplotlib.pyplot as plt
+    n_rows = 3 if emb is not None else 2
+    fig = plt.figure(figsize=(14, 4.2 * n_rows))
+    gs = fig.add_gridspec(n_rows, 2)
+    ax = fig.add_subplot(gs[0, :])
+    m = min(len(data["states"]), 10_000)
+    ax.plot(np.arange(m), data["states"][:m], lw=0.8, drawstyle="steps-post")
+    ax.set_xlabel("time step")
+    ax.set_ylabel("circle")
+    ax.set_title(f"State sequence (first {m} of {len(data['states'])} steps)")
+    ax = fig.add_subplot(gs[1, 0])
+    im = ax.imshow(data["transition_matrix"], cmap="viridis")
+    ax.set_title("Transition matrix P[i -> j]")
+    ax.set_xlabel("to circle")
+    ax.set_ylabel("from circle")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax = fig.add_subplot(gs[1, 1])
+    circles = np.arange(cfg.n_circles)
+    ax.bar(circles, data["periods"], color=state_colors(cfg.n_circles))
+    ax2 = ax.twinx()
+    ax2.plot(circles, [r["share"] for r in stats["circles"]], "ko-", ms=4)
+    ax.set_xlabel("circle")
+    ax.set_ylabel("period (steps)")
+    ax2.set_ylabel("share of steps (black)")
+    ax.set_title("Periods and occupancy")
+    if emb is not None:
+        st = data["states"][emb_idx]
+        ax = fig.add_subplot(gs[2, 0])
+        ax.scatter(emb[:, 0], emb[:, 1], c=[state_colors(cfg.n_circles)[s] for s in st], s=2)
+        ax.set_title("UMAP of raw data, coloured by circle")
+        ax = fig.add_subplot(gs[2, 1])
+        sc = ax.scatter(emb[:, 0], emb[:, 1], c=emb_idx, s=2, cmap="viridis")
+        fig.colorbar(sc, ax=ax, fraction=0.046, label="time step")
+        ax.set_title("UMAP of raw data, coloured by time")
+    fig.tight_layout()
+    p = os.path.join(plots_dir, "overview.png")
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    return p
+
+
+def umap_raw(data, cfg, plots_dir, rng, n_points, n_neighbors) -> tuple[dict, np.ndarray, np.ndarray, str]:
+    """UMAP of a random subsample of the raw series and Levina-Bickel of the 2-D embedding."""
+    import matplotlib.pyplot as plt
+    import umap
+    from estimate_dimension import levina_bickel
+
+    X = data["X"]
+    idx = np.sort(rng.choice(len(X), size=min(n_points, len(X)), replace=False))
+    reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=0.1, n_jobs=1, random_state=int(rng.integers(2**31 - 1)))
+    emb = reducer.fit_transform(X[idx])
+    ks = [k for k in (10, 30, 100) if k < len(idx)]
+    lb = levina_bickel(emb, ks, n_boot=200, seed=int(rng.integers(2**31 - 1)))
+    result = {"n_points": int(len(idx)), "subspace_dim": cfg.subspace_dim or cfg.ambient_dim,
+              "lb_umap_2d": {str(k): lb.as_dict(k) for k in ks}}
+    fig, ax = plt.subplots(figsize=(7, 7))
+    ax.scatter(emb[:, 0], emb[:, 1], c=[state_colors(cfg.n_circles)[s] for s in data["states"][idx]], s=2)
+    title = ", ".join(f"k={k}: {lb.mle[k]:.2f}" for k in ks)
+    ax.set_title(f"UMAP of raw data (subspace_dim={cfg.subspace_dim or cfg.ambient_dim})\n"
+                 f"Levina-Bickel of 2-D embedding: {title}")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    p = os.path.join(plots_dir, f"umap_subspace_{cfg.subspace_dim or cfg.ambient_dim}.png")
+    fig.savefig(p, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return result, emb, idx, p
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Generate the Markov-switching circles time series (data.npz + config.json) "
+                    "and its figures.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n-steps", type=int, default=100_000, help="length of the series")
+    p.add_argument("--n-circles", type=int, default=10, help="number of circles (Markov states)")
+    p.add_argument("--ambient-dim", type=int, default=20, help="dimension of the observations")
+    p.add_argument("--subspace-dim", type=int, default=None,
+                   help="put all circle planes in one shared random subspace of this dimension "
+                        "(2 = coplanar, ambient-dim = no shared subspace; default: ambient-dim)")
+    p.add_argument("--noise-std", type=float, default=2.83, help="std of the isotropic Gaussian noise")
+    p.add_argument("--radius-mean", type=float, default=20.0)
+    p.add_argument("--radius-std", type=float, default=2.0)
+    p.add_argument("--period-min", type=int, default=40)
+    p.add_argument("--period-max", type=int, default=400)
+    p.add_argument("--dwell-mean", type=float, default=400.0)
+    p.add_argument("--dwell-std", type=float, default=100.0)
+    p.add_argument("--n-shortcuts", type=int, default=1, help="long-range transitions per circle")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="data", help="where data.npz and config.json go")
+    p.add_argument("--plots-dir", default="plots", help="where the figures go")
+    p.add_argument("--no-umap", action="store_true", help="skip the UMAP of the raw data (faster)")
+    p.add_argument("--no-plots", action="store_true", help="write the data only")
+    p.add_argument("--umap-points", type=int, default=5000, help="points in the raw-data UMAP")
+    p.add_argument("--umap-neighbors", type=int, default=30)
+    p.add_argument("--force", action="store_true", help="overwrite an existing data.npz in --out-dir")
+    return p
+
+
+def config_from_args(args) -> CirclesConfig:
+    return CirclesConfig(
+        n_steps=args.n_steps, n_circles=args.n_circles, ambient_dim=args.ambient_dim,
+        subspace_dim=args.subspace_dim, radius_mean=args.radius_mean, radius_std=args.radius_std,
+        period_min=args.period_min, period_max=args.period_max, dwell_mean=args.dwell_mean,
+        dwell_std=args.dwell_std, n_shortcuts=args.n_shortcuts, noise_std=args.noise_std, seed=args.seed)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    target = os.path.join(args.out_dir, "data.npz")
+    if os.path.exists(target) and not args.force:
+        old = os.path.join(args.out_dir, "config.json")
+        same = False
+        if os.path.exists(old):
+            with open(old) as f:
+                prev = json.load(f)
+            same = all(prev.get(k) == v for k, v in asdict(cfg).items())
+        if not same:
+            print(f"error: {target} already exists with a different configuration; "
+                  f"pass --force to overwrite it or choose another --out-dir", file=sys.stderr)
+            return 2
+    t0 = time.perf_counter()
+    data = generate(cfg)
+    t_gen = time.perf_counter() - t0
+    stats = summary(data, cfg)
+    save(args.out_dir, data, cfg, stats)
+    print(format_table(stats))
+    print(f"generated {cfg.n_steps} steps in {t_gen:.2f} s; wrote {target} and "
+          f"{os.path.join(args.out_dir, 'config.json')}")
+    if args.no_plots:
+        return 0
+
+    import matplotlib
+    matplotlib.use("Agg")
+    os.makedirs(args.plots_dir, exist_ok=True)
+    rng = rng_streams(cfg.seed)["plots"]
+    written = plot_sample_windows(data, cfg, args.plots_dir, rng)
+    emb = idx = None
+    if not args.no_umap:
+        result, emb, idx, p = umap_raw(data, cfg, args.plots_dir, rng, args.umap_points, args.umap_neighbors)
+        written.append(p)
+        for k, v in result["lb_umap_2d"].items():
+            print(f"Levina-Bickel of the 2-D UMAP, k={k}: {v['mle']:.2f} "
+                  f"[{v['mle_ci'][0]:.2f}, {v['mle_ci'][1]:.2f}]")
+        jp = os.path.join(args.plots_dir, f"umap_subspace_{cfg.subspace_dim or cfg.ambient_dim}.json")
+        with open(jp, "w") as f:
+            json.dump(result, f, indent=2)
+        written.append(jp)
+    written.append(plot_overview(data, cfg, stats, args.plots_dir, emb, idx))
+    sp = os.path.join(args.plots_dir, "circles_summary.json")
+    with open(sp, "w") as f:
+        json.dump(stats, f, indent=2)
+    written.append(sp)
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
