@@ -5,6 +5,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 DEMO_DATA ?= data/demo
+DEMO_RUN  ?= runs/demo_rope
+# the small CPU recipe of masked_model_gpu.py (<= 15 min of training on 2 cores)
+RECIPE = --seq-len 256 --stride 16 --batch-size 32 --d-model 64 --n-heads 4 --n-layers 4 --d-ff 256 \
+         --dropout 0.1 --attn-dropout 0 --lr 2e-3 --warmup-epochs 2 --epochs 90 --time-budget 15
 
 .PHONY: setup demo test test-slow bench clean-demo
 
@@ -17,6 +21,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) markov_circles_timeseries.py --n-steps 20000 --out-dir $(DEMO_DATA) --plots-dir plots/demo --force
 	$(PY) estimate_dimension.py --data-dir $(DEMO_DATA) --points 10000 --out-dir plots/demo
+	$(PY) masked_model_gpu.py --data-dir $(DEMO_DATA) --out-dir $(DEMO_RUN) --plots-dir plots/demo \
+	    --pos-encoding rope $(RECIPE) --force
+	$(PY) evaluate_representations.py --checkpoint $(DEMO_RUN)/best.pt --plots-dir plots/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

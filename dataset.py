@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -33,6 +33,7 @@ class Series:
     signal: np.ndarray | None
     config: dict
     data_dir: str
+    extra: dict = field(default_factory=dict)  # the other arrays of data.npz (planes, radii, ...)
 
     @property
     def n_steps(self) -> int:
@@ -89,7 +90,8 @@ def load_series(data_dir: str) -> Series:
                 raise ValueError(f"{cfg_path} is not valid JSON ({e})") from e
     return Series(X=X.astype(np.float32, copy=False), states=states.astype(np.int64, copy=False),
                   thetas=arrays.get("thetas"), signal=arrays.get("signal"), config=config,
-                  data_dir=data_dir)
+                  data_dir=data_dir,
+                  extra={k: v for k, v in arrays.items() if k not in ("X", "states", "thetas", "signal")})
 
 
 # ----------------------------------------------------------------------------- splits

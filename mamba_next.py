@@ -1,0 +1,649 @@
+"""Causal Mamba next-step model on the circles series: train, generate, show its gates.
+
+Model: Linear(20 -> d_model) -> N x [x + Dropout(Mamba(LayerNorm(x)))] -> LayerNorm -> one
+head per horizon (Linear(d_model -> d_ff) -> GELU -> Linear(d_ff -> 20)). The Mamba block
+(selective_scan.MambaBlock) has mamba_ssm's parameters; it runs mamba_ssm's CUDA kernel
+when available and a fast pure-PyTorch scan otherwise, so checkpoints move between the two.
+
+    python mamba_next.py train --data-dir data --d-state 32 --epochs 100
+    python mamba_next.py train --gate-lr-factor 0          # input-dependent gates frozen exactly
+    python mamba_next.py train --freeze-A                   # fixed dynamics (A_log and D frozen)
+    python mamba_next.py train --max-horizon 16             # horizons 1, 2, 4, 8, 16
+    python mamba_next.py generate --checkpoint runs/mamba/best.pt --gen-len 512 --perturb-hidden
+    python mamba_next.py gates --checkpoint runs/mamba/best.pt --umap
+
+train: leak-free time-block splits, validation of the next-step MSE after a warm-up of
+--eval-warmup steps in each window (so every scored step has context), the noise floor
+beside it, best/last checkpoints, logs and figures: the same driver as masked_model_gpu.py.
+generate: O(T) generation from a held-out seed window with the recurrent state carried
+step by step, optional Gaussian feedback noise and perturbation bursts of the hidden
+(SSM) state or of the fed-back output.
+gates: per layer, the input-dependent signals delta = softplus(dt_proj(.)), the z gate
+silu(z), B and C, recorded from the model's own forward pass.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from selective_scan import MambaBlock
+
+MODEL_TYPE = "mamba_next"
+
+
+# ----------------------------------------------------------------------------- model
+
+def horizons_up_to(max_h: int) -> list[int]:
+    """1, 2, 4, ... up to max_h, and max_h itself."""
+    if max_h < 1:
+        raise ValueError(f"--max-horizon must be >= 1, got {max_h}")
+    out, h = [], 1
+    while h <= max_h:
+        out.append(h)
+        h *= 2
+    if out[-1] != max_h:
+        out.append(max_h)
+    return out
+
+
+@dataclass
+class MambaConfig:
+    in_dim: int = 20
+    d_model: int = 128
+    n_layers: int = 7
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    d_ff: int = 512
+    dropout: float = 0.1
+    horizons: list = field(default_factory=lambda: [1])
+
+    def validate(self) -> None:
+        if min(self.d_model, self.n_layers, self.d_state, self.d_conv, self.expand, self.d_ff) < 1:
+            raise ValueError("model sizes must be positive")
+        if not self.horizons or self.horizons[0] != 1:
+            raise ValueError("the first horizon must be 1 (next step)")
+
+
+class Residual(nn.Module):
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.mixer = MambaBlock(cfg.d_model, cfg.d_state, cfg.d_conv, cfg.expand)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, trace=None):
+        return x + self.dropout(self.mixer(self.norm(x), trace))
+
+
+class MambaNext(nn.Module):
+    causal = True
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Linear(cfg.in_dim, cfg.d_model)
+        self.layers = nn.ModuleList(Residual(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.d_model)
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.in_dim))
+            for _ in cfg.horizons)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return ["input"] + [str(i + 1) for i in range(self.cfg.n_layers)] + ["output"]
+
+    def forward(self, x: torch.Tensor, return_hidden: bool = False, all_horizons: bool = False,
+                trace: list | None = None):
+        """x (B, T, in_dim) -> next-step prediction (B, T, in_dim) at every position.
+
+        all_horizons: a list with one prediction per horizon instead. return_hidden: also
+        the representations named by layer_names. trace: a list that receives one dict of
+        gate signals per layer.
+        """
+        if x.shape[-1] != self.cfg.in_dim:
+            raise ValueError(f"the model takes {self.cfg.in_dim}-D inputs, got {x.shape[-1]}-D")
+        hidden = [x] if return_hidden else None
+        h = self.embed(x)
+        for layer in self.layers:
+            t = {} if trace is not None else None
+            h = layer(h, t)
+            if trace is not None:
+                trace.append(t)
+            if return_hidden:
+                hidden.append(h)
+        z = self.final_norm(h)
+        preds = [head(z) for head in self.heads] if all_horizons else self.heads[0](z)
+        if return_hidden:
+            hidden.append(preds[0] if all_horizons else preds)
+            return preds, hidden
+        return preds
+
+    # ------------------------------------------------------------------ recurrent mode
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor):
+        """Run a prompt (B, T, in_dim); return the prediction after its last step and the states."""
+        h = self.embed(x)
+        states = []
+        for layer in self.layers:
+            y, st = layer.mixer.prefill(layer.norm(h))
+            h = h + y
+            states.append(st)
+        return self.heads[0](self.final_norm(h[:, -1])), states
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, states: list) -> torch.Tensor:
+        """One step (B, in_dim) -> prediction of the next step; states are advanced in place."""
+        h = self.embed(x)
+        for layer, st in zip(self.layers, states):
+            h = h + layer.mixer.step(layer.norm(h), st)
+        return self.heads[0](self.final_norm(h))
+
+
+def multi_horizon_loss(preds: list, x: torch.Tensor, horizons: list) -> torch.Tensor:
+    """Mean over horizons of the MSE of x[t + h] predicted at t, for t + h inside the window."""
+    losses = [F.mse_loss(p[:, :-h].float(), x[:, h:].float()) for p, h in zip(preds, horizons)]
+    return torch.stack(losses).mean()
+
+
+# ----------------------------------------------------------------------------- training spec
+
+def batch_loss(model, batch, device, amp):
+    from training import autocast
+    x = batch[0].to(device, non_blocking=True)
+    with autocast(device, amp):
+        preds = model(x, all_horizons=True)
+    return multi_horizon_loss(preds, x, model_cfg(model).horizons)
+
+
+def model_cfg(model) -> MambaConfig:
+    return getattr(model, "_orig_mod", model).cfg
+
+
+@torch.no_grad()
+def horizon_mse(model, loader, device, amp, warmup: int) -> dict:
+    """Per-horizon MSE of x[t + h] for positions t >= warmup - 1 in each window."""
+    from training import autocast
+    model.eval()
+    hs = model_cfg(model).horizons
+    sse = np.zeros(len(hs))
+    n = np.zeros(len(hs))
+    for x, _, _ in loader:
+        x = x.to(device)
+        with autocast(device, amp):
+            preds = model(x, all_horizons=True)
+        for i, (p, h) in enumerate(zip(preds, hs)):
+            a = max(0, warmup - h)
+            if x.shape[1] - h <= a:
+                continue
+            err = (p[:, a:-h].float() - x[:, a + h:].float()) ** 2
+            sse[i] += err.sum().item()
+            n[i] += err.numel()
+    return {h: float(s / max(c, 1)) for h, s, c in zip(hs, sse, n)}
+
+
+def make_spec(eval_warmup: int):
+    from training import ModelSpec
+
+    def evaluate(model, loader, device, amp):
+        return horizon_mse(model, loader, device, amp, eval_warmup)[1]
+
+    def final_metrics(model, loaders, device, amp):
+        val, test = loaders
+        out = {"val_mse_by_horizon": horizon_mse(model, val, device, amp, eval_warmup)}
+        if test is not None:
+            out["test_mse_by_horizon"] = horizon_mse(model, test, device, amp, eval_warmup)
+        return out
+
+    return ModelSpec(
+        model_type=MODEL_TYPE, run_prefix="mamba", config_from_args=config_from_args, build=MambaNext,
+        datasets=datasets_for, data_keys=("data_dir", "seq_len", "stride", "val_frac", "test_frac", "seed",
+                                          "eval_warmup"),
+        param_groups=param_groups, batch_loss=batch_loss, evaluate=evaluate, plot_predictions=plot_predictions,
+        describe=lambda m, c: (f"{c.n_layers} Mamba layers, d_model {c.d_model}, d_state {c.d_state}, "
+                               f"horizons {c.horizons}"),
+        locked=("d_model", "n_layers", "d_state", "d_conv", "expand", "max_horizon"),
+        run_name=lambda a: f"h{a.max_horizon}" + ("_gate0" if a.gate_lr_factor == 0 else "")
+        + ("_freezeA" if a.freeze_A else ""),
+        final_metrics=final_metrics, plot_title=lambda c: f"Mamba next-step model ({c.n_layers} layers)")
+
+
+def datasets_for(series, data_args: dict):
+    """Windows without masks; evaluation windows overlap by the warm-up so each scored step
+    (after the warm-up) is scored once."""
+    from dataset import build_datasets
+    L, w = data_args["seq_len"], data_args["eval_warmup"]
+    if not 0 <= w < L - 1:
+        raise ValueError(f"--eval-warmup {w} must be in [0, seq_len - 1)")
+    return build_datasets(series, L, data_args["stride"], None, data_args["seed"], data_args["val_frac"],
+                          data_args["test_frac"], eval_stride=L - w)
+
+
+GATE_PARAMS = ("mixer.x_proj.", "mixer.dt_proj.")
+DYNAMICS_PARAMS = ("mixer.A_log", "mixer.D")
+
+
+def param_groups(model, args) -> list[dict]:
+    """AdamW groups. Gates (x_proj, dt_proj) at lr x gate_lr_factor, frozen exactly when it
+    is 0; --freeze-A freezes A_log and D. No weight decay on biases, norms, A_log and D."""
+    groups = {"decay": [], "plain": [], "gate_decay": [], "gate_plain": []}
+    frozen = trainable = 0
+    for n, p in model.named_parameters():
+        gate = any(k in n for k in GATE_PARAMS)
+        dyn = any(n.endswith(k) for k in DYNAMICS_PARAMS)
+        if (gate and args.gate_lr_factor == 0) or (dyn and args.freeze_A):
+            p.requires_grad_(False)
+            frozen += p.numel()
+            continue
+        trainable += p.numel()
+        decay = p.ndim >= 2 and not dyn
+        groups[("gate_" if gate else "") + ("decay" if decay else "plain")].append(p)
+    print(f"parameters: {trainable:,} trainable, {frozen:,} frozen"
+          + (f" (gates x_proj, dt_proj frozen)" if args.gate_lr_factor == 0 else "")
+          + (" (A_log, D frozen)" if args.freeze_A else ""))
+    out = [{"params": groups["decay"], "weight_decay": args.weight_decay},
+           {"params": groups["plain"], "weight_decay": 0.0}]
+    if args.gate_lr_factor != 0:
+        out += [{"params": groups["gate_decay"], "weight_decay": args.weight_decay, "lr": args.lr * args.gate_lr_factor},
+                {"params": groups["gate_plain"], "weight_decay": 0.0, "lr": args.lr * args.gate_lr_factor}]
+    return [g for g in out if g["params"]]
+
+
+def config_from_args(args, in_dim: int) -> MambaConfig:
+    return MambaConfig(in_dim=in_dim, d_model=args.d_model, n_layers=args.n_layers, d_state=args.d_state,
+                       d_conv=args.d_conv, expand=args.expand, d_ff=args.d_ff, dropout=args.dropout,
+                       horizons=horizons_up_to(args.max_horizon))
+
+
+def load_model(ckpt: dict) -> MambaNext:
+    """The model of a checkpoint written by this script (used by evaluate_representations.py)."""
+    from training import load_model as load
+    return load(ckpt, make_spec(ckpt["data"].get("eval_warmup", 0)), MambaConfig)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def nearest_circle(points: np.ndarray, planes: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Index of the circle closest to each point (distance to the circle, not its plane)."""
+    p = np.einsum("ckd,td->tck", planes, points)          # coordinates in each plane
+    inplane = np.linalg.norm(p, axis=-1)                  # (T, C)
+    off = np.maximum((points ** 2).sum(-1, keepdims=True) - inplane ** 2, 0.0)
+    return np.argmin(off + (inplane - radii[None]) ** 2, axis=1)
+
+
+@torch.no_grad()
+def plot_predictions(model, dataset, device, plots_dir, n_states, amp=False, n_windows=3) -> list[str]:
+    """Per held-out window: state strip, truth, next-step prediction, squared error."""
+    from training import autocast, plot_prediction_window
+    model.eval()
+    paths = []
+    for j, i in enumerate(np.linspace(0, len(dataset) - 1, n_windows).round().astype(int)):
+        x, s, _ = dataset[int(i)]
+        with autocast(device, amp):
+            pred = model(torch.as_tensor(x, device=device)[None])[0].float().cpu().numpy()
+        pred = np.concatenate([np.full((1, x.shape[1]), np.nan), pred[:-1]])  # prediction of step t made at t-1
+        err = (pred - x) ** 2
+        p = plot_prediction_window(
+            os.path.join(plots_dir, f"mamba_prediction_{j}.png"), x, s, pred, err, n_states,
+            f"Held-out window at step {int(dataset.starts[i])}: next-step MSE {np.nanmean(err):.2f}",
+            "next-step\nprediction", "sq. error")
+        paths.append(p)
+    return paths
+
+
+# ----------------------------------------------------------------------------- generate
+
+@dataclass
+class Perturbation:
+    kind: str = "none"           # none | hidden | output
+    layers: tuple = ()           # hidden: which layers (0-based)
+    interval: int = 128          # a burst starts every `interval` generated steps
+    duration: int = 8            # and lasts this many steps
+    scale: float = 1.0           # std of the added Gaussian noise
+
+    def active(self, t: int) -> bool:
+        return self.kind != "none" and t % self.interval < self.duration
+
+
+@torch.no_grad()
+def generate(model: MambaNext, seed_window: torch.Tensor, gen_len: int, temperature: float = 0.0,
+             perturb: Perturbation = Perturbation(), generator: torch.Generator | None = None) -> np.ndarray:
+    """Generate gen_len steps after seed_window (T0, in_dim) with the recurrent state: O(T).
+
+    Each generated output is fed back as the next input, plus N(0, temperature^2) noise.
+    Hidden perturbations add noise to the SSM state of chosen layers, so it persists
+    through the recurrence; output perturbations add noise to the fed-back value.
+    """
+    model.eval()
+    dev = seed_window.device
+    pred, states = model.prefill(seed_window[None])
+    out = np.empty((gen_len, seed_window.shape[-1]), dtype=np.float32)
+
+    def noise(shape):
+        return torch.randn(shape, generator=generator, device="cpu").to(dev)
+
+    for t in range(gen_len):
+        out[t] = pred[0].cpu().numpy()
+        if t == gen_len - 1:
+            break
+        x = pred
+        if temperature > 0:
+            x = x + temperature * noise(x.shape)
+        if perturb.active(t):
+            if perturb.kind == "output":
+                x = x + perturb.scale * noise(x.shape)
+            else:
+                for li in perturb.layers:
+                    states[li]["ssm"] += perturb.scale * noise(states[li]["ssm"].shape)
+        pred = model.step(x, states)
+    return out
+
+
+@torch.no_grad()
+def generate_recompute(model: MambaNext, seed_window: torch.Tensor, gen_len: int) -> np.ndarray:
+    """The O(T^2) baseline: rerun the whole sequence for every new step (no noise)."""
+    model.eval()
+    seq = seed_window[None]
+    out = []
+    for _ in range(gen_len):
+        nxt = model(seq)[:, -1]
+        out.append(nxt[0].cpu().numpy())
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+    return np.stack(out)
+
+
+def run_generate(args) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dataset import load_series, time_splits
+    from markov_circles_timeseries import draw_state_strip
+    from training import load_checkpoint, resolve_device
+    ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
+    device = resolve_device(args.device)
+    model = load_model(ckpt).to(device)
+    series = load_series(args.data_dir or ckpt["data"]["data_dir"])
+    if series.dim != model.cfg.in_dim:
+        from training import TrainingError
+        raise TrainingError(f"{ckpt['path']} takes {model.cfg.in_dim}-D inputs but the data are {series.dim}-D")
+    sp = time_splits(series.n_steps, ckpt["data"]["seq_len"], ckpt["data"]["val_frac"], ckpt["data"]["test_frac"])
+    block = sp.test if sp.test[1] > sp.test[0] else sp.val
+    start = args.start if args.start is not None else block[0]
+    end = start + args.seed_len + args.gen_len
+    if start < block[0] or end > block[1]:
+        print(f"note: steps {start}..{end} are not all inside the held-out block {block}")
+    if end > series.n_steps:
+        from training import TrainingError
+        raise TrainingError(f"seed + generation ({args.seed_len} + {args.gen_len} steps from {start}) runs past "
+                            f"the end of the series ({series.n_steps}); lower --gen-len or --start")
+    layers = tuple(int(i) - 1 for i in args.perturb_layers.split(",")) if args.perturb_layers else \
+        tuple(range(model.cfg.n_layers))
+    if any(not 0 <= li < model.cfg.n_layers for li in layers):
+        from training import TrainingError
+        raise TrainingError(f"--perturb-layers must name layers 1..{model.cfg.n_layers}")
+    kind = "hidden" if args.perturb_hidden else "output" if args.perturb_output else "none"
+    pert = Perturbation(kind, layers, args.perturb_interval, args.perturb_duration, args.perturb_scale)
+    seed_window = torch.as_tensor(series.X[start:start + args.seed_len], device=device)
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    gen = generate(model, seed_window, args.gen_len, args.temperature, pert, g)
+    secs = time.perf_counter() - t0
+    truth = series.X[start + args.seed_len:end]
+    clean = series.signal[start + args.seed_len:end] if series.signal is not None else None
+    err = ((gen - truth) ** 2).mean(1)
+    report = {"checkpoint": ckpt["path"], "start": start, "seed_len": args.seed_len, "gen_len": args.gen_len,
+              "temperature": args.temperature, "perturbation": pert.__dict__ | {"layers": list(layers)},
+              "seconds": secs, "steps_per_second": args.gen_len / secs,
+              "noise_floor": series.noise_var}
+    for n in (1, 8, 16, 64, 256):
+        if n <= args.gen_len:
+            report[f"mse_first_{n}"] = float(err[:n].mean())
+            if clean is not None:
+                report[f"mse_to_signal_first_{n}"] = float(((gen[:n] - clean[:n]) ** 2).mean())
+    if "planes" in series.extra and "radii" in series.extra:
+        decoded = nearest_circle(gen, series.extra["planes"], series.extra["radii"])
+        report["decoded_matches_true_circle"] = float(np.mean(decoded == series.states[start + args.seed_len:end]))
+    else:
+        decoded = None
+    out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "generate")
+    plots_dir = args.plots_dir or out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(plots_dir, exist_ok=True)
+    tag = f"gen_{kind}" if kind != "none" else "gen"
+    np.save(os.path.join(out_dir, f"{tag}.npy"), gen)
+    with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    fig, axes = plt.subplots(5, 1, figsize=(13, 9), sharex=True,
+                             gridspec_kw={"height_ratios": [1, 1, 5, 5, 3], "hspace": 0.12})
+    n_states = series.n_states
+    draw_state_strip(axes[0], series.states[start + args.seed_len:end], n_states)
+    axes[0].set_ylabel("true", rotation=0, ha="right")
+    if decoded is not None:
+        draw_state_strip(axes[1], decoded, n_states)
+    axes[1].set_ylabel("decoded", rotation=0, ha="right")
+    lim = np.percentile(np.abs(truth), 99)
+    axes[2].imshow(truth.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    axes[2].set_ylabel("true continuation")
+    axes[3].imshow(gen.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    axes[3].set_ylabel("generated")
+    axes[4].plot(err, lw=0.8)
+    if series.noise_var:
+        axes[4].axhline(series.noise_var, color="k", ls="--", lw=1, label="noise floor")
+    if kind != "none":
+        for t in range(args.gen_len):
+            if pert.active(t) and not pert.active(t - 1):
+                axes[4].axvspan(t, t + pert.duration, color="red", alpha=0.15)
+    axes[4].set_ylabel("sq. error")
+    axes[4].set_xlabel("generated step")
+    axes[0].set_title(f"Generation from a {args.seed_len}-step held-out seed at step {start} "
+                      f"(temperature {args.temperature}, perturbation: {kind})")
+    p = os.path.join(plots_dir, f"{tag}.png")
+    fig.savefig(p, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    print(f"generated {args.gen_len} steps in {secs:.2f} s ({args.gen_len / secs:.0f} steps/s); "
+          f"MSE first 16: {report.get('mse_first_16', float('nan')):.2f} (noise floor {series.noise_var})")
+    print(f"wrote {out_dir}/{tag}.npy, {tag}.json, {p}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- gates
+
+def run_gates(args) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from markov_circles_timeseries import draw_state_strip
+    from training import load_checkpoint, resolve_device
+    ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
+    device = resolve_device(args.device)
+    model = load_model(ckpt).to(device).eval()
+    from dataset import load_series
+    series = load_series(args.data_dir or ckpt["data"]["data_dir"])
+    ds = datasets_for(series, ckpt["data"])
+    out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "gates")
+    plots_dir = args.plots_dir or out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(plots_dir, exist_ok=True)
+    val = ds["val"]
+    idx = np.linspace(0, len(val) - 1, min(args.samples, len(val))).round().astype(int)
+    written = []
+    summary = {"mean_delta": [], "mean_delta_by_circle": []}
+    traces_all = []
+    for j, i in enumerate(idx):
+        x, s, _ = val[int(i)]
+        trace: list = []
+        with torch.no_grad():
+            model(torch.as_tensor(x, device=device)[None], trace=trace)
+        traces_all.append((trace, s))
+        if j >= args.plot_samples:
+            continue
+        n = model.cfg.n_layers
+        fig, axes = plt.subplots(n, 4, figsize=(18, 2.2 * n + 1), squeeze=False)
+        for li, t in enumerate(trace):
+            sig = {"delta": t["delta"][0], "silu(z)": F.silu(t["z"][0]), "B": t["B"][0], "C": t["C"][0]}
+            for c, (name, arr) in enumerate(sig.items()):
+                ax = axes[li, c]
+                a = arr.float().cpu().numpy()
+                ax.imshow(a, aspect="auto", interpolation="nearest",
+                          cmap="viridis" if name in ("delta", "silu(z)") else "RdBu_r")
+                if li == 0:
+                    ax.set_title(name)
+                if c == 0:
+                    ax.set_ylabel(f"layer {li + 1}")
+                ax.set_xticks([])
+        fig.suptitle(f"Gate signals for the held-out window at step {int(val.starts[i])} "
+                     f"(rows: layers; delta, silu(z): channels x time; B, C: states x time)")
+        strip = fig.add_axes([0.125, 0.01, 0.775, 0.015])
+        draw_state_strip(strip, s, series.n_states)
+        p = os.path.join(plots_dir, f"gates_sample_{j}.png")
+        fig.savefig(p, dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        written.append(p)
+    n = model.cfg.n_layers
+    states_cat = np.concatenate([s for _, s in traces_all])
+    for li in range(n):
+        d = np.concatenate([tr[li]["delta"][0].float().cpu().numpy().T for tr, _ in traces_all])  # (T, D)
+        summary["mean_delta"].append(float(d.mean()))
+        summary["mean_delta_by_circle"].append(
+            {int(c): float(d[states_cat == c].mean()) for c in np.unique(states_cat)})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(np.arange(1, n + 1), summary["mean_delta"], "ko-", label="all steps")
+    for c in np.unique(states_cat):
+        ax.plot(np.arange(1, n + 1), [m[int(c)] for m in summary["mean_delta_by_circle"]], lw=0.8, alpha=0.7,
+                label=f"circle {c}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean delta (softplus(dt))")
+    ax.set_title("Mean step size delta per layer")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    p = os.path.join(plots_dir, "gates_mean_delta.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+    if args.umap:
+        import umap
+
+        from markov_circles_timeseries import state_colors
+        rng = np.random.default_rng(args.seed)
+        sel = rng.choice(len(states_cat), size=min(args.umap_points, len(states_cat)), replace=False)
+        cols = np.array(state_colors(series.n_states))
+        fig, axes = plt.subplots(4, n, figsize=(2.6 * n, 10.5), squeeze=False)
+        for c, name in enumerate(("delta", "z", "B", "C")):
+            for li in range(n):
+                sig = np.concatenate([tr[li][name][0].float().cpu().numpy().T for tr, _ in traces_all])[sel]
+                if name == "z":
+                    sig = sig / (1 + np.exp(-sig)) * 1.0  # silu
+                emb = umap.UMAP(n_neighbors=30, min_dist=0.1, n_jobs=1, random_state=args.seed).fit_transform(sig)
+                ax = axes[c, li]
+                ax.scatter(emb[:, 0], emb[:, 1], c=cols[states_cat[sel]], s=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_title(f"layer {li + 1}")
+                if li == 0:
+                    ax.set_ylabel("silu(z)" if name == "z" else name)
+        fig.suptitle("UMAP of each gate signal across time steps, coloured by circle")
+        fig.tight_layout()
+        p = os.path.join(plots_dir, "gates_umap.png")
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        written.append(p)
+    jp = os.path.join(out_dir, "gates_summary.json")
+    with open(jp, "w") as f:
+        json.dump(summary, f, indent=2)
+    written.append(jp)
+    print("mean delta per layer: " + ", ".join(f"{m:.4f}" for m in summary["mean_delta"]))
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    from training import add_training_arguments
+    p = argparse.ArgumentParser(description="Causal Mamba next-step model: train, generate, gates.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or --eval a checkpoint)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_training_arguments(t, seq_len=512, stride=128, batch_size=32, lr=1e-3, warmup_epochs=20, epochs=100)
+    g = t.add_argument_group("model")
+    g.add_argument("--d-model", type=int, default=128)
+    g.add_argument("--n-layers", type=int, default=7)
+    g.add_argument("--d-state", type=int, default=16)
+    g.add_argument("--d-conv", type=int, default=4)
+    g.add_argument("--expand", type=int, default=2)
+    g.add_argument("--d-ff", type=int, default=512)
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--max-horizon", type=int, default=1, help="train heads for horizons 1, 2, 4, ... up to this")
+    g.add_argument("--gate-lr-factor", type=float, default=1.0,
+                   help="learning-rate factor of the gates x_proj, dt_proj (0 freezes them exactly)")
+    g.add_argument("--freeze-A", action="store_true", help="freeze A_log and D (fixed dynamics)")
+    g.add_argument("--eval-warmup", type=int, default=None,
+                   help="steps of context before scoring in each evaluation window (default seq_len/4)")
+    for name, help_ in (("generate", "generate from a held-out seed window"), ("gates", "plot the gate signals")):
+        s = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s.add_argument("--checkpoint", required=True)
+        s.add_argument("--data-dir", default=None, help="default: the data the model was trained on")
+        s.add_argument("--device", default="cpu")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--out-dir", default=None)
+        s.add_argument("--plots-dir", default=None)
+        if name == "generate":
+            s.add_argument("--seed-len", type=int, default=64, help="steps of true data before generating")
+            s.add_argument("--gen-len", type=int, default=512)
+            s.add_argument("--start", type=int, default=None, help="first step of the seed (default: test block start)")
+            s.add_argument("--temperature", type=float, default=0.0, help="std of noise added to fed-back outputs")
+            s.add_argument("--perturb-hidden", action="store_true", help="bursts of noise in the SSM states")
+            s.add_argument("--perturb-output", action="store_true", help="bursts of noise in the fed-back output")
+            s.add_argument("--perturb-layers", default="", help="layers (1-based, comma-separated); default all")
+            s.add_argument("--perturb-interval", type=int, default=128)
+            s.add_argument("--perturb-duration", type=int, default=8)
+            s.add_argument("--perturb-scale", type=float, default=1.0)
+        else:
+            s.add_argument("--samples", type=int, default=16, help="held-out windows to record")
+            s.add_argument("--plot-samples", type=int, default=2, help="of which this many get heatmaps")
+            s.add_argument("--umap", action="store_true", help="UMAP of each signal across time steps")
+            s.add_argument("--umap-points", type=int, default=3000)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from training import TrainingError, eval_main, train_main
+    try:
+        if args.command == "generate":
+            if args.perturb_hidden and args.perturb_output:
+                raise TrainingError("choose one of --perturb-hidden and --perturb-output")
+            return run_generate(args)
+        if args.command == "gates":
+            return run_gates(args)
+        if args.gate_lr_factor < 0:
+            raise TrainingError("--gate-lr-factor must be >= 0")
+        if args.eval_warmup is None:
+            args.eval_warmup = args.seq_len // 4
+        spec = make_spec(args.eval_warmup)
+        if args.eval:
+            return eval_main(args, spec, MambaConfig)
+        defaults = vars(parser.parse_args(["train"]))
+        return train_main(args, spec, defaults)
+    except (TrainingError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The selective scan and the Mamba next-step model, against independent implementations."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mamba_next import (MambaConfig, MambaNext, Perturbation, generate, generate_recompute, horizons_up_to, main,
+                        multi_horizon_loss, nearest_circle)
+from selective_scan import MambaBlock, selective_scan
+
+
+def naive_scan(u, delta, A, B, C, D, z):
+    """The recurrence written step by step (autograd through plain tensor ops)."""
+    b, d, T = u.shape
+    h = torch.zeros(b, d, A.shape[1], dtype=u.dtype)
+    ys = []
+    for t in range(T):
+        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    return (torch.stack(ys, -1) + u * D[None, :, None]) * torch.nn.functional.silu(z), h
+
+
+def scan_inputs(dtype, b=2, d=6, n=4, T=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
+    u, B, C, D, z = mk(b, d, T), mk(b, n, T), mk(b, n, T), mk(d), mk(b, d, T)
+    delta = (torch.rand(b, d, T, generator=g, dtype=dtype) * 0.5).requires_grad_()
+    A = (-torch.rand(d, n, generator=g, dtype=dtype) * 3).requires_grad_()
+    return u, delta, A, B, C, D, z
+
+
+def test_scan_equals_naive_recurrence_forward_and_gradients():
+    inputs = scan_inputs(torch.float32)
+    y, last = selective_scan(*inputs, return_last_state=True)
+    y0, last0 = naive_scan(*inputs)
+    torch.testing.assert_close(y, y0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(last, last0, rtol=1e-4, atol=1e-5)
+    w = torch.randn_like(y)
+    g = torch.autograd.grad((y * w).sum() + last.sum(), inputs)
+    g0 = torch.autograd.grad((y0 * w).sum() + last0.sum(), inputs)
+    for a, b in zip(g, g0):
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-4
+
+
+def test_scan_gradcheck_float64():
+    inputs = scan_inputs(torch.float64, b=1, d=3, n=2, T=12)
+    assert torch.autograd.gradcheck(lambda *a: selective_scan(*a, return_last_state=True), inputs)
+
+
+def hf_mixer(block: MambaBlock):
+    from transformers import MambaConfig as HFConfig
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+    cfg = HFConfig(hidden_size=block.d_model, state_size=block.d_state, conv_kernel=block.d_conv,
+                   expand=block.d_inner // block.d_model, time_step_rank=block.dt_rank, use_conv_bias=True,
+                   use_bias=False)
+    mixer = MambaMixer(cfg, layer_idx=0).eval()
+    mixer.load_state_dict(block.state_dict(), strict=True)  # same names and shapes
+    return mixer
+
+
+def test_block_equals_transformers_mamba_mixer():
+    torch.manual_seed(0)
+    block = MambaBlock(32, 8, 4, 2)
+    ref = hf_mixer(block)
+    x = torch.randn(2, 60, 32, requires_grad=True)
+    a, b = block(x), ref(x)
+    assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-4
+    ours, theirs = dict(block.named_parameters()), dict(ref.named_parameters())
+    ga = torch.autograd.grad(a.square().sum(), [x] + list(ours.values()))
+    gb = torch.autograd.grad(b.square().sum(), [x] + [theirs[k] for k in ours])
+    for name, p, q in zip(["input", *ours], ga, gb):
+        assert ((p - q).abs().max() / q.abs().max()).item() <= 1e-4, name
+
+
+def test_mamba_ssm_parameter_layout_and_init():
+    block = MambaBlock(128, 32, 4, 2)
+    shapes = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+    assert shapes == {"in_proj.weight": (512, 128), "conv1d.weight": (256, 1, 4), "conv1d.bias": (256,),
+                      "x_proj.weight": (8 + 64, 256), "dt_proj.weight": (256, 8), "dt_proj.bias": (256,),
+                      "A_log": (256, 32), "D": (256,), "out_proj.weight": (128, 256)}
+    # A = 1..N per channel; softplus(dt bias) starts inside [dt_min, dt_max]
+    torch.testing.assert_close(torch.exp(block.A_log[0]), torch.arange(1, 33, dtype=torch.float32))
+    dt = torch.nn.functional.softplus(block.dt_proj.bias)
+    assert dt.min() >= 1e-4 * 0.999 and dt.max() <= 0.1 * 1.001
+
+
+def test_parameter_count_of_the_seed_model():
+    m = MambaNext(MambaConfig(d_model=128, n_layers=7, d_state=32, d_conv=4, expand=2, d_ff=512))
+    per_block = 128 * 512 + 256 * 4 + 256 + 256 * 72 + 8 * 256 + 256 + 256 * 32 + 256 + 256 * 128 + 2 * 128
+    expected = 7 * per_block + (20 * 128 + 128) + 2 * 128 + (128 * 512 + 512 + 512 * 20 + 20)
+    assert sum(p.numel() for p in m.parameters()) == expected == 982_420
+
+
+def test_recurrent_step_equals_parallel_forward():
+    torch.manual_seed(1)
+    m = MambaNext(MambaConfig(d_model=32, n_layers=3, d_state=8, dropout=0.0)).eval()
+    x = torch.randn(2, 50, 20)
+    full = m(x)
+    pred, states = m.prefill(x[:, :7])
+    outs = [pred]
+    for t in range(7, 49):
+        outs.append(m.step(x[:, t], states))
+    torch.testing.assert_close(torch.stack(outs, 1), full[:, 6:49], rtol=1e-4, atol=1e-5)
+
+
+def test_generation_matches_recomputation_and_perturbations_persist():
+    torch.manual_seed(2)
+    m = MambaNext(MambaConfig(d_model=32, n_layers=2, d_state=8, dropout=0.0)).eval()
+    seed = torch.randn(16, 20)
+    fast = generate(m, seed, 30)
+    slow = generate_recompute(m, seed, 30)
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-4)
+    # a single burst in the hidden state changes everything after it, not before it
+    burst = Perturbation("hidden", (0, 1), interval=1000, duration=1, scale=5.0)
+    pert = generate(m, seed, 30, perturb=burst, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(pert[0], fast[0], rtol=1e-5)
+    assert np.abs(pert[1:] - fast[1:]).max(axis=1).min() > 1e-4
+
+
+def test_horizons_and_multi_horizon_loss():
+    assert horizons_up_to(1) == [1]
+    assert horizons_up_to(16) == [1, 2, 4, 8, 16]
+    assert horizons_up_to(10) == [1, 2, 4, 8, 10]
+    x = torch.arange(10.0).view(1, 10, 1)
+    # a head that predicts x[t] + h is exact for this ramp at every horizon
+    preds = [x + h for h in (1, 3)]
+    assert multi_horizon_loss(preds, x, [1, 3]).item() == 0.0
+    preds = [x + 1, x + 3 + 2]  # second head off by 2 where it is scored
+    assert multi_horizon_loss(preds, x, [1, 3]).item() == pytest.approx((0 + 4) / 2)
+
+
+def test_nearest_circle_decoding():
+    rng = np.random.default_rng(0)
+    planes = np.stack([np.linalg.qr(rng.standard_normal((20, 2)))[0].T for _ in range(4)])
+    radii = np.array([10.0, 15.0, 20.0, 25.0])
+    t = rng.uniform(0, 2 * np.pi, 200)
+    c = rng.integers(0, 4, 200)
+    pts = radii[c, None] * (np.cos(t)[:, None] * planes[c, 0] + np.sin(t)[:, None] * planes[c, 1])
+    assert np.mean(nearest_circle(pts + 0.3 * rng.standard_normal(pts.shape), planes, radii) == c) > 0.98
+
+
+TINY = ["--seq-len", "64", "--stride", "32", "--batch-size", "16", "--d-model", "16", "--n-layers", "2",
+        "--d-state", "4", "--d-ff", "32", "--warmup-epochs", "0.5", "--lr", "3e-3"]
+
+
+def test_gate_lr_factor_zero_freezes_exactly(small_data_dir, tmp_path, capsys):
+    import torch as T
+    assert main(["train", "--data-dir", small_data_dir, "--out-dir", str(tmp_path / "g0"), "--epochs", "2",
+                 "--gate-lr-factor", "0", "--freeze-A", *TINY]) == 0
+    assert "frozen" in capsys.readouterr().out
+    ck = T.load(tmp_path / "g0" / "last.pt", weights_only=False)
+    from training import seed_everything
+    seed_everything(0)
+    init = MambaNext(MambaConfig(**ck["model_config"])).state_dict()  # the same seed gives the same init
+    for k, v in ck["model"].items():
+        frozen = any(s in k for s in ("x_proj", "dt_proj")) or k.endswith(("A_log", ".D"))
+        if frozen:
+            assert T.equal(v, init[k]), k
+        elif k.endswith("in_proj.weight"):
+            assert not T.equal(v, init[k])
+
+
+def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", small_data_dir, "--out-dir", str(run), "--epochs", "2",
+                 "--max-horizon", "4", *TINY]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["val_mse_by_horizon"]) == {"1", "2", "4"}
+    assert metrics["noise_floor"] == pytest.approx(2.83 ** 2)
+    assert (run / "plots" / "mamba_prediction_0.png").exists()
+    assert main(["generate", "--checkpoint", str(run / "best.pt"), "--gen-len", "40", "--seed-len", "16",
+                 "--perturb-hidden", "--perturb-interval", "10", "--perturb-duration", "2"]) == 0
+    gen = np.load(run / "generate" / "gen_hidden.npy")
+    assert gen.shape == (40, 20) and np.isfinite(gen).all()
+    rep = json.loads((run / "generate" / "gen_hidden.json").read_text())
+    assert "mse_first_16" in rep and "decoded_matches_true_circle" in rep
+    assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "3", "--plot-samples", "1"]) == 0
+    summary = json.loads((run / "gates" / "gates_summary.json").read_text())
+    assert len(summary["mean_delta"]) == 2 and all(d > 0 for d in summary["mean_delta"])
+    capsys.readouterr()
+    assert main(["train", "--eval", str(run / "best.pt"), "--data-dir", small_data_dir]) == 0
+    assert "test MSE" in capsys.readouterr().out
+    # the evaluator reads the model type from the checkpoint
+    from evaluate_representations import main as evaluate
+    assert evaluate(["--checkpoint", str(run / "best.pt"), "--no-umap", "--lb-points", "500",
+                     "--metric-points", "1200", "--out-dir", str(tmp_path / "rep"),
+                     "--plots-dir", str(tmp_path / "rep")]) == 0
+    res = json.loads((tmp_path / "rep" / "representation_metrics.json").read_text())
+    assert res["causal"] is True and list(res["layers"]) == ["input", "1", "2", "output"]
+
+
+def test_bad_input(small_data_dir, tmp_path, capsys):
+    assert main(["train", "--data-dir", small_data_dir, "--out-dir", str(tmp_path / "a"), "--gate-lr-factor", "-1",
+                 *TINY]) == 2
+    assert "gate-lr-factor" in capsys.readouterr().err
+    assert main(["train", "--data-dir", small_data_dir, "--out-dir", str(tmp_path / "b"), "--max-horizon", "0",
+                 *TINY]) == 2
+    assert "max-horizon" in capsys.readouterr().err
+    from masked_model_gpu import main as masked
+    assert masked(["--data-dir", small_data_dir, "--out-dir", str(tmp_path / "m"), "--epochs", "1", "--seq-len", "64",
+                   "--stride", "64", "--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--d-ff", "16",
+                   "--mask-patch-size", "4"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "m" / "best.pt")]) == 2
+    assert "masked_transformer" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_matches_the_pure_scan():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from selective_scan import cuda_kernels_available
+    if not cuda_kernels_available():
+        pytest.skip("mamba_ssm is not installed")
+    torch.manual_seed(0)
+    block = MambaBlock(64, 16, 4, 2).cuda()
+    x = torch.randn(2, 256, 64, device="cuda")
+    fast = block(x)
+    slow = block(x, trace={})  # a trace forces the pure-PyTorch scan
+    assert ((fast - slow).abs().max() / slow.abs().max()).item() < 1e-3

@@ -1,0 +1,540 @@
+"""Training infrastructure shared by the sequence models (masked_model_gpu.py, mamba_next.py).
+
+Device and precision (BF16 autocast and torch.compile on CUDA, plain fp32 on CPU), a
+linear-warmup + cosine schedule, atomic checkpoints that hold everything needed to resume,
+the CSV log, the noise-floor report, the loss-curve and prediction figures, and `fit`, the
+epoch loop itself: the scripts provide the model, the batch loss and the evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+class TrainingError(RuntimeError):
+    """A problem the user can fix (bad input, incompatible checkpoint, diverged run)."""
+
+
+# ----------------------------------------------------------------------------- device
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, amp: bool):
+    """BF16 autocast on CUDA when amp is on; a no-op otherwise (CPU runs in fp32)."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    if not enabled:
+        return model
+    return torch.compile(model)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to each group's lr, then cosine decay to min_ratio x lr.
+
+    The schedule multiplies each group's own base lr, so a group with lr 0 stays at 0.
+    """
+    warmup_steps = max(0, int(warmup_steps))
+    total_steps = max(1, int(total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, model_type: str | None = None) -> dict:
+    """Load a checkpoint written by save_checkpoint, checking which model it holds."""
+    if os.path.isdir(path):
+        for name in ("best.pt", "last.pt"):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+    if not os.path.exists(path):
+        raise TrainingError(f"checkpoint {path!r} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise TrainingError(f"{path} is not a readable checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or "model_type" not in ckpt:
+        raise TrainingError(f"{path} was not written by this project (no model_type)")
+    if model_type is not None and ckpt["model_type"] != model_type:
+        raise TrainingError(f"{path} holds a {ckpt['model_type']!r} model, not a {model_type!r} model; "
+                            f"use the script that trained it")
+    ckpt["path"] = path
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def floor_note(mse: float, floor: float | None) -> str:
+    if floor is None or not floor > 0:
+        return f"{mse:.4f}"
+    return f"{mse:.4f} (noise floor {floor:.3f}, {100 * (mse / floor - 1):+.1f}%)"
+
+
+class CSVLog:
+    """Append-only CSV with a fixed header; reopened on resume."""
+
+    def __init__(self, path: str, fields: list[str], resume: bool = False):
+        self.path, self.fields = path, fields
+        if not (resume and os.path.exists(path)):
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(fields)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([row.get(k, "") for k in self.fields])
+
+    def read(self) -> list[dict]:
+        with open(self.path) as f:
+            return list(csv.DictReader(f))
+
+
+def plot_loss_curve(rows: list[dict], floor: float | None, path: str, title: str) -> str:
+    import matplotlib.pyplot as plt
+
+    def col(name):
+        return np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows])
+
+    ep = col("epoch")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(ep, col("train_loss"), label="train loss (masked MSE, dropout on)", lw=1)
+    if np.isfinite(col("train_eval_mse")).any():
+        ax.plot(ep, col("train_eval_mse"), label="train MSE (fixed masks, eval mode)", lw=1)
+    ax.plot(ep, col("val_mse"), label="validation MSE (fixed masks)", lw=2)
+    if floor:
+        ax.axhline(floor, color="k", ls="--", lw=1, label=f"noise floor {floor:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE per dimension")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_prediction_window(path: str, x: np.ndarray, states: np.ndarray, pred: np.ndarray, err: np.ndarray,
+                           n_states: int, title: str, pred_label: str, err_label: str,
+                           mask: np.ndarray | None = None) -> str:
+    """Four rows: state strip (masked steps grey), truth, prediction, squared error (NaN = not scored)."""
+    import matplotlib.pyplot as plt
+    from markov_circles_timeseries import draw_state_strip
+    fig, axes = plt.subplots(4, 1, figsize=(12, 8), sharex=True,
+                             gridspec_kw={"height_ratios": [1, 5, 5, 5], "hspace": 0.08})
+    draw_state_strip(axes[0], states, n_states, mask=mask)
+    axes[0].set_title(title)
+    lim = np.percentile(np.abs(x), 99)
+    for ax, arr, name in ((axes[1], x, "truth"), (axes[2], pred, pred_label)):
+        ax.imshow(arr.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax.set_ylabel(name)
+    im = axes[3].imshow(err.T, aspect="auto", cmap="magma", vmin=0, vmax=np.nanpercentile(err, 99),
+                        interpolation="nearest")
+    axes[3].set_ylabel(err_label)
+    axes[3].set_xlabel("step in window")
+    fig.colorbar(im, ax=axes[3], fraction=0.02, pad=0.01)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class FitState:
+    epoch: int = 0            # epochs completed
+    step: int = 0             # optimizer steps taken
+    best_val: float = float("inf")
+    best_epoch: int = -1
+    stopped_early: str = ""
+    history: list = field(default_factory=list)
+
+
+def fit(*, model: torch.nn.Module, train_model: torch.nn.Module, optimizer, scheduler,
+        train_set, train_loader, batch_loss: Callable, evaluate: Callable, epochs: int,
+        out_dir: str, checkpoint_payload: Callable[[FitState], dict], state: FitState,
+        noise_floor: float | None, clip: float = 1.0, time_budget_min: float | None = None,
+        train_eval: Callable | None = None, log: CSVLog, device: torch.device,
+        extra_checkpoint: str | None = None, stop_after: int | None = None) -> FitState:
+    """Run epochs state.epoch .. epochs-1: train, evaluate, log, checkpoint (last + best).
+
+    batch_loss(train_model, batch) -> scalar loss; evaluate(model) -> validation MSE;
+    train_eval(model) -> MSE on training windows with fixed masks (optional).
+    A NaN or infinite loss stops with TrainingError before anything is overwritten.
+    stop_after: leave (resumably) after this many epochs of this call.
+    """
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    deadline = t_start + 60 * time_budget_min if time_budget_min else None
+    first_epoch = state.epoch
+    for epoch in range(state.epoch, epochs):
+        train_set.set_epoch(epoch)
+        model.train()
+        t0 = time.perf_counter()
+        total, count = 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=None)
+        for batch in bar:
+            loss = batch_loss(train_model, batch)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the training loss became {loss.item()} at epoch {epoch + 1}, step {state.step}; "
+                    f"lower --lr or keep --warmup-epochs > 0 (the last good checkpoint is in {out_dir})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            total += loss.item()
+            count += 1
+            bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if deadline and time.perf_counter() > deadline:
+                state.stopped_early = f"time budget of {time_budget_min} min reached in epoch {epoch + 1}"
+                break
+        train_time = time.perf_counter() - t0
+        val = evaluate(model)
+        tr = train_eval(model) if train_eval else float("nan")
+        row = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
+               "train_loss": total / max(count, 1), "train_eval_mse": tr, "val_mse": val,
+               "noise_floor": noise_floor if noise_floor else "", "epoch_seconds": round(train_time, 3),
+               "elapsed_seconds": round(time.perf_counter() - t_start, 3)}
+        log.write(row)
+        state.history.append(row)
+        state.epoch = epoch + 1
+        improved = val < state.best_val
+        if improved:
+            state.best_val, state.best_epoch = val, epoch + 1
+        payload = checkpoint_payload(state)
+        save_checkpoint(os.path.join(out_dir, "last.pt"), payload)
+        if improved:
+            save_checkpoint(os.path.join(out_dir, "best.pt"), payload)
+            if extra_checkpoint:
+                save_checkpoint(extra_checkpoint, payload)
+        tqdm.write(f"epoch {epoch + 1:4d}  train {total / max(count, 1):.4f}  "
+                   f"val {floor_note(val, noise_floor)}{'  *' if improved else ''}  "
+                   f"({train_time:.1f} s)", file=sys.stdout)
+        if state.stopped_early:
+            tqdm.write(f"stopping: {state.stopped_early}; continue with --resume {out_dir}/last.pt")
+            break
+        if deadline and time.perf_counter() > deadline:
+            state.stopped_early = f"time budget of {time_budget_min} min reached after epoch {epoch + 1}"
+        elif stop_after and epoch + 1 - first_epoch >= stop_after and epoch + 1 < epochs:
+            state.stopped_early = f"--stop-after {stop_after} reached after epoch {epoch + 1}"
+        if state.stopped_early:
+            tqdm.write(f"stopping: {state.stopped_early}; continue with --resume {out_dir}/last.pt")
+            break
+    return state
+
+
+# ----------------------------------------------------------------------------- drivers
+
+@dataclass
+class ModelSpec:
+    """What a sequence-model script tells the shared driver about its model."""
+    model_type: str                    # stored in checkpoints; checked on load
+    run_prefix: str                    # default run folder runs/<prefix>_...
+    config_from_args: Callable         # (args, in_dim) -> config dataclass with validate()
+    build: Callable                    # config -> nn.Module
+    datasets: Callable                 # (series, data_args) -> build_datasets(...) dict
+    data_keys: tuple                   # argument names that define the data pipeline
+    param_groups: Callable             # (model, args) -> optimizer param groups
+    batch_loss: Callable               # (model, batch, device, amp) -> scalar loss
+    evaluate: Callable                 # (model, loader, device, amp) -> MSE
+    plot_predictions: Callable         # (model, dataset, device, plots_dir, n_states, amp) -> [paths]
+    describe: Callable                 # (model, cfg) -> one line
+    locked: tuple = ()                 # model arguments a resumed run may not change
+    run_name: Callable = lambda args: ""  # suffix of the default run folder
+    final_metrics: Callable | None = None  # (model, loaders, device, amp) -> dict of extra numbers
+    plot_title: Callable = lambda cfg: ""
+
+
+def make_loaders(ds: dict, batch_size: int, workers: int, device: torch.device, seed: int):
+    from torch.utils.data import DataLoader
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    train = DataLoader(ds["train"], batch_size=batch_size, shuffle=True, drop_last=len(ds["train"]) > batch_size,
+                       generator=g, **kw)
+    val = DataLoader(ds["val"], batch_size=batch_size, shuffle=False, **kw)
+    test = DataLoader(ds["test"], batch_size=batch_size, shuffle=False, **kw) if ds["test"] is not None else None
+    return train, val, test
+
+
+def check_data_matches(model_cfg: dict, series, where: str) -> None:
+    if series.dim != model_cfg["in_dim"]:
+        raise TrainingError(f"{where} takes {model_cfg['in_dim']}-D inputs but {series.data_dir} holds "
+                            f"{series.dim}-D data; pass the --data-dir it was trained on")
+
+
+def load_model(ckpt: dict, spec: ModelSpec, config_cls) -> torch.nn.Module:
+    model = spec.build(config_cls(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def _merge_resume(args, resume: dict, parser_defaults: dict, spec: ModelSpec):
+    """A resumed run keeps its data, model and optimisation settings; --epochs may extend it."""
+    saved = resume["args"]
+    for k in spec.locked:
+        if getattr(args, k) != saved[k] and getattr(args, k) != parser_defaults.get(k):
+            raise TrainingError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
+                                f"{saved[k]}; a resumed run keeps its model")
+    epochs = args.epochs if args.epochs != parser_defaults.get("epochs") else saved["epochs"]
+    keep = {"time_budget": args.time_budget, "device": args.device, "num_workers": args.num_workers,
+            "stop_after": args.stop_after}
+    return argparse.Namespace(**{**saved, **keep, "epochs": epochs, "resume": args.resume, "eval": None})
+
+
+def train_main(args, spec: ModelSpec, parser_defaults: dict) -> int:
+    """Train a sequence model end to end: data, model, fit, best-checkpoint test, figures."""
+    from dataset import WindowDataset, load_series
+
+    device = resolve_device(args.device)
+    resume = load_checkpoint(args.resume, spec.model_type) if args.resume else None
+    if resume:
+        args = _merge_resume(args, resume, parser_defaults, spec)
+    out_dir = args.out_dir or os.path.join("runs", f"{spec.run_prefix}_{spec.run_name(args)}".rstrip("_"))
+    if resume:
+        out_dir = os.path.dirname(resume["path"])
+    elif os.path.exists(os.path.join(out_dir, "last.pt")) and not args.force:
+        raise TrainingError(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+                            f"--force to overwrite it, or another --out-dir")
+    series = load_series(args.data_dir)
+    cfg = spec.config_from_args(args, series.dim)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    if resume:
+        check_data_matches(resume["model_config"], series, resume["path"])
+    data_args = {k: getattr(args, k) for k in spec.data_keys}
+    try:
+        ds = spec.datasets(series, data_args)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    plots_dir = args.plots_dir or os.path.join(out_dir, "plots")
+    os.makedirs(plots_dir, exist_ok=True)
+
+    seed_everything(args.seed)
+    model = spec.build(cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    cuda = device.type == "cuda"
+    amp = cuda and not args.no_amp
+    compiled = (cuda and not args.no_compile) or getattr(args, "compile", False)
+    train_model = maybe_compile(model, compiled)
+    workers = args.num_workers if args.num_workers >= 0 else (4 if cuda else 0)
+    train_loader, val_loader, test_loader = make_loaders(ds, args.batch_size, workers, device, args.seed)
+    steps_per_epoch = len(train_loader)
+    optimizer = torch.optim.AdamW(spec.param_groups(model, args), lr=args.lr, betas=(0.9, 0.98))
+    scheduler = warmup_cosine(optimizer, args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch)
+    state = FitState()
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        state = FitState(**resume["fit_state"])
+        set_rng_state(resume["rng"])
+        train_loader.generator.set_state(resume["loader_rng"])
+    floor = series.noise_var
+    sp = ds["splits"]
+    print(f"model: {n_params:,} parameters ({spec.describe(model, cfg)}); device {device}, "
+          f"{'BF16 autocast' if amp else 'fp32'}{', torch.compile' if compiled else ''}")
+    print(f"data: {series.n_steps} steps of {series.dim}-D; train {sp.train}, val {sp.val}, test {sp.test} "
+          f"(gaps {sp.gap}); {len(ds['train'])} training windows of {args.seq_len} (stride {args.stride}), "
+          f"{steps_per_epoch} steps/epoch; noise floor {floor}")
+    os.makedirs(out_dir, exist_ok=True)
+    log = CSVLog(os.path.join(out_dir, "training_log.csv"),
+                 ["epoch", "step", "lr", "train_loss", "train_eval_mse", "val_mse", "noise_floor",
+                  "epoch_seconds", "elapsed_seconds"], resume=bool(resume))
+    with open(os.path.join(out_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+
+    train_eval = None
+    if not args.no_train_eval:
+        from torch.utils.data import DataLoader
+        tr = ds["train"]
+        sub = tr.starts[np.linspace(0, len(tr) - 1, min(len(tr), max(len(ds["val"]), 1))).round().astype(int)]
+        fixed = WindowDataset(tr.X, tr.states, sub, tr.seq_len, tr.mask_cfg, tr.mask_seed + 7, fixed=True)
+        te_loader = DataLoader(fixed, batch_size=args.batch_size)
+        train_eval = lambda m: spec.evaluate(m, te_loader, device, amp)  # noqa: E731
+
+    def payload(st: FitState) -> dict:
+        return {"model_type": spec.model_type, "model_config": asdict(cfg), "model": model.state_dict(),
+                "data": data_args, "data_config": series.config, "splits": sp.as_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "fit_state": asdict(st), "epoch": st.epoch, "rng": rng_state(),
+                "loader_rng": train_loader.generator.get_state(), "args": vars(args), "n_parameters": n_params}
+
+    t0 = time.perf_counter()
+    state = fit(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+                train_set=ds["train"], train_loader=train_loader,
+                batch_loss=lambda m, b: spec.batch_loss(m, b, device, amp),
+                evaluate=lambda m: spec.evaluate(m, val_loader, device, amp), epochs=args.epochs,
+                out_dir=out_dir, checkpoint_payload=payload, state=state, noise_floor=floor,
+                clip=args.grad_clip, time_budget_min=args.time_budget, train_eval=train_eval, log=log,
+                device=device, extra_checkpoint=args.checkpoint, stop_after=args.stop_after)
+    train_seconds = time.perf_counter() - t0
+
+    best = load_checkpoint(os.path.join(out_dir, "best.pt"), spec.model_type)
+    model.load_state_dict(best["model"])
+    val = spec.evaluate(model, val_loader, device, amp)
+    test = spec.evaluate(model, test_loader, device, amp) if test_loader else float("nan")
+    print(f"best epoch {state.best_epoch}: validation MSE {floor_note(val, floor)}")
+    print(f"                 test MSE {floor_note(test, floor)}")
+    import matplotlib
+    matplotlib.use("Agg")
+    written = [plot_loss_curve(log.read(), floor, os.path.join(plots_dir, "training_loss.png"), spec.plot_title(cfg))]
+    written += spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
+    metrics = {"best_epoch": state.best_epoch, "epochs_run": state.epoch, "val_mse": val, "test_mse": test,
+               "noise_floor": floor, "test_over_floor": test / floor if floor else None, "n_parameters": n_params,
+               "train_seconds": train_seconds, "steps": state.step, "stopped_early": state.stopped_early,
+               "model_config": asdict(cfg)}
+    if spec.final_metrics:
+        metrics.update(spec.final_metrics(model, (val_loader, test_loader), device, amp))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(f"wrote {out_dir}/best.pt, last.pt, training_log.csv, metrics.json; figures " + ", ".join(written))
+    return 0
+
+
+def eval_main(args, spec: ModelSpec, config_cls) -> int:
+    """Reload a checkpoint, report validation and test MSE against the noise floor, redraw."""
+    from dataset import load_series
+    ckpt = load_checkpoint(args.eval, spec.model_type)
+    device = resolve_device(args.device)
+    data_args = dict(ckpt["data"])
+    if args.data_dir != "data" or not os.path.exists(data_args["data_dir"]):
+        data_args["data_dir"] = args.data_dir
+    series = load_series(data_args["data_dir"])
+    check_data_matches(ckpt["model_config"], series, ckpt["path"])
+    model = load_model(ckpt, spec, config_cls).to(device)
+    ds = spec.datasets(series, data_args)
+    _, val_loader, test_loader = make_loaders(ds, args.batch_size, 0, device, 0)
+    amp = device.type == "cuda" and not args.no_amp
+    floor = series.noise_var
+    val = spec.evaluate(model, val_loader, device, amp)
+    test = spec.evaluate(model, test_loader, device, amp) if test_loader else float("nan")
+    print(f"checkpoint {ckpt['path']} (epoch {ckpt['epoch']}; {spec.describe(model, model.cfg)})")
+    print(f"validation MSE {floor_note(val, floor)}")
+    print(f"test MSE       {floor_note(test, floor)}")
+    plots_dir = args.plots_dir or os.path.join(os.path.dirname(ckpt["path"]), "plots")
+    os.makedirs(plots_dir, exist_ok=True)
+    import matplotlib
+    matplotlib.use("Agg")
+    paths = spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
+    res: dict[str, Any] = {"checkpoint": ckpt["path"], "val_mse": val, "test_mse": test, "noise_floor": floor}
+    if spec.final_metrics:
+        res.update(spec.final_metrics(model, (val_loader, test_loader), device, amp))
+    jp = os.path.join(plots_dir, "eval_metrics.json")
+    with open(jp, "w") as f:
+        json.dump(res, f, indent=2)
+    print("wrote " + ", ".join(paths + [jp]))
+    return 0
+
+
+def add_training_arguments(p: argparse.ArgumentParser, *, seq_len: int, stride: int, batch_size: int, lr: float,
+                           warmup_epochs: float, epochs: int) -> None:
+    """The flags every sequence-model script shares (data split, optimisation, outputs)."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="data", help="folder with data.npz + config.json")
+    g.add_argument("--seq-len", type=int, default=seq_len, help="window length (steps)")
+    g.add_argument("--stride", type=int, default=stride, help="step between training windows")
+    g.add_argument("--val-frac", type=float, default=0.1, help="share of the series in the validation block")
+    g.add_argument("--test-frac", type=float, default=0.1, help="share of the series in the test block")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, default=batch_size)
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers (-1: 0 on CPU, 4 on CUDA)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
+    g.add_argument("--compile", action="store_true", help="also use torch.compile on CPU")
+    g.add_argument("--no-amp", action="store_true", help="fp32 on CUDA instead of BF16 autocast")
+    g.add_argument("--no-train-eval", action="store_true", help="skip the fixed-mask MSE on training windows")
+    g.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many minutes")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="stop (resumably) after this many epochs of this invocation")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("outputs")
+    g.add_argument("--out-dir", default=None, help="run folder (default runs/<model>_<variant>)")
+    g.add_argument("--plots-dir", default=None, help="figures (default <out-dir>/plots)")
+    g.add_argument("--checkpoint", default=None, help="also write the best checkpoint to this path")
+    g.add_argument("--resume", default=None, help="resume from a last.pt (or its run folder)")
+    g.add_argument("--eval", default=None, metavar="CKPT", help="evaluate a checkpoint and redraw its figures")
+    g.add_argument("--force", action="store_true", help="train into an --out-dir that already holds a run")
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: tuple = ()) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases, norms and named exceptions."""
+    decay, other = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and not any(k in n for k in no_decay_names) else other).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
