@@ -1,0 +1,82 @@
+"""Overlay the validation curves of several runs and tabulate their best and test MSE.
+
+    python scripts/compare_runs.py runs/demo_rope runs/demo_t5 runs/demo_sinusoidal --out plots/demo/compare
+
+Writes <out>.png (validation MSE per epoch, noise floor dashed), <out>.csv and <out>.md.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+
+
+def load(run):
+    with open(os.path.join(run, "training_log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    with open(os.path.join(run, "metrics.json")) as f:
+        metrics = json.load(f)
+    return rows, metrics
+
+
+def first_epoch_below(rows, level):
+    for r in rows:
+        if float(r["val_mse"]) <= level:
+            return int(r["epoch"])
+    return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders with training_log.csv and metrics.json")
+    p.add_argument("--out", default="plots/compare_runs", help="output path without extension")
+    p.add_argument("--within", type=float, default=0.10, help="report the first epoch with val <= (1+x) floor")
+    args = p.parse_args(argv)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    table = []
+    floor = None
+    for run in args.runs:
+        try:
+            rows, m = load(run)
+        except FileNotFoundError as e:
+            print(f"error: {run} is not a finished run ({e.filename} missing)", file=sys.stderr)
+            return 2
+        name = os.path.basename(os.path.normpath(run))
+        floor = m.get("noise_floor") or floor
+        ax.plot([int(r["epoch"]) for r in rows], [float(r["val_mse"]) for r in rows], label=name)
+        table.append({"run": name, "epochs": m["epochs_run"], "best_epoch": m["best_epoch"],
+                      "best_val_mse": m["val_mse"], "test_mse": m["test_mse"],
+                      "test_over_floor_pct": 100 * (m["test_mse"] / floor - 1) if floor else None,
+                      f"first_epoch_val_within_{int(100 * args.within)}pct":
+                          first_epoch_below(rows, (1 + args.within) * floor) if floor else None,
+                      "train_seconds": m.get("train_seconds")})
+    if floor:
+        ax.axhline(floor, color="k", ls="--", lw=1, label=f"noise floor {floor:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation MSE")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(args.out + ".png", dpi=110)
+    with open(args.out + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    keys = list(table[0])
+    md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for t in table:
+        md.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in t.values()) + " |")
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+    print(f"wrote {args.out}.png, .csv, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
