@@ -250,7 +250,7 @@ def param_groups(model, args) -> list[dict]:
         decay = p.ndim >= 2 and not dyn
         groups[("gate_" if gate else "") + ("decay" if decay else "plain")].append(p)
     print(f"parameters: {trainable:,} trainable, {frozen:,} frozen"
-          + (f" (gates x_proj, dt_proj frozen)" if args.gate_lr_factor == 0 else "")
+          + (" (gates x_proj, dt_proj frozen)" if args.gate_lr_factor == 0 else "")
           + (" (A_log, D frozen)" if args.freeze_A else ""))
     out = [{"params": groups["decay"], "weight_decay": args.weight_decay},
            {"params": groups["plain"], "weight_decay": 0.0}]

@@ -25,12 +25,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -216,7 +216,7 @@ def fit(*, model: torch.nn.Module, train_model: torch.nn.Module, optimizer, sche
         train_set, train_loader, batch_loss: Callable, evaluate: Callable, epochs: int,
         out_dir: str, checkpoint_payload: Callable[[FitState], dict], state: FitState,
         noise_floor: float | None, clip: float = 1.0, time_budget_min: float | None = None,
-        train_eval: Callable | None = None, log: CSVLog, device: torch.device,
+        train_eval: Callable | None = None, log: CSVLog,
         extra_checkpoint: str | None = None, stop_after: int | None = None) -> FitState:
     """Run epochs state.epoch .. epochs-1: train, evaluate, log, checkpoint (last + best).
 
@@ -435,7 +435,7 @@ def train_main(args, spec: ModelSpec, parser_defaults: dict) -> int:
                 evaluate=lambda m: spec.evaluate(m, val_loader, device, amp), epochs=args.epochs,
                 out_dir=out_dir, checkpoint_payload=payload, state=state, noise_floor=floor,
                 clip=args.grad_clip, time_budget_min=args.time_budget, train_eval=train_eval, log=log,
-                device=device, extra_checkpoint=args.checkpoint, stop_after=args.stop_after)
+                extra_checkpoint=args.checkpoint, stop_after=args.stop_after)
     train_seconds = time.perf_counter() - t0
 
     best = load_checkpoint(os.path.join(out_dir, "best.pt"), spec.model_type)

@@ -3,7 +3,6 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -224,7 +223,7 @@ def test_nan_loss_stops_with_a_message(tmp_path):
         fit(model=model, train_model=model, optimizer=opt, scheduler=warmup_cosine(opt, 0, 1), train_set=data,
             train_loader=data, batch_loss=lambda m, b: torch.tensor(float("nan")), evaluate=lambda m: 0.0,
             epochs=1, out_dir=str(tmp_path), checkpoint_payload=lambda s: {}, state=FitState(), noise_floor=8.0,
-            log=CSVLog(str(tmp_path / "log.csv"), ["epoch"]), device=torch.device("cpu"))
+            log=CSVLog(str(tmp_path / "log.csv"), ["epoch"]))
     assert not (tmp_path / "last.pt").exists()
 
 

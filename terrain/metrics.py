@@ -1,0 +1,202 @@
+"""Geometric statistics of weight matrices and point clouds, each with its random null.
+
+Spectra (of singular values sigma; "variance" means sigma^2):
+    participation_ratio, stable_rank, entropy_effective_rank, components_for_variance,
+    condition_number, spectral_summary
+Simplex volumes (k-simplices of k+1 points; k = 4 is the "pentachoron"):
+    cayley_menger_volume, gram_volume (batched, float64), sample_simplex_volumes,
+    coefficient_of_variation (+ bootstrap CI), gaussian_volume_cv (exact null)
+Cosines and sparsity:
+    cosine_stats, sparsity, hoyer
+Nulls:
+    random_like (a Gaussian matrix of the same shape and RMS), with_null (a statistic beside
+    its value on such matrices), so every number can be read against chance.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+from scipy.special import gammaln
+
+VARIANCE_LEVELS = (0.8, 0.9, 0.95, 0.99)
+
+
+# ----------------------------------------------------------------------------- spectra
+
+def singular_values(M: np.ndarray) -> np.ndarray:
+    return np.linalg.svd(np.asarray(M, dtype=np.float64), compute_uv=False)
+
+
+def participation_ratio(eigenvalues: np.ndarray) -> float:
+    """(sum lambda)^2 / sum lambda^2 of non-negative eigenvalues (e.g. covariance eigenvalues
+    or sigma^2): n for a flat spectrum, 1 for a single direction."""
+    lam = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0, None)
+    s2 = np.sum(lam ** 2)
+    return float(np.sum(lam) ** 2 / s2) if s2 > 0 else 0.0
+
+
+def stable_rank(sigma: np.ndarray) -> float:
+    """||M||_F^2 / ||M||_2^2 = sum sigma^2 / max sigma^2."""
+    s = np.asarray(sigma, dtype=np.float64)
+    return float(np.sum(s ** 2) / np.max(s) ** 2) if s.size and s.max() > 0 else 0.0
+
+
+def entropy_effective_rank(sigma: np.ndarray) -> float:
+    """exp of the Shannon entropy of sigma / sum sigma (Roy & Vetterli 2007)."""
+    s = np.asarray(sigma, dtype=np.float64)
+    s = s[s > 0]
+    if s.size == 0:
+        return 0.0
+    p = s / s.sum()
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def components_for_variance(sigma: np.ndarray, levels=VARIANCE_LEVELS) -> dict[float, int]:
+    """Smallest number of components whose sigma^2 holds each fraction of the total variance."""
+    v = np.sort(np.asarray(sigma, dtype=np.float64) ** 2)[::-1]
+    c = np.cumsum(v) / v.sum()
+    return {lv: int(np.searchsorted(c, lv - 1e-12) + 1) for lv in levels}
+
+
+def condition_number(sigma: np.ndarray, rtol: float = 1e-12) -> float:
+    """sigma_max / sigma_min; inf when sigma_min is below rtol * sigma_max (numerically singular)."""
+    s = np.asarray(sigma, dtype=np.float64)
+    if s.min() <= rtol * s.max():
+        return float("inf")
+    return float(s.max() / s.min())
+
+
+def spectral_summary(M: np.ndarray) -> dict:
+    s = singular_values(M)
+    return {"participation_ratio_sigma2": participation_ratio(s ** 2), "stable_rank": stable_rank(s),
+            "entropy_effective_rank": entropy_effective_rank(s), "condition_number": condition_number(s),
+            **{f"n_components_{int(100 * k)}pct_var_sigma2": v for k, v in components_for_variance(s).items()}}
+
+
+# ----------------------------------------------------------------------------- simplices
+
+def cayley_menger_volume(P: np.ndarray) -> np.ndarray:
+    """Volumes of simplices from their vertices, P (..., k+1, d), by the Cayley-Menger determinant.
+
+    V^2 = (-1)^(k+1) / (2^k (k!)^2) det(CM), CM the squared-distance matrix bordered by ones.
+    Computed in float64; tiny negative V^2 from rounding are set to 0.
+    """
+    P = np.asarray(P, dtype=np.float64)
+    k = P.shape[-2] - 1
+    D2 = np.sum((P[..., :, None, :] - P[..., None, :, :]) ** 2, axis=-1)
+    CM = np.ones(P.shape[:-2] + (k + 2, k + 2))
+    CM[..., 0, 0] = 0.0
+    CM[..., 1:, 1:] = D2
+    v2 = (-1) ** (k + 1) * np.linalg.det(CM) / (2 ** k * math.factorial(k) ** 2)
+    return np.sqrt(np.clip(v2, 0.0, None))
+
+
+def gram_volume(P: np.ndarray) -> np.ndarray:
+    """Volumes from the Gram matrix of the edges from the first vertex: sqrt(det(E^T E)) / k!."""
+    P = np.asarray(P, dtype=np.float64)
+    E = P[..., 1:, :] - P[..., :1, :]
+    G = E @ np.swapaxes(E, -1, -2)
+    k = E.shape[-2]
+    return np.sqrt(np.clip(np.linalg.det(G), 0.0, None)) / math.factorial(k)
+
+
+def sample_simplex_volumes(X: np.ndarray, k: int = 4, n_samples: int = 1000,
+                           rng: np.random.Generator | None = None, method: str = "gram") -> np.ndarray:
+    """Volumes of n_samples k-simplices whose k+1 vertices are distinct random rows of X."""
+    rng = rng or np.random.default_rng(0)
+    X = np.asarray(X, dtype=np.float64)
+    if len(X) < k + 1:
+        raise ValueError(f"a {k}-simplex needs {k + 1} points, got {len(X)}")
+    idx = np.stack([rng.choice(len(X), size=k + 1, replace=False) for _ in range(n_samples)])
+    fn = gram_volume if method == "gram" else cayley_menger_volume
+    return fn(X[idx])
+
+
+def coefficient_of_variation(v: np.ndarray) -> float:
+    v = np.asarray(v, dtype=np.float64)
+    m = v.mean()
+    return float(v.std(ddof=1) / m) if m > 0 else float("nan")
+
+
+def bootstrap_ci(v: np.ndarray, stat: Callable = coefficient_of_variation, n_boot: int = 1000,
+                 ci: float = 0.95, rng: np.random.Generator | None = None) -> tuple[float, float]:
+    rng = rng or np.random.default_rng(0)
+    v = np.asarray(v)
+    b = np.array([stat(v[rng.integers(0, len(v), len(v))]) for _ in range(n_boot)])
+    return float(np.percentile(b, 100 * (1 - ci) / 2)), float(np.percentile(b, 100 * (1 + ci) / 2))
+
+
+def gaussian_volume_cv(k: int, d: int) -> float:
+    """Exact CV of the volume of a k-simplex with iid N(0, I_d) vertices (k <= d).
+
+    By Miles (1971) the squared volume is a constant times a product of independent
+    chi-square variables with d, d-1, ..., d-k+1 degrees of freedom, so
+    CV^2 = prod_i E[chi2_nu] / E[chi_nu]^2 - 1 with E[chi_nu] = sqrt(2) G((nu+1)/2) / G(nu/2).
+    """
+    if not 1 <= k <= d:
+        raise ValueError(f"need 1 <= k <= d, got k={k}, d={d}")
+    log_ratio = 0.0
+    for nu in range(d - k + 1, d + 1):
+        log_mean_chi = 0.5 * math.log(2) + gammaln((nu + 1) / 2) - gammaln(nu / 2)
+        log_ratio += math.log(nu) - 2 * log_mean_chi
+    return math.sqrt(math.expm1(log_ratio))
+
+
+# ----------------------------------------------------------------------------- cosines, sparsity
+
+def cosine_stats(X: np.ndarray, n_pairs: int = 20000, rng: np.random.Generator | None = None) -> dict:
+    """Cosines of random distinct row pairs: mean, std, mean |cos|; anisotropy = squared norm of
+    the mean unit vector (the expected cosine of two random rows, 0 for an isotropic cloud)."""
+    rng = rng or np.random.default_rng(0)
+    X = np.asarray(X, dtype=np.float64)
+    U = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
+    i = rng.integers(0, len(U), n_pairs)
+    j = rng.integers(0, len(U) - 1, n_pairs)
+    j = j + (j >= i)  # distinct pairs
+    c = np.sum(U[i] * U[j], axis=1)
+    mu = U.mean(0)
+    return {"mean": float(c.mean()), "std": float(c.std()), "mean_abs": float(np.abs(c).mean()),
+            "anisotropy": float(mu @ mu)}
+
+
+def hoyer(w: np.ndarray) -> float:
+    """Hoyer sparsity (sqrt(n) - L1/L2) / (sqrt(n) - 1): 0 for a constant vector, 1 for one-hot."""
+    w = np.abs(np.asarray(w, dtype=np.float64).ravel())
+    n = w.size
+    l2 = np.sqrt(np.sum(w ** 2))
+    if n < 2 or l2 == 0:
+        return float("nan")
+    return float((math.sqrt(n) - w.sum() / l2) / (math.sqrt(n) - 1))
+
+
+def sparsity(W: np.ndarray, absolute=(0.1, 0.01), relative=(0.1, 0.5)) -> dict:
+    """Fractions of entries below absolute thresholds (which track the initialisation scale)
+    and below fractions of the matrix's own RMS (scale-free), and the Hoyer measure."""
+    w = np.abs(np.asarray(W, dtype=np.float64).ravel())
+    rms = math.sqrt(np.mean(w ** 2))
+    out = {f"frac_abs_below_{t:g}": float(np.mean(w < t)) for t in absolute}
+    out.update({f"frac_below_{t:g}_rms": float(np.mean(w < t * rms)) for t in relative})
+    out["hoyer"] = hoyer(w)
+    out["rms"] = rms
+    return out
+
+
+# ----------------------------------------------------------------------------- nulls
+
+def random_like(M: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A Gaussian matrix of M's shape with M's RMS (the scale of a random initialisation)."""
+    M = np.asarray(M, dtype=np.float64)
+    return rng.standard_normal(M.shape) * math.sqrt(np.mean(M ** 2))
+
+
+def with_null(stat: Callable[[np.ndarray], float], M: np.ndarray, n_null: int = 5,
+              rng: np.random.Generator | None = None) -> dict:
+    """The statistic of M beside its mean and spread over n_null random_like matrices, and z."""
+    rng = rng or np.random.default_rng(0)
+    value = float(stat(M))
+    null = np.array([stat(random_like(M, rng)) for _ in range(n_null)], dtype=np.float64)
+    sd = null.std(ddof=1) if n_null > 1 else float("nan")
+    return {"value": value, "null_mean": float(null.mean()), "null_std": float(sd),
+            "z": float((value - null.mean()) / sd) if sd and sd > 0 else float("nan")}

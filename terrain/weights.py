@@ -1,0 +1,393 @@
+"""Weight battery: the geometry of a pretrained transformer's matrices, each beside its null.
+
+    python -m terrain.weights                                  # offline MiniLM
+    python -m terrain.weights --model t5-small google/t5-v1_1-xxl --out-dir plots/terrain
+
+Per matrix (q, k, v, o, mlp_in, mlp_gate, mlp_out, cross-attention): spectra (stable rank,
+participation ratio of sigma^2, entropy effective rank, components for 90% of the sigma^2
+variance, condition number) and sparsity (absolute thresholds, fractions of the matrix's
+own RMS, Hoyer), beside the same statistic on Gaussian matrices of the same shape and RMS.
+Per head: the attention form F_h = W_q^h^T W_k^h, its asymmetry ||F - F^T|| / ||F|| and
+the positive share of its symmetric part's eigenvalue mass, beside random q, k of the same
+shapes (which give about 0.5). MLP neurons: importance = ||input row|| x ||output column||
+(x ||gate row||), dead (< 1e-3 of the median) and weak (< 0.1 of the median) fractions.
+Across layers, per role: overlap of the top-r singular subspaces on the residual-stream
+side (input side of q, k, v, mlp_in; output side of o, mlp_out), invariant to permutations
+of heads and neurons, chance = r/d; and the raw cosine of the flattened matrices.
+LayerNorm scales: mean, spread, extremes. T5 relative bias: per-head profiles against
+signed distance (buckets decoded), classified local / global / mixed.
+Writes weights_<model>.json and weights_<model>.png per model, and with several models a
+comparison figure and table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+from terrain import metrics as M
+from terrain.models import (DEFAULT_MODEL, TerrainError, attention_forms, by_role, canonical_weights, head_layout,
+                            load_model)
+
+MATRIX_ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out", "cross_q", "cross_k", "cross_v", "cross_o")
+
+
+def model_tag(name: str | None) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name or DEFAULT_MODEL).strip("_")[-60:]
+
+
+# ----------------------------------------------------------------------------- per matrix
+
+def matrix_stats(W: np.ndarray, rng: np.random.Generator, n_null: int) -> dict:
+    s = M.singular_values(W)
+    out = M.spectral_summary(W)
+    out.update(M.sparsity(W))
+    nulls = [M.random_like(W, rng) for _ in range(n_null)]
+    ns = [M.singular_values(R) for R in nulls]
+    out["null"] = {
+        "stable_rank": float(np.mean([M.stable_rank(x) for x in ns])),
+        "participation_ratio_sigma2": float(np.mean([M.participation_ratio(x ** 2) for x in ns])),
+        "entropy_effective_rank": float(np.mean([M.entropy_effective_rank(x) for x in ns])),
+        "hoyer": float(np.mean([M.hoyer(R) for R in nulls])),
+        "frac_below_0.1_rms": float(np.mean([M.sparsity(R)["frac_below_0.1_rms"] for R in nulls])),
+    }
+    out["shape"] = list(W.shape)
+    out["sigma_top"] = s[:8].tolist()
+    return out
+
+
+# ----------------------------------------------------------------------------- heads
+
+def form_stats(F: np.ndarray) -> dict:
+    """Asymmetry and eigenvalue sign balance of each head's form (heads, d, d)."""
+    asym, pos = [], []
+    for f in F:
+        n = np.linalg.norm(f)
+        asym.append(float(np.linalg.norm(f - f.T) / n) if n > 0 else float("nan"))
+        lam = np.linalg.eigvalsh((f + f.T) / 2)
+        pos.append(float(lam[lam > 0].sum() / np.abs(lam).sum()) if np.abs(lam).sum() > 0 else float("nan"))
+    return {"asymmetry": asym, "positive_share": pos}
+
+
+def head_stats(q: np.ndarray, k: np.ndarray, layout, rng: np.random.Generator, n_null: int) -> dict:
+    out = form_stats(attention_forms(q, k, layout))
+    nulls = [form_stats(attention_forms(M.random_like(q, rng), M.random_like(k, rng), layout)) for _ in range(n_null)]
+    out["null_asymmetry"] = float(np.mean([np.mean(n["asymmetry"]) for n in nulls]))
+    out["null_positive_share"] = float(np.mean([np.mean(n["positive_share"]) for n in nulls]))
+    out["null_positive_share_std"] = float(np.std([p for n in nulls for p in n["positive_share"]]))
+    return out
+
+
+# ----------------------------------------------------------------------------- neurons
+
+def neuron_importance(w_in: np.ndarray, w_out: np.ndarray, w_gate: np.ndarray | None = None) -> np.ndarray:
+    """||row i of W_in|| x ||column i of W_out|| (x ||row i of W_gate||) for each hidden unit i."""
+    imp = np.linalg.norm(w_in, axis=1) * np.linalg.norm(w_out, axis=0)
+    if w_gate is not None:
+        imp = imp * np.linalg.norm(w_gate, axis=1)
+    return imp
+
+
+def neuron_stats(imp: np.ndarray) -> dict:
+    med = np.median(imp)
+    return {"dead_frac": float(np.mean(imp < 1e-3 * med)), "weak_frac": float(np.mean(imp < 0.1 * med)),
+            "cv": float(imp.std() / imp.mean()), "n": int(imp.size)}
+
+
+# ----------------------------------------------------------------------------- across layers
+
+WRITES_RESIDUAL = ("o", "mlp_out", "cross_o")
+
+
+def residual_subspace(W: np.ndarray, r: int, side: str) -> np.ndarray:
+    """Top-r singular subspace on the side of W that lives in the residual stream: the input
+    side for readers (q, k, v, mlp_in, ...), the output side for writers (o, mlp_out)."""
+    U, _, Vt = np.linalg.svd(W.astype(np.float64), full_matrices=False)
+    return U[:, :r] if side == "out" else Vt[:r].T
+
+
+def cross_layer(ws: list, r: int) -> dict:
+    """Overlap ||U_a^T U_b||_F^2 / r of the top-r residual-side subspaces of each layer's
+    matrix (invariant to permutations of heads and neurons; chance r/d) and raw cosines of
+    the flattened matrices (not invariant; for comparison with the original notebook)."""
+    n = len(ws)
+    if n < 2:
+        return {}
+    side = "out" if ws[0].role in WRITES_RESIDUAL else "in"
+    d = ws[0].W.shape[0 if side == "out" else 1]
+    r = min(r, *(min(w.W.shape) for w in ws))
+    U = [residual_subspace(w.W, r, side) for w in ws]
+    overlap = np.array([[float(np.sum((U[a].T @ U[b]) ** 2) / r) for b in range(n)] for a in range(n)])
+    flat = [w.W.ravel() / np.linalg.norm(w.W) for w in ws]
+    same = all(w.W.shape == ws[0].W.shape for w in ws)
+    cos = np.array([[float(flat[a] @ flat[b]) for b in range(n)] for a in range(n)]) if same else None
+    return {"layers": [w.layer for w in ws], "side": side, "r": r, "chance_overlap": r / d,
+            "subspace_overlap": overlap.tolist(), "raw_cosine": cos.tolist() if cos is not None else None}
+
+
+# ----------------------------------------------------------------------------- T5 bias
+
+def t5_bias_profiles(table: np.ndarray, num_buckets: int, max_distance: int, bidirectional: bool,
+                     span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Bias of each head against signed distance (key - query) in [-span, span]."""
+    import torch
+
+    from masked_model_gpu import t5_relative_bucket
+    span = span or 2 * max_distance
+    dist = np.arange(-span, span + 1)
+    buckets = t5_relative_bucket(torch.as_tensor(dist), num_buckets, max_distance, bidirectional).numpy()
+    return dist, table[buckets].T  # (heads, distances)
+
+
+def classify_profile(dist: np.ndarray, prof: np.ndarray) -> str:
+    """local: a peak within |d| <= 4 standing out by half the profile's range over the far
+    (|d| >= 32) level; global: a flat profile (range < 0.5 logit); mixed otherwise."""
+    rng_ = prof.max() - prof.min()
+    if rng_ < 0.5:
+        return "global"
+    near = prof[np.abs(dist) <= 4].max()
+    far = np.median(prof[np.abs(dist) >= 32]) if np.any(np.abs(dist) >= 32) else prof.min()
+    return "local" if near - far > 0.5 * rng_ else "mixed"
+
+
+# ----------------------------------------------------------------------------- battery
+
+def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int = 32) -> dict:
+    model, config = load_model(name)
+    layout = head_layout(config)
+    ws = canonical_weights(model)
+    rng = np.random.default_rng(seed)
+    res: dict = {"model": name or DEFAULT_MODEL, "model_type": config.model_type,
+                 "heads": layout.__dict__, "matrices": {}, "heads_by_layer": {}, "neurons": {},
+                 "cross_layer": {}, "norms": {}, "t5_bias": {}}
+    for w in ws:
+        if w.role in MATRIX_ROLES:
+            res["matrices"][w.name] = {"role": w.role, "stack": w.stack, "layer": w.layer,
+                                       **matrix_stats(w.W, rng, n_null)}
+    stacks = sorted({w.stack for w in ws if w.role == "q"})
+    for stack in stacks:
+        for prefix in ("", "cross_"):
+            qs, ks = by_role(ws, prefix + "q", stack), by_role(ws, prefix + "k", stack)
+            for q, k in zip(qs, ks):
+                res["heads_by_layer"][f"{stack}/{prefix or 'self_'}{q.layer}"] = head_stats(q.W, k.W, layout, rng,
+                                                                                         n_null)
+        ins, outs, gates = by_role(ws, "mlp_in", stack), by_role(ws, "mlp_out", stack), by_role(ws, "mlp_gate", stack)
+        gate_by_layer = {g.layer: g.W for g in gates}
+        for wi, wo in zip(ins, outs):
+            imp = neuron_importance(wi.W, wo.W, gate_by_layer.get(wi.layer))
+            g = gate_by_layer.get(wi.layer)
+            null_imp = neuron_importance(M.random_like(wi.W, rng), M.random_like(wo.W, rng),
+                                         M.random_like(g, rng) if g is not None else None)
+            res["neurons"][f"{stack}/{wi.layer}"] = {**neuron_stats(imp), "null": neuron_stats(null_imp)}
+        for role in MATRIX_ROLES:
+            cl = cross_layer(by_role(ws, role, stack), overlap_rank)
+            if cl:
+                res["cross_layer"][f"{stack}/{role}"] = cl
+        for w in by_role(ws, "norm", stack):
+            g = w.W.ravel()
+            res["norms"][w.name] = {"layer": w.layer, "mean": float(g.mean()), "std": float(g.std()),
+                                    "min": float(g.min()), "max": float(g.max()),
+                                    "frac_abs_below_0.1": float(np.mean(np.abs(g) < 0.1))}
+    for w in by_role(ws, "rel_bias"):
+        nb = getattr(config, "relative_attention_num_buckets", 32)
+        md = getattr(config, "relative_attention_max_distance", 128)
+        dist, prof = t5_bias_profiles(w.W, nb, md, bidirectional=w.stack != "decoder")
+        res["t5_bias"][w.stack] = {"distance": dist.tolist(), "profiles": prof.tolist(),
+                                   "classes": [classify_profile(dist, p) for p in prof]}
+    return res
+
+
+def summary_rows(res: dict) -> list[dict]:
+    """Per role: mean statistic over layers beside the mean null."""
+    rows = []
+    roles = sorted({m["role"] for m in res["matrices"].values()}, key=MATRIX_ROLES.index)
+    for role in roles:
+        ms = [m for m in res["matrices"].values() if m["role"] == role]
+        rows.append({
+            "role": role, "n": len(ms),
+            "stable_rank": np.mean([m["stable_rank"] for m in ms]),
+            "stable_rank_null": np.mean([m["null"]["stable_rank"] for m in ms]),
+            "pr_sigma2": np.mean([m["participation_ratio_sigma2"] for m in ms]),
+            "pr_sigma2_null": np.mean([m["null"]["participation_ratio_sigma2"] for m in ms]),
+            "hoyer": np.mean([m["hoyer"] for m in ms]), "hoyer_null": np.mean([m["null"]["hoyer"] for m in ms]),
+            "frac_abs_below_0.1": np.mean([m["frac_abs_below_0.1"] for m in ms]),
+            "frac_below_0.1_rms": np.mean([m["frac_below_0.1_rms"] for m in ms]),
+            "frac_below_0.1_rms_null": np.mean([m["null"]["frac_below_0.1_rms"] for m in ms]),
+        })
+    return rows
+
+
+def format_summary(res: dict) -> str:
+    lines = [f"{res['model']} ({res['model_type']}; {res['heads']['n_heads']} heads): value [null]",
+             "| role | n | stable rank | PR(sigma^2) | Hoyer | |w|<0.1 | |w|<0.1 RMS |", "|---|---|---|---|---|---|---|"]
+    for r in summary_rows(res):
+        lines.append(f"| {r['role']} | {r['n']} | {r['stable_rank']:.1f} [{r['stable_rank_null']:.1f}] | "
+                     f"{r['pr_sigma2']:.1f} [{r['pr_sigma2_null']:.1f}] | {r['hoyer']:.3f} [{r['hoyer_null']:.3f}] | "
+                     f"{r['frac_abs_below_0.1']:.2f} | {r['frac_below_0.1_rms']:.3f} [{r['frac_below_0.1_rms_null']:.3f}] |")
+    hb = res["heads_by_layer"]
+    if hb:
+        pos = [p for h in hb.values() for p in h["positive_share"]]
+        asym = [a for h in hb.values() for a in h["asymmetry"]]
+        nul = np.mean([h["null_positive_share"] for h in hb.values()])
+        nul_a = np.mean([h["null_asymmetry"] for h in hb.values()])
+        lines.append(f"attention forms: positive eigenvalue share {np.mean(pos):.3f} (range {min(pos):.2f}-"
+                     f"{max(pos):.2f}) [null {nul:.3f}]; asymmetry {np.mean(asym):.3f} [null {nul_a:.3f}]")
+    if res["neurons"]:
+        dead = np.mean([n["dead_frac"] for n in res["neurons"].values()])
+        weak = np.mean([n["weak_frac"] for n in res["neurons"].values()])
+        weak_null = np.mean([n["null"]["weak_frac"] for n in res["neurons"].values()])
+        lines.append(f"MLP neurons: dead {dead:.4f}, weak {weak:.4f} [null weak {weak_null:.4f}]")
+    for key, cl in res["cross_layer"].items():
+        ov = np.array(cl["subspace_overlap"])
+        adj = np.mean([ov[i, i + 1] for i in range(len(ov) - 1)])
+        lines.append(f"cross-layer {key}: adjacent top-{cl['r']} {cl['side']}put-subspace overlap {adj:.3f} "
+                     f"[chance {cl['chance_overlap']:.3f}]")
+    for stack, b in res["t5_bias"].items():
+        from collections import Counter
+        lines.append(f"T5 relative bias ({stack}): " + ", ".join(f"{k} {v}" for k, v in Counter(b["classes"]).items()))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def plot_model(res: dict, path: str) -> str:
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    mats = list(res["matrices"].values())
+    roles = [r for r in MATRIX_ROLES if any(m["role"] == r for m in mats)]
+    ax = axes[0, 0]
+    for role in roles:
+        ms = sorted([m for m in mats if m["role"] == role and m["stack"] != "decoder"], key=lambda m: m["layer"] or 0)
+        if ms:
+            line, = ax.plot([m["layer"] for m in ms], [m["stable_rank"] for m in ms], marker="o", label=role)
+            ax.plot([m["layer"] for m in ms], [m["null"]["stable_rank"] for m in ms], ls=":", color=line.get_color())
+    ax.set_title("Stable rank per layer (dotted: Gaussian null)")
+    ax.set_xlabel("layer")
+    ax.legend(fontsize=7)
+    ax = axes[0, 1]
+    rows = summary_rows(res)
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["hoyer"] for r in rows], 0.4, label="Hoyer")
+    ax.bar(x + 0.2, [r["hoyer_null"] for r in rows], 0.4, label="Hoyer, null", color="grey")
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["role"] for r in rows], rotation=45)
+    ax.set_title("Scale-free sparsity (Hoyer)")
+    ax.legend(fontsize=7)
+    ax = axes[0, 2]
+    hb = {k: v for k, v in res["heads_by_layer"].items() if "self_" in k}
+    if hb:
+        A = np.array([v["positive_share"] for v in hb.values()])
+        im = ax.imshow(A, cmap="RdBu_r", vmin=0, vmax=1, aspect="auto")
+        ax.set_yticks(range(len(hb)))
+        ax.set_yticklabels(list(hb), fontsize=6)
+        ax.set_xlabel("head")
+        nul = np.mean([v["null_positive_share"] for v in hb.values()])
+        ax.set_title(f"Positive eigenvalue share of W_q^T W_k per head (null {nul:.2f})")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    ax = axes[1, 0]
+    key = next((k for k in res["cross_layer"] if k.endswith("/q")), next(iter(res["cross_layer"]), None))
+    if key:
+        cl = res["cross_layer"][key]
+        im = ax.imshow(np.array(cl["subspace_overlap"]), vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"{key}: top-{cl['r']} subspace overlap (chance {cl['chance_overlap']:.2f})")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    ax = axes[1, 1]
+    if res["neurons"]:
+        keys = list(res["neurons"])
+        ax.plot(range(len(keys)), [res["neurons"][k]["weak_frac"] for k in keys], "o-", label="weak (<0.1 median)")
+        ax.plot(range(len(keys)), [res["neurons"][k]["null"]["weak_frac"] for k in keys], "k:", label="weak, null")
+        ax.plot(range(len(keys)), [res["neurons"][k]["dead_frac"] for k in keys], "s-", label="dead (<1e-3 median)")
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels(keys, rotation=45, fontsize=7)
+        ax.set_title("MLP neurons by importance")
+        ax.legend(fontsize=7)
+    ax = axes[1, 2]
+    if res["t5_bias"]:
+        b = next(iter(res["t5_bias"].values()))
+        for p, c in zip(b["profiles"], b["classes"]):
+            ax.plot(b["distance"], p, lw=1, label=c)
+        ax.set_xlabel("key - query distance")
+        ax.set_title("T5 relative bias per head (" + next(iter(res["t5_bias"])) + ")")
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    else:
+        norms = list(res["norms"].values())
+        ax.errorbar(range(len(norms)), [n["mean"] for n in norms], yerr=[n["std"] for n in norms], fmt="o", ms=3)
+        ax.set_title("LayerNorm scales (mean +- std per norm)")
+        ax.set_xlabel("norm index (by layer)")
+    fig.suptitle(f"Weight geometry of {res['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(results: list[dict], path: str) -> str:
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    names = [model_tag(r["model"]) for r in results]
+    x = np.arange(len(results))
+    for ax, key, title in ((axes[0], "stable_rank", "stable rank / null"), (axes[1], "hoyer", "Hoyer / null"),
+                           (axes[2], "pr_sigma2", "PR(sigma^2) / null")):
+        for j, role in enumerate(("q", "k", "v", "o", "mlp_in", "mlp_out")):
+            vals = []
+            for r in results:
+                row = next((s for s in summary_rows(r) if s["role"] == role), None)
+                vals.append(row[key] / row[key + "_null"] if row and row[key + "_null"] else np.nan)
+            ax.bar(x + 0.13 * (j - 2.5), vals, 0.13, label=role)
+        ax.axhline(1, color="k", lw=1, ls="--")
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=20, fontsize=7)
+        ax.set_title(title + " (1 = chance)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Weight geometry of pretrained transformers, beside random nulls.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
+                   help="Hugging Face ids or local folders ('minilm' = the offline all-MiniLM-L6-v2)")
+    p.add_argument("--n-null", type=int, default=3, help="random matrices per statistic")
+    p.add_argument("--overlap-rank", type=int, default=32, help="r of the cross-layer subspace overlap")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="plots/terrain", help="figures and JSON")
+    args = p.parse_args(argv)
+    import matplotlib
+    matplotlib.use("Agg")
+    os.makedirs(args.out_dir, exist_ok=True)
+    results, written = [], []
+    try:
+        for name in args.model:
+            t0 = time.perf_counter()
+            res = battery(name, args.n_null, args.seed, args.overlap_rank)
+            res["seconds"] = time.perf_counter() - t0
+            results.append(res)
+            tag = model_tag(name)
+            print(format_summary(res))
+            jp = os.path.join(args.out_dir, f"weights_{tag}.json")
+            with open(jp, "w") as f:
+                json.dump(res, f)
+            written += [jp, plot_model(res, os.path.join(args.out_dir, f"weights_{tag}.png"))]
+    except TerrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(results) > 1:
+        written.append(plot_comparison(results, os.path.join(args.out_dir, "weights_comparison.png")))
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
