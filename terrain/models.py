@@ -39,9 +39,33 @@ def resolve_model_name(name: str | None) -> str:
     return minilm_path() if name in (None, "", DEFAULT_MODEL) else name
 
 
+def load_open_clip(spec: str):
+    """open_clip:ARCH[/PRETRAINED] -> (visual tower, a small config with its head layout)."""
+    from types import SimpleNamespace
+    try:
+        import open_clip
+    except ImportError as e:
+        raise TerrainError("open_clip models need the optional package open_clip_torch "
+                           "(requirements-gpu.txt; it pulls torchvision)") from e
+    arch, _, pretrained = spec.partition("/")
+    try:
+        model = open_clip.create_model(arch, pretrained=pretrained or None)
+    except Exception as e:  # unknown architecture, weights not on disk
+        raise TerrainError(f"open_clip model {spec!r} is not available offline ({e}); pass a local "
+                           f"checkpoint file as PRETRAINED") from e
+    visual = model.visual.eval()
+    block = visual.transformer.resblocks[0].attn
+    config = SimpleNamespace(model_type="open_clip", num_attention_heads=block.num_heads,
+                             hidden_size=block.embed_dim, is_encoder_decoder=False)
+    return visual, config
+
+
 def load_model(name: str | None = None):
-    """(model, config) for a Hugging Face id or local folder, without touching the network."""
+    """(model, config) for a Hugging Face id or local folder, without touching the network;
+    'open_clip:ARCH/PRETRAINED' loads an open_clip visual tower when open_clip is installed."""
     from transformers import AutoConfig, AutoModel
+    if name and name.startswith("open_clip:"):
+        return load_open_clip(name[len("open_clip:"):])
     path = resolve_model_name(name)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)

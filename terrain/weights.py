@@ -22,23 +22,17 @@ comparison figure and table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 import time
 
 import numpy as np
 
 from terrain import metrics as M
-from terrain.models import (DEFAULT_MODEL, TerrainError, attention_forms, by_role, canonical_weights, head_layout,
+from terrain.models import (DEFAULT_MODEL, attention_forms, by_role, canonical_weights, head_layout,
                             load_model)
 
 MATRIX_ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out", "cross_q", "cross_k", "cross_v", "cross_o")
-
-
-def model_tag(name: str | None) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name or DEFAULT_MODEL).strip("_")[-60:]
 
 
 # ----------------------------------------------------------------------------- per matrix
@@ -333,6 +327,7 @@ def plot_model(res: dict, path: str) -> str:
 def plot_comparison(results: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    from terrain.cli import model_tag
     names = [model_tag(r["model"]) for r in results]
     x = np.arange(len(results))
     for ax, key, title in ((axes[0], "stable_rank", "stable rank / null"), (axes[1], "hoyer", "Hoyer / null"),
@@ -355,6 +350,7 @@ def plot_comparison(results: list[dict], path: str) -> str:
 
 
 def main(argv=None) -> int:
+    from terrain.cli import run_for_models
     p = argparse.ArgumentParser(description="Weight geometry of pretrained transformers, beside random nulls.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
@@ -364,29 +360,19 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="plots/terrain", help="figures and JSON")
     args = p.parse_args(argv)
-    import matplotlib
-    matplotlib.use("Agg")
-    os.makedirs(args.out_dir, exist_ok=True)
-    results, written = [], []
-    try:
-        for name in args.model:
-            t0 = time.perf_counter()
-            res = battery(name, args.n_null, args.seed, args.overlap_rank)
-            res["seconds"] = time.perf_counter() - t0
-            results.append(res)
-            tag = model_tag(name)
-            print(format_summary(res))
-            jp = os.path.join(args.out_dir, f"weights_{tag}.json")
-            with open(jp, "w") as f:
-                json.dump(res, f)
-            written += [jp, plot_model(res, os.path.join(args.out_dir, f"weights_{tag}.png"))]
-    except TerrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if len(results) > 1:
+
+    def compute(name):
+        t0 = time.perf_counter()
+        res = battery(name, args.n_null, args.seed, args.overlap_rank)
+        res["seconds"] = time.perf_counter() - t0
+        return res
+
+    code, results, written = run_for_models(args.model, args.out_dir, "weights", compute, format_summary, plot_model)
+    if code == 0 and len(results) > 1:
         written.append(plot_comparison(results, os.path.join(args.out_dir, "weights_comparison.png")))
-    print("wrote " + ", ".join(written))
-    return 0
+    if written:
+        print("wrote " + ", ".join(written))
+    return code
 
 
 if __name__ == "__main__":

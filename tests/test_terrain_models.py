@@ -99,3 +99,14 @@ def test_minilm_offline():
 def test_missing_model_is_one_clear_error(tmp_path):
     with pytest.raises(TerrainError, match="not available offline"):
         load_model(str(tmp_path / "no-such-model"))
+
+
+def test_open_clip_without_the_package_is_a_clear_error():
+    pytest.importorskip("transformers")
+    try:
+        import open_clip  # noqa: F401
+        pytest.skip("open_clip is installed")
+    except ImportError:
+        pass
+    with pytest.raises(TerrainError, match="open_clip_torch"):
+        load_model("open_clip:ViT-B-32/laion2b_s34b_b79k")

@@ -1,0 +1,211 @@
+"""Embedding-matrix probes of a pretrained model, each beside a null.
+
+    python -m terrain.embeddings                       # offline MiniLM
+    python -m terrain.embeddings --model t5-small --out-dir plots/terrain
+
+Row norms, the cosine distribution of random token pairs, the eigenspectrum of the centred
+matrix and its participation ratio, and the coefficient of variation of 4-simplex
+("pentachoron") volumes with a bootstrap CI; nulls: a Gaussian matrix of the same shape
+and RMS, a Gaussian with the embeddings' own covariance (same spectrum, no other
+structure), and the exact CV of Gaussian simplices in d dimensions. The digit manifold:
+the single-token digits "0".."9", the Spearman correlation of |i - j| with their cosine
+(permutation p-value) and adjacent against non-adjacent cosine. Semantic categories:
+single-token members only; mean within-category cosine against random sets of the same
+size from the vocabulary (lift and z).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from terrain import metrics as M
+from terrain.models import DEFAULT_MODEL, TerrainError, by_role, canonical_weights, load_model, resolve_model_name
+
+# Small hand-made categories; members that are not single tokens are dropped and counted.
+CATEGORIES = {
+    "animals": "dog cat horse cow sheep pig lion tiger bear wolf fox mouse rabbit deer goat eagle snake whale",
+    "colours": "red blue green yellow black white brown pink purple orange grey gold silver",
+    "body": "hand foot head arm leg eye ear nose mouth finger heart skin bone hair neck knee",
+    "family": "mother father brother sister son daughter uncle aunt wife husband cousin grandmother",
+    "emotions": "happy sad angry afraid proud lonely calm anxious jealous excited bored grateful",
+    "numbers": "one two three four five six seven eight nine ten twenty hundred thousand million",
+    "countries": "france germany italy spain china japan india brazil canada mexico russia egypt kenya",
+    "food": "bread rice cheese apple banana meat fish soup cake butter sugar salt milk egg",
+}
+
+
+def single_token_ids(tokenizer, words: list[str]) -> dict[str, int]:
+    """word -> id for words that are one vocabulary token (with or without a word-start marker)."""
+    vocab = tokenizer.get_vocab()
+    out = {}
+    for w in words:
+        for cand in (w, "\u2581" + w, "\u0120" + w):  # plain, SentencePiece, byte-level BPE
+            if cand in vocab:
+                out[w] = vocab[cand]
+                break
+    return out
+
+
+def digit_structure(V: np.ndarray, n_perm: int = 2000, rng: np.random.Generator | None = None) -> dict:
+    """V (10, d) for digits 0..9: Spearman(|i - j|, cos) over pairs with a permutation p-value
+    (digit labels shuffled), and mean cosine of adjacent against non-adjacent pairs."""
+    from scipy.stats import spearmanr
+    rng = rng or np.random.default_rng(0)
+    U = V / np.linalg.norm(V, axis=1, keepdims=True)
+    C = U @ U.T
+    i, j = np.triu_indices(len(V), 1)
+    gap = np.abs(i - j)
+    rho = spearmanr(gap, C[i, j]).statistic
+    null = np.empty(n_perm)
+    for b in range(n_perm):
+        p = rng.permutation(len(V))
+        null[b] = spearmanr(gap, C[p][:, p][i, j]).statistic
+    return {"spearman_gap_cos": float(rho), "p_value": float((1 + np.sum(null <= rho)) / (1 + n_perm)),
+            "null_mean": float(null.mean()), "adjacent_cos": float(C[i, j][gap == 1].mean()),
+            "nonadjacent_cos": float(C[i, j][gap > 1].mean()), "cosine_matrix": C.tolist()}
+
+
+def category_lift(E: np.ndarray, members: list[int], pool: np.ndarray, n_random: int = 500,
+                  rng: np.random.Generator | None = None) -> dict:
+    """Mean within-set cosine of `members` against random sets of the same size from `pool`."""
+    rng = rng or np.random.default_rng(0)
+
+    def within(ids):
+        U = E[ids] / np.linalg.norm(E[ids], axis=1, keepdims=True)
+        C = U @ U.T
+        return C[np.triu_indices(len(ids), 1)].mean()
+
+    val = within(np.asarray(members))
+    null = np.array([within(rng.choice(pool, size=len(members), replace=False)) for _ in range(n_random)])
+    return {"n": len(members), "within_cos": float(val), "random_mean": float(null.mean()),
+            "lift": float(val - null.mean()), "z": float((val - null.mean()) / null.std())}
+
+
+def probe(name: str | None, seed: int = 0, n_simplices: int = 4000) -> dict:
+    from transformers import AutoTokenizer
+    model, config = load_model(name)
+    emb = by_role(canonical_weights(model), "embedding")
+    if not emb:
+        raise TerrainError(f"{name or DEFAULT_MODEL} has no token embedding matrix (a vision model?)")
+    E = emb[0].W.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    R = M.random_like(E, rng)
+    n, d = E.shape
+    res: dict = {"model": name or DEFAULT_MODEL, "shape": [n, d]}
+    norms, rnorms = np.linalg.norm(E, axis=1), np.linalg.norm(R, axis=1)
+    res["norms"] = {"mean": float(norms.mean()), "std": float(norms.std()), "min": float(norms.min()),
+                    "max": float(norms.max()), "null_mean": float(rnorms.mean()), "null_std": float(rnorms.std())}
+    res["cosines"] = {**M.cosine_stats(E, rng=rng), "null": M.cosine_stats(R, rng=rng)}
+    Ec = E - E.mean(0)
+    lam = np.linalg.eigvalsh(Ec.T @ Ec / n)[::-1]
+    lam_r = np.linalg.eigvalsh((R - R.mean(0)).T @ (R - R.mean(0)) / n)[::-1]
+    res["spectrum"] = {"participation_ratio": M.participation_ratio(lam), "null_participation_ratio":
+                       M.participation_ratio(lam_r), "eigenvalues": lam.tolist(), "null_eigenvalues": lam_r.tolist()}
+    vol = M.sample_simplex_volumes(E, 4, n_simplices, rng)
+    gauss_cov = rng.multivariate_normal(E.mean(0), np.cov(E, rowvar=False), size=min(n, 20000), method="eigh")
+    res["simplex_cv"] = {"k": 4, "cv": M.coefficient_of_variation(vol),
+                         "ci": list(M.bootstrap_ci(vol, n_boot=300, rng=rng)),
+                         "null_same_covariance": M.coefficient_of_variation(
+                             M.sample_simplex_volumes(gauss_cov, 4, n_simplices, rng)),
+                         "null_isotropic_exact": M.gaussian_volume_cv(4, d)}
+    tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
+    digits = single_token_ids(tok, [str(i) for i in range(10)])
+    if len(digits) == 10:
+        res["digits"] = digit_structure(E[[digits[str(i)] for i in range(10)]], rng=rng)
+    else:
+        res["digits"] = {"skipped": f"only {len(digits)} of the digits 0-9 are single tokens"}
+    vocab = tok.get_vocab()
+    pool = np.array(sorted({i for t, i in vocab.items() if t.lstrip("\u2581\u0120").isalpha()
+                            and t.lstrip("\u2581\u0120").islower() and len(t.lstrip("\u2581\u0120")) > 2}))
+    res["categories"] = {}
+    for cat, words in CATEGORIES.items():
+        ids = single_token_ids(tok, words.split())
+        if len(ids) >= 4:
+            res["categories"][cat] = {**category_lift(E, list(ids.values()), pool, rng=rng),
+                                      "dropped": len(words.split()) - len(ids)}
+    return res
+
+
+def format_summary(res: dict) -> str:
+    c, s, v = res["cosines"], res["spectrum"], res["simplex_cv"]
+    lines = [f"{res['model']} embeddings {res['shape'][0]} x {res['shape'][1]}: value [null]",
+             f"  row norm {res['norms']['mean']:.3f} +- {res['norms']['std']:.3f} "
+             f"[{res['norms']['null_mean']:.3f} +- {res['norms']['null_std']:.3f}]",
+             f"  pair cosine {c['mean']:.3f} +- {c['std']:.3f} [{c['null']['mean']:.3f} +- {c['null']['std']:.3f}], "
+             f"anisotropy {c['anisotropy']:.3f} [{c['null']['anisotropy']:.3f}]",
+             f"  participation ratio {s['participation_ratio']:.1f} [{s['null_participation_ratio']:.1f}]",
+             f"  4-simplex volume CV {v['cv']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]; null with the same "
+             f"covariance {v['null_same_covariance']:.3f}, isotropic Gaussian (exact) {v['null_isotropic_exact']:.3f}"]
+    d = res["digits"]
+    if "spearman_gap_cos" in d:
+        lines.append(f"  digits: Spearman(|i-j|, cos) {d['spearman_gap_cos']:.3f} (permutation p {d['p_value']:.4f}); "
+                     f"adjacent cos {d['adjacent_cos']:.3f} vs non-adjacent {d['nonadjacent_cos']:.3f}")
+    else:
+        lines.append(f"  digits: {d['skipped']}")
+    for cat, r in res["categories"].items():
+        lines.append(f"  {cat:10s} n={r['n']:2d}: within cos {r['within_cos']:.3f} vs random {r['random_mean']:.3f} "
+                     f"(lift {r['lift']:+.3f}, z {r['z']:.1f})")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> str:
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    s = res["spectrum"]
+    ax = axes[0]
+    ax.loglog(np.arange(1, len(s["eigenvalues"]) + 1), s["eigenvalues"], label="embeddings")
+    ax.loglog(np.arange(1, len(s["null_eigenvalues"]) + 1), s["null_eigenvalues"], "k:", label="Gaussian, same RMS")
+    ax.set_title(f"Eigenspectrum (PR {s['participation_ratio']:.0f} vs {s['null_participation_ratio']:.0f})")
+    ax.set_xlabel("component")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    d = res["digits"]
+    if "cosine_matrix" in d:
+        im = ax.imshow(np.array(d["cosine_matrix"]), cmap="viridis")
+        ax.set_title(f"Digit cosines (Spearman |i-j| {d['spearman_gap_cos']:.2f}, p {d['p_value']:.3f})")
+        ax.set_xticks(range(10))
+        ax.set_yticks(range(10))
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    ax = axes[2]
+    cats = res["categories"]
+    ax.bar(range(len(cats)), [c["within_cos"] for c in cats.values()], label="within category")
+    ax.plot(range(len(cats)), [c["random_mean"] for c in cats.values()], "k_", ms=20, mew=2, label="random sets")
+    ax.set_xticks(range(len(cats)))
+    ax.set_xticklabels(list(cats), rotation=45)
+    ax.set_title("Semantic categories: mean cosine")
+    ax.legend(fontsize=7)
+    ax = axes[3]
+    v = res["simplex_cv"]
+    ax.bar([0, 1, 2], [v["cv"], v["null_same_covariance"], v["null_isotropic_exact"]],
+           color=["C0", "grey", "lightgrey"])
+    ax.errorbar([0], [v["cv"]], yerr=[[v["cv"] - v["ci"][0]], [v["ci"][1] - v["cv"]]], color="k")
+    ax.set_xticks([0, 1, 2])
+    ax.set_xticklabels(["embeddings", "Gaussian,\nsame cov.", "isotropic\n(exact)"])
+    ax.set_title("4-simplex volume CV")
+    fig.suptitle(f"Embedding geometry of {res['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    from terrain.cli import run_for_models
+    p = argparse.ArgumentParser(description="Embedding-matrix geometry beside nulls.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
+    p.add_argument("--n-simplices", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="plots/terrain")
+    args = p.parse_args(argv)
+    code, _, written = run_for_models(args.model, args.out_dir, "embeddings",
+                                      lambda n: probe(n, args.seed, args.n_simplices), format_summary, plot)
+    if written:
+        print("wrote " + ", ".join(written))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

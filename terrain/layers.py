@@ -1,0 +1,145 @@
+"""Layer evolution: hidden states of a set of sentences through every layer of a text model.
+
+    python -m terrain.layers                            # offline MiniLM, built-in sentences
+    python -m terrain.layers --model t5-small --sentences-file my_sentences.txt
+
+Per hidden state (the embedding output, then each layer): mean token norm, spread of the
+norms, and the mean pairwise cosine of all (non-padding) tokens of all sentences, with the
+same cosine for a shuffled control (each hidden dimension permuted across tokens
+independently: every dimension keeps its marginal, hence the common offset, while the
+token-specific structure is destroyed; a cosine equal to the shuffled one is explained by
+the common offset alone).
+States taken after a LayerNorm are flagged: all of them in post-LN models (BERT family),
+the last one in pre-LN models whose final norm is applied to the output (T5, Llama, ...):
+their norms say more about the norm's scale than about the layer.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from terrain.models import DEFAULT_MODEL, TerrainError, load_model, resolve_model_name
+
+SENTENCES = [
+    "The cat sat quietly on the warm windowsill.",
+    "Interest rates rose sharply after the announcement.",
+    "She played the violin at the village wedding.",
+    "Photosynthesis turns light into chemical energy.",
+    "The committee postponed its decision until spring.",
+    "A small boat drifted slowly across the lake.",
+    "He forgot his keys and had to climb through the window.",
+    "The algorithm sorts the list in logarithmic passes.",
+    "Heavy snow closed the mountain roads for a week.",
+    "Children laughed as the clown juggled oranges.",
+    "The museum displays tools from the bronze age.",
+    "Our train was delayed by a signal failure.",
+    "Seven ravens circled above the old stone tower.",
+    "The recipe needs two eggs and a cup of flour.",
+    "Voters waited in long lines outside the school.",
+    "The telescope revealed rings around the distant planet.",
+]
+POST_LN = {"bert", "roberta", "distilbert", "electra", "xlm-roberta", "camembert", "mpnet", "albert"}
+
+
+def pairwise_cos_mean(H: np.ndarray) -> float:
+    U = H / np.maximum(np.linalg.norm(H, axis=1, keepdims=True), 1e-12)
+    n = len(U)
+    s = U.sum(0)
+    return float((s @ s - n) / (n * (n - 1)))  # mean over distinct pairs, without forming n x n
+
+
+def shuffled(H: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.stack([rng.permutation(H[:, j]) for j in range(H.shape[1])], axis=1)
+
+
+@torch.no_grad()
+def evolution(name: str | None, sentences: list[str], seed: int = 0) -> dict:
+    from transformers import AutoTokenizer
+    model, config = load_model(name)
+    tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
+    enc = tok(sentences, return_tensors="pt", padding=True)
+    runner = model.get_encoder() if hasattr(model, "get_encoder") and config.is_encoder_decoder else model
+    try:
+        out = runner(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+    except TypeError as e:
+        raise TerrainError(f"layer evolution needs a text model taking input_ids ({e})") from e
+    keep = enc["attention_mask"].bool().numpy().ravel()
+    rng = np.random.default_rng(seed)
+    post_ln = config.model_type in POST_LN
+    states = []
+    n = len(out.hidden_states)
+    for i, h in enumerate(out.hidden_states):
+        H = h.float().numpy().reshape(-1, h.shape[-1])[keep]
+        norms = np.linalg.norm(H, axis=1)
+        states.append({"index": i, "name": "embeddings" if i == 0 else f"layer {i}",
+                       "after_layer_norm": bool(post_ln or i == n - 1 and not post_ln and _final_norm(config)),
+                       "mean_norm": float(norms.mean()), "norm_std": float(norms.std()),
+                       "mean_pair_cos": pairwise_cos_mean(H), "shuffled_pair_cos": pairwise_cos_mean(shuffled(H, rng))})
+    return {"model": name or DEFAULT_MODEL, "model_type": config.model_type, "n_sentences": len(sentences),
+            "n_tokens": int(keep.sum()), "post_ln": post_ln, "states": states}
+
+
+def _final_norm(config) -> bool:
+    """Pre-LN families whose returned last hidden state has the final norm applied."""
+    return config.model_type in {"t5", "mt5", "umt5", "llama", "qwen2", "qwen3", "mistral", "gemma", "phi3"}
+
+
+def format_summary(res: dict) -> str:
+    lines = [f"{res['model']} ({res['model_type']}): {res['n_sentences']} sentences, {res['n_tokens']} tokens",
+             "| state | mean norm | norm std | mean pair cos | shuffled | after LayerNorm |", "|---|---|---|---|---|---|"]
+    for s in res["states"]:
+        lines.append(f"| {s['name']} | {s['mean_norm']:.2f} | {s['norm_std']:.2f} | {s['mean_pair_cos']:.3f} | "
+                     f"{s['shuffled_pair_cos']:.3f} | {'yes' if s['after_layer_norm'] else ''} |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> str:
+    import matplotlib.pyplot as plt
+    st = res["states"]
+    x = np.arange(len(st))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    axes[0].errorbar(x, [s["mean_norm"] for s in st], yerr=[s["norm_std"] for s in st], fmt="o-")
+    axes[0].set_title("Token norm (mean +- std)")
+    axes[1].plot(x, [s["mean_pair_cos"] for s in st], "o-", label="tokens")
+    axes[1].plot(x, [s["shuffled_pair_cos"] for s in st], "k:", label="shuffled control")
+    axes[1].set_title("Mean pairwise cosine")
+    axes[1].legend()
+    for ax in axes:
+        ax.set_xticks(x)
+        ax.set_xticklabels([("*" if s["after_layer_norm"] else "") + s["name"].replace("layer ", "") for s in st])
+        ax.set_xlabel("hidden state (* = after a LayerNorm)")
+    fig.suptitle(f"Layer evolution of {res['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    from terrain.cli import run_for_models
+    p = argparse.ArgumentParser(description="Hidden-state norms and cosines through the layers of a text model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
+    p.add_argument("--sentences-file", default=None, help="one sentence per line (default: 16 built-in)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="plots/terrain")
+    args = p.parse_args(argv)
+    sentences = SENTENCES
+    if args.sentences_file:
+        if not os.path.exists(args.sentences_file):
+            print(f"error: {args.sentences_file} not found", file=sys.stderr)
+            return 2
+        sentences = [s.strip() for s in open(args.sentences_file) if s.strip()]
+    code, _, written = run_for_models(args.model, args.out_dir, "layers",
+                                      lambda n: evolution(n, sentences, args.seed), format_summary, plot)
+    if written:
+        print("wrote " + ", ".join(written))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
