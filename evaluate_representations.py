@@ -346,16 +346,17 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from dataset import load_series
-    from training import resolve_device
+    from training import TrainingError, check_data_matches, resolve_device
     t_start = time.perf_counter()
     ckpt, model = load_any(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
     data_dir = args.data_dir or ckpt["data"]["data_dir"]
     series = load_series(data_dir)
-    in_dim = ckpt["model_config"]["in_dim"]
-    if series.dim != in_dim:
-        raise EvalError(f"{ckpt['path']} takes {in_dim}-D inputs but {data_dir} holds {series.dim}-D data")
+    try:
+        check_data_matches(ckpt["model_config"], series, ckpt["path"])
+    except TrainingError as err:
+        raise EvalError(str(err)) from err
     layers = parse_layers(args.layers, model.layer_names)
     causal = bool(getattr(model, "causal", False))
     window = args.window or ckpt["data"]["seq_len"]

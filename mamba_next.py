@@ -370,14 +370,12 @@ def run_generate(args) -> int:
 
     from dataset import load_series, time_splits
     from markov_circles_timeseries import draw_state_strip
-    from training import load_checkpoint, resolve_device
+    from training import check_data_matches, load_checkpoint, resolve_device
     ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
     device = resolve_device(args.device)
     model = load_model(ckpt).to(device)
     series = load_series(args.data_dir or ckpt["data"]["data_dir"])
-    if series.dim != model.cfg.in_dim:
-        from training import TrainingError
-        raise TrainingError(f"{ckpt['path']} takes {model.cfg.in_dim}-D inputs but the data are {series.dim}-D")
+    check_data_matches(ckpt["model_config"], series, ckpt["path"])
     sp = time_splits(series.n_steps, ckpt["data"]["seq_len"], ckpt["data"]["val_frac"], ckpt["data"]["test_frac"])
     block = sp.test if sp.test[1] > sp.test[0] else sp.val
     start = args.start if args.start is not None else block[0]
@@ -465,13 +463,14 @@ def run_gates(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dataset import load_series
     from markov_circles_timeseries import draw_state_strip
-    from training import load_checkpoint, resolve_device
+    from training import check_data_matches, load_checkpoint, resolve_device
     ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
     device = resolve_device(args.device)
     model = load_model(ckpt).to(device).eval()
-    from dataset import load_series
     series = load_series(args.data_dir or ckpt["data"]["data_dir"])
+    check_data_matches(ckpt["model_config"], series, ckpt["path"])
     ds = datasets_for(series, ckpt["data"])
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "gates")
     plots_dir = args.plots_dir or out_dir
@@ -543,9 +542,8 @@ def run_gates(args) -> int:
         fig, axes = plt.subplots(4, n, figsize=(2.6 * n, 10.5), squeeze=False)
         for c, name in enumerate(("delta", "z", "B", "C")):
             for li in range(n):
-                sig = np.concatenate([tr[li][name][0].float().cpu().numpy().T for tr, _ in traces_all])[sel]
-                if name == "z":
-                    sig = sig / (1 + np.exp(-sig)) * 1.0  # silu
+                act = F.silu if name == "z" else (lambda t: t)  # the gate acts as silu(z)
+                sig = np.concatenate([act(tr[li][name][0]).float().cpu().numpy().T for tr, _ in traces_all])[sel]
                 emb = umap.UMAP(n_neighbors=30, min_dist=0.1, n_jobs=1, random_state=args.seed).fit_transform(sig)
                 ax = axes[c, li]
                 ax.scatter(emb[:, 0], emb[:, 1], c=cols[states_cat[sel]], s=1)

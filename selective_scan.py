@@ -109,17 +109,21 @@ class MambaBlock(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
+    def _project(self, x: torch.Tensor):
+        """in_proj -> causal depthwise conv + SiLU -> x_proj, channel-first: (conv input,
+        u, z, dt before dt_proj, B, C); shared by both scan paths and by prefill."""
+        T = x.shape[1]
+        u_in, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (b, D, T) each
+        u = F.silu(self.conv1d(u_in)[..., :T])
+        dt, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return u_in, u, z, dt, B.transpose(1, 2), C.transpose(1, 2)
+
     def signals(self, x: torch.Tensor) -> dict:
         """The block's input-dependent quantities for x (batch, T, d_model), channel-first:
         u (conv output after SiLU), z, delta (after softplus), B, C."""
-        T = x.shape[1]
-        xz = self.in_proj(x).transpose(1, 2)                       # (b, 2*D, T)
-        u, z = xz.chunk(2, dim=1)
-        u = F.silu(self.conv1d(u)[..., :T])
-        proj = self.x_proj(u.transpose(1, 2))                      # (b, T, R + 2N)
-        dt, B, C = proj.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        _, u, z, dt, B, C = self._project(x)
         delta = F.softplus(self.dt_proj(dt)).transpose(1, 2)       # (b, D, T)
-        return {"u": u, "z": z, "delta": delta, "B": B.transpose(1, 2), "C": C.transpose(1, 2)}
+        return {"u": u, "z": z, "delta": delta, "B": B, "C": C}
 
     def forward(self, x: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         """x (batch, T, d_model) -> (batch, T, d_model). If trace is a dict, the block's
@@ -134,15 +138,10 @@ class MambaBlock(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     def _forward_cuda(self, x):
-        T = x.shape[1]
-        xz = self.in_proj(x).transpose(1, 2)
-        u, z = xz.chunk(2, dim=1)
-        u = F.silu(self.conv1d(u)[..., :T])
-        proj = self.x_proj(u.transpose(1, 2))
-        dt, B, C = proj.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)
+        _, u, z, dt, B, C = self._project(x)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # the kernel adds the bias and applies softplus
         A = -torch.exp(self.A_log.float())
-        y = _cuda_scan(u, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
+        y = _cuda_scan(u, dt, A, B.contiguous(), C.contiguous(), self.D.float(),
                        z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
 
@@ -173,11 +172,9 @@ class MambaBlock(nn.Module):
     def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Run a whole prompt (batch, T, d_model) and return the output and the carried state."""
         T = x.shape[1]
-        s = self.signals(x)
+        u_in, u, z, dt, B, C = self._project(x)
+        delta = F.softplus(self.dt_proj(dt)).transpose(1, 2)
         A = -torch.exp(self.A_log.float())
-        y, last = selective_scan(s["u"], s["delta"], A, s["B"], s["C"], self.D.float(), s["z"],
-                                 return_last_state=True)
-        xz = self.in_proj(x).transpose(1, 2)
-        u_raw = xz[:, :self.d_inner]
-        conv = F.pad(u_raw, (max(0, self.d_conv - T), 0))[..., -self.d_conv:]
+        y, last = selective_scan(u, delta, A, B, C, self.D.float(), z, return_last_state=True)
+        conv = F.pad(u_in, (max(0, self.d_conv - T), 0))[..., -self.d_conv:]
         return self.out_proj(y.transpose(1, 2)), {"conv": conv.contiguous(), "ssm": last.contiguous()}
