@@ -1,0 +1,294 @@
+"""Cross-model projection: align one model's token space to another's over a shared vocabulary.
+
+    python -m terrain.project                                   # MiniLM embeddings -> MiniLM layer 3
+    python -m terrain.project --source minilm@2 --target minilm@4
+    python -m terrain.project --source /path/model_a --target /path/model_b@embed
+
+A space is MODEL[@WHERE]: `embed` (default) is the input-embedding matrix; an integer L
+is the hidden state at index L (0 = embedding output) of each token fed alone between the
+tokenizer's special tokens. Tokens shared by both tokenizers (same token string, special
+tokens excluded) are split once, by --seed, into anchors (--anchors) that fit the map and
+held-out tokens (--test) that score it; the single-token digits are always held out.
+Both sides are centred on the anchors' means and the wider side is reduced by PCA (fit on
+the anchors) to the narrower width. Maps: orthogonal Procrustes (with one global scale),
+least squares (ridge --ridge), and the same Procrustes fit on shuffled correspondences
+(the control every number needs). Scores on held-out tokens: per-token cosine to the true
+target, the rank of the true target among all held-out targets (top-1, top-10, median),
+relational (RSA) correlation of pairwise cosines, the digit structure, and the spectrum of
+the residual beside that of the target.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from terrain.models import DEFAULT_MODEL, TerrainError, load_model, resolve_model_name
+
+METHODS = ("procrustes", "least_squares", "shuffled_control")
+
+
+# ----------------------------------------------------------------------------- spaces
+
+def parse_space(spec: str) -> tuple[str, str]:
+    name, _, where = spec.rpartition("@") if "@" in spec else (spec, "", "embed")
+    if where != "embed":
+        try:
+            int(where)
+        except ValueError:
+            raise TerrainError(f"space {spec!r}: after '@' give 'embed' or a layer index") from None
+    return name or DEFAULT_MODEL, where
+
+
+def token_space(spec: str, batch_size: int = 512, progress: bool = True) -> tuple[dict[str, int], np.ndarray]:
+    """(token string -> row, matrix) for a space spec."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+    name, where = parse_space(spec)
+    model, config = load_model(name)
+    tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
+    vocab = {t: i for t, i in tok.get_vocab().items() if t not in set(tok.all_special_tokens)}
+    emb = model.get_input_embeddings().weight.detach().float()
+    vocab = {t: i for t, i in vocab.items() if i < emb.shape[0]}
+    strings = sorted(vocab, key=vocab.get)
+    ids = np.array([vocab[t] for t in strings])
+    if where == "embed":
+        return {t: k for k, t in enumerate(strings)}, emb[ids].numpy()
+    layer = int(where)
+    net = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
+    template, pos = special_template(tok)
+    out = None
+    with torch.inference_mode():
+        for s in tqdm(range(0, len(ids), batch_size), desc=f"token states {spec}", disable=not progress,
+                      leave=False):
+            chunk = ids[s:s + batch_size]
+            inp = torch.tensor([template[:pos] + [int(t)] + template[pos + 1:] for t in chunk])
+            hs = net(input_ids=inp, attention_mask=torch.ones_like(inp), output_hidden_states=True).hidden_states
+            if not -len(hs) <= layer < len(hs):
+                raise TerrainError(f"space {spec!r}: layer {layer} out of range (0..{len(hs) - 1})")
+            h = hs[layer][:, pos].float().numpy()
+            if out is None:
+                out = np.zeros((len(ids), h.shape[1]), np.float32)
+            out[s:s + len(chunk)] = h
+    return {t: k for k, t in enumerate(strings)}, out
+
+
+def special_template(tok) -> tuple[list[int], int]:
+    """Input ids of one token between the tokenizer's special tokens, and that token's position."""
+    for probe in ("a", "the", "x", "1"):
+        bare = tok(probe, add_special_tokens=False)["input_ids"]
+        full = tok(probe)["input_ids"]
+        if len(bare) == 1 and bare[0] in full:
+            return full, full.index(bare[0])
+    raise TerrainError("could not find where this tokenizer puts a single token between its special tokens")
+
+
+# ----------------------------------------------------------------------------- maps
+
+def pca_basis(X: np.ndarray, k: int) -> np.ndarray:
+    """Top-k principal directions (d, k) of centred rows X."""
+    _, _, vt = np.linalg.svd(X, full_matrices=False)
+    return vt[:k].T
+
+
+def procrustes(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, float]:
+    """Orthogonal R and scale s minimising ||s A R - B||_F (rows centred)."""
+    U, S, Vt = np.linalg.svd(A.T @ B)
+    R = U @ Vt
+    return R, float(S.sum() / np.sum(A * A))
+
+
+def least_squares(A: np.ndarray, B: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    d = A.shape[1]
+    lam = ridge * np.trace(A.T @ A) / d
+    return np.linalg.solve(A.T @ A + lam * np.eye(d), A.T @ B)
+
+
+def fit_maps(Xa: np.ndarray, Ya: np.ndarray, rng: np.random.Generator, ridge: float = 1e-3) -> dict:
+    R, s = procrustes(Xa, Ya)
+    Rs, ss = procrustes(Xa, Ya[rng.permutation(len(Ya))])
+    return {"procrustes": s * R, "least_squares": least_squares(Xa, Ya, ridge), "shuffled_control": ss * Rs}
+
+
+# ----------------------------------------------------------------------------- scores
+
+def unit(X):
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def retrieval(P: np.ndarray, Y: np.ndarray, block: int = 2048) -> np.ndarray:
+    """Rank (1 = best) of each row's true target among all rows of Y, by cosine."""
+    Pu, Yu = unit(P), unit(Y)
+    ranks = np.empty(len(P), np.int64)
+    for s in range(0, len(P), block):
+        C = Pu[s:s + block] @ Yu.T
+        true = C[np.arange(len(C)), np.arange(s, s + len(C))]
+        ranks[s:s + block] = 1 + np.sum(C > true[:, None], axis=1)
+    return ranks
+
+
+def rsa(P: np.ndarray, Y: np.ndarray) -> dict:
+    from scipy.stats import spearmanr
+    i, j = np.triu_indices(len(P), 1)
+    a, b = (unit(P) @ unit(P).T)[i, j], (unit(Y) @ unit(Y).T)[i, j]
+    return {"pearson": float(np.corrcoef(a, b)[0, 1]), "spearman": float(spearmanr(a, b).statistic),
+            "mean_abs_diff": float(np.mean(np.abs(a - b)))}
+
+
+def score(P: np.ndarray, Y: np.ndarray, n_rsa: int, rng: np.random.Generator) -> dict:
+    cos = np.sum(unit(P) * unit(Y), 1)
+    ranks = retrieval(P, Y)
+    sub = rng.choice(len(P), size=min(n_rsa, len(P)), replace=False)
+    resid = Y - P
+    lam_r = np.linalg.eigvalsh(np.cov(resid, rowvar=False))[::-1]
+    return {"cosine_mean": float(cos.mean()), "cosine_median": float(np.median(cos)),
+            "cosine_percentiles": {str(q): float(np.percentile(cos, q)) for q in (5, 25, 75, 95)},
+            "top1": float(np.mean(ranks == 1)), "top10": float(np.mean(ranks <= 10)),
+            "median_rank": float(np.median(ranks)), "n_candidates": int(len(Y)),
+            "rsa": rsa(P[sub], Y[sub]),
+            "relative_residual": float(np.linalg.norm(resid) / np.linalg.norm(Y)),
+            "residual_eigenvalues": lam_r.tolist(), "cosines": cos.tolist()}
+
+
+def digit_comparison(Pd: np.ndarray, Yd: np.ndarray) -> dict:
+    """Correlation of the digits' cosine matrices (projected against native) and the
+    per-digit cosine; both from held-out tokens."""
+    i, j = np.triu_indices(len(Pd), 1)
+    a, b = (unit(Pd) @ unit(Pd).T)[i, j], (unit(Yd) @ unit(Yd).T)[i, j]
+    return {"structure_pearson": float(np.corrcoef(a, b)[0, 1]),
+            "per_digit_cosine": np.sum(unit(Pd) * unit(Yd), 1).tolist()}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def align(X: np.ndarray, Y: np.ndarray, tokens: list[str], n_anchors: int = 10000, n_test: int = 5000,
+          n_rsa: int = 1000, ridge: float = 1e-3, seed: int = 0) -> dict:
+    """Fit and score the maps from rows of X to rows of Y (row k of both is tokens[k])."""
+    rng = np.random.default_rng(seed)
+    digits = [tokens.index(str(d)) for d in range(10) if str(d) in tokens]
+    rest = np.setdiff1d(np.arange(len(tokens)), digits)
+    order = rng.permutation(rest)
+    if len(order) < 50:
+        raise TerrainError(f"only {len(tokens)} shared tokens: too few to fit and test a map")
+    n_anchors = min(n_anchors, len(order) // 2)
+    anchors, test = order[:n_anchors], order[n_anchors:n_anchors + n_test]
+    mx, my = X[anchors].mean(0), Y[anchors].mean(0)
+    Xc, Yc = X - mx, Y - my
+    k = min(X.shape[1], Y.shape[1])
+    pca = {}
+    if X.shape[1] > k:
+        V = pca_basis(Xc[anchors], k)
+        pca["source_variance_kept"] = float(np.sum((Xc[anchors] @ V) ** 2) / np.sum(Xc[anchors] ** 2))
+        Xc = Xc @ V
+    if Y.shape[1] > k:
+        V = pca_basis(Yc[anchors], k)
+        pca["target_variance_kept"] = float(np.sum((Yc[anchors] @ V) ** 2) / np.sum(Yc[anchors] ** 2))
+        Yc = Yc @ V
+    maps = fit_maps(Xc[anchors], Yc[anchors], rng, ridge)
+    res = {"n_shared": len(tokens), "n_anchors": int(len(anchors)), "n_test": int(len(test)), "width": k,
+           "pca": pca, "methods": {}}
+    for m, W in maps.items():
+        P = Xc @ W
+        r = score(P[test], Yc[test], n_rsa, rng)
+        r["anchor_cosine_mean"] = float(np.mean(np.sum(unit(P[anchors]) * unit(Yc[anchors]), 1)))
+        if len(digits) == 10:
+            r["digits"] = digit_comparison(P[digits], Yc[digits])
+        res["methods"][m] = r
+    lam_t = np.linalg.eigvalsh(np.cov(Yc[test], rowvar=False))[::-1]
+    res["target_eigenvalues"] = lam_t.tolist()
+    return res
+
+
+def project(source: str, target: str, n_anchors: int = 10000, n_test: int = 5000, n_rsa: int = 1000,
+            ridge: float = 1e-3, seed: int = 0, progress: bool = True) -> dict:
+    vs, X = token_space(source, progress=progress)
+    vt, Y = token_space(target, progress=progress)
+    shared = sorted(set(vs) & set(vt))
+    res = align(X[[vs[t] for t in shared]], Y[[vt[t] for t in shared]], shared, n_anchors, n_test, n_rsa,
+                ridge, seed)
+    return {"source": source, "target": target, **res}
+
+
+def format_summary(res: dict) -> str:
+    lines = [f"{res['source']} -> {res['target']}: {res['n_shared']} shared tokens, {res['n_anchors']} anchors, "
+             f"{res['n_test']} held out, width {res['width']}"
+             + (f", PCA {res['pca']}" if res["pca"] else ""),
+             f"  {'method':17s} {'cos mean':>8s} {'median':>7s} {'top-1':>6s} {'top-10':>6s} {'med rank':>8s} "
+             f"{'RSA r':>6s} {'digits r':>8s} {'anchor cos':>10s}"]
+    for m, r in res["methods"].items():
+        d = r.get("digits", {}).get("structure_pearson", float("nan"))
+        lines.append(f"  {m:17s} {r['cosine_mean']:8.3f} {r['cosine_median']:7.3f} {r['top1']:6.3f} {r['top10']:6.3f} "
+                     f"{r['median_rank']:8.0f} {r['rsa']['pearson']:6.3f} {d:8.3f} {r['anchor_cosine_mean']:10.3f}")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> str:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors = {"procrustes": "tab:green", "least_squares": "tab:orange", "shuffled_control": "tab:grey"}
+    for m, r in res["methods"].items():
+        ax[0].hist(r["cosines"], bins=80, alpha=0.55, color=colors[m], label=f"{m} ({r['cosine_mean']:.3f})")
+        ax[2].semilogy(r["residual_eigenvalues"], color=colors[m], label=f"residual, {m}")
+    ax[0].set_xlabel("cosine(projected, native), held-out tokens")
+    ax[0].legend()
+    ax[0].set_title("per-token alignment")
+    names = list(res["methods"])
+    x = np.arange(len(names))
+    for k, (key, label) in enumerate((("top1", "top-1"), ("top10", "top-10"))):
+        ax[1].bar(x + (k - 0.5) * 0.38, [res["methods"][m][key] for m in names], 0.38, label=label)
+    ax[1].plot(x, [res["methods"][m]["rsa"]["pearson"] for m in names], "kD", label="RSA Pearson")
+    ax[1].set_xticks(x)
+    ax[1].set_xticklabels(names)
+    ax[1].set_ylim(-0.05, 1.05)
+    ax[1].legend()
+    ax[1].set_title(f"retrieval among {res['n_test']} held-out tokens")
+    ax[2].semilogy(res["target_eigenvalues"], "k--", label="target (held-out)")
+    top = max(res["target_eigenvalues"][0], *(r["residual_eigenvalues"][0] for r in res["methods"].values()))
+    ax[2].set_ylim(top * 1e-5, top * 2)
+    ax[2].set_xlabel("component")
+    ax[2].set_title("spectrum of the residual")
+    ax[2].legend(fontsize=8)
+    fig.suptitle(f"{res['source']} -> {res['target']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    import json
+    import os
+
+    from terrain.cli import model_tag
+    p = argparse.ArgumentParser(description="Align one model's token space to another's (Procrustes, least "
+                                "squares, shuffled control) and score it on held-out tokens.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", default=f"{DEFAULT_MODEL}@embed", help="MODEL[@embed|@LAYER]")
+    p.add_argument("--target", default=f"{DEFAULT_MODEL}@3", help="MODEL[@embed|@LAYER]")
+    p.add_argument("--anchors", type=int, default=10000)
+    p.add_argument("--test", type=int, default=5000)
+    p.add_argument("--rsa-tokens", type=int, default=1000)
+    p.add_argument("--ridge", type=float, default=1e-3, help="least-squares ridge, relative to the mean variance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="plots/terrain")
+    args = p.parse_args(argv)
+    if args.anchors < 10 or args.test < 10:
+        p.error("--anchors and --test need at least 10 tokens")
+    try:
+        res = project(args.source, args.target, args.anchors, args.test, args.rsa_tokens, args.ridge, args.seed)
+    except TerrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(res))
+    os.makedirs(args.out_dir, exist_ok=True)
+    base = os.path.join(args.out_dir, f"project_{model_tag(args.source)}_to_{model_tag(args.target)}")
+    with open(base + ".json", "w") as f:
+        json.dump(res, f)
+    print(f"wrote {base}.json, {plot(res, base + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
