@@ -35,3 +35,12 @@ def run_for_models(models: list[str], out_dir: str, prefix: str, compute: Callab
         print(f"error: {e}", file=sys.stderr)
         return 2, results, written
     return 0, results, written
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> str:
+    """tight_layout, write, close; returns the path."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

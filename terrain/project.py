@@ -24,6 +24,7 @@ import sys
 
 import numpy as np
 
+from terrain.cli import save_figure
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, resolve_model_name
 
 METHODS = ("procrustes", "least_squares", "shuffled_control")
@@ -43,8 +44,6 @@ def parse_space(spec: str) -> tuple[str, str]:
 
 def token_space(spec: str, batch_size: int = 512, progress: bool = True) -> tuple[dict[str, int], np.ndarray]:
     """(token string -> row, matrix) for a space spec."""
-    import torch
-    from tqdm import tqdm
     from transformers import AutoTokenizer
     name, where = parse_space(spec)
     model, config = load_model(name)
@@ -56,23 +55,27 @@ def token_space(spec: str, batch_size: int = 512, progress: bool = True) -> tupl
     ids = np.array([vocab[t] for t in strings])
     if where == "embed":
         return {t: k for k, t in enumerate(strings)}, emb[ids].numpy()
-    layer = int(where)
     net = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
+    return {t: k for k, t in enumerate(strings)}, token_states(net, tok, ids, int(where), batch_size, progress,
+                                                               desc=f"token states {spec}")
+
+
+def token_states(model, tok, token_ids: np.ndarray, layer: int, batch_size: int = 512, progress: bool = False,
+                 desc: str = "token states") -> np.ndarray:
+    """Hidden state at index `layer` (0 = embedding output) of each token fed alone between the
+    tokenizer's special tokens."""
+    import torch
+    from tqdm import tqdm
     template, pos = special_template(tok)
-    out = None
+    out = []
     with torch.inference_mode():
-        for s in tqdm(range(0, len(ids), batch_size), desc=f"token states {spec}", disable=not progress,
-                      leave=False):
-            chunk = ids[s:s + batch_size]
-            inp = torch.tensor([template[:pos] + [int(t)] + template[pos + 1:] for t in chunk])
-            hs = net(input_ids=inp, attention_mask=torch.ones_like(inp), output_hidden_states=True).hidden_states
+        for s in tqdm(range(0, len(token_ids), batch_size), desc=desc, disable=not progress, leave=False):
+            inp = torch.tensor([template[:pos] + [int(t)] + template[pos + 1:] for t in token_ids[s:s + batch_size]])
+            hs = model(input_ids=inp, attention_mask=torch.ones_like(inp), output_hidden_states=True).hidden_states
             if not -len(hs) <= layer < len(hs):
-                raise TerrainError(f"space {spec!r}: layer {layer} out of range (0..{len(hs) - 1})")
-            h = hs[layer][:, pos].float().numpy()
-            if out is None:
-                out = np.zeros((len(ids), h.shape[1]), np.float32)
-            out[s:s + len(chunk)] = h
-    return {t: k for k, t in enumerate(strings)}, out
+                raise TerrainError(f"layer {layer} out of range (0..{len(hs) - 1})")
+            out.append(hs[layer][:, pos].float().numpy())
+    return np.concatenate(out)
 
 
 def special_template(tok) -> tuple[list[int], int]:
@@ -251,10 +254,7 @@ def plot(res: dict, path: str) -> str:
     ax[2].set_title("spectrum of the residual")
     ax[2].legend(fontsize=8)
     fig.suptitle(f"{res['source']} -> {res['target']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -34,6 +34,7 @@ import numpy as np
 
 from terrain import metrics as M
 from terrain.embeddings import category_lift
+from terrain.cli import save_figure
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, resolve_model_name
 from terrain.taxonomy import Taxonomy
 
@@ -439,10 +440,7 @@ def plot(res: dict, path: str) -> str:
     a.set_title(f"stability over {len(res['per_seed'])} seeds")
     fig.suptitle(f"{res['model']}: WordNet relational alignment ({res['n_matched']} items, "
                  f"{res['sense_policy']} sense, simulate_root {res['simulate_root']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_tables(res: dict, base: str) -> list[str]:

@@ -1,0 +1,330 @@
+"""LERP residual modulator: inject WordNet geometry into a frozen encoder's residual stream.
+
+    python -m terrain.modulate                      # MiniLM, all layers, alpha sweep with controls
+    python -m terrain.modulate --layers 0,1,2 --geo-dim 32 --alphas 0.05 0.29154
+
+Before each chosen encoder block the residual stream h of a token that has a WordNet
+vector becomes (1 - alpha_l) h + alpha_l g, with g = proj(geo[token]) and alpha_l =
+sigmoid(logit_l). The modulator attaches to the model's own blocks with forward pre-hooks
+(BERT-style `encoder.layer`, T5-style `block`), so the model's code runs unchanged, and
+alpha = 0 gives the unmodulated model exactly. Tokens without a WordNet item have a zero
+vector and are left untouched (masked), not nudged towards the origin.
+
+Initialisation from WordNet alone, fit on anchor items only:
+  1. Wu-Palmer similarity among the anchors -> distance 1 - wup -> classical MDS to --geo-dim;
+  2. every other item is placed by landmark MDS from its Wu-Palmer similarity to the anchors;
+  3. orthogonal Procrustes rotates the anchors' MDS coordinates onto the top --geo-dim
+     principal components of the anchors' residual states at the first modulated layer
+     (each token alone between special tokens); proj maps those components back into the
+     residual stream, scaled to the states' RMS norm.
+Evaluation uses items disjoint from the anchors: their definitions' pooled last-layer
+states, unmodulated and modulated, compared with WordNet (Pearson / Spearman of cosine with
+Wu-Palmer, near-minus-far cosine, 4-simplex CV) and with the unmodulated states
+(preservation: mean per-item cosine). Two controls per alpha: the geometric rows shuffled
+among items, and the Procrustes rotation replaced by a random one.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from terrain import metrics as M
+from terrain.cli import save_figure
+from terrain.models import DEFAULT_MODEL, TerrainError, load_model, resolve_model_name
+from terrain.project import procrustes, token_states
+from terrain.taxonomy import Taxonomy
+
+NAMED_ALPHA = 0.29154
+DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2, NAMED_ALPHA, 0.5)
+
+
+def encoder_blocks(model) -> nn.ModuleList:
+    """The list of encoder blocks of a BERT-style or T5-style model."""
+    for path in ("encoder.layer", "encoder.block", "block", "encoder.layers", "layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise TerrainError(f"{type(model).__name__}: no encoder block list found (BERT-style encoder.layer or "
+                       f"T5-style block)")
+
+
+class LerpModulator(nn.Module):
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, geo_dim: int = 64, alpha: float = 0.01):
+        super().__init__()
+        self.geo = nn.Embedding(vocab_size, geo_dim)
+        nn.init.zeros_(self.geo.weight)
+        self.proj = nn.Linear(geo_dim, d_model, bias=False)
+        nn.init.normal_(self.proj.weight, std=0.01)
+        self.alpha_logit = nn.Parameter(torch.full((n_layers,), math.log(alpha / (1 - alpha))))
+        self.register_buffer("has_geo", torch.zeros(vocab_size, dtype=torch.bool))
+        self._ids = None
+        self._handles = []
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return torch.sigmoid(self.alpha_logit)
+
+    def set_alpha(self, value: float | list[float]) -> None:
+        v = torch.as_tensor(value, dtype=self.alpha_logit.dtype).expand_as(self.alpha_logit)
+        with torch.no_grad():
+            self.alpha_logit.copy_(torch.logit(v))          # alpha 0 -> logit -inf -> sigmoid exactly 0
+
+    def set_vectors(self, token_ids: np.ndarray, vectors: np.ndarray) -> None:
+        with torch.no_grad():
+            self.geo.weight.zero_()
+            self.has_geo.zero_()
+            ids = torch.as_tensor(token_ids, dtype=torch.long)
+            self.geo.weight[ids] = torch.as_tensor(vectors, dtype=self.geo.weight.dtype)
+            self.has_geo[ids] = True
+
+    def lerp(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        ids = self._ids
+        if ids is None or ids.shape != h.shape[:2]:
+            return h
+        a = self.alpha[k].to(h.dtype)
+        g = self.proj(self.geo(ids)).to(h.dtype)
+        mixed = (1 - a) * h + a * g
+        return torch.where(self.has_geo[ids].unsqueeze(-1), mixed, h)
+
+    def attach(self, model, layers: list[int]) -> "LerpModulator":
+        """Register the hooks on `model` (an encoder) before each block in `layers`."""
+        self.detach()
+        blocks = encoder_blocks(model)
+        if len(layers) != len(self.alpha_logit) or any(not 0 <= i < len(blocks) for i in layers):
+            raise TerrainError(f"layers {layers} do not fit a model with {len(blocks)} blocks and "
+                               f"{len(self.alpha_logit)} alphas")
+
+        def grab_ids(_module, args):
+            self._ids = args[0] if args else None
+
+        self._handles.append(model.get_input_embeddings().register_forward_pre_hook(grab_ids))
+        for k, i in enumerate(layers):
+            def hook(_module, args, kwargs, k=k):
+                if args:
+                    return (self.lerp(args[0], k), *args[1:]), kwargs
+                kwargs = dict(kwargs)
+                kwargs["hidden_states"] = self.lerp(kwargs["hidden_states"], k)
+                return args, kwargs
+            self._handles.append(blocks[i].register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._ids = None
+
+
+# ----------------------------------------------------------------------------- WordNet geometry
+
+def classical_mds(D: np.ndarray, k: int) -> tuple[np.ndarray, dict]:
+    """Coordinates (n, k) whose distances approximate D, and what landmark MDS needs."""
+    n = len(D)
+    D2 = D ** 2
+    J = np.eye(n) - 1.0 / n
+    lam, V = np.linalg.eigh(-0.5 * J @ D2 @ J)
+    o = np.argsort(lam)[::-1][:k]
+    lam, V = np.maximum(lam[o], 1e-12), V[:, o]
+    return V * np.sqrt(lam), {"pinv": V / np.sqrt(lam), "mean_sq": D2.mean(0), "eigenvalues": lam}
+
+
+def landmark_mds(D_new: np.ndarray, fit: dict) -> np.ndarray:
+    """Place new points from their distances to the landmarks (de Silva & Tenenbaum)."""
+    return -0.5 * (D_new ** 2 - fit["mean_sq"]) @ fit["pinv"]
+
+
+def wup_distance(S: np.ndarray) -> np.ndarray:
+    """1 - Wu-Palmer; pairs WordNet does not join count as maximally distant."""
+    return 1.0 - np.nan_to_num(S, nan=0.0)
+
+
+def geometric_init(anchors: np.ndarray, others: np.ndarray, H_anchor: np.ndarray,
+                   geo_dim: int, tax: Taxonomy, rng: np.random.Generator, rotation: str = "procrustes") -> dict:
+    """Geometric vectors for anchors + others and the projection into the residual stream."""
+    S = tax.similarities(np.concatenate([anchors, others]), simulate_root=False)["wup"]
+    na = len(anchors)
+    Da = wup_distance(S[:na, :na])
+    np.fill_diagonal(Da, 0.0)
+    Ya, fit = classical_mds(Da, geo_dim)
+    Yo = landmark_mds(wup_distance(S[na:, :na]), fit)
+    Hc = H_anchor - H_anchor.mean(0)
+    _, _, vt = np.linalg.svd(Hc, full_matrices=False)
+    basis = vt[:geo_dim]                                   # (geo, d_model)
+    Pa = Hc @ basis.T
+    if rotation == "procrustes":
+        R, _ = procrustes(Ya - Ya.mean(0), Pa)
+    else:
+        R = np.linalg.qr(rng.standard_normal((geo_dim, geo_dim)))[0]
+    rms = np.sqrt(np.mean(np.sum(H_anchor ** 2, 1)))
+    scale = rms / np.sqrt(np.mean(np.sum((Ya @ R) ** 2, 1)))
+    return {"vectors": np.concatenate([Ya, Yo]) @ R, "proj": (scale * basis).T,  # proj weight (d_model, geo)
+            "mds_eigenvalues": fit["eigenvalues"].tolist(), "scale": float(scale),
+            "anchor_fit_cosine": float(np.mean(np.sum(_unit(Ya @ R) * _unit(Pa), 1)))}
+
+
+def _unit(X):
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def relational_scores(C: np.ndarray, S: dict, base: np.ndarray | None) -> dict:
+    """C: (n, d) pooled states of the evaluation items; S: their WordNet matrices."""
+    from scipy.stats import spearmanr
+    U = _unit(C)
+    i, j = np.triu_indices(len(C), 1)
+    cos = (U @ U.T)[i, j]
+    w = S["wup"][i, j]
+    ok = np.isfinite(w)
+    dist = S["distance"][i, j]
+    out = {"wup_pearson": float(np.corrcoef(w[ok], cos[ok])[0, 1]),
+           "wup_spearman": float(spearmanr(w[ok], cos[ok]).statistic),
+           "near_minus_far": float(cos[dist <= 3].mean() - cos[dist >= 10].mean()),
+           "simplex_cv": M.coefficient_of_variation(M.sample_simplex_volumes(C.astype(np.float64), 4, 2000,
+                                                                             np.random.default_rng(0)))}
+    if base is not None:
+        out["preservation"] = float(np.mean(np.sum(U * _unit(base), 1)))
+    return out
+
+
+def split_items(n: int, n_anchors: int, n_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint anchor, evaluation and training item indices."""
+    order = np.random.default_rng(seed).permutation(n)
+    if n_anchors + n_eval >= n:
+        raise TerrainError(f"{n} items cannot hold {n_anchors} anchors and {n_eval} evaluation items")
+    return order[:n_anchors], order[n_anchors:n_anchors + n_eval], order[n_anchors + n_eval:]
+
+
+def sweep(name: str | None = None, layers: list[int] | None = None, geo_dim: int = 64,
+          alphas=DEFAULT_ALPHAS, n_anchors: int = 2000, n_eval: int = 800, seed: int = 0,
+          progress: bool = True) -> dict:
+    from transformers import AutoTokenizer
+
+    from terrain.wordnet import encode_texts, load_wordnet, match_items
+    wn = load_wordnet()
+    model, config = load_model(name)
+    encoder = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
+    items = match_items(wn, tok, "noun")
+    anchors, evals, train = split_items(len(items), n_anchors, n_eval, seed)
+    tax = Taxonomy.from_synsets([wn.synset(it["synset"]) for it in items])
+    blocks = encoder_blocks(encoder)
+    layers = list(range(len(blocks))) if layers is None else layers
+    tid = np.array([it["token_id"] for it in items])
+    H = token_states(encoder, tok, tid[anchors], layers[0])
+    rng = np.random.default_rng(seed)
+    inits = {"wordnet": geometric_init(anchors, evals, H, geo_dim, tax, rng),
+             "random_rotation": geometric_init(anchors, evals, H, geo_dim, tax, rng, rotation="random")}
+    d_model = H.shape[1]
+    mod = LerpModulator(model.get_input_embeddings().weight.shape[0], d_model, len(layers), geo_dim)
+    defs = [items[i]["definition"] for i in evals]
+    S_eval = tax.similarities(evals, simulate_root=False)
+
+    def encode():
+        return encode_texts(encoder, tok, config, defs, -1, "mean", 64, progress=False)
+
+    base = encode()
+    res = {"model": name or DEFAULT_MODEL, "layers": layers, "geo_dim": geo_dim, "n_items": len(items),
+           "n_anchors": len(anchors), "n_eval": len(evals), "n_train_reserved": len(train),
+           "anchor_fit_cosine": inits["wordnet"]["anchor_fit_cosine"], "scale": inits["wordnet"]["scale"],
+           "unmodulated": relational_scores(base, S_eval, None), "rows": []}
+    ids = np.concatenate([tid[anchors], tid[evals]])
+    conditions = {"wordnet": (inits["wordnet"], False), "shuffled_rows": (inits["wordnet"], True),
+                  "random_rotation": (inits["random_rotation"], False)}
+    from tqdm import tqdm
+    bar = tqdm([(a, c) for a in alphas for c in conditions], desc="alpha sweep", disable=not progress, leave=False)
+    mod.attach(encoder, layers)
+    try:
+        for a, cond in bar:
+            init, shuffle = conditions[cond]
+            vec = init["vectors"][rng.permutation(len(ids))] if shuffle else init["vectors"]
+            mod.set_vectors(ids, vec)
+            with torch.no_grad():
+                mod.proj.weight.copy_(torch.as_tensor(init["proj"], dtype=mod.proj.weight.dtype))
+            mod.set_alpha(a)
+            res["rows"].append({"alpha": a, "condition": cond, **relational_scores(encode(), S_eval, base)})
+    finally:
+        mod.detach()
+    return res
+
+
+def format_summary(res: dict) -> str:
+    u = res["unmodulated"]
+    lines = [f"{res['model']}: LERP before blocks {res['layers']}, geo-dim {res['geo_dim']}; {res['n_items']} noun "
+             f"items: {res['n_anchors']} anchors, {res['n_eval']} evaluation items (disjoint), "
+             f"{res['n_train_reserved']} reserved for training; anchor Procrustes fit cosine "
+             f"{res['anchor_fit_cosine']:.3f}",
+             f"unmodulated: wup Pearson {u['wup_pearson']:.4f}, Spearman {u['wup_spearman']:.4f}, near-far "
+             f"{u['near_minus_far']:.4f}, simplex CV {u['simplex_cv']:.3f}",
+             "| alpha | condition | wup Pearson | wup Spearman | near - far | simplex CV | preservation |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['alpha']:g} | {r['condition']} | {r['wup_pearson']:.4f} | {r['wup_spearman']:.4f} | "
+                     f"{r['near_minus_far']:.4f} | {r['simplex_cv']:.3f} | {r['preservation']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> str:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors = {"wordnet": "tab:green", "shuffled_rows": "tab:grey", "random_rotation": "tab:purple"}
+    for cond, c in colors.items():
+        rows = [r for r in res["rows"] if r["condition"] == cond]
+        a = [r["alpha"] for r in rows]
+        for k, key in enumerate(("wup_pearson", "near_minus_far", "preservation")):
+            ax[k].plot(a, [r[key] for r in rows], "o-", color=c, label=cond)
+    for k, key in enumerate(("wup_pearson", "near_minus_far")):
+        ax[k].axhline(res["unmodulated"][key], color="k", ls=":", label="unmodulated")
+    for k, title in enumerate(("Pearson(Wu-Palmer, cosine), held-out items", "near (<= 3) minus far (>= 10) cosine",
+                               "preservation: cos(modulated, unmodulated)")):
+        ax[k].set_xscale("log")
+        ax[k].axvline(NAMED_ALPHA, color="tab:red", lw=0.8, alpha=0.5)
+        ax[k].set_xlabel("alpha (red line: 0.29154)")
+        ax[k].set_title(title)
+        ax[k].legend(fontsize=8)
+    fig.suptitle(f"{res['model']}: LERP modulator alpha sweep with controls")
+    return save_figure(fig, path)
+
+
+def main(argv=None) -> int:
+    from terrain.cli import run_for_models
+    p = argparse.ArgumentParser(description="LERP residual modulator initialised from WordNet: alpha sweep on "
+                                "held-out items with shuffled and random-rotation controls.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
+    p.add_argument("--layers", default="all", help="comma-separated block indices before which to inject")
+    p.add_argument("--geo-dim", type=int, default=64)
+    p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
+    p.add_argument("--anchors", type=int, default=2000)
+    p.add_argument("--eval-items", type=int, default=800)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="plots/terrain")
+    args = p.parse_args(argv)
+    if any(not 0 <= a < 1 for a in args.alphas):
+        p.error("alphas must lie in [0, 1)")
+    try:
+        layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        p.error(f"--layers {args.layers!r}: give 'all' or comma-separated integers")
+    code, _, written = run_for_models(
+        args.model, args.out_dir, "modulate",
+        lambda n: sweep(n, layers, args.geo_dim, args.alphas, args.anchors, args.eval_items, args.seed),
+        format_summary, plot)
+    if written:
+        print("wrote " + ", ".join(written))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

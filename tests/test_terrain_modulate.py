@@ -1,0 +1,134 @@
+"""LERP modulator: exact identity at alpha 0, the LERP itself at the block input, masking of
+tokens without WordNet vectors, clean detach, T5-style blocks, MDS and landmark MDS on
+planted configurations, and the alpha sweep on MiniLM."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from terrain import modulate as MD
+from terrain.models import load_model
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    model, config = load_model(None)
+    return model, config
+
+
+def run(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
+
+
+def modulator_for(model, layers, rng_seed=0):
+    torch.manual_seed(rng_seed)
+    vocab, d = model.get_input_embeddings().weight.shape
+    mod = MD.LerpModulator(vocab, d, len(layers), geo_dim=8)
+    with_geo = np.array([2000, 2001, 2002, 3000])
+    mod.set_vectors(with_geo, np.random.default_rng(rng_seed).standard_normal((4, 8)))
+    return mod.attach(model, layers), with_geo
+
+
+def test_alpha_zero_is_exactly_the_model_and_detach_restores(minilm):
+    model, _ = minilm
+    ids = torch.tensor([[101, 2000, 2001, 5000, 3000, 102]])
+    ref = run(model, ids)
+    mod, _ = modulator_for(model, list(range(6)))
+    try:
+        mod.set_alpha(0.0)
+        assert torch.equal(mod.alpha, torch.zeros(6))
+        for a, b in zip(run(model, ids), ref):
+            assert torch.equal(a, b)
+        mod.set_alpha(0.3)
+        assert not torch.allclose(run(model, ids)[-1], ref[-1])
+    finally:
+        mod.detach()
+    for a, b in zip(run(model, ids), ref):
+        assert torch.equal(a, b)
+
+
+def block_input(model, ids, block):
+    """The hidden states entering `block` (hooks registered earlier, e.g. the modulator's, apply first)."""
+    seen = {}
+
+    def grab(_m, args, kwargs):
+        seen["h"] = (args[0] if args else kwargs["hidden_states"]).clone()
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run(model, ids)
+    finally:
+        handle.remove()
+    return seen["h"]
+
+
+def test_lerp_at_the_block_input_and_masking(minilm):
+    model, _ = minilm
+    ids = torch.tensor([[101, 2000, 5000, 3000, 102]])
+    block = MD.encoder_blocks(model)[2]
+    h0 = block_input(model, ids, block)
+    mod, _ = modulator_for(model, [2])
+    try:
+        mod.set_alpha(0.25)
+        h1 = block_input(model, ids, block)
+        g = mod.proj(mod.geo(ids)).detach()
+    finally:
+        mod.detach()
+    has = torch.tensor([False, True, False, True, False])
+    torch.testing.assert_close(h1[0, has], (0.75 * h0 + 0.25 * g)[0, has], rtol=1e-5, atol=1e-6)
+    assert torch.equal(h1[0, ~has], h0[0, ~has])          # no WordNet vector: untouched
+
+
+def test_t5_style_blocks():
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=3, num_decoder_layers=1, num_heads=4,
+                      vocab_size=4000)
+    enc = tf.T5Model(cfg).eval().get_encoder()
+    assert len(MD.encoder_blocks(enc)) == 3
+    ids = torch.tensor([[2000, 17, 3000, 1]])
+    ref = run(enc, ids)[-1]
+    mod, _ = modulator_for(enc, [0, 2])
+    try:
+        mod.set_alpha(0.0)
+        assert torch.equal(run(enc, ids)[-1], ref)
+        mod.set_alpha([0.2, 0.4])
+        assert not torch.allclose(run(enc, ids)[-1], ref)
+    finally:
+        mod.detach()
+    with pytest.raises(MD.TerrainError):
+        MD.LerpModulator(4000, 16, 1).attach(enc, [5])
+
+
+def test_classical_and_landmark_mds_on_planted_points():
+    rng = np.random.default_rng(0)
+    P = rng.standard_normal((60, 5))
+    D = np.linalg.norm(P[:, None] - P[None], axis=-1)
+    Y, fit = MD.classical_mds(D[:40, :40], 5)
+    DY = np.linalg.norm(Y[:, None] - Y[None], axis=-1)
+    np.testing.assert_allclose(DY, D[:40, :40], atol=1e-8)
+    Z = MD.landmark_mds(D[40:, :40], fit)                  # out-of-sample points
+    np.testing.assert_allclose(np.linalg.norm(Z[:, None] - Y[None], axis=-1), D[40:, :40], atol=1e-6)
+    np.testing.assert_allclose(MD.landmark_mds(D[:40, :40], fit), Y, atol=1e-8)   # landmarks map to themselves
+
+
+def test_split_is_disjoint():
+    a, e, t = MD.split_items(100, 30, 20, seed=1)
+    assert len(set(a) | set(e) | set(t)) == 100 and not set(a) & set(e)
+    with pytest.raises(MD.TerrainError):
+        MD.split_items(40, 30, 20, seed=1)
+
+
+def test_sweep_on_minilm(tmp_path):
+    assert MD.main(["--layers", "0,3", "--geo-dim", "16", "--alphas", "0", "0.3", "--anchors", "300",
+                    "--eval-items", "150", "--out-dir", str(tmp_path)]) == 0
+    res = json.load(open(tmp_path / "modulate_minilm.json"))
+    zero = [r for r in res["rows"] if r["alpha"] == 0]
+    assert len(zero) == 3
+    for r in zero:                                         # alpha 0: the unmodulated numbers exactly
+        assert r["preservation"] == pytest.approx(1.0, abs=1e-6)
+        assert r["wup_pearson"] == pytest.approx(res["unmodulated"]["wup_pearson"], abs=1e-6)
+    assert all(r["preservation"] < 0.999 for r in res["rows"] if r["alpha"] == 0.3)
+    assert (tmp_path / "modulate_minilm.png").exists()
+    assert res["n_anchors"] == 300 and res["n_eval"] == 150
