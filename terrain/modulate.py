@@ -204,59 +204,231 @@ def split_items(n: int, n_anchors: int, n_eval: int, seed: int) -> tuple[np.ndar
     return order[:n_anchors], order[n_anchors:n_anchors + n_eval], order[n_anchors + n_eval:]
 
 
-def sweep(name: str | None = None, layers: list[int] | None = None, geo_dim: int = 64,
-          alphas=DEFAULT_ALPHAS, n_anchors: int = 2000, n_eval: int = 800, seed: int = 0,
-          progress: bool = True) -> dict:
+def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors: int, n_eval: int, seed: int,
+            n_train: int = 0, lm_head: bool = False):
+    """Model (frozen), items split into anchors / evaluation / training, the WordNet geometry of
+    anchors, evaluation and (n_train) training items, and an unattached modulator."""
+    from types import SimpleNamespace
+
     from transformers import AutoTokenizer
 
     from terrain.wordnet import encode_texts, load_wordnet, match_items
     wn = load_wordnet()
     model, config = load_model(name)
+    if lm_head and getattr(config, "is_encoder_decoder", False):
+        from transformers import AutoModelForSeq2SeqLM
+        model = AutoModelForSeq2SeqLM.from_pretrained(resolve_model_name(name), local_files_only=True).eval()
     encoder = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
     for p in model.parameters():
         p.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
     items = match_items(wn, tok, "noun")
     anchors, evals, train = split_items(len(items), n_anchors, n_eval, seed)
+    n_reserved, train = len(train), train[:n_train]
     tax = Taxonomy.from_synsets([wn.synset(it["synset"]) for it in items])
     blocks = encoder_blocks(encoder)
     layers = list(range(len(blocks))) if layers is None else layers
     tid = np.array([it["token_id"] for it in items])
     H = token_states(encoder, tok, tid[anchors], layers[0])
     rng = np.random.default_rng(seed)
-    inits = {"wordnet": geometric_init(anchors, evals, H, geo_dim, tax, rng),
-             "random_rotation": geometric_init(anchors, evals, H, geo_dim, tax, rng, rotation="random")}
-    d_model = H.shape[1]
-    mod = LerpModulator(model.get_input_embeddings().weight.shape[0], d_model, len(layers), geo_dim)
+    others = np.concatenate([evals, train])
+    inits = {"wordnet": geometric_init(anchors, others, H, geo_dim, tax, rng),
+             "random_rotation": geometric_init(anchors, others, H, geo_dim, tax, rng, rotation="random")}
+    mod = LerpModulator(model.get_input_embeddings().weight.shape[0], H.shape[1], len(layers), geo_dim)
     defs = [items[i]["definition"] for i in evals]
-    S_eval = tax.similarities(evals, simulate_root=False)
 
-    def encode():
-        return encode_texts(encoder, tok, config, defs, -1, "mean", 64, progress=False)
+    def encode(texts=defs):
+        return encode_texts(encoder, tok, config, texts, -1, "mean", 64, progress=False)
 
+    return SimpleNamespace(n_reserved=n_reserved, model=model, config=config, encoder=encoder, tok=tok, items=items, anchors=anchors,
+                           evals=evals, train=train, tax=tax, layers=layers, tid=tid, inits=inits, mod=mod, rng=rng,
+                           ids=np.concatenate([tid[anchors], tid[others]]), encode=encode,
+                           S_eval=tax.similarities(evals, simulate_root=False),
+                           seq2seq=bool(getattr(config, "is_encoder_decoder", False)))
+
+
+def load_geometry(c, init: dict, shuffle: bool = False) -> None:
+    vec = init["vectors"][c.rng.permutation(len(c.ids))] if shuffle else init["vectors"]
+    c.mod.set_vectors(c.ids, vec)
+    with torch.no_grad():
+        c.mod.proj.weight.copy_(torch.as_tensor(init["proj"], dtype=c.mod.proj.weight.dtype))
+
+
+def sweep(name: str | None = None, layers: list[int] | None = None, geo_dim: int = 64,
+          alphas=DEFAULT_ALPHAS, n_anchors: int = 2000, n_eval: int = 800, seed: int = 0,
+          progress: bool = True) -> dict:
+    c = prepare(name, layers, geo_dim, n_anchors, n_eval, seed)
+    items, anchors, evals, inits, mod, S_eval = c.items, c.anchors, c.evals, c.inits, c.mod, c.S_eval
+    layers, encode, encoder = c.layers, c.encode, c.encoder
     base = encode()
     res = {"model": name or DEFAULT_MODEL, "layers": layers, "geo_dim": geo_dim, "n_items": len(items),
-           "n_anchors": len(anchors), "n_eval": len(evals), "n_train_reserved": len(train),
+           "n_anchors": len(anchors), "n_eval": len(evals), "n_train_reserved": c.n_reserved,
            "anchor_fit_cosine": inits["wordnet"]["anchor_fit_cosine"], "scale": inits["wordnet"]["scale"],
            "unmodulated": relational_scores(base, S_eval, None), "rows": []}
-    ids = np.concatenate([tid[anchors], tid[evals]])
     conditions = {"wordnet": (inits["wordnet"], False), "shuffled_rows": (inits["wordnet"], True),
                   "random_rotation": (inits["random_rotation"], False)}
     from tqdm import tqdm
-    bar = tqdm([(a, c) for a in alphas for c in conditions], desc="alpha sweep", disable=not progress, leave=False)
+    bar = tqdm([(a, k) for a in alphas for k in conditions], desc="alpha sweep", disable=not progress, leave=False)
     mod.attach(encoder, layers)
     try:
         for a, cond in bar:
-            init, shuffle = conditions[cond]
-            vec = init["vectors"][rng.permutation(len(ids))] if shuffle else init["vectors"]
-            mod.set_vectors(ids, vec)
-            with torch.no_grad():
-                mod.proj.weight.copy_(torch.as_tensor(init["proj"], dtype=mod.proj.weight.dtype))
+            load_geometry(c, *conditions[cond])
             mod.set_alpha(a)
             res["rows"].append({"alpha": a, "condition": cond, **relational_scores(encode(), S_eval, base)})
     finally:
         mod.detach()
     return res
+
+
+def contrastive_loss(c, batch: np.ndarray, tau: float):
+    """Encoder-only objective: each pooled (modulated) definition picks its own lemma's
+    (modulated) token state among the batch's lemmas."""
+    import torch.nn.functional as F
+    from terrain.project import special_template
+    enc = c.tok([c.items[i]["definition"] for i in batch], return_tensors="pt", padding=True, truncation=True,
+                max_length=128)
+    kw = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    h = c.encoder(**kw).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+    q = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    template, pos = special_template(c.tok)
+    lem = torch.tensor([template[:pos] + [int(c.tid[i])] + template[pos + 1:] for i in batch])
+    k = F.normalize(c.encoder(input_ids=lem, attention_mask=torch.ones_like(lem)).last_hidden_state[:, pos], dim=-1)
+    return F.cross_entropy(q @ k.T / tau, torch.arange(len(batch)))
+
+
+def seq2seq_loss(c, batch: np.ndarray):
+    """Encoder-decoder objective: "summarize: definition" -> lemma; the model shifts the labels
+    right to make the decoder inputs (teacher forcing as in transformers)."""
+    enc = c.tok(["summarize: " + c.items[i]["definition"] for i in batch], return_tensors="pt", padding=True,
+                truncation=True, max_length=128)
+    lab = c.tok([c.items[i]["lemma"] for i in batch], return_tensors="pt", padding=True)["input_ids"]
+    lab = lab.masked_fill(lab == c.tok.pad_token_id, -100)
+    return c.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=lab).loss
+
+
+def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int = 64, alpha: float = 0.01,
+          epochs: int = 3, n_train: int = 2000, batch_size: int = 32, lr: float = 1e-3, tau: float = 0.05,
+          n_anchors: int = 2000, n_eval: int = 800, seed: int = 0, progress: bool = True) -> dict:
+    """Train geometric rows (anchors and training items), projection and alphas with the model
+    frozen; evaluation items keep their WordNet placement (their rows get no gradient)."""
+    from tqdm import tqdm
+    c = prepare(name, layers, geo_dim, n_anchors, n_eval, seed, n_train=n_train, lm_head=True)
+    if len(c.train) < batch_size:
+        raise TerrainError(f"only {len(c.train)} training items for batches of {batch_size}")
+    torch.manual_seed(seed)
+    base = c.encode()
+    load_geometry(c, c.inits["wordnet"])
+    c.mod.set_alpha(alpha)
+    frozen = torch.zeros(c.mod.has_geo.shape[0], 1)
+    frozen[torch.as_tensor(c.tid[c.evals])] = 1.0
+    c.mod.geo.weight.register_hook(lambda g: g * (1 - frozen))
+    params = [c.mod.geo.weight, c.mod.proj.weight, c.mod.alpha_logit]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    eval_rows_before = c.mod.geo.weight[torch.as_tensor(c.tid[c.evals])].detach().clone()
+    checksum = sum(float(p.double().sum()) for p in c.model.parameters())
+    res = {"model": name or DEFAULT_MODEL, "objective": "seq2seq" if c.seq2seq else "contrastive",
+           "layers": c.layers, "geo_dim": geo_dim, "n_train": len(c.train), "n_eval": len(c.evals),
+           "n_anchors": len(c.anchors), "unmodulated": relational_scores(base, c.S_eval, None), "epochs": []}
+    c.mod.attach(c.encoder, c.layers)
+    try:
+        res["before_training"] = relational_scores(c.encode(), c.S_eval, base)
+        rng = np.random.default_rng(seed)
+        for ep in range(epochs):
+            order = rng.permutation(c.train)
+            losses = []
+            bar = tqdm(range(0, len(order) - batch_size + 1, batch_size), desc=f"epoch {ep + 1}",
+                       disable=not progress, leave=False)
+            for s in bar:
+                batch = order[s:s + batch_size]
+                loss = seq2seq_loss(c, batch) if c.seq2seq else contrastive_loss(c, batch, tau)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            with torch.no_grad():
+                scores = relational_scores(c.encode(), c.S_eval, base)
+            res["epochs"].append({"epoch": ep + 1, "loss": float(np.mean(losses)), "loss_first_batch": losses[0],
+                                  "alpha": c.mod.alpha.detach().tolist(), **scores})
+        trained_vectors = c.mod.geo.weight.detach().clone()
+        ids = torch.as_tensor(c.ids)
+        with torch.no_grad():
+            c.mod.geo.weight[ids] = trained_vectors[ids][torch.as_tensor(rng.permutation(len(ids)))]
+        res["after_training_shuffled_rows"] = relational_scores(c.encode(), c.S_eval, base)
+        with torch.no_grad():
+            c.mod.geo.weight.copy_(trained_vectors)
+        res["eval_rows_unchanged"] = bool(torch.equal(trained_vectors[torch.as_tensor(c.tid[c.evals])],
+                                                      eval_rows_before))
+        res["model_unchanged"] = sum(float(p.double().sum()) for p in c.model.parameters()) == checksum
+        if c.seq2seq:
+            res["generations"] = compare_generations(c, c.evals[:4])
+    finally:
+        c.mod.detach()
+    return res
+
+
+def compare_generations(c, which: np.ndarray, max_new_tokens: int = 8) -> list[dict]:
+    """Original against modulated generations for a few held-out definitions."""
+    out = []
+    for i in which:
+        full = c.tok(["summarize: " + c.items[i]["definition"]], return_tensors="pt")
+        enc = {k: full[k] for k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            mod_ids = c.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            handles, c.mod._handles = c.mod._handles, []
+            try:
+                for h in handles:
+                    h.remove()
+                orig_ids = c.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            finally:
+                c.mod.attach(c.encoder, c.layers)
+        out.append({"definition": c.items[i]["definition"], "lemma": c.items[i]["lemma"],
+                    "original": c.tok.decode(orig_ids[0], skip_special_tokens=True),
+                    "modulated": c.tok.decode(mod_ids[0], skip_special_tokens=True)})
+    return out
+
+
+def format_training(res: dict) -> str:
+    lines = [f"{res['model']}: {res['objective']} training of the modulator (model frozen) on {res['n_train']} "
+             f"items; {res['n_eval']} held-out items (rows frozen: {res['eval_rows_unchanged']})",
+             "| stage | loss | wup Pearson | near - far | preservation | alpha per layer |", "|---|---|---|---|---|---|",
+             f"| unmodulated | | {res['unmodulated']['wup_pearson']:.4f} | {res['unmodulated']['near_minus_far']:.4f} "
+             f"| 1 | |",
+             f"| initialised | | {res['before_training']['wup_pearson']:.4f} | "
+             f"{res['before_training']['near_minus_far']:.4f} | {res['before_training']['preservation']:.4f} | |"]
+    for e in res["epochs"]:
+        lines.append(f"| epoch {e['epoch']} | {e['loss']:.4f} | {e['wup_pearson']:.4f} | {e['near_minus_far']:.4f} | "
+                     f"{e['preservation']:.4f} | {' '.join(f'{a:.3f}' for a in e['alpha'])} |")
+    sh = res["after_training_shuffled_rows"]
+    lines.append(f"| trained, rows shuffled | | {sh['wup_pearson']:.4f} | {sh['near_minus_far']:.4f} | "
+                 f"{sh['preservation']:.4f} | |")
+    for g in res.get("generations", []):
+        lines.append(f"  [{g['lemma']}] original: {g['original']!r}  modulated: {g['modulated']!r}")
+    return "\n".join(lines)
+
+
+def plot_training(res: dict, path: str) -> str:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    ep = [e["epoch"] for e in res["epochs"]]
+    ax[0].plot(ep, [e["loss"] for e in res["epochs"]], "o-")
+    ax[0].set_title(f"{res['objective']} loss")
+    A = np.array([e["alpha"] for e in res["epochs"]])
+    for k, layer in enumerate(res["layers"]):
+        ax[1].plot(ep, A[:, k], "o-", label=f"block {layer}")
+    ax[1].axhline(NAMED_ALPHA, color="tab:red", lw=0.8, ls=":")
+    ax[1].set_title("alpha per layer")
+    ax[1].legend(fontsize=7)
+    ax[2].plot(ep, [e["wup_pearson"] for e in res["epochs"]], "o-", label="trained")
+    ax[2].axhline(res["unmodulated"]["wup_pearson"], color="k", ls=":", label="unmodulated")
+    ax[2].axhline(res["after_training_shuffled_rows"]["wup_pearson"], color="grey", ls="--",
+                  label="trained, rows shuffled")
+    ax[2].set_title("held-out Pearson(Wu-Palmer, cosine)")
+    ax[2].legend(fontsize=8)
+    for a in ax:
+        a.set_xlabel("epoch")
+    fig.suptitle(f"{res['model']}: modulator training")
+    return save_figure(fig, path)
 
 
 def format_summary(res: dict) -> str:
@@ -310,13 +482,32 @@ def main(argv=None) -> int:
     p.add_argument("--eval-items", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="plots/terrain")
+    t = p.add_argument_group("training (--train): the model frozen; geometric rows, projection and alphas learn")
+    t.add_argument("--train", action="store_true", help="train instead of the alpha sweep")
+    t.add_argument("--alpha", type=float, default=0.01, help="starting alpha of every layer")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--train-items", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--tau", type=float, default=0.05, help="contrastive temperature (encoder-only models)")
     args = p.parse_args(argv)
+    if args.train and not 0 < args.alpha < 1:
+        p.error("--alpha must lie in (0, 1)")
     if any(not 0 <= a < 1 for a in args.alphas):
         p.error("alphas must lie in [0, 1)")
     try:
         layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     except ValueError:
         p.error(f"--layers {args.layers!r}: give 'all' or comma-separated integers")
+    if args.train:
+        code, _, written = run_for_models(
+            args.model, args.out_dir, "modulate_train",
+            lambda n: train(n, layers, args.geo_dim, args.alpha, args.epochs, args.train_items, args.batch_size,
+                            args.lr, args.tau, args.anchors, args.eval_items, args.seed),
+            format_training, plot_training)
+        if written:
+            print("wrote " + ", ".join(written))
+        return code
     code, _, written = run_for_models(
         args.model, args.out_dir, "modulate",
         lambda n: sweep(n, layers, args.geo_dim, args.alphas, args.anchors, args.eval_items, args.seed),

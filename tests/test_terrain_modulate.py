@@ -132,3 +132,45 @@ def test_sweep_on_minilm(tmp_path):
     assert all(r["preservation"] < 0.999 for r in res["rows"] if r["alpha"] == 0.3)
     assert (tmp_path / "modulate_minilm.png").exists()
     assert res["n_anchors"] == 300 and res["n_eval"] == 150
+
+
+def test_training_encoder_only(tmp_path):
+    """Contrastive training on MiniLM: the encoder stays frozen, held-out rows keep their
+    WordNet placement, alphas and loss are tracked."""
+    res = MD.train(None, layers=[0, 5], geo_dim=8, alpha=0.05, epochs=2, n_train=64, batch_size=16, lr=5e-2,
+                   n_anchors=200, n_eval=80, progress=False)
+    assert res["objective"] == "contrastive" and res["eval_rows_unchanged"]
+    assert len(res["epochs"]) == 2 and len(res["epochs"][0]["alpha"]) == 2
+    assert res["epochs"][-1]["alpha"] != [0.05, 0.05]                 # alphas are trained
+    assert all(np.isfinite(e["loss"]) for e in res["epochs"])
+    assert res["model_unchanged"]                                     # the encoder is frozen
+    assert res["before_training"]["preservation"] < 1.0
+
+
+def test_training_seq2seq_uses_shifted_labels(tmp_path):
+    """A tiny random T5 with MiniLM's tokenizer: the loss is the model's own (labels shifted
+    right into decoder inputs), generations of the original and modulated model are compared."""
+    import transformers as tf
+    from transformers import AutoTokenizer
+
+    from terrain.models import resolve_model_name
+    tok = AutoTokenizer.from_pretrained(resolve_model_name(None), local_files_only=True)
+    torch.manual_seed(0)
+    cfg = tf.T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+                      decoder_start_token_id=tok.pad_token_id)
+    tf.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    res = MD.train(str(tmp_path / "t5"), geo_dim=4, alpha=0.1, epochs=1, n_train=32, batch_size=16, lr=1e-2,
+                   n_anchors=100, n_eval=40, progress=False)
+    assert res["objective"] == "seq2seq" and res["eval_rows_unchanged"] and res["model_unchanged"]
+    assert len(res["generations"]) == 4 and all("original" in g and "modulated" in g for g in res["generations"])
+    # the loss equals a hand-shifted teacher-forced cross-entropy
+    model = tf.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5").eval()
+    enc = {k: v for k, v in tok(["summarize: a small dog"], return_tensors="pt").items() if k != "token_type_ids"}
+    lab = tok(["puppy"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(**enc, labels=lab).loss
+        dec_in = torch.cat([torch.full((1, 1), cfg.decoder_start_token_id), lab[:, :-1]], 1)
+        logits = model(**enc, decoder_input_ids=dec_in).logits
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits[0], lab[0])), rel=1e-5)
