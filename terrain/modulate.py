@@ -17,6 +17,8 @@ Initialisation from WordNet alone, fit on anchor items only:
      principal components of the anchors' residual states at the first modulated layer
      (each token alone between special tokens); proj maps those components back into the
      residual stream, scaled to the states' RMS norm.
+`--train` trains a modulator with the model frozen (`--modulator lerp` or `field`, the
+simplex-expert gates of terrain/field.py); see `train`.
 Evaluation uses items disjoint from the anchors: their definitions' pooled last-layer
 states, unmodulated and modulated, compared with WordNet (Pearson / Spearman of cosine with
 Wu-Palmer, near-minus-far cosine, 4-simplex CV) and with the unmodulated states
@@ -57,7 +59,51 @@ def encoder_blocks(model) -> nn.ModuleList:
                        f"T5-style block)")
 
 
-class LerpModulator(nn.Module):
+class HookedModulator(nn.Module):
+    """Base of the modulators: `transform(h, k)` rewrites the residual stream entering the
+    k-th chosen block; forward pre-hooks on the model's own blocks apply it."""
+
+    def __init__(self):
+        super().__init__()
+        self._ids = None
+        self._handles = []
+
+    def transform(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def n_slots(self) -> int:
+        raise NotImplementedError
+
+    def attach(self, model, layers: list[int]):
+        """Register the hooks on `model` (an encoder) before each block in `layers`."""
+        self.detach()
+        blocks = encoder_blocks(model)
+        if len(layers) != self.n_slots() or any(not 0 <= i < len(blocks) for i in layers):
+            raise TerrainError(f"layers {layers} do not fit a model with {len(blocks)} blocks and a modulator "
+                               f"for {self.n_slots()} layers")
+
+        def grab_ids(_module, args):
+            self._ids = args[0] if args else None
+
+        self._handles.append(model.get_input_embeddings().register_forward_pre_hook(grab_ids))
+        for k, i in enumerate(layers):
+            def hook(_module, args, kwargs, k=k):
+                if args:
+                    return (self.transform(args[0], k), *args[1:]), kwargs
+                kwargs = dict(kwargs)
+                kwargs["hidden_states"] = self.transform(kwargs["hidden_states"], k)
+                return args, kwargs
+            self._handles.append(blocks[i].register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._ids = None
+
+
+class LerpModulator(HookedModulator):
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, geo_dim: int = 64, alpha: float = 0.01):
         super().__init__()
         self.geo = nn.Embedding(vocab_size, geo_dim)
@@ -66,8 +112,9 @@ class LerpModulator(nn.Module):
         nn.init.normal_(self.proj.weight, std=0.01)
         self.alpha_logit = nn.Parameter(torch.full((n_layers,), math.log(alpha / (1 - alpha))))
         self.register_buffer("has_geo", torch.zeros(vocab_size, dtype=torch.bool))
-        self._ids = None
-        self._handles = []
+
+    def n_slots(self) -> int:
+        return len(self.alpha_logit)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -86,7 +133,7 @@ class LerpModulator(nn.Module):
             self.geo.weight[ids] = torch.as_tensor(vectors, dtype=self.geo.weight.dtype)
             self.has_geo[ids] = True
 
-    def lerp(self, h: torch.Tensor, k: int) -> torch.Tensor:
+    def transform(self, h: torch.Tensor, k: int) -> torch.Tensor:
         ids = self._ids
         if ids is None or ids.shape != h.shape[:2]:
             return h
@@ -94,34 +141,6 @@ class LerpModulator(nn.Module):
         g = self.proj(self.geo(ids)).to(h.dtype)
         mixed = (1 - a) * h + a * g
         return torch.where(self.has_geo[ids].unsqueeze(-1), mixed, h)
-
-    def attach(self, model, layers: list[int]) -> "LerpModulator":
-        """Register the hooks on `model` (an encoder) before each block in `layers`."""
-        self.detach()
-        blocks = encoder_blocks(model)
-        if len(layers) != len(self.alpha_logit) or any(not 0 <= i < len(blocks) for i in layers):
-            raise TerrainError(f"layers {layers} do not fit a model with {len(blocks)} blocks and "
-                               f"{len(self.alpha_logit)} alphas")
-
-        def grab_ids(_module, args):
-            self._ids = args[0] if args else None
-
-        self._handles.append(model.get_input_embeddings().register_forward_pre_hook(grab_ids))
-        for k, i in enumerate(layers):
-            def hook(_module, args, kwargs, k=k):
-                if args:
-                    return (self.lerp(args[0], k), *args[1:]), kwargs
-                kwargs = dict(kwargs)
-                kwargs["hidden_states"] = self.lerp(kwargs["hidden_states"], k)
-                return args, kwargs
-            self._handles.append(blocks[i].register_forward_pre_hook(hook, with_kwargs=True))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._ids = None
 
 
 # ----------------------------------------------------------------------------- WordNet geometry
@@ -309,26 +328,34 @@ def seq2seq_loss(c, batch: np.ndarray):
 
 def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int = 64, alpha: float = 0.01,
           epochs: int = 3, n_train: int = 2000, batch_size: int = 32, lr: float = 1e-3, tau: float = 0.05,
-          n_anchors: int = 2000, n_eval: int = 800, seed: int = 0, progress: bool = True) -> dict:
-    """Train geometric rows (anchors and training items), projection and alphas with the model
-    frozen; evaluation items keep their WordNet placement (their rows get no gradient)."""
+          n_anchors: int = 2000, n_eval: int = 800, seed: int = 0, progress: bool = True,
+          kind: str = "lerp") -> dict:
+    """Train a modulator with the model frozen. lerp: geometric rows (anchors and training
+    items), projection and alphas; evaluation items keep their WordNet placement (their rows
+    get no gradient). field: the simplex experts' deformation, gate and validity heads and
+    the per-layer, per-expert alphas (terrain/field.py)."""
     from tqdm import tqdm
     c = prepare(name, layers, geo_dim, n_anchors, n_eval, seed, n_train=n_train, lm_head=True)
     if len(c.train) < batch_size:
         raise TerrainError(f"only {len(c.train)} training items for batches of {batch_size}")
     torch.manual_seed(seed)
     base = c.encode()
-    load_geometry(c, c.inits["wordnet"])
-    c.mod.set_alpha(alpha)
-    frozen = torch.zeros(c.mod.has_geo.shape[0], 1)
-    frozen[torch.as_tensor(c.tid[c.evals])] = 1.0
-    c.mod.geo.weight.register_hook(lambda g: g * (1 - frozen))
-    params = [c.mod.geo.weight, c.mod.proj.weight, c.mod.alpha_logit]
+    if kind == "field":
+        from terrain.field import FieldModulator
+        c.mod = FieldModulator(c.mod.proj.weight.shape[0], len(c.layers), alpha=alpha, seed=seed)
+        params = list(c.mod.parameters())
+    else:
+        load_geometry(c, c.inits["wordnet"])
+        c.mod.set_alpha(alpha)
+        frozen = torch.zeros(c.mod.has_geo.shape[0], 1)
+        frozen[torch.as_tensor(c.tid[c.evals])] = 1.0
+        c.mod.geo.weight.register_hook(lambda g: g * (1 - frozen))
+        params = [c.mod.geo.weight, c.mod.proj.weight, c.mod.alpha_logit]
+        eval_rows_before = c.mod.geo.weight[torch.as_tensor(c.tid[c.evals])].detach().clone()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    eval_rows_before = c.mod.geo.weight[torch.as_tensor(c.tid[c.evals])].detach().clone()
     checksum = sum(float(p.double().sum()) for p in c.model.parameters())
-    res = {"model": name or DEFAULT_MODEL, "objective": "seq2seq" if c.seq2seq else "contrastive",
-           "layers": c.layers, "geo_dim": geo_dim, "n_train": len(c.train), "n_eval": len(c.evals),
+    res = {"model": name or DEFAULT_MODEL, "modulator": kind, "objective": "seq2seq" if c.seq2seq else "contrastive",
+           "n_parameters": sum(p.numel() for p in params), "layers": c.layers, "geo_dim": geo_dim, "n_train": len(c.train), "n_eval": len(c.evals),
            "n_anchors": len(c.anchors), "unmodulated": relational_scores(base, c.S_eval, None), "epochs": []}
     c.mod.attach(c.encoder, c.layers)
     try:
@@ -350,21 +377,44 @@ def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int
                 scores = relational_scores(c.encode(), c.S_eval, base)
             res["epochs"].append({"epoch": ep + 1, "loss": float(np.mean(losses)), "loss_first_batch": losses[0],
                                   "alpha": c.mod.alpha.detach().tolist(), **scores})
-        trained_vectors = c.mod.geo.weight.detach().clone()
-        ids = torch.as_tensor(c.ids)
-        with torch.no_grad():
-            c.mod.geo.weight[ids] = trained_vectors[ids][torch.as_tensor(rng.permutation(len(ids)))]
-        res["after_training_shuffled_rows"] = relational_scores(c.encode(), c.S_eval, base)
-        with torch.no_grad():
-            c.mod.geo.weight.copy_(trained_vectors)
-        res["eval_rows_unchanged"] = bool(torch.equal(trained_vectors[torch.as_tensor(c.tid[c.evals])],
-                                                      eval_rows_before))
+        if kind == "field":
+            res.update(field_controls(c, base))
+            res["control_name"], res["control"] = ("fresh experts at the trained alphas",
+                                                   res["after_training_fresh_experts"])
+        else:
+            trained_vectors = c.mod.geo.weight.detach().clone()
+            ids = torch.as_tensor(c.ids)
+            with torch.no_grad():
+                c.mod.geo.weight[ids] = trained_vectors[ids][torch.as_tensor(rng.permutation(len(ids)))]
+            res["after_training_shuffled_rows"] = relational_scores(c.encode(), c.S_eval, base)
+            with torch.no_grad():
+                c.mod.geo.weight.copy_(trained_vectors)
+            res["eval_rows_unchanged"] = bool(torch.equal(trained_vectors[torch.as_tensor(c.tid[c.evals])],
+                                                          eval_rows_before))
+            res["control_name"], res["control"] = "trained rows shuffled", res["after_training_shuffled_rows"]
         res["model_unchanged"] = sum(float(p.double().sum()) for p in c.model.parameters()) == checksum
         if c.seq2seq:
             res["generations"] = compare_generations(c, c.evals[:4])
     finally:
         c.mod.detach()
     return res
+
+
+def field_controls(c, base: np.ndarray) -> dict:
+    """After training a field modulator: the full-dimensional simplex CV of the modulated
+    states, mean validity per expert, and a control with freshly initialised experts at the
+    trained alphas (gates of the same strength that learned nothing)."""
+    from terrain.field import cv_health
+    states = c.encode()
+    out = {"cv_health": cv_health(states), "cv_health_unmodulated": cv_health(base)}
+    trained = {k: v.clone() for k, v in c.mod.state_dict().items()}
+    torch.manual_seed(12345)
+    for e in c.mod.experts:
+        for m in (e.to_deform, e.gate, e.validity):
+            m.reset_parameters()
+    out["after_training_fresh_experts"] = relational_scores(c.encode(), c.S_eval, base)
+    c.mod.load_state_dict(trained)
+    return out
 
 
 def compare_generations(c, which: np.ndarray, max_new_tokens: int = 8) -> list[dict]:
@@ -388,9 +438,16 @@ def compare_generations(c, which: np.ndarray, max_new_tokens: int = 8) -> list[d
     return out
 
 
+def layer_alphas(alpha) -> list[float]:
+    """Per-layer alpha (the mean over experts for the field modulator)."""
+    a = np.asarray(alpha, dtype=float)
+    return (a.mean(1) if a.ndim == 2 else a).tolist()
+
+
 def format_training(res: dict) -> str:
     lines = [f"{res['model']}: {res['objective']} training of the modulator (model frozen) on {res['n_train']} "
-             f"items; {res['n_eval']} held-out items (rows frozen: {res['eval_rows_unchanged']})",
+             f"items ({res['modulator']}, {res['n_parameters']:,} trainable parameters); {res['n_eval']} held-out items"
+             + (f" (rows frozen: {res['eval_rows_unchanged']})" if "eval_rows_unchanged" in res else ""),
              "| stage | loss | wup Pearson | near - far | preservation | alpha per layer |", "|---|---|---|---|---|---|",
              f"| unmodulated | | {res['unmodulated']['wup_pearson']:.4f} | {res['unmodulated']['near_minus_far']:.4f} "
              f"| 1 | |",
@@ -398,10 +455,13 @@ def format_training(res: dict) -> str:
              f"{res['before_training']['near_minus_far']:.4f} | {res['before_training']['preservation']:.4f} | |"]
     for e in res["epochs"]:
         lines.append(f"| epoch {e['epoch']} | {e['loss']:.4f} | {e['wup_pearson']:.4f} | {e['near_minus_far']:.4f} | "
-                     f"{e['preservation']:.4f} | {' '.join(f'{a:.3f}' for a in e['alpha'])} |")
-    sh = res["after_training_shuffled_rows"]
-    lines.append(f"| trained, rows shuffled | | {sh['wup_pearson']:.4f} | {sh['near_minus_far']:.4f} | "
+                     f"{e['preservation']:.4f} | {' '.join(f'{a:.3f}' for a in layer_alphas(e['alpha']))} |")
+    sh = res["control"]
+    lines.append(f"| {res['control_name']} | | {sh['wup_pearson']:.4f} | {sh['near_minus_far']:.4f} | "
                  f"{sh['preservation']:.4f} | |")
+    if "cv_health" in res:
+        lines.append(f"  simplex CV (full dimension): modulated {res['cv_health']['cv']:.3f}, unmodulated "
+                     f"{res['cv_health_unmodulated']['cv']:.3f}, Gaussian {res['cv_health']['gaussian_cv']:.3f}")
     for g in res.get("generations", []):
         lines.append(f"  [{g['lemma']}] original: {g['original']!r}  modulated: {g['modulated']!r}")
     return "\n".join(lines)
@@ -413,7 +473,7 @@ def plot_training(res: dict, path: str) -> str:
     ep = [e["epoch"] for e in res["epochs"]]
     ax[0].plot(ep, [e["loss"] for e in res["epochs"]], "o-")
     ax[0].set_title(f"{res['objective']} loss")
-    A = np.array([e["alpha"] for e in res["epochs"]])
+    A = np.array([layer_alphas(e["alpha"]) for e in res["epochs"]])
     for k, layer in enumerate(res["layers"]):
         ax[1].plot(ep, A[:, k], "o-", label=f"block {layer}")
     ax[1].axhline(NAMED_ALPHA, color="tab:red", lw=0.8, ls=":")
@@ -421,8 +481,7 @@ def plot_training(res: dict, path: str) -> str:
     ax[1].legend(fontsize=7)
     ax[2].plot(ep, [e["wup_pearson"] for e in res["epochs"]], "o-", label="trained")
     ax[2].axhline(res["unmodulated"]["wup_pearson"], color="k", ls=":", label="unmodulated")
-    ax[2].axhline(res["after_training_shuffled_rows"]["wup_pearson"], color="grey", ls="--",
-                  label="trained, rows shuffled")
+    ax[2].axhline(res["control"]["wup_pearson"], color="grey", ls="--", label=res["control_name"])
     ax[2].set_title("held-out Pearson(Wu-Palmer, cosine)")
     ax[2].legend(fontsize=8)
     for a in ax:
@@ -484,6 +543,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default="plots/terrain")
     t = p.add_argument_group("training (--train): the model frozen; geometric rows, projection and alphas learn")
     t.add_argument("--train", action="store_true", help="train instead of the alpha sweep")
+    t.add_argument("--modulator", choices=("lerp", "field"), default="lerp",
+                   help="lerp: WordNet geometry injected by LERP; field: simplex-expert gates (terrain/field.py)")
     t.add_argument("--alpha", type=float, default=0.01, help="starting alpha of every layer")
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--train-items", type=int, default=2000)
@@ -501,9 +562,9 @@ def main(argv=None) -> int:
         p.error(f"--layers {args.layers!r}: give 'all' or comma-separated integers")
     if args.train:
         code, _, written = run_for_models(
-            args.model, args.out_dir, "modulate_train",
+            args.model, args.out_dir, f"modulate_train_{args.modulator}",
             lambda n: train(n, layers, args.geo_dim, args.alpha, args.epochs, args.train_items, args.batch_size,
-                            args.lr, args.tau, args.anchors, args.eval_items, args.seed),
+                            args.lr, args.tau, args.anchors, args.eval_items, args.seed, kind=args.modulator),
             format_training, plot_training)
         if written:
             print("wrote " + ", ".join(written))
