@@ -212,6 +212,8 @@ def relational_scores(C: np.ndarray, S: dict, base: np.ndarray | None) -> dict:
                                                                              np.random.default_rng(0)))}
     if base is not None:
         out["preservation"] = float(np.mean(np.sum(U * _unit(base), 1)))
+    from terrain.wordnet import distance_bands
+    out["bands"] = distance_bands(dist, {"state": cos})
     return out
 
 
