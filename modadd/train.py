@@ -1,0 +1,226 @@
+"""Train a transformer on marker-based modular addition and record its geometry as it learns.
+
+    python -m modadd.train --preset code                       # T 16, C 8, m 1-4, 5 layers, AdamW, 20k steps
+    python -m modadd.train --preset paper --seed 3             # T 32, SGD lr 1e-3, batch 64, snapshots every 100
+    python -m modadd.train --preset code --steps 2000 --mlp --schedule curriculum
+
+Presets (any flag overrides a field):
+  code   T 16, C 8, m 1-4, 5 layers, d 128, 4 heads, AdamW lr 3e-4, batch 128, 20,000 steps,
+         snapshots every 500 (what the seed's code ran)
+  paper  T 32, SGD lr 1e-3, batch 64, snapshots every 100 (what its text states; 20 seeds)
+Writes to --out-dir: config.json; metrics.csv (per evaluation: step, train loss, accuracy
+and loss on fixed held-out sets per m, read-out attention entropy per layer on fixed
+probes); snapshots.npz (W_Q, W_K, W_V, W_O of every layer at every snapshot);
+commutators.csv (SGD commutator D, D_rel, and rho onto the execution subspace of the
+snapshots so far, beside a random subspace of the same size). Training, evaluation and
+measurement draw from separate random streams, so measuring never changes training
+(tested: the same final weights with and without commutators).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from modadd.geometry import commutator, execution_basis, random_basis, rho
+from modadd.model import ModAddTransformer, ModelConfig, accuracy, readout_entropy
+from modadd.task import TaskConfig, batch_for, m_schedule, sample
+
+PRESETS = {
+    "code": dict(T=16, C=8, m_min=1, m_max=4, n_layers=5, d_model=128, n_heads=4, optimizer="adamw", lr=3e-4,
+                 batch_size=128, steps=20_000, snapshot_every=500),
+    "paper": dict(T=32, C=8, m_min=1, m_max=4, n_layers=5, d_model=128, n_heads=4, optimizer="sgd", lr=1e-3,
+                  batch_size=64, steps=20_000, snapshot_every=100),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="code")
+    for name, typ in (("T", int), ("C", int), ("m_min", int), ("m_max", int), ("n_layers", int), ("d_model", int),
+                      ("n_heads", int), ("lr", float), ("batch_size", int), ("steps", int), ("snapshot_every", int)):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default=None)
+    p.add_argument("--mlp", action="store_true", help="standard blocks (attention + MLP) instead of attention-only")
+    p.add_argument("--d-ff", type=int, default=512)
+    p.add_argument("--schedule", choices=("mixed", "mixed-batch", "curriculum"), default="mixed")
+    p.add_argument("--no-value-distractors", action="store_true",
+                   help="distractors from noise tokens only (values then never appear unmarked)")
+    p.add_argument("--readout-token", action="store_true", help="a dedicated read-out token at the last position")
+    p.add_argument("--n-noise", type=int, default=8)
+    p.add_argument("--eval-every", type=int, default=None, help="default: the snapshot interval")
+    p.add_argument("--eval-size", type=int, default=2000, help="fixed held-out examples per m")
+    p.add_argument("--commutator-every", type=int, default=None, help="default: the snapshot interval; 0: never")
+    p.add_argument("--exec-k", type=int, default=3, help="dimension of the execution subspace for rho")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="default runs/modadd_<preset>_s<seed>")
+    return p
+
+
+def resolve(args) -> dict:
+    cfg = dict(PRESETS[args.preset])
+    for k in list(cfg) + ["optimizer"]:
+        v = getattr(args, k, None)
+        if v is not None:
+            cfg[k] = v
+    cfg.update(mlp=args.mlp, d_ff=args.d_ff, schedule=args.schedule, value_distractors=not args.no_value_distractors,
+               readout_token=args.readout_token, n_noise=args.n_noise, seed=args.seed, preset=args.preset,
+               eval_every=args.eval_every or cfg["snapshot_every"], eval_size=args.eval_size, exec_k=args.exec_k,
+               commutator_every=cfg["snapshot_every"] if args.commutator_every is None else args.commutator_every)
+    return cfg
+
+
+def run(cfg: dict, out_dir: str | None = None, progress: bool = True) -> dict:
+    from tqdm import tqdm
+    task = TaskConfig(cfg["T"], cfg["C"], cfg["n_noise"], cfg["value_distractors"], cfg["readout_token"])
+    if not 1 <= cfg["m_min"] <= cfg["m_max"] <= task.max_markers():
+        raise ValueError(f"m range {cfg['m_min']}..{cfg['m_max']} impossible for T = {cfg['T']} "
+                         f"(at most {task.max_markers()} markers)")
+    mcfg = ModelConfig(task.vocab_size, task.T, task.C, cfg["d_model"], cfg["n_heads"], cfg["n_layers"], cfg["mlp"],
+                       cfg["d_ff"])
+    seed = cfg["seed"]
+    torch.manual_seed(seed)                                     # initialisation stream
+    model = ModAddTransformer(mcfg)
+    data_gen = torch.Generator().manual_seed(10_000 + seed)     # training batches
+    meas_gen = torch.Generator().manual_seed(20_000 + seed)     # commutator minibatches
+    eval_gen = torch.Generator().manual_seed(999)               # fixed held-out sets, same for every seed
+    evals = {m: sample(task, m, cfg["eval_size"], eval_gen)[:2] for m in range(cfg["m_min"], cfg["m_max"] + 1)}
+    probe = sample(task, torch.randint(cfg["m_min"], cfg["m_max"] + 1, (256,), generator=eval_gen), 256, eval_gen)[0]
+    opt = (torch.optim.AdamW(model.parameters(), lr=cfg["lr"]) if cfg["optimizer"] == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=cfg["lr"]))
+    rule = m_schedule(cfg["schedule"], cfg["m_min"], cfg["m_max"], cfg["steps"])
+    mats = model.attention_matrices()
+    snaps: dict[str, list] = {k: [] for k in mats}
+    rows, comm_rows = [], []
+    rng_np = np.random.default_rng(30_000 + seed)
+    t0, t_meas = time.perf_counter(), 0.0
+
+    def snapshot():
+        for k, w in mats.items():
+            snaps[k].append(w.detach().numpy().copy())
+
+    def evaluate(step, train_loss):
+        row = {"step": step, "train_loss": train_loss}
+        model.eval()
+        for m, (x, y) in evals.items():
+            row[f"acc_m{m}"], row[f"loss_m{m}"] = accuracy(model, x, y)
+        keep = {}
+        with torch.no_grad():
+            model(probe, keep)
+        for i, e in enumerate(readout_entropy(keep).mean(1).tolist()):
+            row[f"entropy_L{i}"] = e
+        model.train()
+        rows.append(row)
+
+    snapshot()
+    evaluate(0, float("nan"))
+    losses = []
+    bar = tqdm(range(1, cfg["steps"] + 1), desc="training", disable=not progress, mininterval=2)
+    for step in bar:
+        x, y, _, _ = batch_for(task, rule(step - 1), cfg["batch_size"], data_gen)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % cfg["snapshot_every"] == 0:
+            snapshot()
+        if cfg["commutator_every"] and step % cfg["commutator_every"] == 0:
+            t = time.perf_counter()
+            comm_rows.append({"step": step, **measure_commutator(model, task, rule(step - 1), cfg, meas_gen, snaps,
+                                                                 rng_np)})
+            t_meas += time.perf_counter() - t
+        if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
+            evaluate(step, float(np.mean(losses[-cfg["eval_every"]:])))
+            bar.set_postfix(loss=f"{rows[-1]['train_loss']:.3f}",
+                            acc=" ".join(f"{rows[-1][f'acc_m{m}']:.2f}" for m in evals))
+    total = time.perf_counter() - t0
+    res = {"config": cfg, "n_parameters": sum(p.numel() for p in model.parameters()), "seconds": total,
+           "measurement_seconds": t_meas, "final": rows[-1], "metrics": rows, "commutators": comm_rows,
+           "model": model, "snapshots": {k: np.stack(v) for k, v in snaps.items()}}
+    if out_dir:
+        write(res, out_dir)
+    return res
+
+
+def flat_attention(snaps: dict[str, list]) -> np.ndarray:
+    return np.concatenate([np.stack(v).reshape(len(v), -1) for v in snaps.values()], axis=1)
+
+
+def measure_commutator(model, task, rule, cfg, gen, snaps, rng_np) -> dict:
+    """SGD commutator at the current weights in float64, with its projection onto the
+    execution subspace of the snapshots so far (top exec_k directions of the attention
+    trajectory) and onto a random subspace of the same size."""
+    from torch.func import functional_call
+    model64 = ModAddTransformer(model.cfg).double()
+    model64.load_state_dict(model.state_dict())
+    names = [n for n, _ in model64.named_parameters()]
+    params = [p.detach() for _, p in model64.named_parameters()]
+    (xa, ya, _, _), (xb, yb, _, _) = (batch_for(task, rule, cfg["batch_size"], gen) for _ in range(2))
+
+    def loss_fn(ps, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(model64, dict(zip(names, ps)), (x,)), y)
+
+    c = commutator(loss_fn, params, (xa, ya), (xb, yb), cfg["lr"])
+    att = [n for n in names if ".attn.W_" in n]
+    delta = np.concatenate([c["delta"][names.index(n)].numpy().ravel() for n in att])
+    out = {"norm": c["norm"], "D": c["D"], "D_rel": c["D_rel"], "step_a": c["step_a"], "step_b": c["step_b"]}
+    n_snap = len(next(iter(snaps.values())))
+    if n_snap > cfg["exec_k"] and np.linalg.norm(delta) > 0:
+        basis = execution_basis(flat_attention(snaps), cfg["exec_k"])
+        r = rho(delta, basis)
+        r0 = rho(delta, random_basis(len(delta), cfg["exec_k"], rng_np))
+        out.update(rho_exec=r, rho_random=r0, perp_exec=float(np.sqrt(max(0.0, 1 - r * r))))
+    return out
+
+
+def write(res: dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({**res["config"], "n_parameters": res["n_parameters"], "seconds": res["seconds"],
+                   "measurement_seconds": res["measurement_seconds"]}, f, indent=2)
+    for name, rows in (("metrics.csv", res["metrics"]), ("commutators.csv", res["commutators"])):
+        if rows:
+            keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k))
+            with open(os.path.join(out_dir, name), "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                w.writerows(rows)
+    np.savez(os.path.join(out_dir, "snapshots.npz"), **{k.replace(".", "_"): v for k, v in res["snapshots"].items()})
+    torch.save({"config": res["config"], "model": res["model"].state_dict()}, os.path.join(out_dir, "model.pt"))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = resolve(args)
+    for k in ("steps", "batch_size", "snapshot_every", "eval_every"):
+        if cfg[k] < 1:
+            print(f"error: --{k.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
+    out = args.out_dir or f"runs/modadd_{args.preset}_s{args.seed}"
+    try:
+        res = run(cfg, out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    f = res["final"]
+    print(f"{res['n_parameters']:,} parameters ({'standard' if cfg['mlp'] else 'attention-only'}); "
+          f"{cfg['steps']} steps in {res['seconds']:.0f} s ({res['measurement_seconds']:.0f} s measuring)")
+    print("held-out accuracy by m: " + ", ".join(f"m={m}: {f[f'acc_m{m}']:.3f}"
+                                                 for m in range(cfg["m_min"], cfg["m_max"] + 1)))
+    print(f"wrote {out}/config.json, metrics.csv, commutators.csv, snapshots.npz, model.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""modadd: generator invariants, schedules, parameter counts, the exact commutator on a
+quadratic loss and its eta^2 scaling, r90 on planted trajectories, the random-subspace rho,
+measurement that leaves training unchanged, and a tiny end-to-end run."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from modadd import geometry as G
+from modadd.model import ModAddTransformer, ModelConfig, n_parameters
+from modadd.task import TaskConfig, batch_for, label_of, m_schedule, sample
+from modadd.train import PRESETS, main, resolve, build_parser, run
+
+
+@pytest.mark.parametrize("value_distractors", [True, False])
+@pytest.mark.parametrize("readout_token", [False, True])
+def test_generator_invariants(value_distractors, readout_token):
+    cfg = TaskConfig(T=16, C=8, value_distractors=value_distractors, readout_token=readout_token)
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randint(1, cfg.max_markers() + 1, (3000,), generator=gen)
+    tok, lab, pos, mm = sample(cfg, m, 3000, gen)
+    assert torch.equal(lab, label_of(cfg, tok))                     # an independent reading
+    assert torch.equal((tok == cfg.marker).sum(1), m)                 # markers only where placed
+    valid = pos >= 0
+    assert torch.all(pos[valid] + 1 <= cfg.T - 1 - int(readout_token))
+    gaps = pos[:, 1:] - pos[:, :-1]
+    assert torch.all(gaps[valid[:, 1:]] >= 2)                         # pairs never overlap
+    after_marker = torch.zeros_like(tok, dtype=torch.bool)
+    after_marker[:, 1:] = tok[:, :-1] == cfg.marker
+    unmarked_values = ((tok < cfg.C) & ~after_marker).sum()
+    assert (unmarked_values > 0) == value_distractors                 # values as distractors only when asked
+    if readout_token:
+        assert torch.all(tok[:, -1] == cfg.readout)
+    assert len({tuple(r) for r in pos[m == 2].tolist()}) > 20         # positions drawn per example
+    assert 0.10 < float((lab == 0).float().mean()) < 0.15              # labels uniform over C = 8
+    with pytest.raises(ValueError):
+        sample(cfg, cfg.max_markers() + 1, 4, gen)
+
+
+def test_schedules():
+    cur = m_schedule("curriculum", 1, 4, 400)
+    assert [cur(s)[1] for s in (0, 99, 100, 250, 399)] == [1, 1, 2, 3, 4]
+    gen = torch.Generator().manual_seed(1)
+    cfg = TaskConfig()
+    _, _, _, m = batch_for(cfg, m_schedule("mixed-batch", 1, 4, 10)(0), 64, gen)
+    assert len(set(m.tolist())) == 1
+    _, _, _, m = batch_for(cfg, m_schedule("mixed", 1, 4, 10)(0), 256, gen)
+    assert set(m.tolist()) == {1, 2, 3, 4}
+    with pytest.raises(ValueError):
+        m_schedule("random", 1, 4, 10)
+
+
+def test_parameter_counts():
+    for mlp in (False, True):
+        cfg = ModelConfig(vocab_size=18, T=16, n_classes=8, mlp=mlp)
+        model = ModAddTransformer(cfg)
+        assert sum(p.numel() for p in model.parameters()) == n_parameters(cfg)
+        assert any("mlp" in n for n, _ in model.named_parameters()) == mlp
+    assert TaskConfig().vocab_size == 17 and n_parameters(ModelConfig(17, 16, 8)) == 334_472
+
+
+def quadratic(P=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A, B = (torch.randn(P, P, generator=g, dtype=torch.float64) for _ in range(2))
+    HA, HB = A @ A.T, B @ B.T
+    ba, bb = (torch.randn(P, generator=g, dtype=torch.float64) for _ in range(2))
+    th = torch.randn(P, generator=g, dtype=torch.float64)
+    return HA, HB, ba, bb, th
+
+
+def test_commutator_exact_on_quadratic():
+    HA, HB, ba, bb, th = quadratic()
+
+    def loss(ps, batch):
+        H, b = batch
+        return 0.5 * ps[0] @ H @ ps[0] + b @ ps[0]
+    for eta in (1e-1, 1e-3):
+        c = G.commutator(loss, [th], (HA, ba), (HB, bb), eta)
+        ga, gb = HA @ th + ba, HB @ th + bb
+        expect = eta ** 2 * (HB @ ga - HA @ gb)
+        torch.testing.assert_close(c["delta"][0], expect, rtol=1e-9, atol=1e-15)
+        assert c["D"] == pytest.approx(float(expect.norm() / (eta * ga.norm() * eta * gb.norm())), rel=1e-9)
+
+
+def test_commutator_scales_as_eta_squared_on_a_network():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=18, T=8, n_classes=8, d_model=16, n_heads=2, n_layers=2)
+    model = ModAddTransformer(cfg).double()
+    from torch.func import functional_call
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for _, p in model.named_parameters()]
+    task = TaskConfig(T=8, C=8)
+    gen = torch.Generator().manual_seed(2)
+    a, b = sample(task, 2, 32, gen)[:2], sample(task, 2, 32, gen)[:2]
+
+    def loss(ps, batch):
+        return torch.nn.functional.cross_entropy(functional_call(model, dict(zip(names, ps)), (batch[0],)), batch[1])
+    n1 = G.commutator(loss, params, a, b, 1e-3)["norm"]
+    n2 = G.commutator(loss, params, a, b, 5e-4)["norm"]
+    assert n1 / n2 == pytest.approx(4.0, rel=0.01)
+
+
+def test_r90_on_planted_trajectories():
+    rng = np.random.default_rng(0)
+    P, n = 400, 60
+    for k in (1, 2, 3):
+        basis = np.linalg.qr(rng.standard_normal((P, k)))[0]
+        t = np.linspace(0, 1, n)
+        coeff = np.stack([np.cos(np.pi * (j + 1) * t) for j in range(k)], 1)   # equal variance, orthogonal
+        traj = coeff @ basis.T + 1e-6 * rng.standard_normal((n, P))
+        res = G.trajectory_pca(traj, rng, n_null=10)
+        assert res["r90"] == k
+        assert res["effective_rank"] == pytest.approx(k, rel=0.02)
+    walk = G.random_walk_like(traj, rng)
+    np.testing.assert_allclose(np.linalg.norm(np.diff(walk, axis=0), axis=1),
+                               np.linalg.norm(np.diff(traj, axis=0), axis=1), rtol=1e-10)
+
+
+def test_random_subspace_rho():
+    rng = np.random.default_rng(0)
+    P, K = 2000, 20
+    vals = [G.rho(rng.standard_normal(P), G.random_basis(P, K, rng)) for _ in range(200)]
+    assert np.mean(vals) == pytest.approx(np.sqrt(K / P), rel=0.1)
+    basis = G.random_basis(P, K, rng)
+    assert G.rho(basis @ rng.standard_normal(K), basis) == pytest.approx(1.0)
+
+
+def small_cfg(**kw):
+    args = build_parser().parse_args(["--preset", "code", "--steps", "40", "--d-model", "32", "--n-layers", "2",
+                                      "--snapshot-every", "10", "--batch-size", "32", "--eval-size", "100"])
+    cfg = resolve(args)
+    cfg.update(kw)
+    return cfg
+
+
+def test_measurement_does_not_change_training():
+    a = run(small_cfg(commutator_every=10), progress=False)
+    b = run(small_cfg(commutator_every=0), progress=False)
+    for (n, p), (_, q) in zip(a["model"].state_dict().items(), b["model"].state_dict().items()):
+        assert torch.equal(p, q), n
+    assert len(a["commutators"]) == 4 and not b["commutators"]
+    assert "rho_exec" in a["commutators"][-1]
+    assert 0 <= a["commutators"][-1]["rho_exec"] <= 1
+
+
+def test_end_to_end(tmp_path):
+    assert main(["--preset", "paper", "--steps", "30", "--d-model", "32", "--n-layers", "2", "--snapshot-every", "10",
+                 "--eval-size", "64", "--out-dir", str(tmp_path), "--mlp", "--schedule", "curriculum"]) == 0
+    cfg = json.load(open(tmp_path / "config.json"))
+    assert cfg["T"] == 32 and cfg["optimizer"] == "sgd" and cfg["batch_size"] == 64 and cfg["mlp"]
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 10, 20, 30] and "acc_m4" in rows[0] and "entropy_L1" in rows[0]
+    snaps = np.load(tmp_path / "snapshots.npz")
+    assert snaps["L0_W_Q"].shape == (4, 32, 32) and len(snaps.files) == 8
+    assert main(["--preset", "code", "--m-max", "9", "--steps", "5", "--out-dir", str(tmp_path / "bad")]) == 2
+    assert PRESETS["code"]["steps"] == 20_000
