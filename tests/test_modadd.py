@@ -156,3 +156,23 @@ def test_end_to_end(tmp_path):
     assert snaps["L0_W_Q"].shape == (4, 32, 32) and len(snaps.files) == 8
     assert main(["--preset", "code", "--m-max", "9", "--steps", "5", "--out-dir", str(tmp_path / "bad")]) == 2
     assert PRESETS["code"]["steps"] == 20_000
+
+
+def test_trajectory_stage_on_planted_snapshots(tmp_path):
+    """Two fake runs whose W_Q moves along 2 directions and W_K along a random walk."""
+    from modadd.trajectory import main as trajectory
+    rng = np.random.default_rng(3)
+    for s in range(2):
+        d = tmp_path / f"run{s}"
+        d.mkdir()
+        t = np.linspace(0, 1, 30)
+        B = np.linalg.qr(rng.standard_normal((64, 2)))[0]
+        q = (np.stack([np.cos(np.pi * t), np.cos(2 * np.pi * t)], 1) @ B.T).reshape(30, 8, 8)
+        k = np.cumsum(rng.standard_normal((30, 64)), 0).reshape(30, 8, 8)
+        np.savez(d / "snapshots.npz", L0_W_Q=q, L0_W_K=k)
+    assert trajectory([str(tmp_path / "run0"), str(tmp_path / "run1"), "--out-dir", str(tmp_path)]) == 0
+    res = json.load(open(tmp_path / "trajectory_pca.json"))
+    assert res["summary"]["L0.W_Q"]["r90"]["mean"] == 2 and res["summary"]["L0.W_Q"]["r90"]["std"] == 0
+    k = res["summary"]["L0.W_K"]
+    assert abs(k["r90"]["mean"] - k["null_r90_mean"]["mean"]) <= 2          # a random walk looks like its null
+    assert trajectory([str(tmp_path / "missing")]) == 2

@@ -1,0 +1,115 @@
+"""Trajectory PCA of a training run's attention matrices, against a random-walk null.
+
+    python -m modadd.trajectory runs/modadd_code_s0 [runs/modadd_code_s1 ...]
+
+For every layer and matrix (W_Q, W_K, W_V, W_O) of each run: r90 (principal components for
+90% of the trajectory's variance) and the effective rank, beside the same numbers for
+random walks with the run's step sizes in random directions. With several runs (seeds), the
+table gives the mean and standard deviation over runs. Writes trajectory_pca.json and
+trajectory_pca.png in the first run's folder (or --out-dir).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+from modadd.geometry import trajectory_pca
+
+MATS = ("W_Q", "W_K", "W_V", "W_O")
+
+
+def load_snapshots(run_dir: str) -> dict[tuple[int, str], np.ndarray]:
+    path = os.path.join(run_dir, "snapshots.npz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: give a folder written by python -m modadd.train")
+    z = np.load(path)
+    out = {}
+    for k in z.files:
+        m = re.fullmatch(r"L(\d+)_(W_[QKVO])", k)
+        if m:
+            out[(int(m.group(1)), m.group(2))] = z[k].reshape(z[k].shape[0], -1)
+    if not out or next(iter(out.values())).shape[0] < 3:
+        raise ValueError(f"{path}: need at least 3 snapshots of the attention matrices")
+    return out
+
+
+def analyse(run_dirs: list[str], n_null: int = 20, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    per_run = []
+    for d in run_dirs:
+        snaps = load_snapshots(d)
+        per_run.append({f"L{l}.{m}": trajectory_pca(t, rng, n_null) for (l, m), t in sorted(snaps.items())})
+    keys = list(per_run[0])
+    summary = {}
+    for k in keys:
+        vals = {s: np.array([r[k][s] for r in per_run], float) for s in
+                ("r90", "effective_rank", "null_r90_mean", "null_effective_rank_mean")}
+        summary[k] = {s: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+                      for s, v in vals.items()}
+    return {"runs": run_dirs, "per_run": per_run, "summary": summary}
+
+
+def format_table(res: dict) -> str:
+    lines = [f"trajectory PCA over {len(res['runs'])} run(s): mean (+- std over runs)",
+             "| layer.matrix | r90 | random-walk r90 | effective rank | random-walk effective rank |",
+             "|---|---|---|---|---|"]
+    for k, s in res["summary"].items():
+        lines.append(f"| {k} | {s['r90']['mean']:.1f} +- {s['r90']['std']:.1f} | {s['null_r90_mean']['mean']:.1f} | "
+                     f"{s['effective_rank']['mean']:.2f} +- {s['effective_rank']['std']:.2f} | "
+                     f"{s['null_effective_rank_mean']['mean']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = list(res["summary"])
+    layers = sorted({int(k.split(".")[0][1:]) for k in keys})
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.2))
+    S = res["summary"]
+    for j, stat, null in ((0, "r90", "null_r90_mean"), (1, "effective_rank", "null_effective_rank_mean")):
+        for i, m in enumerate(MATS):
+            ls = [l for l in layers if f"L{l}.{m}" in S]
+            if ls:
+                ax[j].errorbar(np.array(ls) + 0.08 * (i - 1.5), [S[f"L{l}.{m}"][stat]["mean"] for l in ls],
+                               yerr=[S[f"L{l}.{m}"][stat]["std"] for l in ls], fmt="o-", capsize=3, label=m)
+        ax[j].plot(layers, [np.mean([S[k][null]["mean"] for k in keys if k.startswith(f"L{l}.")]) for l in layers],
+                   "k--", label="random walk, same steps")
+        ax[j].set_xlabel("layer")
+        ax[j].set_title(stat.replace("_", " ") + " of the weight trajectory")
+        ax[j].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run folders written by python -m modadd.train")
+    p.add_argument("--n-null", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None)
+    args = p.parse_args(argv)
+    try:
+        res = analyse(args.runs, args.n_null, args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(res))
+    out = args.out_dir or args.runs[0]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "trajectory_pca.json"), "w") as f:
+        json.dump(res, f)
+    print(f"wrote {os.path.join(out, 'trajectory_pca.json')}, {plot(res, os.path.join(out, 'trajectory_pca.png'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
