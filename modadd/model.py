@@ -31,11 +31,16 @@ class Attention(nn.Module):
         self.W_K = nn.Linear(d, d, bias=False)
         self.W_V = nn.Linear(d, d, bias=False)
         self.W_O = nn.Linear(d, d, bias=False)
+        self.topk: int | None = None
 
     def forward(self, x: torch.Tensor, keep: dict | None = None) -> torch.Tensor:
         B, T, d = x.shape
         q, k, v = (w(x).view(B, T, self.h, d // self.h).transpose(1, 2) for w in (self.W_Q, self.W_K, self.W_V))
-        att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.h) ** 0.5, dim=-1)   # (B, h, T, T)
+        scores = q @ k.transpose(-1, -2) / (d // self.h) ** 0.5
+        if self.topk is not None and self.topk < T:        # keep each row's top-k keys (bubbling test)
+            kth = scores.topk(self.topk, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        att = torch.softmax(scores, dim=-1)                 # (B, h, T, T)
         if keep is not None:
             keep.setdefault("attn", []).append(att)
         return self.W_O((att @ v).transpose(1, 2).reshape(B, T, d))
@@ -86,6 +91,11 @@ class ModAddTransformer(nn.Module):
     def attention_matrices(self) -> dict[str, torch.Tensor]:
         return {f"L{i}.{n}": getattr(b.attn, n).weight for i, b in enumerate(self.blocks)
                 for n in ("W_Q", "W_K", "W_V", "W_O")}
+
+
+def set_topk(model: "ModAddTransformer", k: int | None) -> None:
+    for b in model.blocks:
+        b.attn.topk = k
 
 
 def n_parameters(cfg: ModelConfig) -> int:

@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from modadd.figures import save, subplots
 from modadd.geometry import trajectory_pca
 
 MATS = ("W_Q", "W_K", "W_V", "W_O")
@@ -66,12 +67,9 @@ def format_table(res: dict) -> str:
 
 
 def plot(res: dict, path: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     keys = list(res["summary"])
     layers = sorted({int(k.split(".")[0][1:]) for k in keys})
-    fig, ax = plt.subplots(1, 2, figsize=(13, 4.2))
+    fig, ax = subplots(2)
     S = res["summary"]
     for j, stat, null in ((0, "r90", "null_r90_mean"), (1, "effective_rank", "null_effective_rank_mean")):
         for i, m in enumerate(MATS):
@@ -84,10 +82,7 @@ def plot(res: dict, path: str) -> str:
         ax[j].set_xlabel("layer")
         ax[j].set_title(stat.replace("_", " ") + " of the weight trajectory")
         ax[j].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def main(argv=None) -> int:

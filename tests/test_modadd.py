@@ -176,3 +176,35 @@ def test_trajectory_stage_on_planted_snapshots(tmp_path):
     k = res["summary"]["L0.W_K"]
     assert abs(k["r90"]["mean"] - k["null_r90_mean"]["mean"]) <= 2          # a random walk looks like its null
     assert trajectory([str(tmp_path / "missing")]) == 2
+
+
+def test_topk_attention():
+    from modadd.model import set_topk
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=17, T=16, n_classes=8, d_model=32, n_heads=4, n_layers=2)
+    model = ModAddTransformer(cfg).eval()
+    x = sample(TaskConfig(), 2, 8, torch.Generator().manual_seed(0))[0]
+    with torch.no_grad():
+        full = model(x)
+        set_topk(model, 16)
+        assert torch.equal(model(x), full)                           # k = T: the model itself
+        set_topk(model, 1)
+        keep = {}
+        model(x, keep)
+    from modadd.model import readout_entropy
+    assert torch.all(readout_entropy(keep) < 1e-6)                    # one key per row: no entropy
+    assert all(torch.all(a.max(-1).values == 1) for a in keep["attn"])
+
+
+def test_bubbling_stage(tmp_path):
+    from modadd.bubbling import main as bubbling
+    assert main(["--steps", "20", "--d-model", "32", "--n-layers", "2", "--snapshot-every", "10",
+                 "--eval-size", "64", "--commutator-every", "0", "--out-dir", str(tmp_path)]) == 0
+    assert bubbling([str(tmp_path), "--n", "100"]) == 0
+    res = json.load(open(tmp_path / "bubbling.json"))
+    assert set(res["per_m"]) == {"1", "2", "3", "4"}
+    r = res["per_m"]["2"]
+    assert all(0 <= e <= res["uniform_entropy"] + 1e-6 for e in r["readout_entropy"])
+    assert all(a <= b + 1e-9 for a, b in zip(r["top_mass"]["1"], r["top_mass"]["2"]))
+    assert len(res["entropy_history"]["step"]) == 3
+    assert bubbling([str(tmp_path / "nothing")]) == 2

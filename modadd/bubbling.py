@@ -1,0 +1,119 @@
+"""Attention bubbling: how concentrated the read-out attention is, and whether the model
+still works when every attention row keeps only its top-k keys.
+
+    python -m modadd.bubbling runs/modadd_code_s0
+
+From a run folder (model.pt, metrics.csv): per m on fresh held-out examples, the read-out
+row's entropy per layer (beside log T, the entropy of uniform attention), the mass on its
+top 1, 2 and 4 keys, and accuracy with attention restricted to the top-k keys of every row
+(k = 1, 2, 4, 8, all) in every layer. A figure shows the read-out entropy over training
+(metrics.csv) and the top-k accuracy. Writes bubbling.{json,png} in the run folder.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+
+import torch
+
+from modadd.figures import save, subplots
+from modadd.model import ModAddTransformer, ModelConfig, accuracy, set_topk
+from modadd.task import TaskConfig, sample
+
+
+def load_run(run_dir: str):
+    path = os.path.join(run_dir, "model.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: give a folder written by python -m modadd.train")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    c = ck["config"]
+    task = TaskConfig(c["T"], c["C"], c["n_noise"], c["value_distractors"], c["readout_token"])
+    model = ModAddTransformer(ModelConfig(task.vocab_size, task.T, task.C, c["d_model"], c["n_heads"], c["n_layers"],
+                                          c["mlp"], c["d_ff"]))
+    model.load_state_dict(ck["model"])
+    return model.eval(), task, c
+
+
+def analyse(run_dir: str, n: int = 2000, ks=(1, 2, 4, 8), seed: int = 7) -> dict:
+    model, task, c = load_run(run_dir)
+    gen = torch.Generator().manual_seed(seed)
+    out = {"run": run_dir, "T": task.T, "uniform_entropy": math.log(task.T), "per_m": {}}
+    for m in range(c["m_min"], c["m_max"] + 1):
+        x, y = sample(task, m, n, gen)[:2]
+        keep = {}
+        with torch.no_grad():
+            model(x, keep)
+        rows = [a[:, :, -1, :] for a in keep["attn"]]              # (B, heads, T) per layer
+        ent = [float((-(p * p.clamp_min(1e-12).log()).sum(-1)).mean()) for p in rows]
+        top = {k: [float(p.sort(-1, descending=True).values[..., :k].sum(-1).mean()) for p in rows] for k in (1, 2, 4)}
+        accs = {}
+        for k in list(ks) + [None]:
+            set_topk(model, k)
+            accs["all" if k is None else str(k)] = accuracy(model, x, y)[0]
+        set_topk(model, None)
+        out["per_m"][str(m)] = {"readout_entropy": ent, "top_mass": {str(k): v for k, v in top.items()},
+                                "topk_accuracy": accs}
+    hist = os.path.join(run_dir, "metrics.csv")
+    if os.path.exists(hist):
+        rows = list(csv.DictReader(open(hist)))
+        out["entropy_history"] = {"step": [int(r["step"]) for r in rows],
+                                  **{k: [float(r[k]) for r in rows] for k in rows[0] if k.startswith("entropy_L")}}
+    return out
+
+
+def format_table(res: dict) -> str:
+    lines = [f"{res['run']}: read-out attention (uniform entropy log T = {res['uniform_entropy']:.2f})",
+             "| m | entropy per layer | top-1 mass per layer | accuracy: top-1 / 2 / 4 / 8 / all keys |",
+             "|---|---|---|---|"]
+    for m, r in res["per_m"].items():
+        a = r["topk_accuracy"]
+        lines.append(f"| {m} | {' '.join(f'{e:.2f}' for e in r['readout_entropy'])} | "
+                     f"{' '.join(f'{v:.2f}' for v in r['top_mass']['1'])} | "
+                     f"{' / '.join(f'{a[k]:.2f}' for k in ('1', '2', '4', '8', 'all'))} |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> str:
+    fig, ax = subplots(2)
+    h = res.get("entropy_history")
+    if h:
+        for k in sorted(x for x in h if x.startswith("entropy_L")):
+            ax[0].plot(h["step"], h[k], label=k.replace("entropy_", "layer "))
+        ax[0].axhline(res["uniform_entropy"], color="k", ls=":", label="uniform")
+        ax[0].set_xlabel("step")
+        ax[0].set_title("read-out attention entropy over training (fixed probes)")
+        ax[0].legend(fontsize=8)
+    labels = ["1", "2", "4", "8", "all"]
+    for m, r in res["per_m"].items():
+        ax[1].plot(labels, [r["topk_accuracy"][k] for k in labels], "o-", label=f"m = {m}")
+    ax[1].set_xlabel("keys kept per attention row")
+    ax[1].set_ylabel("held-out accuracy")
+    ax[1].set_title("accuracy with top-k attention")
+    ax[1].legend(fontsize=8)
+    return save(fig, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run")
+    p.add_argument("--n", type=int, default=2000, help="held-out examples per m")
+    p.add_argument("--seed", type=int, default=7)
+    args = p.parse_args(argv)
+    try:
+        res = analyse(args.run, args.n, seed=args.seed)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(res))
+    with open(os.path.join(args.run, "bubbling.json"), "w") as f:
+        json.dump(res, f)
+    print(f"wrote {os.path.join(args.run, 'bubbling.json')}, {plot(res, os.path.join(args.run, 'bubbling.png'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
