@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 from terrain import metrics as M
+from terrain.cli import save_figure
 from terrain.models import DEFAULT_MODEL, TerrainError, by_role, canonical_weights, load_model, resolve_model_name
 
 # Small hand-made categories; members that are not single tokens are dropped and counted.
@@ -185,10 +186,7 @@ def plot(res: dict, path: str) -> str:
     ax.set_xticklabels(["embeddings", "Gaussian,\nsame cov.", "isotropic\n(exact)"])
     ax.set_title("4-simplex volume CV")
     fig.suptitle(f"Embedding geometry of {res['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,8 @@ import sys
 import numpy as np
 import torch
 
+from terrain import metrics as M
+from terrain.cli import save_figure
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, resolve_model_name
 
 SENTENCES = [
@@ -46,7 +48,7 @@ POST_LN = {"bert", "roberta", "distilbert", "electra", "xlm-roberta", "camembert
 
 
 def pairwise_cos_mean(H: np.ndarray) -> float:
-    U = H / np.maximum(np.linalg.norm(H, axis=1, keepdims=True), 1e-12)
+    U = M.unit(H)
     n = len(U)
     s = U.sum(0)
     return float((s @ s - n) / (n * (n - 1)))  # mean over distinct pairs, without forming n x n
@@ -113,10 +115,7 @@ def plot(res: dict, path: str) -> str:
         ax.set_xticklabels([("*" if s["after_layer_norm"] else "") + s["name"].replace("layer ", "") for s in st])
         ax.set_xlabel("hidden state (* = after a LayerNorm)")
     fig.suptitle(f"Layer evolution of {res['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def main(argv=None) -> int:

@@ -146,6 +146,11 @@ def gaussian_volume_cv(k: int, d: int) -> float:
 
 # ----------------------------------------------------------------------------- cosines, sparsity
 
+def unit(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
 def cosine_stats(X: np.ndarray, n_pairs: int = 20000, rng: np.random.Generator | None = None) -> dict:
     """Cosines of random distinct row pairs: mean, std, mean |cos|; anisotropy = squared norm of
     the mean unit vector (the expected cosine of two random rows, 0 for an isotropic cloud)."""

@@ -187,11 +187,7 @@ def geometric_init(anchors: np.ndarray, others: np.ndarray, H_anchor: np.ndarray
     scale = rms / np.sqrt(np.mean(np.sum((Ya @ R) ** 2, 1)))
     return {"vectors": np.concatenate([Ya, Yo]) @ R, "proj": (scale * basis).T,  # proj weight (d_model, geo)
             "mds_eigenvalues": fit["eigenvalues"].tolist(), "scale": float(scale),
-            "anchor_fit_cosine": float(np.mean(np.sum(_unit(Ya @ R) * _unit(Pa), 1)))}
-
-
-def _unit(X):
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+            "anchor_fit_cosine": float(np.mean(np.sum(M.unit(Ya @ R) * M.unit(Pa), 1)))}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -199,7 +195,7 @@ def _unit(X):
 def relational_scores(C: np.ndarray, S: dict, base: np.ndarray | None) -> dict:
     """C: (n, d) pooled states of the evaluation items; S: their WordNet matrices."""
     from scipy.stats import spearmanr
-    U = _unit(C)
+    U = M.unit(C)
     i, j = np.triu_indices(len(C), 1)
     cos = (U @ U.T)[i, j]
     w = S["wup"][i, j]
@@ -211,7 +207,7 @@ def relational_scores(C: np.ndarray, S: dict, base: np.ndarray | None) -> dict:
            "simplex_cv": M.coefficient_of_variation(M.sample_simplex_volumes(C.astype(np.float64), 4, 2000,
                                                                              np.random.default_rng(0)))}
     if base is not None:
-        out["preservation"] = float(np.mean(np.sum(U * _unit(base), 1)))
+        out["preservation"] = float(np.mean(np.sum(U * M.unit(base), 1)))
     from terrain.wordnet import distance_bands
     out["bands"] = distance_bands(dist, {"state": cos})
     return out

@@ -25,6 +25,7 @@ import sys
 import numpy as np
 
 from terrain.cli import save_figure
+from terrain.metrics import unit
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, resolve_model_name
 
 METHODS = ("procrustes", "least_squares", "shuffled_control")
@@ -116,10 +117,6 @@ def fit_maps(Xa: np.ndarray, Ya: np.ndarray, rng: np.random.Generator, ridge: fl
 
 
 # ----------------------------------------------------------------------------- scores
-
-def unit(X):
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-
 
 def retrieval(P: np.ndarray, Y: np.ndarray, block: int = 2048) -> np.ndarray:
     """Rank (1 = best) of each row's true target among all rows of Y, by cosine."""

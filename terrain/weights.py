@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from terrain import metrics as M
+from terrain.cli import save_figure
 from terrain.models import (DEFAULT_MODEL, attention_forms, by_role, canonical_weights, head_layout,
                             load_model)
 
@@ -318,10 +319,7 @@ def plot_model(res: dict, path: str) -> str:
         ax.set_title("LayerNorm scales (mean +- std per norm)")
         ax.set_xlabel("norm index (by layer)")
     fig.suptitle(f"Weight geometry of {res['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_comparison(results: list[dict], path: str) -> str:
@@ -343,10 +341,7 @@ def plot_comparison(results: list[dict], path: str) -> str:
         ax.set_xticklabels(names, rotation=20, fontsize=7)
         ax.set_title(title + " (1 = chance)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def main(argv=None) -> int:

@@ -34,6 +34,7 @@ import numpy as np
 
 from terrain import metrics as M
 from terrain.embeddings import category_lift
+from terrain.metrics import unit
 from terrain.cli import save_figure
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, resolve_model_name
 from terrain.taxonomy import Taxonomy
@@ -137,10 +138,6 @@ def encode_texts(model, tokenizer, config, texts: list[str], layer: int = -1, po
                 out = np.zeros((len(texts), pooled.shape[1]), np.float32)
             out[idx] = pooled.cpu().numpy()
     return out
-
-
-def unit(X: np.ndarray) -> np.ndarray:
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
 # ----------------------------------------------------------------------------- statistics
