@@ -166,9 +166,11 @@ def wup_distance(S: np.ndarray) -> np.ndarray:
     return 1.0 - np.nan_to_num(S, nan=0.0)
 
 
-def geometric_init(anchors: np.ndarray, others: np.ndarray, H_anchor: np.ndarray,
-                   geo_dim: int, tax: Taxonomy, rng: np.random.Generator, rotation: str = "procrustes") -> dict:
-    """Geometric vectors for anchors + others and the projection into the residual stream."""
+def wordnet_coordinates(anchors: np.ndarray, others: np.ndarray, H_anchor: np.ndarray, geo_dim: int,
+                        tax: Taxonomy) -> dict:
+    """Everything of the initialisation that does not depend on the rotation: MDS coordinates of
+    the anchors and landmark-MDS coordinates of the other items from Wu-Palmer, and the top
+    principal directions of the anchors' residual states."""
     S = tax.similarities(np.concatenate([anchors, others]), simulate_root=False)["wup"]
     na = len(anchors)
     Da = wup_distance(S[:na, :na])
@@ -176,18 +178,19 @@ def geometric_init(anchors: np.ndarray, others: np.ndarray, H_anchor: np.ndarray
     Ya, fit = classical_mds(Da, geo_dim)
     Yo = landmark_mds(wup_distance(S[na:, :na]), fit)
     Hc = H_anchor - H_anchor.mean(0)
-    _, _, vt = np.linalg.svd(Hc, full_matrices=False)
-    basis = vt[:geo_dim]                                   # (geo, d_model)
-    Pa = Hc @ basis.T
-    if rotation == "procrustes":
-        R, _ = procrustes(Ya - Ya.mean(0), Pa)
-    else:
-        R = np.linalg.qr(rng.standard_normal((geo_dim, geo_dim)))[0]
-    rms = np.sqrt(np.mean(np.sum(H_anchor ** 2, 1)))
-    scale = rms / np.sqrt(np.mean(np.sum((Ya @ R) ** 2, 1)))
-    return {"vectors": np.concatenate([Ya, Yo]) @ R, "proj": (scale * basis).T,  # proj weight (d_model, geo)
-            "mds_eigenvalues": fit["eigenvalues"].tolist(), "scale": float(scale),
-            "anchor_fit_cosine": float(np.mean(np.sum(M.unit(Ya @ R) * M.unit(Pa), 1)))}
+    basis = np.linalg.svd(Hc, full_matrices=False)[2][:geo_dim]          # (geo, d_model)
+    return {"Ya": Ya, "Yo": Yo, "basis": basis, "Pa": Hc @ basis.T, "eigenvalues": fit["eigenvalues"],
+            "rms": np.sqrt(np.mean(np.sum(H_anchor ** 2, 1)))}
+
+
+def rotated_geometry(co: dict, R: np.ndarray) -> dict:
+    """Geometric vectors (anchors, then others) rotated by R, and the projection into the residual
+    stream scaled to the anchors' RMS norm."""
+    Ya = co["Ya"] @ R
+    scale = co["rms"] / np.sqrt(np.mean(np.sum(Ya ** 2, 1)))
+    return {"vectors": np.concatenate([Ya, co["Yo"] @ R]), "proj": (scale * co["basis"]).T,  # (d_model, geo)
+            "mds_eigenvalues": co["eigenvalues"].tolist(), "scale": float(scale),
+            "anchor_fit_cosine": float(np.mean(np.sum(M.unit(Ya) * M.unit(co["Pa"]), 1)))}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -222,9 +225,10 @@ def split_items(n: int, n_anchors: int, n_eval: int, seed: int) -> tuple[np.ndar
 
 
 def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors: int, n_eval: int, seed: int,
-            n_train: int = 0, lm_head: bool = False):
-    """Model (frozen), items split into anchors / evaluation / training, the WordNet geometry of
-    anchors, evaluation and (n_train) training items, and an unattached modulator."""
+            n_train: int = 0, lm_head: bool = False, geometry: bool = True):
+    """Model (frozen), items split into anchors / evaluation / training and, with `geometry`,
+    the WordNet geometry of anchors, evaluation and (n_train) training items (Procrustes and
+    random rotation) with an unattached LERP modulator."""
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
@@ -246,18 +250,21 @@ def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors:
     blocks = encoder_blocks(encoder)
     layers = list(range(len(blocks))) if layers is None else layers
     tid = np.array([it["token_id"] for it in items])
-    H = token_states(encoder, tok, tid[anchors], layers[0])
     rng = np.random.default_rng(seed)
     others = np.concatenate([evals, train])
-    inits = {"wordnet": geometric_init(anchors, others, H, geo_dim, tax, rng),
-             "random_rotation": geometric_init(anchors, others, H, geo_dim, tax, rng, rotation="random")}
-    mod = LerpModulator(model.get_input_embeddings().weight.shape[0], H.shape[1], len(layers), geo_dim)
+    vocab_size, d_model = model.get_input_embeddings().weight.shape
+    inits, mod = None, None
+    if geometry:
+        co = wordnet_coordinates(anchors, others, token_states(encoder, tok, tid[anchors], layers[0]), geo_dim, tax)
+        inits = {"wordnet": rotated_geometry(co, procrustes(co["Ya"] - co["Ya"].mean(0), co["Pa"])[0]),
+                 "random_rotation": rotated_geometry(co, np.linalg.qr(rng.standard_normal((geo_dim, geo_dim)))[0])}
+        mod = LerpModulator(vocab_size, co["basis"].shape[1], len(layers), geo_dim)
     defs = [items[i]["definition"] for i in evals]
 
     def encode(texts=defs):
         return encode_texts(encoder, tok, config, texts, -1, "mean", 64, progress=False)
 
-    return SimpleNamespace(n_reserved=n_reserved, model=model, config=config, encoder=encoder, tok=tok, items=items, anchors=anchors,
+    return SimpleNamespace(n_reserved=n_reserved, d_model=d_model, model=model, config=config, encoder=encoder, tok=tok, items=items, anchors=anchors,
                            evals=evals, train=train, tax=tax, layers=layers, tid=tid, inits=inits, mod=mod, rng=rng,
                            ids=np.concatenate([tid[anchors], tid[others]]), encode=encode,
                            S_eval=tax.similarities(evals, simulate_root=False),
@@ -333,14 +340,15 @@ def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int
     get no gradient). field: the simplex experts' deformation, gate and validity heads and
     the per-layer, per-expert alphas (terrain/field.py)."""
     from tqdm import tqdm
-    c = prepare(name, layers, geo_dim, n_anchors, n_eval, seed, n_train=n_train, lm_head=True)
+    c = prepare(name, layers, geo_dim, n_anchors, n_eval, seed, n_train=n_train, lm_head=True,
+                geometry=kind != "field")
     if len(c.train) < batch_size:
         raise TerrainError(f"only {len(c.train)} training items for batches of {batch_size}")
     torch.manual_seed(seed)
     base = c.encode()
     if kind == "field":
         from terrain.field import FieldModulator
-        c.mod = FieldModulator(c.mod.proj.weight.shape[0], len(c.layers), alpha=alpha, seed=seed)
+        c.mod = FieldModulator(c.d_model, len(c.layers), alpha=alpha, seed=seed)
         params = list(c.mod.parameters())
     else:
         load_geometry(c, c.inits["wordnet"])
