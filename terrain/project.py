@@ -49,7 +49,8 @@ def token_space(spec: str, batch_size: int = 512, progress: bool = True) -> tupl
     name, where = parse_space(spec)
     model, config = load_model(name)
     tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
-    vocab = {t: i for t, i in tok.get_vocab().items() if t not in set(tok.all_special_tokens)}
+    special = set(tok.all_special_tokens)
+    vocab = {t: i for t, i in tok.get_vocab().items() if t not in special}
     emb = model.get_input_embeddings().weight.detach().float()
     vocab = {t: i for t, i in vocab.items() if i < emb.shape[0]}
     strings = sorted(vocab, key=vocab.get)

@@ -226,8 +226,9 @@ def lexname_clustering(lexnames: np.ndarray, X: dict[str, np.ndarray], pool: np.
 
 def seed_battery(seed: int, tax: Taxonomy, X: dict[str, np.ndarray], lexnames: np.ndarray,
                  triples: np.ndarray, n_items: int, n_pairs: int, n_simplices: int, simulate_root: bool,
-                 n_perm: int = 0, detail: bool = False) -> dict:
-    """One seed: sample items and pairs, compare WordNet similarity with cosine."""
+                 n_perm: int = 0, detail: bool = False, U: dict[str, np.ndarray] | None = None) -> dict:
+    """One seed: sample items and pairs, compare WordNet similarity with cosine. U: the rows of X
+    normalised, when the caller has them (computed here otherwise)."""
     rng = np.random.default_rng(seed)
     N = len(tax.maps)
     sample = np.sort(rng.choice(N, size=min(n_items, N), replace=False))
@@ -236,7 +237,7 @@ def seed_battery(seed: int, tax: Taxonomy, X: dict[str, np.ndarray], lexnames: n
     pi, pj = rng.integers(0, n, n_pairs), rng.integers(0, n, n_pairs)
     keep = pi != pj
     pi, pj = pi[keep], pj[keep]
-    U = {r: unit(x) for r, x in X.items()}
+    U = {r: unit(x) for r, x in X.items()} if U is None else U
     C = {r: u[sample] @ u[sample].T for r, u in U.items()}
     cos = {r: c[pi, pj] for r, c in C.items()}
     res: dict = {"seed": seed, "n_items": int(n), "n_pairs": int(len(pi))}
@@ -336,9 +337,10 @@ def analyse(name: str | None, policy: str = "most-frequent", layer: int = -1, po
     lexnames = np.array([it["lexname"] for it in items])
     t = time.perf_counter()
     runs = []
+    U = {r: unit(x) for r, x in X.items()}                    # once for all seeds
     for s in tqdm(range(seeds), desc="seeds", disable=not progress, leave=False):
         runs.append(seed_battery(s, tax, X, lexnames, triples, n_items, n_pairs, n_simplices, simulate_root,
-                                 n_perm=n_perm if s == 0 else 0, detail=s == 0))
+                                 n_perm=n_perm if s == 0 else 0, detail=s == 0, U=U))
     timings["seeds_s"] = time.perf_counter() - t
     pos = {p: int(sum(it["pos"] == p for it in items)) for p in sorted({it["pos"] for it in items})}
     per_static = np.sum(unit(X["static"]) * unit(X["contextual"]), 1) if X["static"].shape[1] == \
