@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exec-k", type=int, default=3, help="dimension of the execution subspace for rho")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="default runs/modadd_<preset>_s<seed>")
+    p.add_argument("--force", action="store_true", help="train into an --out-dir that already holds a run")
     return p
 
 
@@ -207,6 +208,10 @@ def main(argv=None) -> int:
             print(f"error: --{k.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
     out = args.out_dir or f"runs/modadd_{args.preset}_s{args.seed}"
+    if os.path.exists(os.path.join(out, "config.json")) and not args.force:
+        print(f"error: {out} already holds a run; pass --force to overwrite it or choose another --out-dir",
+              file=sys.stderr)
+        return 2
     try:
         res = run(cfg, out)
     except ValueError as e:

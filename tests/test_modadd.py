@@ -155,6 +155,9 @@ def test_end_to_end(tmp_path):
     snaps = np.load(tmp_path / "snapshots.npz")
     assert snaps["L0_W_Q"].shape == (4, 32, 32) and len(snaps.files) == 8
     assert main(["--preset", "code", "--m-max", "9", "--steps", "5", "--out-dir", str(tmp_path / "bad")]) == 2
+    before = (tmp_path / "metrics.csv").read_text()
+    assert main(["--preset", "paper", "--steps", "10", "--out-dir", str(tmp_path)]) == 2     # an existing run
+    assert (tmp_path / "metrics.csv").read_text() == before
     assert PRESETS["code"]["steps"] == 20_000
 
 
