@@ -21,21 +21,9 @@ import sys
 import torch
 
 from modadd.figures import save, subplots
-from modadd.model import ModAddTransformer, ModelConfig, accuracy, set_topk
-from modadd.task import TaskConfig, sample
-
-
-def load_run(run_dir: str):
-    path = os.path.join(run_dir, "model.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: give a folder written by python -m modadd.train")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    c = ck["config"]
-    task = TaskConfig(c["T"], c["C"], c["n_noise"], c["value_distractors"], c["readout_token"])
-    model = ModAddTransformer(ModelConfig(task.vocab_size, task.T, task.C, c["d_model"], c["n_heads"], c["n_layers"],
-                                          c["mlp"], c["d_ff"]))
-    model.load_state_dict(ck["model"])
-    return model.eval(), task, c
+from modadd.model import accuracy, set_topk
+from modadd.runs import load_run
+from modadd.task import sample
 
 
 def analyse(run_dir: str, n: int = 2000, ks=(1, 2, 4, 8), seed: int = 7) -> dict:

@@ -69,6 +69,59 @@ def random_basis(P: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.linalg.qr(rng.standard_normal((P, k)))[0]
 
 
+def live_mask(traj: np.ndarray) -> np.ndarray:
+    """Coordinates that moved at all during training (frozen or gradient-free ones would
+    dilute a random baseline)."""
+    return np.ptp(traj, axis=0) > 0
+
+
+def random_live_basis(live: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    B = np.zeros((len(live), k))
+    B[live] = random_basis(int(live.sum()), k, rng)
+    return B
+
+
+def block_matched_basis(basis: np.ndarray, blocks: list[slice], rng: np.random.Generator) -> np.ndarray:
+    """Random directions with the same share of each basis vector in every parameter block
+    (a random subspace that puts its weight where the execution subspace does)."""
+    V = np.zeros_like(basis)
+    for b in blocks:
+        R = rng.standard_normal((b.stop - b.start, basis.shape[1]))
+        V[b] = R / np.linalg.norm(R, axis=0) * np.linalg.norm(basis[b], axis=0)
+    return np.linalg.qr(V)[0]
+
+
+def project_commutators(deltas: np.ndarray, traj: np.ndarray, blocks: list[slice], k: int,
+                        rng: np.random.Generator, n_random: int = 4) -> dict[str, np.ndarray]:
+    """rho of every commutator (rows of deltas, (n, P)) onto the execution subspace of the
+    whole trajectory (top k principal directions of traj (n_snap, P)) and onto baselines:
+    random k-dim subspaces of the live coordinates, block-matched random subspaces, and the
+    union of each block's own top-k trajectory directions beside random k-dim subspaces per
+    block. Random baselines are averaged over n_random draws."""
+    norms = np.linalg.norm(deltas, axis=1)
+    norms[norms == 0] = np.inf
+
+    def rho_of(B):                                     # (n,)
+        return np.linalg.norm(deltas @ B, axis=1) / norms
+
+    U = execution_basis(traj, k)
+    live = live_mask(traj)
+    out = {"rho_exec": rho_of(U),
+           "rho_random": np.mean([rho_of(random_live_basis(live, k, rng)) for _ in range(n_random)], 0),
+           "rho_block_matched": np.mean([rho_of(block_matched_basis(U, blocks, rng)) for _ in range(n_random)], 0)}
+    sq_exec = np.zeros(len(deltas))
+    sq_rand = np.zeros(len(deltas))
+    for b in blocks:
+        Ub = execution_basis(traj[:, b], k)
+        sq_exec += np.linalg.norm(deltas[:, b] @ Ub, axis=1) ** 2
+        sq_rand += np.mean([np.linalg.norm(deltas[:, b] @ random_live_basis(live[b], k, rng), axis=1) ** 2
+                            for _ in range(n_random)], 0)
+    out["rho_exec_blocks"] = np.sqrt(sq_exec) / norms
+    out["rho_random_blocks"] = np.sqrt(sq_rand) / norms
+    out["perp_exec"] = np.sqrt(np.clip(1 - out["rho_exec"] ** 2, 0, None))
+    return out
+
+
 def commutator(loss_fn, params: list[torch.Tensor], batch_a, batch_b, eta: float) -> dict:
     """loss_fn(params, batch) -> scalar; params float64 tensors (not modified)."""
     def grad(ps, batch):

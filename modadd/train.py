@@ -10,11 +10,13 @@ Presets (any flag overrides a field):
   paper  T 32, SGD lr 1e-3, batch 64, snapshots every 100 (what its text states; 20 seeds)
 Writes to --out-dir: config.json; metrics.csv (per evaluation: step, train loss, accuracy
 and loss on fixed held-out sets per m, read-out attention entropy per layer on fixed
-probes); snapshots.npz (W_Q, W_K, W_V, W_O of every layer at every snapshot);
-commutators.csv (SGD commutator D, D_rel, and rho onto the execution subspace of the
-snapshots so far, beside a random subspace of the same size). Training, evaluation and
-measurement draw from separate random streams, so measuring never changes training
-(tested: the same final weights with and without commutators).
+probes); snapshots.npz (every parameter at every snapshot: the attention matrices as
+L<i>_W_Q ... L<i>_W_O, the rest as rest.<name>, and the steps); commutators.csv (SGD
+commutator D, D_rel, and rho onto the execution subspace of the snapshots so far beside a
+random subspace of the same size; final_*: rho onto the execution subspace of the whole
+trajectory beside random live-coordinate and block-matched baselines, and per-block).
+Training, evaluation and measurement draw from separate random streams, so measuring
+never changes training (tested: the same final weights with and without commutators).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modadd.geometry import commutator, execution_basis, random_basis, rho
+from modadd.geometry import commutator, execution_basis, project_commutators, random_basis, rho
 from modadd.model import ModAddTransformer, ModelConfig, accuracy, readout_entropy
 from modadd.task import TaskConfig, batch_for, m_schedule, sample
 
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commutator-every", type=int, default=None, help="default: the snapshot interval; 0: never")
     p.add_argument("--exec-k", type=int, default=3, help="dimension of the execution subspace for rho")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when torch sees one)")
     p.add_argument("--out-dir", default=None, help="default runs/modadd_<preset>_s<seed>")
     p.add_argument("--force", action="store_true", help="train into an --out-dir that already holds a run")
     return p
@@ -79,8 +82,17 @@ def resolve(args) -> dict:
     return cfg
 
 
-def run(cfg: dict, out_dir: str | None = None, progress: bool = True) -> dict:
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def run(cfg: dict, out_dir: str | None = None, progress: bool = True, device: str = "cpu") -> dict:
     from tqdm import tqdm
+    dev = pick_device(device)
     task = TaskConfig(cfg["T"], cfg["C"], cfg["n_noise"], cfg["value_distractors"], cfg["readout_token"])
     if not 1 <= cfg["m_min"] <= cfg["m_max"] <= task.max_markers():
         raise ValueError(f"m range {cfg['m_min']}..{cfg['m_max']} impossible for T = {cfg['T']} "
@@ -89,24 +101,32 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = True) -> dict:
                        cfg["d_ff"])
     seed = cfg["seed"]
     torch.manual_seed(seed)                                     # initialisation stream
-    model = ModAddTransformer(mcfg)
-    data_gen = torch.Generator().manual_seed(10_000 + seed)     # training batches
+    model = ModAddTransformer(mcfg).to(dev)
+    data_gen = torch.Generator().manual_seed(10_000 + seed)     # training batches (drawn on the CPU)
     meas_gen = torch.Generator().manual_seed(20_000 + seed)     # commutator minibatches
     eval_gen = torch.Generator().manual_seed(999)               # fixed held-out sets, same for every seed
-    evals = {m: sample(task, m, cfg["eval_size"], eval_gen)[:2] for m in range(cfg["m_min"], cfg["m_max"] + 1)}
-    probe = sample(task, torch.randint(cfg["m_min"], cfg["m_max"] + 1, (256,), generator=eval_gen), 256, eval_gen)[0]
+    evals = {m: tuple(t.to(dev) for t in sample(task, m, cfg["eval_size"], eval_gen)[:2])
+             for m in range(cfg["m_min"], cfg["m_max"] + 1)}
+    probe = sample(task, torch.randint(cfg["m_min"], cfg["m_max"] + 1, (256,), generator=eval_gen), 256,
+                   eval_gen)[0].to(dev)
     opt = (torch.optim.AdamW(model.parameters(), lr=cfg["lr"]) if cfg["optimizer"] == "adamw"
            else torch.optim.SGD(model.parameters(), lr=cfg["lr"]))
     rule = m_schedule(cfg["schedule"], cfg["m_min"], cfg["m_max"], cfg["steps"])
     mats = model.attention_matrices()
     snaps: dict[str, list] = {k: [] for k in mats}
-    rows, comm_rows = [], []
+    att_ids = {id(w) for w in mats.values()}
+    rest = {n: p for n, p in model.named_parameters() if id(p) not in att_ids}
+    rest_snaps: dict[str, list] = {n: [] for n in rest}
+    snap_steps: list[int] = []
+    rows, comm_rows, deltas = [], [], []
     rng_np = np.random.default_rng(30_000 + seed)
     t0, t_meas = time.perf_counter(), 0.0
 
-    def snapshot():
-        for k, w in mats.items():
-            snaps[k].append(w.detach().numpy().copy())
+    def snapshot(step):
+        snap_steps.append(step)
+        for store, params in ((snaps, mats), (rest_snaps, rest)):
+            for k, w in params.items():
+                store[k].append(w.detach().float().cpu().numpy().copy())
 
     def evaluate(step, train_loss):
         row = {"step": step, "train_loss": train_loss}
@@ -121,32 +141,42 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = True) -> dict:
         model.train()
         rows.append(row)
 
-    snapshot()
+    snapshot(0)
     evaluate(0, float("nan"))
-    losses = []
+    loss_sum, n_loss = torch.zeros((), device=dev), 0
     bar = tqdm(range(1, cfg["steps"] + 1), desc="training", disable=not progress, mininterval=2)
     for step in bar:
         x, y, _, _ = batch_for(task, rule(step - 1), cfg["batch_size"], data_gen)
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
+        loss_sum += loss.detach()
+        n_loss += 1
         if step % cfg["snapshot_every"] == 0:
-            snapshot()
+            snapshot(step)
         if cfg["commutator_every"] and step % cfg["commutator_every"] == 0:
             t = time.perf_counter()
-            comm_rows.append({"step": step, **measure_commutator(model, task, rule(step - 1), cfg, meas_gen, snaps,
-                                                                 rng_np)})
+            row, delta = measure_commutator(model, task, rule(step - 1), cfg, meas_gen, snaps, rng_np)
+            comm_rows.append({"step": step, **row})
+            deltas.append(delta)
             t_meas += time.perf_counter() - t
         if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-            evaluate(step, float(np.mean(losses[-cfg["eval_every"]:])))
+            evaluate(step, float(loss_sum) / max(n_loss, 1))
+            loss_sum.zero_()
+            n_loss = 0
             bar.set_postfix(loss=f"{rows[-1]['train_loss']:.3f}",
                             acc=" ".join(f"{rows[-1][f'acc_m{m}']:.2f}" for m in evals))
+    if deltas:
+        t = time.perf_counter()
+        final_projections(comm_rows, deltas, snaps, cfg["exec_k"], np.random.default_rng(40_000 + seed))
+        t_meas += time.perf_counter() - t
     total = time.perf_counter() - t0
     res = {"config": cfg, "n_parameters": sum(p.numel() for p in model.parameters()), "seconds": total,
-           "measurement_seconds": t_meas, "final": rows[-1], "metrics": rows, "commutators": comm_rows,
-           "model": model, "snapshots": {k: np.stack(v) for k, v in snaps.items()}}
+           "measurement_seconds": t_meas, "device": str(dev), "final": rows[-1], "metrics": rows,
+           "commutators": comm_rows, "model": model.cpu(),
+           "snapshots": {k: np.stack(v) for k, v in snaps.items()},
+           "rest_snapshots": {k: np.stack(v) for k, v in rest_snaps.items()}, "snapshot_steps": np.array(snap_steps)}
     if out_dir:
         write(res, out_dir)
     return res
@@ -156,12 +186,31 @@ def flat_attention(snaps: dict[str, list]) -> np.ndarray:
     return np.concatenate([np.stack(v).reshape(len(v), -1) for v in snaps.values()], axis=1)
 
 
-def measure_commutator(model, task, rule, cfg, gen, snaps, rng_np) -> dict:
+def attention_blocks(snaps: dict[str, list]) -> list[slice]:
+    out, start = [], 0
+    for v in snaps.values():
+        n = v[0].size
+        out.append(slice(start, start + n))
+        start += n
+    return out
+
+
+def final_projections(comm_rows, deltas, snaps, k, rng) -> None:
+    """Once training is over: project every commutator onto the execution subspace of the
+    whole trajectory and onto its random, live-coordinate and block-matched baselines."""
+    proj = project_commutators(np.stack(deltas), flat_attention(snaps), attention_blocks(snaps), k, rng)
+    for i, row in enumerate(comm_rows):
+        row.update({f"final_{name}": float(v[i]) for name, v in proj.items()})
+
+
+def measure_commutator(model, task, rule, cfg, gen, snaps, rng_np) -> tuple[dict, np.ndarray]:
     """SGD commutator at the current weights in float64, with its projection onto the
     execution subspace of the snapshots so far (top exec_k directions of the attention
-    trajectory) and onto a random subspace of the same size."""
+    trajectory) and onto a random subspace of the same size. Also returns the attention
+    part of the commutator (float32) for the projections onto the final subspace."""
     from torch.func import functional_call
-    model64 = ModAddTransformer(model.cfg).double()
+    dev = next(model.parameters()).device
+    model64 = ModAddTransformer(model.cfg).double().to(dev)
     model64.load_state_dict(model.state_dict())
     names = [n for n, _ in model64.named_parameters()]
     params = [p.detach() for _, p in model64.named_parameters()]
@@ -169,26 +218,28 @@ def measure_commutator(model, task, rule, cfg, gen, snaps, rng_np) -> dict:
 
     def loss_fn(ps, batch):
         x, y = batch
-        return F.cross_entropy(functional_call(model64, dict(zip(names, ps)), (x,)), y)
+        return F.cross_entropy(functional_call(model64, dict(zip(names, ps)), (x.to(dev),)), y.to(dev))
 
     c = commutator(loss_fn, params, (xa, ya), (xb, yb), cfg["lr"])
     att = [n for n in names if ".attn.W_" in n]
-    delta = np.concatenate([c["delta"][names.index(n)].numpy().ravel() for n in att])
-    out = {"norm": c["norm"], "D": c["D"], "D_rel": c["D_rel"], "step_a": c["step_a"], "step_b": c["step_b"]}
+    delta = np.concatenate([c["delta"][names.index(n)].cpu().numpy().ravel() for n in att])
+    out = {"norm": c["norm"], "D": c["D"], "D_rel": c["D_rel"], "step_a": c["step_a"], "step_b": c["step_b"],
+           "attention_share": float(np.linalg.norm(delta) / c["norm"]) if c["norm"] > 0 else float("nan")}
     n_snap = len(next(iter(snaps.values())))
     if n_snap > cfg["exec_k"] and np.linalg.norm(delta) > 0:
         basis = execution_basis(flat_attention(snaps), cfg["exec_k"])
         r = rho(delta, basis)
         r0 = rho(delta, random_basis(len(delta), cfg["exec_k"], rng_np))
         out.update(rho_exec=r, rho_random=r0, perp_exec=float(np.sqrt(max(0.0, 1 - r * r))))
-    return out
+    return out, delta.astype(np.float32)
 
 
 def write(res: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump({**res["config"], "n_parameters": res["n_parameters"], "seconds": res["seconds"],
-                   "measurement_seconds": res["measurement_seconds"]}, f, indent=2)
+                   "measurement_seconds": res["measurement_seconds"], "device": res.get("device", "cpu")}, f,
+                  indent=2)
     for name, rows in (("metrics.csv", res["metrics"]), ("commutators.csv", res["commutators"])):
         if rows:
             keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k))
@@ -196,7 +247,9 @@ def write(res: dict, out_dir: str) -> None:
                 w = csv.DictWriter(f, fieldnames=keys)
                 w.writeheader()
                 w.writerows(rows)
-    np.savez(os.path.join(out_dir, "snapshots.npz"), **{k.replace(".", "_"): v for k, v in res["snapshots"].items()})
+    np.savez(os.path.join(out_dir, "snapshots.npz"), steps=res["snapshot_steps"],
+             **{k.replace(".", "_"): v for k, v in res["snapshots"].items()},
+             **{"rest." + k: v for k, v in res["rest_snapshots"].items()})
     torch.save({"config": res["config"], "model": res["model"].state_dict()}, os.path.join(out_dir, "model.pt"))
 
 
@@ -213,7 +266,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        res = run(cfg, out)
+        res = run(cfg, out, device=args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,30 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
 import numpy as np
 
 from modadd.figures import save, subplots
 from modadd.geometry import trajectory_pca
-
-MATS = ("W_Q", "W_K", "W_V", "W_O")
-
-
-def load_snapshots(run_dir: str) -> dict[tuple[int, str], np.ndarray]:
-    path = os.path.join(run_dir, "snapshots.npz")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: give a folder written by python -m modadd.train")
-    z = np.load(path)
-    out = {}
-    for k in z.files:
-        m = re.fullmatch(r"L(\d+)_(W_[QKVO])", k)
-        if m:
-            out[(int(m.group(1)), m.group(2))] = z[k].reshape(z[k].shape[0], -1)
-    if not out or next(iter(out.values())).shape[0] < 3:
-        raise ValueError(f"{path}: need at least 3 snapshots of the attention matrices")
-    return out
+from modadd.runs import MATS, load_snapshots
 
 
 def analyse(run_dirs: list[str], n_null: int = 20, seed: int = 0) -> dict:

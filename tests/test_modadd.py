@@ -11,6 +11,7 @@ import torch
 from modadd import geometry as G
 from modadd.model import ModAddTransformer, ModelConfig, n_parameters
 from modadd.task import TaskConfig, batch_for, label_of, m_schedule, sample
+from modadd.runs import load_run, model_at
 from modadd.train import PRESETS, main, resolve, build_parser, run
 
 
@@ -135,6 +136,36 @@ def small_cfg(**kw):
     return cfg
 
 
+def test_projection_baselines_on_planted_commutators():
+    """Execution directions and commutators live in block 0 of two; block 1 moves at random
+    and one of its coordinates never moves. In-span commutators have rho 1; random commutators in
+    block 0 have rho^2 about k/P_live against the live-coordinate baseline and k/P_0 against
+    the block-matched one (twice as large, as block 0 holds half the live coordinates)."""
+    rng = np.random.default_rng(0)
+    P0, k, n = 600, 3, 40
+    blocks = [slice(0, P0), slice(P0, 2 * P0)]
+    dirs = np.linalg.qr(rng.standard_normal((P0, k)))[0]
+    traj = np.zeros((n, 2 * P0))
+    traj[:, :P0] = np.cumsum(rng.standard_normal((n, k)) * [5, 3, 2], 0) @ dirs.T
+    traj[:, P0:] = 1e-4 * np.cumsum(rng.standard_normal((n, P0)), 0)
+    traj[:, P0 + 5] = 1.0                                              # a frozen coordinate
+    live = G.live_mask(traj)
+    assert live.sum() == 2 * P0 - 1 and not live[P0 + 5]
+    d_in = np.zeros((5, 2 * P0))
+    d_in[:, :P0] = rng.standard_normal((5, k)) @ dirs.T
+    d_rand = np.zeros((300, 2 * P0))
+    d_rand[:, :P0] = rng.standard_normal((300, P0))
+    out_in = G.project_commutators(d_in, traj, blocks, k, rng)
+    assert np.allclose(out_in["rho_exec"], 1, atol=1e-6) and np.allclose(out_in["perp_exec"], 0, atol=1e-3)
+    out = G.project_commutators(d_rand, traj, blocks, k, rng)
+    assert abs(np.mean(out["rho_random"] ** 2) / (k / live.sum()) - 1) < 0.15
+    assert abs(np.mean(out["rho_block_matched"] ** 2) / (k / P0) - 1) < 0.15
+    assert abs(np.mean(out["rho_exec"] ** 2) / (k / P0) - 1) < 0.2       # no alignment planted
+    assert abs(np.mean(out["rho_random_blocks"] ** 2) / (2 * k / (2 * P0)) - 1) < 0.2
+    B = G.random_live_basis(live, k, rng)
+    assert np.allclose(B.T @ B, np.eye(k)) and np.all(B[P0 + 5] == 0)
+
+
 def test_measurement_does_not_change_training():
     a = run(small_cfg(commutator_every=10), progress=False)
     b = run(small_cfg(commutator_every=0), progress=False)
@@ -153,7 +184,16 @@ def test_end_to_end(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [0, 10, 20, 30] and "acc_m4" in rows[0] and "entropy_L1" in rows[0]
     snaps = np.load(tmp_path / "snapshots.npz")
-    assert snaps["L0_W_Q"].shape == (4, 32, 32) and len(snaps.files) == 8
+    assert snaps["L0_W_Q"].shape == (4, 32, 32) and sum(k.startswith("L") for k in snaps.files) == 8
+    assert snaps["steps"].tolist() == [0, 10, 20, 30]
+    mid, step, _, _ = model_at(str(tmp_path), 2)                      # the whole network mid-training
+    assert step == 20 and torch.equal(mid.blocks[1].attn.W_K.weight, torch.from_numpy(snaps["L1_W_K"][2]))
+    final, _, _ = load_run(str(tmp_path))
+    last = model_at(str(tmp_path), -1)[0]
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), last.state_dict().values()))
+    assert not torch.equal(mid.tok.weight, final.tok.weight)
+    comm = list(csv.DictReader(open(tmp_path / "commutators.csv")))
+    assert len(comm) == 3 and 0 < float(comm[-1]["final_rho_exec"]) <= 1
     assert main(["--preset", "code", "--m-max", "9", "--steps", "5", "--out-dir", str(tmp_path / "bad")]) == 2
     before = (tmp_path / "metrics.csv").read_text()
     assert main(["--preset", "paper", "--steps", "10", "--out-dir", str(tmp_path)]) == 2     # an existing run
