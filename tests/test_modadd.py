@@ -221,6 +221,39 @@ def test_trajectory_stage_on_planted_snapshots(tmp_path):
     assert trajectory([str(tmp_path / "missing")]) == 2
 
 
+def test_alignment_on_planted_subspaces(tmp_path):
+    """W_Q of layers 0 and 1 moves inside one fixed 2-D subspace in both runs (same subspace
+    across windows and seeds, k = 2); W_K of layer 0 lies in the same coordinates' orthogonal
+    complement, W_K of layer 1 walks at random. Principal angles come out as planted."""
+    from modadd.alignment import analyse, main as alignment, overlap, principal_cosines
+    rng = np.random.default_rng(4)
+    B = np.linalg.qr(rng.standard_normal((64, 4)))[0]
+    n = 60
+    for s in range(2):
+        d = tmp_path / f"run{s}"
+        d.mkdir()
+        coef = np.cumsum(rng.standard_normal((n, 2)), 0) + 5 * np.stack([np.sin(np.linspace(0, 7, n)),
+                                                                          np.cos(np.linspace(0, 5, n))], 1)
+        q = (coef @ B[:, :2].T).reshape(n, 8, 8)
+        k0 = (coef[:, ::-1] @ B[:, 2:].T).reshape(n, 8, 8)
+        k1 = np.cumsum(rng.standard_normal((n, 64)), 0).reshape(n, 8, 8)
+        np.savez(d / "snapshots.npz", L0_W_Q=q, L1_W_Q=q + 0.0, L0_W_K=k0, L1_W_K=k1)
+    res = analyse([str(tmp_path / "run0"), str(tmp_path / "run1")], k=2, windows=3, n_null=2)
+    for r in res["per_run"]:
+        assert np.allclose(r["L0.W_Q"]["adjacent"], 1) and np.allclose(r["L0.W_Q"]["captured"], 1)
+        assert np.mean(r["L1.W_K"]["adjacent"]) < 0.6
+    assert np.allclose(res["layers"]["W_Q"]["overlap"], 1) and np.allclose(res["layers"]["W_K"]["overlap"], 0,
+                                                                              atol=0.15)
+    assert np.allclose(res["seeds"]["L0.W_Q"]["overlap"], 1) and np.allclose(res["seeds"]["L0.W_K"]["overlap"], 1)
+    assert res["seeds"]["L1.W_K"]["overlap"][0] < 0.5
+    assert res["summary"]["W_Q"]["null_adjacent"]["mean"] < 0.7
+    U = np.linalg.qr(rng.standard_normal((50, 3)))[0]
+    R = np.linalg.qr(U @ np.linalg.qr(rng.standard_normal((3, 3)))[0])[0]
+    assert np.isclose(overlap(U, R), 1) and np.allclose(principal_cosines(U, R), 1)
+    assert alignment([str(tmp_path / "run0"), str(tmp_path / "run1"), "--k", "2", "--no-plot"]) == 0
+    assert alignment([str(tmp_path / "missing")]) == 2
+
+
 def test_topk_attention():
     from modadd.model import set_topk
     torch.manual_seed(0)

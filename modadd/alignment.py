@@ -1,0 +1,201 @@
+"""Subspace alignment of training trajectories: do the top-k directions in which the
+attention matrices move stay the same across time windows, layers and seeds?
+
+    python -m modadd.alignment runs/modadd_code_s0 [runs/modadd_code_s1 ...] [--k 3 --windows 3]
+
+The top-k principal directions of a trajectory (snapshots centred) span a k-dimensional
+subspace. Two subspaces are compared by their principal angles; the overlap is the mean
+squared cosine, ||U1^T U2||_F^2 / k: 1 for the same subspace, about k / P for random ones of
+P dimensions. Every overlap stands beside the same number for random walks with the run's
+step sizes (per block, in random directions), so that a high overlap means shared
+directions and not the shape every random walk has.
+
+  windows  each block's subspace in consecutive time windows, against the whole-run one
+           (and between adjacent windows); also the share of each window's movement that
+           lies in the whole-run execution subspace
+  layers   the same matrix (W_Q, ...) in two layers (the residual basis is shared, so
+           their coordinates are comparable)
+  seeds    the same block in two runs (needs several runs; with different initialisations
+           a weight-space overlap near the null is expected even when the dimension agrees)
+
+Writes alignment.json and alignment.png in the first run's folder (or --out-dir).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import numpy as np
+
+from modadd.figures import save, subplots
+from modadd.geometry import execution_basis, random_walk_like
+from modadd.runs import MATS, load_snapshots
+
+
+def overlap(U1: np.ndarray, U2: np.ndarray) -> float:
+    """Mean squared cosine of the principal angles between two orthonormal bases."""
+    return float(np.linalg.norm(U1.T @ U2) ** 2 / min(U1.shape[1], U2.shape[1]))
+
+
+def principal_cosines(U1: np.ndarray, U2: np.ndarray) -> np.ndarray:
+    return np.clip(np.linalg.svd(U1.T @ U2, compute_uv=False), 0, 1)
+
+
+def window_slices(n: int, w: int) -> list[slice]:
+    edges = np.linspace(0, n, w + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def captured(traj: np.ndarray, U: np.ndarray) -> float:
+    """Share of a trajectory's (centred) variance inside span(U)."""
+    X = traj - traj.mean(0)
+    tot = (X ** 2).sum()
+    return float(((X @ U) ** 2).sum() / tot) if tot > 0 else float("nan")
+
+
+def window_stats(traj: np.ndarray, k: int, w: int) -> dict:
+    U = execution_basis(traj, k)
+    ws = [s for s in window_slices(len(traj), w) if s.stop - s.start > k]
+    Us = [execution_basis(traj[s], k) for s in ws]
+    return {"to_whole": [overlap(u, U) for u in Us],
+            "adjacent": [overlap(a, b) for a, b in zip(Us[:-1], Us[1:])],
+            "captured": [captured(traj[s], U) for s in ws]}
+
+
+def analyse(run_dirs: list[str], k: int = 3, windows: int = 3, n_null: int = 3, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    runs = [load_snapshots(d) for d in run_dirs]
+    keys = sorted(runs[0])
+    for d, r in zip(run_dirs[1:], runs[1:]):
+        if sorted(r) != keys or any(r[key].shape[1] != runs[0][key].shape[1] for key in keys):
+            raise ValueError(f"{d}: its attention blocks differ from {run_dirs[0]}'s")
+    per_run, bases, null_bases = [], [], []
+    for snaps in runs:
+        row, B, NB = {}, {}, {}
+        for key in keys:
+            t = snaps[key]
+            walks = [random_walk_like(t, rng) for _ in range(n_null)]
+            w_real = window_stats(t, k, windows)
+            w_null = [window_stats(x, k, windows) for x in walks]
+            row[f"L{key[0]}.{key[1]}"] = {
+                **w_real, **{f"null_{s}": np.mean([x[s] for x in w_null], 0).tolist() for s in w_real}}
+            B[key] = execution_basis(t, k)
+            NB[key] = execution_basis(walks[0], k)
+        per_run.append(row)
+        bases.append(B)
+        null_bases.append(NB)
+    layers = sorted({key[0] for key in keys})
+    P = runs[0][keys[0]].shape[1]
+    out = {"runs": run_dirs, "k": k, "windows": windows, "random_subspace_overlap": k / P, "per_run": per_run}
+    lay = {}
+    for m in MATS:
+        pairs = [(a, b) for a, b in itertools.combinations(layers, 2) if (a, m) in bases[0] and (b, m) in bases[0]]
+        if pairs:
+            lay[m] = {"pairs": [f"L{a}-L{b}" for a, b in pairs],
+                      "overlap": [[overlap(B[(a, m)], B[(b, m)]) for a, b in pairs] for B in bases],
+                      "null": [[overlap(B[(a, m)], B[(b, m)]) for a, b in pairs] for B in null_bases]}
+    out["layers"] = lay
+    if len(runs) > 1:
+        out["seeds"] = {f"L{key[0]}.{key[1]}": {
+            "overlap": [overlap(bases[i][key], bases[j][key]) for i, j in itertools.combinations(range(len(runs)), 2)],
+            "null": [overlap(null_bases[i][key], null_bases[j][key])
+                     for i, j in itertools.combinations(range(len(runs)), 2)]} for key in keys}
+    out["summary"] = summarise(out)
+    return out
+
+
+def _ms(values) -> dict:
+    v = np.asarray(values, float).ravel()
+    v = v[np.isfinite(v)]
+    return {"mean": float(v.mean()) if len(v) else float("nan"),
+            "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+
+
+def summarise(res: dict) -> dict:
+    """Mean and spread per matrix type (over layers, windows and runs)."""
+    s = {}
+    for m in MATS:
+        blocks = [b for b in res["per_run"][0] if b.endswith(m)]
+        if not blocks:
+            continue
+        row = {}
+        for stat in ("to_whole", "adjacent", "captured"):
+            row[stat] = _ms([r[b][stat] for r in res["per_run"] for b in blocks])
+            row["null_" + stat] = _ms([r[b]["null_" + stat] for r in res["per_run"] for b in blocks])
+        if m in res["layers"]:
+            row["layers"] = _ms(res["layers"][m]["overlap"])
+            row["null_layers"] = _ms(res["layers"][m]["null"])
+        if "seeds" in res:
+            row["seeds"] = _ms([res["seeds"][b]["overlap"] for b in blocks])
+            row["null_seeds"] = _ms([res["seeds"][b]["null"] for b in blocks])
+        s[m] = row
+    return s
+
+
+def format_table(res: dict) -> str:
+    S = res["summary"]
+    cols = [("adjacent", "adjacent windows"), ("to_whole", "window vs whole run"),
+            ("captured", "window movement in whole-run subspace"), ("layers", "between layers"),
+            ("seeds", "between seeds")]
+    cols = [(c, t) for c, t in cols if all(c in S[m] for m in S)]
+    lines = [f"subspace overlap (mean cos^2 of principal angles, k = {res['k']}; random subspaces "
+             f"{res['random_subspace_overlap']:.1e}): run | random-walk null, mean +- std",
+             "| matrix | " + " | ".join(t for _, t in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m, r in S.items():
+        lines.append(f"| {m} | " + " | ".join(
+            f"{r[c]['mean']:.2f} +- {r[c]['std']:.2f} \\| {r['null_' + c]['mean']:.2f}" for c, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> str:
+    S = res["summary"]
+    cols = [c for c in ("adjacent", "captured", "layers", "seeds") if all(c in S[m] for m in S)]
+    fig, ax = subplots(len(cols), figsize=(4.2 * len(cols), 4))
+    ax = np.atleast_1d(ax)
+    titles = {"adjacent": "adjacent time windows", "captured": "window movement in whole-run subspace",
+              "layers": "same matrix, two layers", "seeds": "same block, two seeds"}
+    x = np.arange(len(S))
+    for a, c in zip(ax, cols):
+        a.bar(x - 0.2, [S[m][c]["mean"] for m in S], 0.4, yerr=[S[m][c]["std"] for m in S], capsize=3, label="run")
+        a.bar(x + 0.2, [S[m]["null_" + c]["mean"] for m in S], 0.4, yerr=[S[m]["null_" + c]["std"] for m in S],
+              capsize=3, color="0.7", label="random walk, same steps")
+        a.set_xticks(x, list(S))
+        a.set_ylim(0, 1.05)
+        a.set_title(titles[c], fontsize=10)
+        a.set_ylabel("overlap" if c != "captured" else "variance share")
+    ax[0].legend(fontsize=8)
+    return save(fig, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("runs", nargs="+", help="run folders written by python -m modadd.train")
+    p.add_argument("--k", type=int, default=3, help="subspace dimension (the execution subspace's)")
+    p.add_argument("--windows", type=int, default=3, help="consecutive time windows")
+    p.add_argument("--n-null", type=int, default=3, help="random walks per block")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        res = analyse(args.runs, args.k, args.windows, args.n_null, args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(res))
+    out = args.out_dir or args.runs[0]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "alignment.json"), "w") as f:
+        json.dump(res, f)
+    print(f"wrote {os.path.join(out, 'alignment.json')}")
+    if not args.no_plot:
+        print(f"wrote {plot(res, os.path.join(out, 'alignment.png'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
