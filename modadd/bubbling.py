@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("run")
     p.add_argument("--n", type=int, default=2000, help="held-out examples per m")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     try:
         res = analyse(args.run, args.n, seed=args.seed)
@@ -99,7 +100,9 @@ def main(argv=None) -> int:
     print(format_table(res))
     with open(os.path.join(args.run, "bubbling.json"), "w") as f:
         json.dump(res, f)
-    print(f"wrote {os.path.join(args.run, 'bubbling.json')}, {plot(res, os.path.join(args.run, 'bubbling.png'))}")
+    print(f"wrote {os.path.join(args.run, 'bubbling.json')}")
+    if not args.no_plot:
+        print(f"wrote {plot(res, os.path.join(args.run, 'bubbling.png'))}")
     return 0
 
 

@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-null", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     try:
         res = analyse(args.runs, args.n_null, args.seed)
@@ -85,7 +86,9 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "trajectory_pca.json"), "w") as f:
         json.dump(res, f)
-    print(f"wrote {os.path.join(out, 'trajectory_pca.json')}, {plot(res, os.path.join(out, 'trajectory_pca.png'))}")
+    print(f"wrote {os.path.join(out, 'trajectory_pca.json')}")
+    if not args.no_plot:
+        print(f"wrote {plot(res, os.path.join(out, 'trajectory_pca.png'))}")
     return 0
 
 

@@ -284,3 +284,112 @@ def test_bubbling_stage(tmp_path):
     assert all(a <= b + 1e-9 for a, b in zip(r["top_mass"]["1"], r["top_mass"]["2"]))
     assert len(res["entropy_history"]["step"]) == 3
     assert bubbling([str(tmp_path / "nothing")]) == 2
+
+
+def test_topk_sae_recovers_a_planted_dictionary():
+    """Vectors built from 2 of 24 unit atoms with positive weights: the TopK SAE (k = 2)
+    keeps exactly k latents and finds the atoms among its decoder rows."""
+    from modadd.sae import quality, train_sae
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.randn(24, 16, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    idx = torch.stack([torch.randperm(24, generator=g)[:2] for _ in range(6000)])
+    X = (torch.rand(6000, 2, 1, generator=g) + 1) * atoms[idx]
+    X = X.sum(1)
+    sae = train_sae(X, "topk", n_latents=48, k=2, l1=0, steps=2500, batch=512, lr=3e-3)
+    q = quality(sae, X)
+    with torch.no_grad():
+        z = sae.encode(X)
+    assert torch.all((z > 0).sum(1) <= 2) and q["fvu"] < 0.1
+    cos = (atoms @ (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)).T).max(1).values
+    assert float((cos > 0.9).float().mean()) >= 0.8
+
+
+def test_sae_substitution_path():
+    """An exact SAE (z = [relu(x), relu(-x)], x_hat = z W_dec) leaves the logits unchanged;
+    zeroing latents in the residual after layer 1 changes them, with or without the error."""
+    from modadd.sae import SAE, substituted_logits
+    torch.manual_seed(0)
+    model = ModAddTransformer(ModelConfig(17, 16, 8, d_model=16, n_heads=2, n_layers=3)).eval()
+    sae = SAE(16, 32, "relu")
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([torch.eye(16), -torch.eye(16)], 1))
+        sae.W_dec.copy_(torch.cat([torch.eye(16), -torch.eye(16)], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    x = sample(TaskConfig(), 2, 64, torch.Generator().manual_seed(1))[0]
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.allclose(substituted_logits(model, sae, 1, x, None, False), ref, atol=1e-5)
+    assert torch.allclose(substituted_logits(model, sae, 1, x, [], True), ref, atol=1e-5)
+    for keep in (False, True):
+        ab = substituted_logits(model, sae, 1, x, [0, 1, 2, 16, 17], keep)
+        assert (ab - ref).abs().max() > 1e-3
+    # with an exact SAE, zeroing latents is the same whether or not the error is kept
+    assert torch.allclose(substituted_logits(model, sae, 1, x, [3, 20], False),
+                          substituted_logits(model, sae, 1, x, [3, 20], True), atol=1e-5)
+
+
+def test_sae_correlations_and_variables():
+    from modadd.sae import correlations, task_variables
+    rng = np.random.default_rng(0)
+    Z = rng.standard_normal((500, 6))
+    Z[:, 5] = 0
+    v = Z[:, 2] + 0.5 * rng.standard_normal(500)
+    r = correlations(Z, v)
+    assert np.allclose(r[:5], [np.corrcoef(Z[:, i], v)[0, 1] for i in range(5)]) and r[5] == 0
+    cfg = TaskConfig()
+    tok, _, pos, m = sample(cfg, 3, 20, torch.Generator().manual_seed(2))
+    var = task_variables(tok, m, cfg)
+    assert torch.equal(var["marker"].sum(1), torch.full((20,), 3.0))
+    assert torch.equal(var["marked_value"].nonzero()[:, 1].reshape(20, 3), pos + 1)
+    assert torch.all(var["m"] == 3)
+
+
+def test_sae_stage_end_to_end(tmp_path):
+    from modadd.sae import main as sae
+    run_dir = str(tmp_path / "run")
+    assert main(["--steps", "40", "--d-model", "32", "--n-layers", "3", "--snapshot-every", "10", "--eval-size", "64",
+                 "--out-dir", run_dir]) == 0
+    args = [run_dir, "--sae-steps", "30", "--n-train", "64", "--n-eval", "64", "--n-random", "3", "--n-latents", "64",
+            "--at", "0.5,1", "--no-plot"]
+    assert sae(args) == 0
+    res = json.load(open(tmp_path / "run" / "sae.json"))
+    assert [s["step"] for s in res["snapshots"]] == [20, 40] and res["layer"] == 1
+    r = res["snapshots"][1]["kinds"]["topk"]
+    assert len(r["chosen"]) == 8 and set(r["per_m"]) == {"1", "2", "3", "4"}
+    assert 0 <= r["per_m"]["2"]["reconstruction"] <= 1 and "random_error_kept_std" in r["drop"]
+    assert sae([run_dir, "--layer", "3"]) == 2 and sae([run_dir, "--at", "2"]) == 2
+
+
+def test_curriculum_stage_ends_follow_the_schedule():
+    from modadd.forgetting import stage_ends
+    for steps, lo, hi in ((400, 1, 4), (10, 1, 3), (1001, 2, 4)):
+        rule = m_schedule("curriculum", lo, hi, steps)
+        m_at = [rule(s - 1)[1] for s in range(1, steps + 1)]            # the m trained at each 1-based step
+        ends = stage_ends({"m_min": lo, "m_max": hi, "steps": steps})
+        assert ends == {m: max(s for s in range(1, steps + 1) if m_at[s - 1] == m) for m in range(lo, hi + 1)}
+
+
+def test_forgetting_on_planted_curves(tmp_path):
+    """m = 1 peaks at 0.9 at the end of its stage and decays to 0.5; m = 2 learns late."""
+    from modadd.forgetting import main as forgetting
+    steps = np.arange(0, 401, 50)
+    for s, drop in enumerate((0.4, 0.3)):
+        d = tmp_path / f"cur{s}"
+        d.mkdir()
+        json.dump({"schedule": "curriculum", "steps": 400, "m_min": 1, "m_max": 2}, open(d / "config.json", "w"))
+        a1 = np.where(steps <= 200, 0.9 * steps / 200, 0.9 - drop * (steps - 200) / 200)
+        a2 = np.where(steps <= 200, 0.1, 0.1 + 0.8 * (steps - 200) / 200)
+        with open(d / "metrics.csv", "w") as f:
+            f.write("step,acc_m1,acc_m2\n" + "".join(f"{a},{b},{c}\n" for a, b, c in zip(steps, a1, a2)))
+    assert forgetting([str(tmp_path / "cur0"), str(tmp_path / "cur1"), "--out-dir", str(tmp_path)]) == 0
+    res = json.load(open(tmp_path / "forgetting.json"))
+    s1 = res["summary"]["1"]
+    assert np.isclose(s1["forgetting"]["mean"], 0.35) and np.isclose(s1["at_stage_end"]["mean"], 0.9)
+    assert np.isclose(s1["forgetting"]["std"], np.std([0.4, 0.3], ddof=1))
+    assert res["per_run"][0]["per_m"]["1"]["stage_end_step"] == 200
+    assert np.isclose(res["summary"]["2"]["forgetting"]["mean"], 0)
+    assert forgetting([str(tmp_path / "missing")]) == 2
+    json.dump({"schedule": "mixed", "steps": 400, "m_min": 1, "m_max": 2}, open(tmp_path / "cur1" / "config.json", "w"))
+    assert forgetting([str(tmp_path / "cur1")]) == 2

@@ -1,0 +1,312 @@
+"""Sparse autoencoders on an intermediate residual stream, and what ablating their latents
+does to the task, at several points of training.
+
+    python -m modadd.sae runs/modadd_code_s0 [--layer 2] [--at 0.1,0.25,0.5,1] [--variable m]
+
+For each chosen snapshot the network is rebuilt as it was then (every parameter is
+snapshotted by modadd.train). Residual vectors after `--layer` blocks, at every position
+of fresh training-distribution sequences, train two SAEs: TopK (exactly k latents active)
+and ReLU + L1 (penalty on activation times decoder norm). Latents are chosen by their
+absolute Pearson correlation, over (sequence, position) vectors of a selection set, with
+a task variable: m (markers in the sequence), marker (a marker token here), marked_value
+(a value that follows a marker), value_token, position.
+
+Ablation runs the remaining layers on a substituted residual stream at every position,
+on held-out sequences per m that neither the SAEs nor the selection saw:
+  reconstruction   the SAE's reconstruction (what the SAE alone costs)
+  ablated          the reconstruction with the chosen latents set to zero
+  random           the same with as many random live latents (--n-random draws)
+  ablated (error kept) / random (error kept): only the latents' contribution removed,
+                   x - (z - z_ablated) W_dec, so the SAE's error does not mask the effect
+The effect of the chosen latents is the accuracy drop from the reconstruction beside the
+drop for random latents. Writes sae.json and sae.png in the run folder (or --out-dir).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modadd.figures import save, subplots
+from modadd.runs import load_config, model_at, snapshot_steps
+from modadd.task import sample
+from modadd.train import pick_device
+
+VARIABLES = ("m", "marker", "marked_value", "value_token", "position")
+
+
+class SAE(nn.Module):
+    """x -> z (n latents) -> x_hat. kind 'topk' keeps the k largest pre-activations (ReLU'd);
+    kind 'relu' is a ReLU SAE trained with an L1 penalty. Inputs are centred and scaled by
+    buffers fitted to the training data, so the penalty does not depend on their scale."""
+
+    def __init__(self, d: int, n: int, kind: str = "topk", k: int = 8, l1: float = 1e-2, seed: int = 0):
+        super().__init__()
+        if kind not in ("topk", "relu"):
+            raise ValueError(f"unknown SAE kind {kind!r} (topk, relu)")
+        g = torch.Generator().manual_seed(seed)
+        W = torch.randn(n, d, generator=g)
+        W = W / W.norm(dim=1, keepdim=True)
+        self.kind, self.k, self.l1 = kind, k, l1
+        self.W_dec = nn.Parameter(W)
+        self.W_enc = nn.Parameter(W.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("mu", torch.zeros(d))
+        self.register_buffer("scale", torch.ones(()))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = ((x - self.mu) / self.scale - self.b_dec) @ self.W_enc + self.b_enc
+        if self.kind == "relu":
+            return F.relu(pre)
+        v, i = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, i, F.relu(v))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return (z @ self.W_dec + self.b_dec) * self.scale + self.mu
+
+    def forward(self, x):
+        z = self.encode(x)
+        return self.decode(z), z
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        x_hat, z = self(x)
+        mse = (((x_hat - x) / self.scale) ** 2).sum(-1).mean()
+        if self.kind == "relu":
+            mse = mse + self.l1 * (z * self.W_dec.norm(dim=1)).sum(-1).mean()
+        return mse
+
+
+def train_sae(X: torch.Tensor, kind: str, n_latents: int, k: int, l1: float, steps: int = 3000,
+              batch: int = 1024, lr: float = 1e-3, seed: int = 0) -> SAE:
+    sae = SAE(X.shape[1], n_latents, kind, k, l1, seed).to(X.device)
+    sae.mu.copy_(X.mean(0))
+    sae.scale.copy_((X - X.mean(0)).norm(dim=1).mean().clamp_min(1e-8))
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        loss = sae.loss(X[torch.randint(len(X), (batch,), generator=g).to(X.device)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            if kind == "topk":                      # unit decoder rows (the L1 penalty already weighs norms)
+                sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return sae.eval()
+
+
+def quality(sae: SAE, X: torch.Tensor) -> dict:
+    with torch.no_grad():
+        x_hat, z = sae(X)
+    fvu = float(((x_hat - X) ** 2).sum() / ((X - X.mean(0)) ** 2).sum())
+    return {"fvu": fvu, "l0": float((z > 0).float().sum(1).mean()), "dead": int(((z > 0).sum(0) == 0).sum())}
+
+
+def task_variables(tokens: torch.Tensor, m: torch.Tensor, task) -> dict[str, np.ndarray]:
+    """Per (sequence, position) values of the task variables, flattened row-major."""
+    n, T = tokens.shape
+    after = torch.zeros_like(tokens, dtype=torch.bool)
+    after[:, 1:] = tokens[:, :-1] == task.marker
+    return {"m": m[:, None].expand(n, T).float(), "marker": (tokens == task.marker).float(),
+            "marked_value": after.float(), "value_token": (tokens < task.C).float(),
+            "position": torch.arange(T)[None, :].expand(n, T).float()}
+
+
+def correlations(Z: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Pearson r of every column of Z with v (0 where either is constant)."""
+    Zc = Z - Z.mean(0)
+    vc = v - v.mean()
+    den = np.sqrt((Zc ** 2).sum(0) * (vc ** 2).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (Zc * vc[:, None]).sum(0) / den
+    return np.where(den > 0, r, 0.0)
+
+
+def substituted_logits(model, sae: SAE, layer: int, x: torch.Tensor, drop: list[int] | None,
+                       keep_error: bool) -> torch.Tensor:
+    """Logits when the residual after `layer` blocks is replaced, at every position, by the
+    SAE reconstruction with the `drop` latents zeroed (drop None: the plain reconstruction).
+    keep_error: remove only the dropped latents' contribution instead."""
+    with torch.no_grad():
+        h = model.residual(x, layer)
+        z = sae.encode(h)
+        za = z.clone()
+        if drop:
+            za[..., drop] = 0
+        h_new = h - (z - za) @ sae.W_dec * sae.scale if keep_error else sae.decode(za)
+        return model.finish(h_new, layer)
+
+
+def substituted_accuracy(model, sae, layer, x, y, drop, keep_error) -> float:
+    return float((substituted_logits(model, sae, layer, x, drop, keep_error).argmax(-1) == y).float().mean())
+
+
+def analyse_snapshot(model, task, c, layer, kinds, variable, n_select, n_random, n_latents, k, l1, sae_steps,
+                     n_train, n_eval, seed) -> dict:
+    m_lo, m_hi = c["m_min"], c["m_max"]
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(4141 + seed)             # SAE training + selection data
+    tok, _, _, m = sample(task, torch.randint(m_lo, m_hi + 1, (n_train,), generator=g), n_train, g)
+    with torch.no_grad():
+        H = model.residual(tok.to(dev), layer)
+    X = H.reshape(-1, H.shape[-1])
+    var = {k_: v.reshape(-1).numpy() for k_, v in task_variables(tok, m, task).items()}
+    ge = torch.Generator().manual_seed(4242 + seed)            # held-out ablation sets per m
+    evals = {mm: tuple(t.to(dev) for t in sample(task, mm, n_eval, ge)[:2]) for mm in range(m_lo, m_hi + 1)}
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        base = {mm: float((model(x).argmax(-1) == y).float().mean()) for mm, (x, y) in evals.items()}
+    out = {"accuracy": base, "kinds": {}}
+    for kind in kinds:
+        sae = train_sae(X, kind, n_latents, k, l1, sae_steps, seed=seed)
+        with torch.no_grad():
+            Z = sae.encode(X).cpu().numpy()
+        corr = {name: correlations(Z, v) for name, v in var.items()}
+        chosen = [int(i) for i in np.argsort(-np.abs(corr[variable]))[:n_select]]
+        live = np.flatnonzero((Z > 0).mean(0) > 1e-3)
+        pool = np.setdiff1d(live, chosen)
+        draws = [rng.choice(pool, size=min(n_select, len(pool)), replace=False).tolist() for _ in range(n_random)]
+        row = {"quality": quality(sae, X), "chosen": chosen, "live_latents": int(len(live)),
+               "chosen_r": [float(corr[variable][i]) for i in chosen],
+               "best_abs_r": {name: float(np.abs(r).max()) for name, r in corr.items()}, "per_m": {}}
+        for mm, (x, y) in evals.items():
+            r = {"reconstruction": substituted_accuracy(model, sae, layer, x, y, None, False)}
+            for tag, ke in (("", False), ("_error_kept", True)):
+                r["ablated" + tag] = substituted_accuracy(model, sae, layer, x, y, chosen, ke)
+                rand = [substituted_accuracy(model, sae, layer, x, y, d, ke) for d in draws]
+                r["random" + tag + "_mean"], r["random" + tag + "_std"] = float(np.mean(rand)), float(np.std(rand))
+            row["per_m"][str(mm)] = r
+        row["drop"] = summarise_drops(row["per_m"], base)
+        out["kinds"][kind] = row
+    return out
+
+
+def summarise_drops(per_m: dict, base: dict) -> dict:
+    """Accuracy drops averaged over m: the SAE's own cost and what the chosen / random
+    latents cost on top of it (and with the error kept, relative to the model itself)."""
+    ms = list(per_m)
+
+    def mean(f):
+        return float(np.mean([f(per_m[m], base[int(m)]) for m in ms]))
+    return {"reconstruction": mean(lambda r, b: b - r["reconstruction"]),
+            "chosen": mean(lambda r, b: r["reconstruction"] - r["ablated"]),
+            "random": mean(lambda r, b: r["reconstruction"] - r["random_mean"]),
+            "random_std": mean(lambda r, b: r["random_std"]),
+            "chosen_error_kept": mean(lambda r, b: b - r["ablated_error_kept"]),
+            "random_error_kept": mean(lambda r, b: b - r["random_error_kept_mean"]),
+            "random_error_kept_std": mean(lambda r, b: r["random_error_kept_std"])}
+
+
+def analyse(run_dir: str, layer: int | None = None, at=(0.1, 0.25, 0.5, 1.0), kinds=("topk", "relu"),
+            variable: str = "m", n_select: int = 8, n_random: int = 20, n_latents: int = 512, k: int = 8,
+            l1: float = 1e-2, sae_steps: int = 3000, n_train: int = 3000, n_eval: int = 1000, seed: int = 0,
+            progress: bool = True, device: str = "cpu") -> dict:
+    from tqdm import tqdm
+    if variable not in VARIABLES:
+        raise ValueError(f"unknown variable {variable!r} ({', '.join(VARIABLES)})")
+    c = load_config(run_dir)
+    layer = c["n_layers"] // 2 if layer is None else layer
+    if not 1 <= layer < c["n_layers"]:
+        raise ValueError(f"--layer must lie in 1..{c['n_layers'] - 1} (residual after that many blocks; "
+                         f"later blocks must remain to be run)")
+    steps = snapshot_steps(run_dir)
+    idx = sorted({int(round(f * (len(steps) - 1))) for f in at})
+    out = {"run": run_dir, "layer": layer, "variable": variable, "n_select": n_select, "n_random": n_random,
+           "n_latents": n_latents, "k": k, "l1": l1, "snapshots": []}
+    for i in tqdm(idx, desc="SAE per snapshot", disable=not progress):
+        model, step, task, c = model_at(run_dir, i)
+        model.to(pick_device(device))
+        r = analyse_snapshot(model, task, c, layer, kinds, variable, n_select, n_random, n_latents, k, l1, sae_steps,
+                             n_train, n_eval, seed)
+        out["snapshots"].append({"step": step, **r})
+    return out
+
+
+def format_table(res: dict) -> str:
+    lines = [f"{res['run']}: SAEs on the residual after {res['layer']} blocks; {res['n_select']} latents chosen by "
+             f"|r| with {res['variable']}; accuracy drops averaged over m (random: {res['n_random']} draws)",
+             "| step | SAE | FVU | L0 | max abs r | model acc | drop: reconstruction | chosen | random "
+             "| chosen, error kept | random, error kept |", "|---" * 11 + "|"]
+    for s in res["snapshots"]:
+        acc = np.mean(list(s["accuracy"].values()))
+        for kind, r in s["kinds"].items():
+            d, q = r["drop"], r["quality"]
+            lines.append(f"| {s['step']} | {kind} | {q['fvu']:.3f} | {q['l0']:.1f} | "
+                         f"{np.abs(r['chosen_r']).max():.2f} | {acc:.3f} | {d['reconstruction']:+.3f} | "
+                         f"{d['chosen']:+.3f} | {d['random']:+.3f} +- {d['random_std']:.3f} | "
+                         f"{d['chosen_error_kept']:+.3f} | {d['random_error_kept']:+.3f} +- "
+                         f"{d['random_error_kept_std']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> str:
+    kinds = list(res["snapshots"][0]["kinds"])
+    fig, ax = subplots(len(kinds), figsize=(6 * len(kinds), 4))
+    ax = np.atleast_1d(ax)
+    steps = [s["step"] for s in res["snapshots"]]
+    for a, kind in zip(ax, kinds):
+        d = [s["kinds"][kind]["drop"] for s in res["snapshots"]]
+        a.plot(steps, [x["chosen_error_kept"] for x in d], "o-", label=f"chosen latents (|r| with {res['variable']})")
+        mu = np.array([x["random_error_kept"] for x in d])
+        sd = np.array([x["random_error_kept_std"] for x in d])
+        a.plot(steps, mu, "s--", color="0.4", label="random live latents")
+        a.fill_between(steps, mu - sd, mu + sd, color="0.8")
+        a.plot(steps, [x["reconstruction"] for x in d], "^:", label="reconstruction alone")
+        a.axhline(0, color="k", lw=0.5)
+        a.set_xlabel("training step of the snapshot")
+        a.set_ylabel("accuracy drop (mean over m)")
+        a.set_title(f"{kind} SAE, residual after {res['layer']} blocks", fontsize=10)
+        a.legend(fontsize=8)
+    return save(fig, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("run", help="a run folder written by python -m modadd.train")
+    p.add_argument("--layer", type=int, default=None, help="residual after this many blocks (default: n_layers // 2)")
+    p.add_argument("--at", default="0.1,0.25,0.5,1", help="snapshots as fractions of training")
+    p.add_argument("--kinds", default="topk,relu")
+    p.add_argument("--variable", default="m", choices=VARIABLES)
+    p.add_argument("--n-select", type=int, default=8, help="latents chosen and ablated")
+    p.add_argument("--n-random", type=int, default=20, help="random-latent draws")
+    p.add_argument("--n-latents", type=int, default=512)
+    p.add_argument("--k", type=int, default=8, help="active latents of the TopK SAE")
+    p.add_argument("--l1", type=float, default=1e-2, help="L1 penalty of the ReLU SAE")
+    p.add_argument("--sae-steps", type=int, default=3000)
+    p.add_argument("--n-train", type=int, default=3000, help="sequences for SAE training and latent selection")
+    p.add_argument("--n-eval", type=int, default=1000, help="held-out sequences per m for the ablations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        at = [float(x) for x in args.at.split(",")]
+        if any(not 0 <= f <= 1 for f in at):
+            raise ValueError("--at takes fractions in [0, 1]")
+        res = analyse(args.run, args.layer, at, tuple(args.kinds.split(",")), args.variable, args.n_select,
+                      args.n_random, args.n_latents, args.k, args.l1, args.sae_steps, args.n_train, args.n_eval,
+                      args.seed, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(res))
+    out = args.out_dir or args.run
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "sae.json"), "w") as f:
+        json.dump(res, f)
+    print(f"wrote {os.path.join(out, 'sae.json')}")
+    if not args.no_plot:
+        print(f"wrote {plot(res, os.path.join(out, 'sae.png'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Many seeds of one configuration, trained side by side, then analysed together.
+
+    python -m modadd.sweep --seeds 0-19 --jobs 10 --root runs/code -- --preset code
+    python -m modadd.sweep --seeds 0-4 --root runs/cur --stages trajectory -- --preset code --schedule curriculum
+
+Everything after `--` goes to python -m modadd.train (each seed gets --seed and
+--out-dir ROOT/s<seed>). Seeds run as --jobs parallel processes with one CPU thread each;
+on a machine with a GPU they share it (small models leave most of it idle, so parallel
+runs are what makes 20 seeds fit in one call). Seeds already trained are skipped. Then the
+stages run: per seed bubbling and sae (in parallel), over all seeds trajectory and
+alignment (written to ROOT). A seed that fails is reported and left out of the stages.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+PER_RUN = ("bubbling", "sae")
+ALL_RUNS = ("trajectory", "alignment")
+
+
+def parse_seeds(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        if not a.strip().isdigit() or (b and not b.strip().isdigit()):
+            raise ValueError(f"--seeds {text!r}: give seeds as 0-19 or 0,3,5")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return sorted(set(out))
+
+
+def _call(cmd: list[str], log: str) -> tuple[int, float]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    return rc, time.perf_counter() - t
+
+
+def run_parallel(jobs: list[tuple[str, list[str], str]], n: int) -> dict[str, int]:
+    """jobs: (name, command, log path) -> {name: return code}, printing as they finish."""
+    rcs = {}
+    with ThreadPoolExecutor(max_workers=max(1, n)) as ex:
+        futs = {ex.submit(_call, cmd, log): (name, log) for name, cmd, log in jobs}
+        for fut, (name, log) in futs.items():
+            rc, sec = fut.result()
+            rcs[name] = rc
+            print(f"  {name}: {'ok' if rc == 0 else f'FAILED (rc {rc}, see {log})'} in {sec:.0f} s", flush=True)
+    return rcs
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--seeds", default="0-4", help="e.g. 0-19 or 0,2,5")
+    p.add_argument("--root", required=True, help="folder for the seeds' runs (ROOT/s<seed>) and joint results")
+    p.add_argument("--jobs", type=int, default=2, help="processes at once")
+    p.add_argument("--stages", default=",".join(PER_RUN + ALL_RUNS),
+                   help=f"comma list of {', '.join(PER_RUN + ALL_RUNS)}, or none")
+    p.add_argument("--sae-args", default="", help="extra flags for modadd.sae, e.g. '--at 0.25,1 --sae-steps 1000'")
+    p.add_argument("--no-plot", action="store_true", help="stages write JSON only (no matplotlib needed)")
+    args = p.parse_args(own)
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stages = [] if args.stages == "none" else args.stages.split(",")
+    bad = [s for s in stages if s not in PER_RUN + ALL_RUNS]
+    if bad or any(a in ("--seed", "--out-dir") for a in train_args):
+        print(f"error: unknown stage(s) {bad}" if bad else "error: the sweep sets --seed and --out-dir itself",
+              file=sys.stderr)
+        return 2
+    os.makedirs(args.root, exist_ok=True)
+    py = sys.executable
+    dirs = {s: os.path.join(args.root, f"s{s}") for s in seeds}
+    todo = [s for s in seeds if not os.path.exists(os.path.join(dirs[s], "model.pt"))]
+    print(f"training {len(todo)} of {len(seeds)} seeds ({args.jobs} at once): modadd.train {' '.join(train_args)}")
+    rcs = run_parallel([(f"seed {s}", [py, "-m", "modadd.train", *train_args, "--seed", str(s), "--out-dir", dirs[s],
+                                       "--force"], dirs[s] + ".train.log") for s in todo], args.jobs)
+    ok = [dirs[s] for s in seeds if os.path.exists(os.path.join(dirs[s], "model.pt"))]
+    failed = sum(rc != 0 for rc in rcs.values())
+    jobs = []
+    for stage in (s for s in stages if s in PER_RUN):
+        extra = (args.sae_args.split() if stage == "sae" else []) + (["--no-plot"] if args.no_plot else [])
+        jobs += [(f"{stage} {d}", [py, "-m", f"modadd.{stage}", d, *extra], os.path.join(d, f"{stage}.log"))
+                 for d in ok]
+    if jobs:
+        print(f"per-seed stages on {len(ok)} runs")
+        failed += sum(rc != 0 for rc in run_parallel(jobs, args.jobs).values())
+    for stage in (s for s in stages if s in ALL_RUNS):
+        if ok:
+            print(f"{stage} over {len(ok)} runs")
+            rc, _ = _call([py, "-m", f"modadd.{stage}", *ok, "--out-dir", args.root,
+                           *(["--no-plot"] if args.no_plot else [])],
+                          os.path.join(args.root, f"{stage}.log"))
+            failed += rc != 0
+            print(f"  {'ok' if rc == 0 else 'FAILED'}: see {os.path.join(args.root, stage + '.log')}")
+    print(f"done: {len(ok)} of {len(seeds)} seeds trained; {failed} step(s) failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
