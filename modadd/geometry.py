@@ -22,9 +22,19 @@ import numpy as np
 import torch
 
 
+def _gram_eig(traj: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centred snapshots X (n, P) with n << P: the eigenpairs of the n x n Gram matrix X X^T
+    (float64, largest first) are the squared singular values and left singular vectors of
+    X, at a fraction of a thin SVD's cost."""
+    X = np.asarray(traj, np.float64)
+    X = X - X.mean(0)
+    w, V = np.linalg.eigh(X @ X.T)
+    order = np.argsort(w)[::-1]
+    return X, np.clip(w[order], 0, None), V[:, order]
+
+
 def variance_shares(traj: np.ndarray) -> np.ndarray:
-    X = traj - traj.mean(0)
-    s = np.linalg.svd(X, compute_uv=False) ** 2
+    s = _gram_eig(traj)[1]
     return s / s.sum()
 
 
@@ -57,8 +67,8 @@ def trajectory_pca(traj: np.ndarray, rng: np.random.Generator, n_null: int = 20)
 
 def execution_basis(traj: np.ndarray, k: int) -> np.ndarray:
     """(P, k) orthonormal top principal directions of a trajectory."""
-    X = traj - traj.mean(0)
-    return np.linalg.svd(X, full_matrices=False)[2][:k].T
+    X, _, V = _gram_eig(traj)
+    return np.linalg.qr(X.T @ V[:, :k])[0]
 
 
 def rho(delta: np.ndarray, basis: np.ndarray) -> float:

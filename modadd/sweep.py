@@ -2,11 +2,12 @@
 
     python -m modadd.sweep --seeds 0-19 --jobs 10 --root runs/code -- --preset code
     python -m modadd.sweep --seeds 0-4 --root runs/cur --stages trajectory -- --preset code --schedule curriculum
+    python -m modadd.sweep --seeds 0-19 --together 20 --root runs/code -- --preset code --device cuda
 
 Everything after `--` goes to python -m modadd.train (each seed gets --seed and
---out-dir ROOT/s<seed>). Seeds run as --jobs parallel processes with one CPU thread each;
-on a machine with a GPU they share it (small models leave most of it idle, so parallel
-runs are what makes 20 seeds fit in one call). Seeds already trained are skipped. Then the
+--out-dir ROOT/s<seed>). Seeds run as --jobs parallel processes with one CPU thread each,
+or with --together N as one vmapped network of N seeds in this process (on a GPU this is
+what makes 20 seeds fit in one call: separate processes time-slice the device). Seeds already trained are skipped. Then the
 stages run: per seed bubbling and sae (in parallel), over all seeds trajectory and
 alignment (written to ROOT). A seed that fails is reported and left out of the stages.
 """
@@ -53,6 +54,29 @@ def run_parallel(jobs: list[tuple[str, list[str], str]], n: int) -> dict[str, in
     return rcs
 
 
+def train_together(train_args: list[str], seeds: list[int], dirs: dict, group: int) -> dict[str, int]:
+    from modadd.ensemble import run_many
+    from modadd.train import build_parser, resolve
+    targs = build_parser().parse_args(train_args)
+    cfg = resolve(targs)
+    rcs = {}
+    for i in range(0, len(seeds), group):
+        chunk = seeds[i:i + group]
+        t = time.perf_counter()
+        try:
+            res = run_many([dict(cfg, seed=s) for s in chunk], [dirs[s] for s in chunk], device=targs.device)
+            acc = "; ".join(f"s{s}: " + " ".join(f"{r['final'][f'acc_m{m}']:.2f}"
+                                                 for m in range(cfg["m_min"], cfg["m_max"] + 1))
+                            for s, r in zip(chunk, res))
+            print(f"  seeds {chunk[0]}-{chunk[-1]} together: ok in {time.perf_counter() - t:.0f} s "
+                  f"(accuracy per m: {acc})", flush=True)
+            rcs.update({f"seed {s}": 0 for s in chunk})
+        except (ValueError, RuntimeError) as e:
+            print(f"  seeds {chunk[0]}-{chunk[-1]} together: FAILED ({e})", flush=True)
+            rcs.update({f"seed {s}": 1 for s in chunk})
+    return rcs
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -65,6 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default=",".join(PER_RUN + ALL_RUNS),
                    help=f"comma list of {', '.join(PER_RUN + ALL_RUNS)}, or none")
     p.add_argument("--sae-args", default="", help="extra flags for modadd.sae, e.g. '--at 0.25,1 --sae-steps 1000'")
+    p.add_argument("--together", type=int, default=0,
+                   help="train this many seeds at a time in one process as one vmapped network (modadd.ensemble; "
+                        "what keeps a GPU busy); 0: one process per seed")
     p.add_argument("--no-plot", action="store_true", help="stages write JSON only (no matplotlib needed)")
     args = p.parse_args(own)
     try:
@@ -83,8 +110,11 @@ def main(argv=None) -> int:
     dirs = {s: os.path.join(args.root, f"s{s}") for s in seeds}
     todo = [s for s in seeds if not os.path.exists(os.path.join(dirs[s], "model.pt"))]
     print(f"training {len(todo)} of {len(seeds)} seeds ({args.jobs} at once): modadd.train {' '.join(train_args)}")
-    rcs = run_parallel([(f"seed {s}", [py, "-m", "modadd.train", *train_args, "--seed", str(s), "--out-dir", dirs[s],
-                                       "--force"], dirs[s] + ".train.log") for s in todo], args.jobs)
+    if args.together > 0:
+        rcs = train_together(train_args, todo, dirs, args.together)
+    else:
+        rcs = run_parallel([(f"seed {s}", [py, "-m", "modadd.train", *train_args, "--seed", str(s), "--out-dir",
+                                           dirs[s], "--force"], dirs[s] + ".train.log") for s in todo], args.jobs)
     ok = [dirs[s] for s in seeds if os.path.exists(os.path.join(dirs[s], "model.pt"))]
     failed = sum(rc != 0 for rc in rcs.values())
     jobs = []

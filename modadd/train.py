@@ -90,93 +90,136 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(cfg: dict, out_dir: str | None = None, progress: bool = True, device: str = "cpu") -> dict:
-    from tqdm import tqdm
-    dev = pick_device(device)
+class Recorder:
+    """Everything one seed's run records, fed with its model at the right steps: snapshots
+    of every parameter, evaluations on the fixed held-out sets and probes, commutators.
+    Holds the seed's measurement streams, so recording never touches the training ones."""
+
+    def __init__(self, cfg: dict, task: TaskConfig, model: ModAddTransformer, dev: torch.device):
+        self.cfg, self.task, self.seed = cfg, task, cfg["seed"]
+        eval_gen = torch.Generator().manual_seed(999)               # fixed held-out sets, same for every seed
+        self.evals = {m: tuple(t.to(dev) for t in sample(task, m, cfg["eval_size"], eval_gen)[:2])
+                      for m in range(cfg["m_min"], cfg["m_max"] + 1)}
+        self.probe = sample(task, torch.randint(cfg["m_min"], cfg["m_max"] + 1, (256,), generator=eval_gen), 256,
+                            eval_gen)[0].to(dev)
+        self.meas_gen = torch.Generator().manual_seed(20_000 + self.seed)     # commutator minibatches
+        self.rng_np = np.random.default_rng(30_000 + self.seed)
+        self.rule = m_schedule(cfg["schedule"], cfg["m_min"], cfg["m_max"], cfg["steps"])
+        mats = model.attention_matrices()
+        att_ids = {id(w) for w in mats.values()}
+        self.names = [n for n, p in model.named_parameters() if id(p) not in att_ids]
+        self.snaps: dict[str, list] = {k: [] for k in mats}
+        self.rest_snaps: dict[str, list] = {n: [] for n in self.names}
+        self.snap_steps: list[int] = []
+        self.rows, self.comm_rows, self.deltas = [], [], []
+        self.t_meas = 0.0
+
+    def snapshot(self, model, step: int) -> None:
+        self.snap_steps.append(step)
+        for k, w in model.attention_matrices().items():
+            self.snaps[k].append(w.detach().float().cpu().numpy().copy())
+        params = dict(model.named_parameters())
+        for n in self.names:
+            self.rest_snaps[n].append(params[n].detach().float().cpu().numpy().copy())
+
+    def evaluate(self, model, step: int, train_loss: float) -> dict:
+        row = {"step": step, "train_loss": train_loss}
+        was = model.training
+        model.eval()
+        for m, (x, y) in self.evals.items():
+            row[f"acc_m{m}"], row[f"loss_m{m}"] = accuracy(model, x, y)
+        keep = {}
+        with torch.no_grad():
+            model(self.probe, keep)
+        for i, e in enumerate(readout_entropy(keep).mean(1).tolist()):
+            row[f"entropy_L{i}"] = e
+        model.train(was)
+        self.rows.append(row)
+        return row
+
+    def commutator(self, model, step: int) -> None:
+        t = time.perf_counter()
+        row, delta = measure_commutator(model, self.task, self.rule(step - 1), self.cfg, self.meas_gen, self.snaps,
+                                        self.rng_np)
+        self.comm_rows.append({"step": step, **row})
+        self.deltas.append(delta)
+        self.t_meas += time.perf_counter() - t
+
+    def after_step(self, model, step: int, loss_fn) -> dict | None:
+        """Record what is due after training step `step`; loss_fn() gives the mean training
+        loss since the last evaluation (and resets it). Returns the evaluation row if one ran."""
+        cfg = self.cfg
+        if step % cfg["snapshot_every"] == 0:
+            self.snapshot(model, step)
+        if cfg["commutator_every"] and step % cfg["commutator_every"] == 0:
+            self.commutator(model, step)
+        if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
+            return self.evaluate(model, step, loss_fn())
+        return None
+
+    def result(self, model, seconds: float, dev) -> dict:
+        if self.deltas:
+            t = time.perf_counter()
+            final_projections(self.comm_rows, self.deltas, self.snaps, self.cfg["exec_k"],
+                              np.random.default_rng(40_000 + self.seed))
+            self.t_meas += time.perf_counter() - t
+        return {"config": self.cfg, "n_parameters": sum(p.numel() for p in model.parameters()), "seconds": seconds,
+                "measurement_seconds": self.t_meas, "device": str(dev), "final": self.rows[-1], "metrics": self.rows,
+                "commutators": self.comm_rows, "model": model,
+                "snapshots": {k: np.stack(v) for k, v in self.snaps.items()},
+                "rest_snapshots": {k: np.stack(v) for k, v in self.rest_snaps.items()},
+                "snapshot_steps": np.array(self.snap_steps)}
+
+
+def setup(cfg: dict) -> tuple[TaskConfig, ModAddTransformer, torch.Generator]:
+    """The task, the seed's initial model (on the CPU) and its training-batch stream."""
     task = TaskConfig(cfg["T"], cfg["C"], cfg["n_noise"], cfg["value_distractors"], cfg["readout_token"])
     if not 1 <= cfg["m_min"] <= cfg["m_max"] <= task.max_markers():
         raise ValueError(f"m range {cfg['m_min']}..{cfg['m_max']} impossible for T = {cfg['T']} "
                          f"(at most {task.max_markers()} markers)")
     mcfg = ModelConfig(task.vocab_size, task.T, task.C, cfg["d_model"], cfg["n_heads"], cfg["n_layers"], cfg["mlp"],
                        cfg["d_ff"])
-    seed = cfg["seed"]
-    torch.manual_seed(seed)                                     # initialisation stream
-    model = ModAddTransformer(mcfg).to(dev)
-    data_gen = torch.Generator().manual_seed(10_000 + seed)     # training batches (drawn on the CPU)
-    meas_gen = torch.Generator().manual_seed(20_000 + seed)     # commutator minibatches
-    eval_gen = torch.Generator().manual_seed(999)               # fixed held-out sets, same for every seed
-    evals = {m: tuple(t.to(dev) for t in sample(task, m, cfg["eval_size"], eval_gen)[:2])
-             for m in range(cfg["m_min"], cfg["m_max"] + 1)}
-    probe = sample(task, torch.randint(cfg["m_min"], cfg["m_max"] + 1, (256,), generator=eval_gen), 256,
-                   eval_gen)[0].to(dev)
-    opt = (torch.optim.AdamW(model.parameters(), lr=cfg["lr"]) if cfg["optimizer"] == "adamw"
-           else torch.optim.SGD(model.parameters(), lr=cfg["lr"]))
-    rule = m_schedule(cfg["schedule"], cfg["m_min"], cfg["m_max"], cfg["steps"])
-    mats = model.attention_matrices()
-    snaps: dict[str, list] = {k: [] for k in mats}
-    att_ids = {id(w) for w in mats.values()}
-    rest = {n: p for n, p in model.named_parameters() if id(p) not in att_ids}
-    rest_snaps: dict[str, list] = {n: [] for n in rest}
-    snap_steps: list[int] = []
-    rows, comm_rows, deltas = [], [], []
-    rng_np = np.random.default_rng(30_000 + seed)
-    t0, t_meas = time.perf_counter(), 0.0
+    torch.manual_seed(cfg["seed"])                                     # initialisation stream
+    model = ModAddTransformer(mcfg)
+    return task, model, torch.Generator().manual_seed(10_000 + cfg["seed"])  # training batches (drawn on the CPU)
 
-    def snapshot(step):
-        snap_steps.append(step)
-        for store, params in ((snaps, mats), (rest_snaps, rest)):
-            for k, w in params.items():
-                store[k].append(w.detach().float().cpu().numpy().copy())
 
-    def evaluate(step, train_loss):
-        row = {"step": step, "train_loss": train_loss}
-        model.eval()
-        for m, (x, y) in evals.items():
-            row[f"acc_m{m}"], row[f"loss_m{m}"] = accuracy(model, x, y)
-        keep = {}
-        with torch.no_grad():
-            model(probe, keep)
-        for i, e in enumerate(readout_entropy(keep).mean(1).tolist()):
-            row[f"entropy_L{i}"] = e
-        model.train()
-        rows.append(row)
+def make_optimizer(params, cfg: dict):
+    return (torch.optim.AdamW(params, lr=cfg["lr"]) if cfg["optimizer"] == "adamw"
+            else torch.optim.SGD(params, lr=cfg["lr"]))
 
-    snapshot(0)
-    evaluate(0, float("nan"))
-    loss_sum, n_loss = torch.zeros((), device=dev), 0
+
+def run(cfg: dict, out_dir: str | None = None, progress: bool = True, device: str = "cpu") -> dict:
+    from tqdm import tqdm
+    dev = pick_device(device)
+    task, model, data_gen = setup(cfg)
+    model.to(dev)
+    rec = Recorder(cfg, task, model, dev)
+    opt = make_optimizer(model.parameters(), cfg)
+    t0 = time.perf_counter()
+    rec.snapshot(model, 0)
+    rec.evaluate(model, 0, float("nan"))
+    acc = {"sum": torch.zeros((), device=dev), "n": 0}
+
+    def mean_loss():
+        v = float(acc["sum"]) / max(acc["n"], 1)
+        acc["sum"].zero_()
+        acc["n"] = 0
+        return v
+
     bar = tqdm(range(1, cfg["steps"] + 1), desc="training", disable=not progress, mininterval=2)
     for step in bar:
-        x, y, _, _ = batch_for(task, rule(step - 1), cfg["batch_size"], data_gen)
+        x, y, _, _ = batch_for(task, rec.rule(step - 1), cfg["batch_size"], data_gen)
         loss = F.cross_entropy(model(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_sum += loss.detach()
-        n_loss += 1
-        if step % cfg["snapshot_every"] == 0:
-            snapshot(step)
-        if cfg["commutator_every"] and step % cfg["commutator_every"] == 0:
-            t = time.perf_counter()
-            row, delta = measure_commutator(model, task, rule(step - 1), cfg, meas_gen, snaps, rng_np)
-            comm_rows.append({"step": step, **row})
-            deltas.append(delta)
-            t_meas += time.perf_counter() - t
-        if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-            evaluate(step, float(loss_sum) / max(n_loss, 1))
-            loss_sum.zero_()
-            n_loss = 0
-            bar.set_postfix(loss=f"{rows[-1]['train_loss']:.3f}",
-                            acc=" ".join(f"{rows[-1][f'acc_m{m}']:.2f}" for m in evals))
-    if deltas:
-        t = time.perf_counter()
-        final_projections(comm_rows, deltas, snaps, cfg["exec_k"], np.random.default_rng(40_000 + seed))
-        t_meas += time.perf_counter() - t
-    total = time.perf_counter() - t0
-    res = {"config": cfg, "n_parameters": sum(p.numel() for p in model.parameters()), "seconds": total,
-           "measurement_seconds": t_meas, "device": str(dev), "final": rows[-1], "metrics": rows,
-           "commutators": comm_rows, "model": model.cpu(),
-           "snapshots": {k: np.stack(v) for k, v in snaps.items()},
-           "rest_snapshots": {k: np.stack(v) for k, v in rest_snaps.items()}, "snapshot_steps": np.array(snap_steps)}
+        acc["sum"] += loss.detach()
+        acc["n"] += 1
+        row = rec.after_step(model, step, mean_loss)
+        if row:
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=" ".join(f"{row[f'acc_m{m}']:.2f}" for m in rec.evals))
+    res = rec.result(model.cpu(), time.perf_counter() - t0, dev)
     if out_dir:
         write(res, out_dir)
     return res

@@ -393,3 +393,37 @@ def test_forgetting_on_planted_curves(tmp_path):
     assert forgetting([str(tmp_path / "missing")]) == 2
     json.dump({"schedule": "mixed", "steps": 400, "m_min": 1, "m_max": 2}, open(tmp_path / "cur1" / "config.json", "w"))
     assert forgetting([str(tmp_path / "cur1")]) == 2
+
+
+def test_seeds_trained_together_follow_their_separate_runs(tmp_path):
+    """Two seeds stacked into one vmapped network end where two separate runs end (same
+    batches, same initialisations; elementwise AdamW), with the same records."""
+    from modadd.ensemble import run_many
+    cfgs = [small_cfg(seed=s, commutator_every=20) for s in (0, 3)]
+    together = run_many(cfgs, [str(tmp_path / "a"), str(tmp_path / "b")], progress=False)
+    for cfg, t in zip(cfgs, together):
+        alone = run(cfg, progress=False)
+        for (n, p), (_, q) in zip(alone["model"].state_dict().items(), t["model"].state_dict().items()):
+            assert torch.allclose(p, q, atol=2e-5, rtol=1e-4), n
+        for ra, rt in zip(alone["metrics"], t["metrics"]):
+            assert ra["step"] == rt["step"] and abs(ra["acc_m2"] - rt["acc_m2"]) <= 0.02
+            assert np.isclose(ra["train_loss"], rt["train_loss"], rtol=1e-4, equal_nan=True)
+        assert np.allclose([c["D"] for c in alone["commutators"]], [c["D"] for c in t["commutators"]], rtol=1e-3)
+        assert np.allclose(alone["snapshots"]["L1.W_V"], t["snapshots"]["L1.W_V"], atol=2e-5)
+    assert not torch.allclose(together[0]["model"].tok.weight, together[1]["model"].tok.weight)
+    assert (tmp_path / "b" / "snapshots.npz").exists()
+    with pytest.raises(ValueError):
+        run_many([small_cfg(seed=0), small_cfg(seed=1, lr=1e-2)], progress=False)
+
+
+def test_gram_pca_matches_the_svd():
+    """The Gram-matrix route to the trajectory's principal directions and variance shares
+    agrees with a thin SVD of the centred snapshots."""
+    rng = np.random.default_rng(5)
+    traj = np.cumsum(rng.standard_normal((30, 400)) * np.linspace(3, 0.1, 400), 0).astype(np.float32)
+    X = traj.astype(np.float64) - traj.astype(np.float64).mean(0)
+    _, s, Vt = np.linalg.svd(X, full_matrices=False)
+    assert np.allclose(G.variance_shares(traj), s ** 2 / (s ** 2).sum(), atol=1e-10)
+    U = G.execution_basis(traj, 4)
+    assert np.allclose(U.T @ U, np.eye(4), atol=1e-10)
+    assert np.allclose(U @ U.T, Vt[:4].T @ Vt[:4], atol=1e-8)
