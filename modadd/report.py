@@ -193,7 +193,10 @@ def fig5(runs, stats, path):
     ax[1].bar(x, [S[k]["mean"] for k in names], yerr=[[S[k]["mean"] - S[k]["lo"] for k in names],
                                                        [S[k]["hi"] - S[k]["mean"] for k in names]],
               capsize=4, color=["C0", "0.6", "0.6", "C1", "0.8"])
-    ax[1].set_xticks(x, [k.replace("final_rho_", "") for k in names], fontsize=8)
+    labels = {"final_rho_exec": "execution\n(top k)", "final_rho_random": "random k\n(live coords)",
+              "final_rho_block_matched": "random k\nblock-matched", "final_rho_exec_blocks": "per-block\nexecution",
+              "final_rho_random_blocks": "per-block\nrandom"}
+    ax[1].set_xticks(x, [labels[k] for k in names], fontsize=8)
     ax[1].set_yscale("log")
     ax[1].set_title("rho (median over pairs; mean over seeds, 95% CI)", fontsize=10)
     return save(fig, path)
