@@ -6,9 +6,9 @@
 
 Everything after `--` goes to python -m modadd.train (each seed gets --seed and
 --out-dir ROOT/s<seed>). Seeds run as --jobs parallel processes with one CPU thread each,
-or with --together N as one vmapped network of N seeds in this process (on a GPU this is
-what makes 20 seeds fit in one call: separate processes time-slice the device). Seeds already trained are skipped. Then the
-stages run: per seed bubbling and sae (in parallel), over all seeds trajectory and
+or with --together N as one vmapped network of N seeds in this process (meant for a GPU,
+where separate processes time-slice the device). Seeds already trained are skipped. Then
+the stages run: per seed bubbling and sae (in parallel), over all seeds trajectory and
 alignment (written to ROOT). A seed that fails is reported and left out of the stages.
 """
 from __future__ import annotations
