@@ -17,8 +17,8 @@ Figures (mean or median over seeds with their spread):
   fig5_comm_decomposition  squared commutator inside / outside the execution subspace, and
                            every rho beside its baselines
   fig6_sae_ablation        accuracy drop from ablating the chosen SAE latents vs random ones
-Statistics: per seed the median over commutator pairs, then the mean over seeds with a 95%
-bootstrap interval over seeds. Writes report.json and report.md (the verdict table) too.
+Statistics: per seed the median over commutator pairs (with its 95% bootstrap interval over
+pairs in report.json), then the mean over seeds with a 95% bootstrap interval over seeds. Writes report.json and report.md (the verdict table) too.
 """
 from __future__ import annotations
 
@@ -74,6 +74,16 @@ def boot_ci(values, n_boot: int = 2000, seed: int = 0) -> dict:
             "n": int(len(v))}
 
 
+def median_ci(values, n_boot: int = 2000, seed: int = 0) -> list[float]:
+    """95% bootstrap interval of the median over one seed's commutator pairs."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return [float("nan"), float("nan")]
+    meds = np.median(v[np.random.default_rng(seed).integers(len(v), size=(n_boot, len(v)))], 1)
+    return [float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))]
+
+
 def spearman(a, b) -> float:
     from scipy.stats import spearmanr
     ok = np.isfinite(a) & np.isfinite(b)
@@ -91,12 +101,17 @@ def commutator_stats(runs: list[dict]) -> dict:
             s["ratio_block_matched"] = float(np.nanmedian(c["final_rho_exec"] / c["final_rho_block_matched"]))
             s["ratio_blocks"] = float(np.nanmedian(c["final_rho_exec_blocks"] / c["final_rho_random_blocks"]))
             s["share_inside"] = float(np.nanmedian(c["final_rho_exec"] ** 2))
+        series = {"D": c["D"], "D_rel": c["D_rel"]}
+        if "final_rho_exec" in c:
+            series.update(ratio_random=c["final_rho_exec"] / c["final_rho_random"],
+                          ratio_block_matched=c["final_rho_exec"] / c["final_rho_block_matched"])
+        s["ci_over_pairs"] = {k: median_ci(v) for k, v in series.items()}
         # loss change around each measurement: does a commutator spike go with a loss jump?
         loss = np.interp(c["step"], M["step"][1:], M["train_loss"][1:])
         s["spearman_D_loss_change"] = spearman(c["D"][1:], np.abs(np.diff(loss)))
         s["spearman_D_loss"] = spearman(c["D"], loss)
         per_seed.append(s)
-    keys = sorted({k for s in per_seed for k in s})
+    keys = sorted({k for s in per_seed for k in s if k != "ci_over_pairs"})
     return {"per_seed": per_seed, "summary": {k: boot_ci([s.get(k, np.nan) for s in per_seed]) for k in keys}}
 
 
