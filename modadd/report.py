@@ -349,18 +349,21 @@ def load_root(root: str) -> list[dict]:
     return runs
 
 
-def build(root: str, out_dir: str, curriculum: str | None = None, mlp: str | None = None) -> dict:
+def build(root: str, out_dir: str, curriculum: str | None = None, mlp: str | None = None,
+          geometry: str | None = None) -> dict:
     from modadd import forgetting, trajectory
     runs = load_root(root)
     os.makedirs(out_dir, exist_ok=True)
     rep = {"root": root, "n_seeds": len(runs), "config": runs[0]["config"], "figures": []}
     fin = {k: boot_ci([r["metrics"][k][-1] for r in runs]) for k in runs[0]["metrics"] if k.startswith("acc_m")}
     rep["final_accuracy"] = fin
-    tp = load_json(os.path.join(root, "trajectory_pca.json"))
+    geometry = geometry or root
+    rep["geometry_from"] = geometry
+    tp = load_json(os.path.join(geometry, "trajectory_pca.json"))
     if tp:
         rep["trajectory"] = {"summary": tp["summary"]}
         rep["figures"].append(trajectory.plot(tp, os.path.join(out_dir, "fig1_intrinsic_dim.png")))
-    al = load_json(os.path.join(root, "alignment.json"))
+    al = load_json(os.path.join(geometry, "alignment.json"))
     if al:
         rep["alignment"] = {"summary": al["summary"], "random_subspace_overlap": al["random_subspace_overlap"]}
     bub = [r["bubbling"] for r in runs if r["bubbling"]]
@@ -403,6 +406,8 @@ def format_markdown(rep: dict) -> str:
     lines = [f"{rep['n_seeds']} seeds, preset {c['preset']} ({'standard' if c['mlp'] else 'attention-only'}, "
              f"T {c['T']}, C {c['C']}, m {c['m_min']}-{c['m_max']}, {c['optimizer']} lr {c['lr']}, "
              f"{c['steps']} steps, {c['schedule']})", "",
+             *([f"trajectory PCA and alignment from {rep['geometry_from']}", ""]
+               if rep["geometry_from"] != rep["root"] else []),
              "final held-out accuracy: " + ", ".join(
                  f"{k.replace('acc_', '')} {v['mean']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
                  for k, v in rep["final_accuracy"].items()), "",
@@ -417,10 +422,13 @@ def main(argv=None) -> int:
     p.add_argument("root", help="a sweep folder (seed runs in ROOT/s<seed>)")
     p.add_argument("--curriculum", default=None, help="a sweep folder of curriculum runs")
     p.add_argument("--mlp", default=None, help="a sweep folder of standard (attention + MLP) runs")
+    p.add_argument("--geometry", default=None,
+                   help="folder with trajectory_pca.json and alignment.json (default ROOT), e.g. from other runs "
+                        "of the same configuration whose snapshots are at hand")
     p.add_argument("--out-dir", default="plots/modadd")
     args = p.parse_args(argv)
     try:
-        rep = build(args.root, args.out_dir, args.curriculum, args.mlp)
+        rep = build(args.root, args.out_dir, args.curriculum, args.mlp, args.geometry)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
