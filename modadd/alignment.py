@@ -135,6 +135,10 @@ def summarise(res: dict) -> dict:
     return s
 
 
+def _g(v: float) -> str:
+    return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.1e}"
+
+
 def format_table(res: dict) -> str:
     S = res["summary"]
     cols = [("adjacent", "adjacent windows"), ("to_whole", "window vs whole run"),
@@ -146,7 +150,7 @@ def format_table(res: dict) -> str:
              "| matrix | " + " | ".join(t for _, t in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m, r in S.items():
         lines.append(f"| {m} | " + " | ".join(
-            f"{r[c]['mean']:.2f} +- {r[c]['std']:.2f} \\| {r['null_' + c]['mean']:.2f}" for c, _ in cols) + " |")
+            f"{_g(r[c]['mean'])} +- {_g(r[c]['std'])} \\| {_g(r['null_' + c]['mean'])}" for c, _ in cols) + " |")
     return "\n".join(lines)
 
 
@@ -163,7 +167,9 @@ def plot(res: dict, path: str) -> str:
         a.bar(x + 0.2, [S[m]["null_" + c]["mean"] for m in S], 0.4, yerr=[S[m]["null_" + c]["std"] for m in S],
               capsize=3, color="0.7", label="random walk, same steps")
         a.set_xticks(x, list(S))
-        a.set_ylim(0, 1.05)
+        a.set_yscale("log")
+        a.set_ylim(res["random_subspace_overlap"] / 3, 1.5)
+        a.axhline(res["random_subspace_overlap"], color="k", ls=":", lw=1, label="random subspaces (k/P)")
         a.set_title(titles[c], fontsize=10)
         a.set_ylabel("overlap" if c != "captured" else "variance share")
     ax[0].legend(fontsize=8)
