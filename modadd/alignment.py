@@ -33,6 +33,7 @@ import numpy as np
 from modadd.figures import save, subplots
 from modadd.geometry import execution_basis, random_walk_like
 from modadd.runs import MATS, load_snapshots
+from modadd.stats import mean_std
 
 
 def overlap(U1: np.ndarray, U2: np.ndarray) -> float:
@@ -107,13 +108,6 @@ def analyse(run_dirs: list[str], k: int = 3, windows: int = 3, n_null: int = 3, 
     return out
 
 
-def _ms(values) -> dict:
-    v = np.asarray(values, float).ravel()
-    v = v[np.isfinite(v)]
-    return {"mean": float(v.mean()) if len(v) else float("nan"),
-            "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
-
-
 def summarise(res: dict) -> dict:
     """Mean and spread per matrix type (over layers, windows and runs)."""
     s = {}
@@ -123,14 +117,14 @@ def summarise(res: dict) -> dict:
             continue
         row = {}
         for stat in ("to_whole", "adjacent", "captured"):
-            row[stat] = _ms([r[b][stat] for r in res["per_run"] for b in blocks])
-            row["null_" + stat] = _ms([r[b]["null_" + stat] for r in res["per_run"] for b in blocks])
+            row[stat] = mean_std([r[b][stat] for r in res["per_run"] for b in blocks])
+            row["null_" + stat] = mean_std([r[b]["null_" + stat] for r in res["per_run"] for b in blocks])
         if m in res["layers"]:
-            row["layers"] = _ms(res["layers"][m]["overlap"])
-            row["null_layers"] = _ms(res["layers"][m]["null"])
+            row["layers"] = mean_std(res["layers"][m]["overlap"])
+            row["null_layers"] = mean_std(res["layers"][m]["null"])
         if "seeds" in res:
-            row["seeds"] = _ms([res["seeds"][b]["overlap"] for b in blocks])
-            row["null_seeds"] = _ms([res["seeds"][b]["null"] for b in blocks])
+            row["seeds"] = mean_std([res["seeds"][b]["overlap"] for b in blocks])
+            row["null_seeds"] = mean_std([res["seeds"][b]["null"] for b in blocks])
         s[m] = row
     return s
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from modadd.figures import save, subplots
 from modadd.runs import load_config
+from modadd.stats import mean_std
 
 
 def load_metrics(run_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -69,11 +70,9 @@ def analyse(run_dirs: list[str], controls: list[str] | None = None) -> dict:
     for m in ms:
         s = {}
         for stat in ("at_stage_end", "best_after", "final", "forgetting"):
-            v = np.array([r["per_m"][m][stat] for r in runs])
-            s[stat] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+            s[stat] = mean_std([r["per_m"][m][stat] for r in runs])
         if ctrl:
-            v = np.array([r["per_m"][m]["final"] for r in ctrl])
-            s["control_final"] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+            s["control_final"] = mean_std([r["per_m"][m]["final"] for r in ctrl])
         summary[m] = s
     return {"runs": run_dirs, "controls": controls or [], "per_run": runs, "control_runs": ctrl, "summary": summary}
 

@@ -33,6 +33,7 @@ import sys
 import numpy as np
 
 from modadd.figures import save, subplots
+from modadd.stats import boot_ci, median_ci
 
 RHOS = ("final_rho_exec", "final_rho_random", "final_rho_block_matched", "final_rho_exec_blocks",
         "final_rho_random_blocks")
@@ -60,28 +61,6 @@ def load_json(path: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def boot_ci(values, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean of per-seed values with a 95% bootstrap interval over seeds."""
-    v = np.asarray(values, float)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(len(v), size=(n_boot, len(v)))].mean(1)
-    return {"mean": float(v.mean()), "lo": float(np.quantile(means, 0.025)), "hi": float(np.quantile(means, 0.975)),
-            "n": int(len(v))}
-
-
-def median_ci(values, n_boot: int = 2000, seed: int = 0) -> list[float]:
-    """95% bootstrap interval of the median over one seed's commutator pairs."""
-    v = np.asarray(values, float)
-    v = v[np.isfinite(v)]
-    if len(v) < 2:
-        return [float("nan"), float("nan")]
-    meds = np.median(v[np.random.default_rng(seed).integers(len(v), size=(n_boot, len(v)))], 1)
-    return [float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))]
 
 
 def spearman(a, b) -> float:

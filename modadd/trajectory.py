@@ -20,6 +20,7 @@ import numpy as np
 from modadd.figures import save, subplots
 from modadd.geometry import trajectory_pca
 from modadd.runs import MATS, load_snapshots
+from modadd.stats import mean_std
 
 
 def analyse(run_dirs: list[str], n_null: int = 20, seed: int = 0) -> dict:
@@ -33,8 +34,7 @@ def analyse(run_dirs: list[str], n_null: int = 20, seed: int = 0) -> dict:
     for k in keys:
         vals = {s: np.array([r[k][s] for r in per_run], float) for s in
                 ("r90", "effective_rank", "null_r90_mean", "null_effective_rank_mean")}
-        summary[k] = {s: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
-                      for s, v in vals.items()}
+        summary[k] = {s: mean_std(v) for s, v in vals.items()}
     return {"runs": run_dirs, "per_run": per_run, "summary": summary}
 
 
