@@ -279,7 +279,7 @@ def verdicts(rep: dict) -> list[dict]:
                   "than chance" if rr["lo"] > 1 else "no different from chance"})
         sp = c["spearman_D_loss_change"]
         v.append({"finding": "commutator spikes correlate only weakly with loss fluctuations",
-                  "measured": f"Spearman(D, |loss change|) {sp['mean']:.2f} [{sp['lo']:.2f}, {sp['hi']:.2f}]",
+                  "measured": f"Spearman(D, abs. loss change) {sp['mean']:.2f} [{sp['lo']:.2f}, {sp['hi']:.2f}]",
                   "null": "0", "verdict": "holds" if abs(sp["mean"]) < 0.3 else "does not hold"})
     s = rep.get("sae")
     if s:
