@@ -24,8 +24,6 @@ drop for random latents. Writes sae.json and sae.png in the run folder (or --out
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import numpy as np
@@ -33,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modadd.figures import save, subplots
+from modadd.figures import emit, save, subplots
 from modadd.runs import load_config, model_at, snapshot_steps
 from modadd.task import sample
 from modadd.train import pick_device
@@ -133,18 +131,30 @@ def substituted_logits(model, sae: SAE, layer: int, x: torch.Tensor, drop: list[
     """Logits when the residual after `layer` blocks is replaced, at every position, by the
     SAE reconstruction with the `drop` latents zeroed (drop None: the plain reconstruction).
     keep_error: remove only the dropped latents' contribution instead."""
-    with torch.no_grad():
-        h = model.residual(x, layer)
-        z = sae.encode(h)
-        za = z.clone()
-        if drop:
-            za[..., drop] = 0
-        h_new = h - (z - za) @ sae.W_dec * sae.scale if keep_error else sae.decode(za)
-        return model.finish(h_new, layer)
+    return Substitution(model, sae, layer, x).logits(drop, keep_error)
 
 
-def substituted_accuracy(model, sae, layer, x, y, drop, keep_error) -> float:
-    return float((substituted_logits(model, sae, layer, x, drop, keep_error).argmax(-1) == y).float().mean())
+class Substitution:
+    """One batch's residual after `layer` blocks and its SAE code, computed once and
+    reused for every set of latents ablated on that batch."""
+
+    def __init__(self, model, sae: SAE, layer: int, x: torch.Tensor):
+        self.model, self.sae, self.layer = model, sae, layer
+        with torch.no_grad():
+            self.h = model.residual(x, layer)
+            self.z = sae.encode(self.h)
+
+    def logits(self, drop: list[int] | None, keep_error: bool) -> torch.Tensor:
+        with torch.no_grad():
+            za = self.z.clone()
+            if drop:
+                za[..., drop] = 0
+            sae = self.sae
+            h_new = self.h - (self.z - za) @ sae.W_dec * sae.scale if keep_error else sae.decode(za)
+            return self.model.finish(h_new, self.layer)
+
+    def accuracy(self, y: torch.Tensor, drop: list[int] | None, keep_error: bool) -> float:
+        return float((self.logits(drop, keep_error).argmax(-1) == y).float().mean())
 
 
 def analyse_snapshot(model, task, c, layer, kinds, variable, n_select, n_random, n_latents, k, l1, sae_steps,
@@ -176,10 +186,11 @@ def analyse_snapshot(model, task, c, layer, kinds, variable, n_select, n_random,
                "chosen_r": [float(corr[variable][i]) for i in chosen],
                "best_abs_r": {name: float(np.abs(r).max()) for name, r in corr.items()}, "per_m": {}}
         for mm, (x, y) in evals.items():
-            r = {"reconstruction": substituted_accuracy(model, sae, layer, x, y, None, False)}
+            sub = Substitution(model, sae, layer, x)
+            r = {"reconstruction": sub.accuracy(y, None, False)}
             for tag, ke in (("", False), ("_error_kept", True)):
-                r["ablated" + tag] = substituted_accuracy(model, sae, layer, x, y, chosen, ke)
-                rand = [substituted_accuracy(model, sae, layer, x, y, d, ke) for d in draws]
+                r["ablated" + tag] = sub.accuracy(y, chosen, ke)
+                rand = [sub.accuracy(y, d, ke) for d in draws]
                 r["random" + tag + "_mean"], r["random" + tag + "_std"] = float(np.mean(rand)), float(np.std(rand))
             row["per_m"][str(mm)] = r
         row["drop"] = summarise_drops(row["per_m"], base)
@@ -297,15 +308,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(res))
-    out = args.out_dir or args.run
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "sae.json"), "w") as f:
-        json.dump(res, f)
-    print(f"wrote {os.path.join(out, 'sae.json')}")
-    if not args.no_plot:
-        print(f"wrote {plot(res, os.path.join(out, 'sae.png'))}")
-    return 0
+    return emit(res, args.out_dir or args.run, "sae", format_table, plot, args.no_plot)
 
 
 if __name__ == "__main__":
