@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
 
 import torch
 
-from modadd.figures import save, subplots
+from modadd.figures import emit, save, subplots
 from modadd.model import accuracy, set_topk
 from modadd.runs import load_run
 from modadd.task import sample
@@ -97,13 +96,7 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(res))
-    with open(os.path.join(args.run, "bubbling.json"), "w") as f:
-        json.dump(res, f)
-    print(f"wrote {os.path.join(args.run, 'bubbling.json')}")
-    if not args.no_plot:
-        print(f"wrote {plot(res, os.path.join(args.run, 'bubbling.png'))}")
-    return 0
+    return emit(res, args.run, "bubbling", format_table, plot, args.no_plot)
 
 
 if __name__ == "__main__":

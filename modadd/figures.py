@@ -1,4 +1,4 @@
-"""Figure helpers shared by the modadd stages (headless matplotlib)."""
+"""Figure and output helpers shared by the modadd stages (headless matplotlib)."""
 from __future__ import annotations
 
 
@@ -15,3 +15,19 @@ def save(fig, path: str, dpi: int = 120) -> str:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def emit(res: dict, out_dir: str, name: str, table, plot, no_plot: bool = False) -> int:
+    """The end of every stage's main: print the table, write <name>.json and, unless
+    no_plot, <name>.png in out_dir. Returns the exit status 0."""
+    import json
+    import os
+    print(table(res))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name + ".json")
+    with open(path, "w") as f:
+        json.dump(res, f)
+    print(f"wrote {path}")
+    if not no_plot:
+        print(f"wrote {plot(res, os.path.join(out_dir, name + '.png'))}")
+    return 0

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 
 import numpy as np
 
-from modadd.figures import save, subplots
+from modadd.figures import emit, save, subplots
 from modadd.runs import load_config
 from modadd.stats import mean_std
 
@@ -124,15 +123,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(res))
-    out = args.out_dir or args.runs[0]
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "forgetting.json"), "w") as f:
-        json.dump(res, f)
-    print(f"wrote {os.path.join(out, 'forgetting.json')}")
-    if not args.no_plot:
-        print(f"wrote {plot(res, os.path.join(out, 'forgetting.png'))}")
-    return 0
+    return emit(res, args.out_dir or args.runs[0], "forgetting", format_table, plot, args.no_plot)
 
 
 if __name__ == "__main__":

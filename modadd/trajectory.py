@@ -11,13 +11,11 @@ trajectory_pca.png in the first run's folder (or --out-dir).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import numpy as np
 
-from modadd.figures import save, subplots
+from modadd.figures import emit, save, subplots
 from modadd.geometry import trajectory_pca
 from modadd.runs import MATS, load_snapshots
 from modadd.stats import mean_std
@@ -81,15 +79,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(res))
-    out = args.out_dir or args.runs[0]
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "trajectory_pca.json"), "w") as f:
-        json.dump(res, f)
-    print(f"wrote {os.path.join(out, 'trajectory_pca.json')}")
-    if not args.no_plot:
-        print(f"wrote {plot(res, os.path.join(out, 'trajectory_pca.png'))}")
-    return 0
+    return emit(res, args.out_dir or args.runs[0], "trajectory_pca", format_table, plot, args.no_plot)
 
 
 if __name__ == "__main__":
