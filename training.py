@@ -57,15 +57,24 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG state as tensors and plain numbers, so that a checkpoint holding it
+    loads with torch.load(weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+          "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    py, nps = st["python"], st["numpy"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["cached_gaussian"]))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -93,13 +102,36 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def plain(obj):
+    """obj with numpy scalars and arrays turned into Python numbers and tensors, so that it
+    loads with torch.load(weights_only=True); anything else that is not plain data is an error."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor, torch.Size, torch.dtype)):
+        return obj
+    raise TypeError(f"checkpoint value of type {type(obj).__name__} is not plain data")
+
+
 def save_checkpoint(path: str, payload: dict) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half file."""
+    """torch.save to a temporary file in the same folder, then rename: never a half file.
+    Only plain data is written (see `plain`), so the file loads with weights_only=True."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    torch.save(payload, tmp)
+    torch.save(plain(payload), tmp)
     os.replace(tmp, path)
+
+
+def safe_load(path: str):
+    """torch.load(weights_only=True): tensors and plain containers only. A pickle that would
+    build any other object (and so could run code) is refused before anything runs."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(path: str, model_type: str | None = None) -> dict:
@@ -112,9 +144,11 @@ def load_checkpoint(path: str, model_type: str | None = None) -> dict:
     if not os.path.exists(path):
         raise TrainingError(f"checkpoint {path!r} not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise TrainingError(f"{path} is not a readable checkpoint ({e})") from e
+        ckpt = safe_load(path)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise TrainingError(f"{path} is not a checkpoint this project can load safely "
+                            f"({str(e).splitlines()[0][:200]}); only files written by its scripts "
+                            f"(tensors and plain data) are accepted") from e
     if not isinstance(ckpt, dict) or "model_type" not in ckpt:
         raise TrainingError(f"{path} was not written by this project (no model_type)")
     if model_type is not None and ckpt["model_type"] != model_type:
@@ -417,7 +451,8 @@ def train_main(args, spec: ModelSpec, parser_defaults: dict) -> int:
         from torch.utils.data import DataLoader
         tr = ds["train"]
         sub = tr.starts[np.linspace(0, len(tr) - 1, min(len(tr), max(len(ds["val"]), 1))).round().astype(int)]
-        fixed = WindowDataset(tr.X, tr.states, sub, tr.seq_len, tr.mask_cfg, tr.mask_seed + 7, fixed=True)
+        fixed = WindowDataset(tr.X, tr.states, sub, tr.seq_len, tr.mask_cfg, tr.mask_seed + 7, fixed=True,
+                              eval_warmup=tr.eval_warmup)
         te_loader = DataLoader(fixed, batch_size=args.batch_size)
         train_eval = lambda m: spec.evaluate(m, te_loader, device, amp)  # noqa: E731
 

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         res = analyse(args.run, args.n, seed=args.seed)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return emit(res, args.run, "bubbling", format_table, plot, args.no_plot)

@@ -37,7 +37,14 @@ def load_config(run_dir: str) -> dict:
 
 def load_run(run_dir: str):
     """(final model in eval mode, task, config)."""
-    ck = torch.load(_need(run_dir, "model.pt"), map_location="cpu", weights_only=False)
+    path = _need(run_dir, "model.pt")
+    try:  # tensors and plain data only: a pickle that would run code is refused before it runs
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        raise ValueError(f"{path} is not a model file this project can load safely "
+                         f"({str(e).splitlines()[0][:200]}); re-run modadd.train for this folder") from e
+    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
+        raise ValueError(f"{path} was not written by modadd.train (no config / model)")
     task, model = task_and_model(ck["config"])
     model.load_state_dict(ck["model"])
     return model.eval(), task, ck["config"]

@@ -147,7 +147,7 @@ def test_training_resume_and_eval(small_data_dir, tmp_path, capsys):
     assert metrics["noise_floor"] == pytest.approx(2.83 ** 2)
     for f in ("best.pt", "last.pt", "plots/training_loss.png", "plots/bert_prediction_0.png"):
         assert (a / f).exists()
-    ckpt = torch.load(a / "last.pt", weights_only=False)
+    ckpt = torch.load(a / "last.pt", weights_only=True)
     for key in ("model_config", "data", "data_config", "optimizer", "scheduler", "rng", "epoch"):
         assert key in ckpt
     # stopped after two epochs, then resumed: the same numbers as the uninterrupted run
@@ -191,7 +191,7 @@ def test_bad_input_gives_one_clear_error(small_data_dir, tmp_path, capsys):
     assert main(["--eval", str(run / "best.pt"), "--data-dir", str(other)]) == 2
     assert "12-D" in capsys.readouterr().err
     # a checkpoint of another model
-    ck = torch.load(run / "best.pt", weights_only=False)
+    ck = torch.load(run / "best.pt", weights_only=True)
     ck["model_type"] = "mamba_next"
     torch.save(ck, tmp_path / "other.pt")
     assert main(["--eval", str(tmp_path / "other.pt")]) == 2
