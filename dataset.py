@@ -235,12 +235,14 @@ class WindowDataset:
 
     fixed=True: the mask of window i never changes (evaluation). fixed=False: masks depend
     on the epoch set with set_epoch (training). mask_cfg=None gives all-False masks.
+    eval_warmup: steps of context a causal evaluation skips at the start of each window.
     """
 
     def __init__(self, X: np.ndarray, states: np.ndarray, starts: np.ndarray, seq_len: int,
-                 mask_cfg: MaskConfig | None = None, mask_seed: int = 0, fixed: bool = True):
+                 mask_cfg: MaskConfig | None = None, mask_seed: int = 0, fixed: bool = True, eval_warmup: int = 0):
         self.X, self.states, self.starts = X, states, np.asarray(starts)
         self.seq_len, self.mask_cfg, self.mask_seed, self.fixed = seq_len, mask_cfg, mask_seed, fixed
+        self.eval_warmup = eval_warmup
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -193,17 +193,19 @@ def horizon_mse(model, loader, device, amp, warmup: int) -> dict:
     return {h: float(s / max(c, 1)) for h, s, c in zip(hs, sse, n)}
 
 
-def make_spec(eval_warmup: int):
+def make_spec():
+    """The model spec. Evaluation takes its warm-up from the windows it scores (set by
+    datasets_for from the run's own data arguments), never from the parser's defaults."""
     from training import ModelSpec
 
     def evaluate(model, loader, device, amp):
-        return horizon_mse(model, loader, device, amp, eval_warmup)[1]
+        return horizon_mse(model, loader, device, amp, loader.dataset.eval_warmup)[1]
 
     def final_metrics(model, loaders, device, amp):
         val, test = loaders
-        out = {"val_mse_by_horizon": horizon_mse(model, val, device, amp, eval_warmup)}
+        out = {"val_mse_by_horizon": horizon_mse(model, val, device, amp, val.dataset.eval_warmup)}
         if test is not None:
-            out["test_mse_by_horizon"] = horizon_mse(model, test, device, amp, eval_warmup)
+            out["test_mse_by_horizon"] = horizon_mse(model, test, device, amp, test.dataset.eval_warmup)
         return out
 
     return ModelSpec(
@@ -226,8 +228,12 @@ def datasets_for(series, data_args: dict):
     L, w = data_args["seq_len"], data_args["eval_warmup"]
     if not 0 <= w < L - 1:
         raise ValueError(f"--eval-warmup {w} must be in [0, seq_len - 1)")
-    return build_datasets(series, L, data_args["stride"], None, data_args["seed"], data_args["val_frac"],
-                          data_args["test_frac"], eval_stride=L - w)
+    ds = build_datasets(series, L, data_args["stride"], None, data_args["seed"], data_args["val_frac"],
+                        data_args["test_frac"], eval_stride=L - w)
+    for part in ("train", "val", "test"):
+        if ds.get(part) is not None:
+            ds[part].eval_warmup = w  # what evaluate() scores after, in these windows
+    return ds
 
 
 GATE_PARAMS = ("mixer.x_proj.", "mixer.dt_proj.")
@@ -269,7 +275,7 @@ def config_from_args(args, in_dim: int) -> MambaConfig:
 def load_model(ckpt: dict) -> MambaNext:
     """The model of a checkpoint written by this script (used by evaluate_representations.py)."""
     from training import load_model as load
-    return load(ckpt, make_spec(ckpt["data"].get("eval_warmup", 0)), MambaConfig)
+    return load(ckpt, make_spec(), MambaConfig)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -633,7 +639,7 @@ def main(argv=None) -> int:
             raise TrainingError("--gate-lr-factor must be >= 0")
         if args.eval_warmup is None:
             args.eval_warmup = args.seq_len // 4
-        spec = make_spec(args.eval_warmup)
+        spec = make_spec()
         if args.eval:
             return eval_main(args, spec, MambaConfig)
         defaults = vars(parser.parse_args(["train"]))

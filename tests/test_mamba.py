@@ -149,7 +149,7 @@ def test_gate_lr_factor_zero_freezes_exactly(small_data_dir, tmp_path, capsys):
     assert main(["train", "--data-dir", small_data_dir, "--out-dir", str(tmp_path / "g0"), "--epochs", "2",
                  "--gate-lr-factor", "0", "--freeze-A", *TINY]) == 0
     assert "frozen" in capsys.readouterr().out
-    ck = T.load(tmp_path / "g0" / "last.pt", weights_only=False)
+    ck = T.load(tmp_path / "g0" / "last.pt", weights_only=True)
     from training import seed_everything
     seed_everything(0)
     init = MambaNext(MambaConfig(**ck["model_config"])).state_dict()  # the same seed gives the same init
@@ -219,3 +219,23 @@ def test_cuda_kernel_matches_the_pure_scan():
     fast = block(x)
     slow = block(x, trace={})  # a trace forces the pure-PyTorch scan
     assert ((fast - slow).abs().max() / slow.abs().max()).item() < 1e-3
+
+
+def test_resume_and_eval_score_with_the_runs_own_warmup(small_data_dir, tmp_path, capsys):
+    """A run stopped and resumed with only --resume (so the parser's --seq-len default differs
+    from the run's) logs the same validation MSEs as the uninterrupted run, and --eval of its
+    best checkpoint reproduces them (they were 0.0000 when the warm-up came from the parser)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--data-dir", small_data_dir, "--epochs", "3", "--no-train-eval", *TINY]
+    assert main(["train", "--out-dir", str(a), *common]) == 0
+    assert main(["train", "--out-dir", str(b), "--stop-after", "2", *common]) == 0
+    assert main(["train", "--resume", str(b / "last.pt")]) == 0
+    col = lambda run: [float(r.split(",")[5]) for r in (run / "training_log.csv").read_text().splitlines()[1:]]  # noqa: E731
+    assert min(col(b)) > 1.0  # an MSE of 0.0000 scored nothing
+    assert col(b) == pytest.approx(col(a), rel=1e-6)
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
+    assert mb["test_mse"] == pytest.approx(ma["test_mse"], rel=1e-6) and mb["best_epoch"] == ma["best_epoch"]
+    capsys.readouterr()
+    assert main(["train", "--eval", str(b / "best.pt"), "--plots-dir", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
+    assert ev["val_mse"] == pytest.approx(mb["val_mse"], rel=1e-5) and ev["val_mse"] > 1.0
