@@ -11,8 +11,14 @@ from terrain.models import DEFAULT_MODEL, TerrainError
 
 
 def model_tag(name: str | None) -> str:
-    """A file-name-safe tag for a model id or path."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name or DEFAULT_MODEL).strip("_")[-60:]
+    """A file-name-safe tag for a model id or path, distinct for distinct names: a name that
+    had to be changed (characters replaced, or cut to its last 50) gets 8 hex digits of its hash."""
+    import hashlib
+    name = name or DEFAULT_MODEL
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+    if safe == name and len(safe) <= 60:
+        return safe
+    return f"{safe[-50:]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def run_for_models(models: list[str], out_dir: str, prefix: str, compute: Callable[[str], dict],
@@ -44,3 +50,32 @@ def save_figure(fig, path: str, dpi: int = 120) -> str:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def add_device_flag(p) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the linear algebra / forward passes run: auto = cuda when available, else cpu")
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when a CUDA device is available, else 'cpu'; 'cuda' without one is an error."""
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TerrainError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return name
+
+
+def progress(iterable, desc: str, total: int | None = None):
+    """A progress bar on stderr when it is a terminal (tqdm decides), plain iteration otherwise."""
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None, mininterval=1)
+
+
+def add_model_flags(p) -> None:
+    """--dtype and --device of the stages that run a model's forward pass."""
+    from terrain.models import DTYPES
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="dtype the weights are loaded in (bfloat16 halves the memory of a big model)")
+    add_device_flag(p)

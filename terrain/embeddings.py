@@ -22,7 +22,8 @@ import numpy as np
 
 from terrain import metrics as M
 from terrain.cli import save_figure
-from terrain.models import DEFAULT_MODEL, TerrainError, by_role, canonical_weights, load_model, resolve_model_name
+from terrain.checkpoint import embedding_matrix
+from terrain.models import DEFAULT_MODEL, resolve_model_name
 
 # Small hand-made categories; members that are not single tokens are dropped and counted.
 CATEGORIES = {
@@ -86,11 +87,7 @@ def category_lift(E: np.ndarray, members: list[int], pool: np.ndarray, n_random:
 
 def probe(name: str | None, seed: int = 0, n_simplices: int = 4000) -> dict:
     from transformers import AutoTokenizer
-    model, config = load_model(name)
-    emb = by_role(canonical_weights(model), "embedding")
-    if not emb:
-        raise TerrainError(f"{name or DEFAULT_MODEL} has no token embedding matrix (a vision model?)")
-    E = emb[0].W.astype(np.float64)
+    E = embedding_matrix(name)[0].astype(np.float64)  # read alone from the checkpoint, no forward pass
     rng = np.random.default_rng(seed)
     R = M.random_like(E, rng)
     n, d = E.shape

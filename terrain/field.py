@@ -108,7 +108,7 @@ class FieldModulator(HookedModulator):
         return torch.sigmoid(self.alpha_logit).clamp(self.alpha_min, self.alpha_max)
 
     def gates(self, h: torch.Tensor, layer: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = h[..., self.active]
+        x = h[..., self.active].float()  # the experts run in float32 whatever the model's dtype
         total = torch.ones_like(x)
         validities = []
         for e, (expert, a) in enumerate(zip(self.experts, self.alpha[layer])):

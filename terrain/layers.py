@@ -24,7 +24,7 @@ import torch
 
 from terrain import metrics as M
 from terrain.cli import save_figure
-from terrain.models import DEFAULT_MODEL, TerrainError, load_model, resolve_model_name
+from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
 
 SENTENCES = [
     "The cat sat quietly on the warm windowsill.",
@@ -59,14 +59,16 @@ def shuffled(H: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 @torch.no_grad()
-def evolution(name: str | None, sentences: list[str], seed: int = 0) -> dict:
+def evolution(name: str | None, sentences: list[str], seed: int = 0, dtype: str = "float32",
+              device: str = "cpu") -> dict:
     from transformers import AutoTokenizer
-    model, config = load_model(name)
+    model, config = load_model(name, dtype, device, part="encoder")  # an encoder-decoder's decoder is not read
     tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
     enc = tok(sentences, return_tensors="pt", padding=True)
-    runner = model.get_encoder() if hasattr(model, "get_encoder") and config.is_encoder_decoder else model
+    dev = model_device(model)
     try:
-        out = runner(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+        out = model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
+                    output_hidden_states=True)
     except TypeError as e:
         raise TerrainError(f"layer evolution needs a text model taking input_ids ({e})") from e
     keep = enc["attention_mask"].bool().numpy().ravel()
@@ -75,7 +77,7 @@ def evolution(name: str | None, sentences: list[str], seed: int = 0) -> dict:
     states = []
     n = len(out.hidden_states)
     for i, h in enumerate(out.hidden_states):
-        H = h.float().numpy().reshape(-1, h.shape[-1])[keep]
+        H = h.float().cpu().numpy().reshape(-1, h.shape[-1])[keep]
         norms = np.linalg.norm(H, axis=1)
         states.append({"index": i, "name": "embeddings" if i == 0 else f"layer {i}",
                        "after_layer_norm": bool(post_ln or i == n - 1 and not post_ln and _final_norm(config)),
@@ -87,7 +89,8 @@ def evolution(name: str | None, sentences: list[str], seed: int = 0) -> dict:
 
 def _final_norm(config) -> bool:
     """Pre-LN families whose returned last hidden state has the final norm applied."""
-    return config.model_type in {"t5", "mt5", "umt5", "llama", "qwen2", "qwen3", "mistral", "gemma", "phi3"}
+    return config.model_type in {"t5", "mt5", "umt5", "llama", "qwen2", "qwen3", "qwen3_5", "qwen3_5_text", "mistral",
+                                 "gemma", "phi3"}
 
 
 def format_summary(res: dict) -> str:
@@ -119,13 +122,14 @@ def plot(res: dict, path: str) -> str:
 
 
 def main(argv=None) -> int:
-    from terrain.cli import run_for_models
+    from terrain.cli import add_model_flags, resolve_device, run_for_models
     p = argparse.ArgumentParser(description="Hidden-state norms and cosines through the layers of a text model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
     p.add_argument("--sentences-file", default=None, help="one sentence per line (default: 16 built-in)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="plots/terrain")
+    add_model_flags(p)
     args = p.parse_args(argv)
     sentences = SENTENCES
     if args.sentences_file:
@@ -134,7 +138,8 @@ def main(argv=None) -> int:
             return 2
         sentences = [s.strip() for s in open(args.sentences_file) if s.strip()]
     code, _, written = run_for_models(args.model, args.out_dir, "layers",
-                                      lambda n: evolution(n, sentences, args.seed), format_summary, plot)
+                                      lambda n: evolution(n, sentences, args.seed, args.dtype, resolve_device(args.device)),
+                                      format_summary, plot)
     if written:
         print("wrote " + ", ".join(written))
     return code

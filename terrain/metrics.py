@@ -69,7 +69,11 @@ def condition_number(sigma: np.ndarray, rtol: float = 1e-12) -> float:
 
 
 def spectral_summary(M: np.ndarray) -> dict:
-    s = singular_values(M)
+    return spectral_summary_of(singular_values(M))
+
+
+def spectral_summary_of(s: np.ndarray) -> dict:
+    """The spectral statistics of a matrix from its singular values."""
     return {"participation_ratio_sigma2": participation_ratio(s ** 2), "stable_rank": stable_rank(s),
             "entropy_effective_rank": entropy_effective_rank(s), "condition_number": condition_number(s),
             **{f"n_components_{int(100 * k)}pct_var_sigma2": v for k, v in components_for_variance(s).items()}}
@@ -176,14 +180,32 @@ def hoyer(w: np.ndarray) -> float:
     return float((math.sqrt(n) - w.sum() / l2) / (math.sqrt(n) - 1))
 
 
-def sparsity(W: np.ndarray, absolute=(0.1, 0.01), relative=(0.1, 0.5)) -> dict:
+def sparsity(W: np.ndarray, absolute=(0.1, 0.01), relative=(0.1, 0.5), chunk: int = 1 << 22) -> dict:
     """Fractions of entries below absolute thresholds (which track the initialisation scale)
-    and below fractions of the matrix's own RMS (scale-free), and the Hoyer measure."""
-    w = np.abs(np.asarray(W, dtype=np.float64).ravel())
-    rms = math.sqrt(np.mean(w ** 2))
-    out = {f"frac_abs_below_{t:g}": float(np.mean(w < t)) for t in absolute}
-    out.update({f"frac_below_{t:g}_rms": float(np.mean(w < t * rms)) for t in relative})
-    out["hoyer"] = hoyer(w)
+    and below fractions of the matrix's own RMS (scale-free), and the Hoyer measure. Computed
+    in float64 chunk by chunk, so a big float32 matrix is never copied whole."""
+    w = np.asarray(W).ravel()
+    n = w.size
+
+    def chunks():
+        for a in range(0, n, chunk):
+            yield np.abs(w[a:a + chunk].astype(np.float64))
+    l1 = l2sq = 0.0
+    below = dict.fromkeys(absolute, 0)
+    for c in chunks():
+        l1 += float(c.sum())
+        l2sq += float(c @ c)
+        for t in absolute:
+            below[t] += int(np.count_nonzero(c < t))
+    rms = math.sqrt(l2sq / n) if n else 0.0
+    rel = dict.fromkeys(relative, 0)
+    for c in chunks():
+        for t in relative:
+            rel[t] += int(np.count_nonzero(c < t * rms))
+    out = {f"frac_abs_below_{t:g}": below[t] / n for t in absolute}
+    out.update({f"frac_below_{t:g}_rms": rel[t] / n for t in relative})
+    l2 = math.sqrt(l2sq)
+    out["hoyer"] = float((math.sqrt(n) - l1 / l2) / (math.sqrt(n) - 1)) if n >= 2 and l2 > 0 else float("nan")
     out["rms"] = rms
     return out
 

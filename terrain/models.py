@@ -39,9 +39,24 @@ def resolve_model_name(name: str | None) -> str:
     return minilm_path() if name in (None, "", DEFAULT_MODEL) else name
 
 
-def load_open_clip(spec: str):
-    """open_clip:ARCH[/PRETRAINED] -> (visual tower, a small config with its head layout)."""
+def open_clip_config(model):
+    """A small config with the head layout of each tower of an open_clip model (read from the
+    modules themselves: every tower has its own width and number of heads)."""
     from types import SimpleNamespace
+
+    def tower(t):
+        attn = t.resblocks[0].attn
+        return SimpleNamespace(num_attention_heads=attn.num_heads, hidden_size=attn.embed_dim)
+    cfg = SimpleNamespace(model_type="open_clip", is_encoder_decoder=False)
+    if getattr(getattr(model, "visual", None), "transformer", None) is not None:
+        cfg.vision_config = tower(model.visual.transformer)
+    if getattr(model, "transformer", None) is not None and hasattr(model.transformer, "resblocks"):
+        cfg.text_config = tower(model.transformer)
+    return cfg
+
+
+def load_open_clip(spec: str):
+    """open_clip:ARCH[/PRETRAINED] -> (model with both towers, a config with each tower's heads)."""
     try:
         import open_clip
     except ImportError as e:
@@ -53,36 +68,95 @@ def load_open_clip(spec: str):
     except Exception as e:  # unknown architecture, weights not on disk
         raise TerrainError(f"open_clip model {spec!r} is not available offline ({e}); pass a local "
                            f"checkpoint file as PRETRAINED") from e
-    visual = model.visual.eval()
-    block = visual.transformer.resblocks[0].attn
-    config = SimpleNamespace(model_type="open_clip", num_attention_heads=block.num_heads,
-                             hidden_size=block.embed_dim, is_encoder_decoder=False)
-    return visual, config
+    return model.eval(), open_clip_config(model)
 
 
-def load_model(name: str | None = None):
-    """(model, config) for a Hugging Face id or local folder, without touching the network;
-    'open_clip:ARCH/PRETRAINED' loads an open_clip visual tower when open_clip is installed."""
-    from transformers import AutoConfig, AutoModel
-    if name and name.startswith("open_clip:"):
-        return load_open_clip(name[len("open_clip:"):])
-    path = resolve_model_name(name)
+DTYPES = ("float32", "bfloat16", "float16")
+T5_FAMILY = ("t5", "mt5", "umt5")
+
+
+def load_config(path: str):
+    """The transformers config of a local folder (config.json only; no code is run)."""
+    from transformers import AutoConfig
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise TerrainError(f"{path} has no config.json; pass a Hugging Face model folder")
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise TerrainError(f"{path}/config.json names a model family transformers does not know "
+                           f"({str(e).splitlines()[0]}); upgrade transformers or pass another --model") from e
+
+
+def _not_offline(name, detail: str) -> TerrainError:
+    return TerrainError(
+        f"model {name!r} is not available offline ({detail}); pass --model with a local "
+        f"folder holding config.json and the weights, or download it where there is internet "
+        f"(huggingface-cli download {name} --local-dir DIR); the default '{DEFAULT_MODEL}' always works")
+
+
+def load_model(name: str | None = None, dtype: str | None = None, device: str = "cpu", part: str = "model"):
+    """(model, config) for a Hugging Face id or local folder, without touching the network.
+
+    part: 'model' (AutoModel), 'encoder' (only the encoder of an encoder-decoder such as T5: the
+    decoder's weights are never read), 'seq2seq' (an encoder-decoder with its language-model
+    head; AutoModel for other models).
+    dtype: float32 / bfloat16 / float16 (default: float32). device: cpu or cuda; on cuda with
+    accelerate installed the weights are placed with device_map='auto', which spills what does not
+    fit on the GPU to the CPU. 'open_clip:ARCH/PRETRAINED' loads an open_clip model when
+    open_clip is installed."""
+    import torch
+    import transformers as tf
+    if name and name.startswith("open_clip:"):
+        model, config = load_open_clip(name[len("open_clip:"):])
+        return model.to(device, getattr(torch, dtype or "float32")), config
+    if dtype not in (None,) + DTYPES:
+        raise TerrainError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    path = resolve_model_name(name)
+    if not os.path.isdir(path):
+        raise _not_offline(name, f"no folder {path}")
+    config = load_config(path)
+    cls = tf.AutoModel
+    if part == "encoder" and getattr(config, "is_encoder_decoder", False):
+        if config.model_type not in T5_FAMILY:
+            raise TerrainError(f"encoder-only loading is implemented for {', '.join(T5_FAMILY)}, "
+                               f"not {config.model_type}")
+        cls = tf.T5EncoderModel
+    elif part == "seq2seq" and getattr(config, "is_encoder_decoder", False):
+        cls = tf.AutoModelForSeq2SeqLM
+    kw = {"dtype": getattr(torch, dtype or "float32")}
+    use_map = device.startswith("cuda") and _has_accelerate()
+    if use_map:
+        kw["device_map"] = "auto"
+    try:
+        model = cls.from_pretrained(path, local_files_only=True, **kw)
     except (OSError, ValueError) as e:
-        raise TerrainError(
-            f"model {name!r} is not available offline ({str(e).splitlines()[0]}); pass --model with a local "
-            f"folder holding config.json and the weights, or download it where there is internet "
-            f"(huggingface-cli download {name} --local-dir DIR); the default '{DEFAULT_MODEL}' always works") from e
+        raise _not_offline(name, str(e).splitlines()[0]) from e
+    if not use_map:
+        model = model.to(device)
     return model.eval(), config
+
+
+def _has_accelerate() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def model_device(model):
+    """The device a model's inputs go to (the first parameter's, also under a device_map)."""
+    return next(model.parameters()).device
 
 
 # ----------------------------------------------------------------------------- roles
 
-# (pattern on the parameter path, role); the first match wins.
+# (pattern on the parameter path, role); the first match wins. Roles of packed matrices
+# (qkv, in_proj_weight, Qwen3.5's gated q_proj and linear-attention in_proj_qkv) are set in plan().
 ROLE_RULES = [
     (r"relative_attention_bias\.weight$", "rel_bias"),
+    (r"linear_attn\.in_proj_qkv\.weight$", "lin_qkv"),
+    (r"linear_attn\.in_proj_z\.weight$", "lin_gate"),
+    (r"linear_attn\.in_proj_[ab]\.weight$", "lin_ab"),
+    (r"linear_attn\.out_proj\.weight$", "lin_o"),
+    (r"(?:in_proj_weight|attn\.qkv\.weight)$", "qkv"),
     (r"EncDecAttention\.q\.weight$", "cross_q"),
     (r"EncDecAttention\.k\.weight$", "cross_k"),
     (r"EncDecAttention\.v\.weight$", "cross_v"),
@@ -90,20 +164,32 @@ ROLE_RULES = [
     (r"(?:\.|^)(?:q|query|q_proj)\.weight$", "q"),
     (r"(?:\.|^)(?:k|key|k_proj)\.weight$", "k"),
     (r"(?:\.|^)(?:v|value|v_proj)\.weight$", "v"),
-    (r"(?:SelfAttention\.o|attention\.output\.dense|o_proj|attn\.out_proj|self_attn\.out_proj)\.weight$", "o"),
+    (r"(?:SelfAttention\.o|attention\.output\.dense|o_proj|attn\.out_proj|self_attn\.out_proj|attn\.proj)\.weight$",
+     "o"),
     (r"(?:DenseReluDense\.wi_0|mlp\.gate_proj)\.weight$", "mlp_gate"),
-    (r"(?:DenseReluDense\.wi|DenseReluDense\.wi_1|intermediate\.dense|mlp\.fc1|mlp\.up_proj|mlp\.c_fc)\.weight$",
-     "mlp_in"),
-    (r"(?:DenseReluDense\.wo|(?<!attention)\.output\.dense|mlp\.fc2|mlp\.down_proj|mlp\.c_proj)\.weight$",
-     "mlp_out"),
+    (r"(?:DenseReluDense\.wi|DenseReluDense\.wi_1|intermediate\.dense|mlp\.fc1|mlp\.up_proj|mlp\.c_fc|"
+     r"mlp\.linear_fc1)\.weight$", "mlp_in"),
+    (r"(?:DenseReluDense\.wo|(?<!attention)\.output\.dense|mlp\.fc2|mlp\.down_proj|mlp\.c_proj|mlp\.linear_fc2)"
+     r"\.weight$", "mlp_out"),
     (r"(?:shared|word_embeddings|embed_tokens|token_embedding)\.weight$", "embedding"),
+    (r"(?:^|\.)lm_head\.weight$", "unembedding"),
     (r"(?:layer_norm|LayerNorm|layernorm_before|layernorm_after|norm1|norm2|layer_norm1|layer_norm2|"
      r"input_layernorm|post_attention_layernorm|ln_1|ln_2)\.weight$", "norm"),
+    (r"(?:final_layer_norm|post_layernorm|pre_layrnorm|ln_final|ln_pre|ln_post|layernorm|(?:^|\.)norm)\.weight$",
+     "final_norm"),
 ]
+# parameters the battery knows and does not analyse (biases, position tables, patch stems, ...)
+AUX_RULES = [r"\.bias$", r"(?:^|\.)bias$", r"position_ids$", r"position_embeddings?(?:\.weight)?$", r"pos_embed",
+             r"token_type_embeddings", r"patch_embed", r"patch_embedding", r"(?:cls|class|mask)_(?:token|embedding)",
+             r"class_embedding$", r"register_tokens", r"pooler\.", r"(?:visual|text)_projection", r"^proj$",
+             r"\.proj$", r"logit_scale", r"conv1d\.weight$", r"A_log$", r"dt_bias$", r"[qk]_norm\.weight$",
+             r"linear_attn\.norm\.weight$", r"layer_scale", r"lambda\d", r"merger\.", r"attn_mask$"]
 _RULES = [(re.compile(p), r) for p, r in ROLE_RULES]
-_LAYER = re.compile(r"(?:^|\.)(?:block|layer|layers|h|resblocks)\.(\d+)\.")
-_STACKS = {"encoder": "encoder", "decoder": "decoder", "vision_model": "vision", "text_model": "text",
-           "visual": "vision", "transformer": "text"}
+_AUX = [re.compile(p) for p in AUX_RULES]
+_LAYER = re.compile(r"(?:^|\.)(?:block|blocks|layer|layers|h|resblocks)\.(\d+)\.")
+_STACK_PARTS = {"vision_model": "vision", "visual": "vision", "vision_tower": "vision", "text_model": "text",
+                "language_model": "text", "decoder": "decoder", "encoder": "encoder"}
+_STACK_ORDER = ("vision", "text", "decoder", "encoder")
 
 
 @dataclass
@@ -122,45 +208,158 @@ class HeadLayout:
     n_kv_heads: int
 
 
-def head_layout(config) -> HeadLayout:
-    """Attention heads of a model config (vision / text sub-configs of CLIP included)."""
-    cfg = getattr(config, "vision_config", None) or config
+def _layout_of(cfg) -> HeadLayout | None:
     n = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", None)
-    if n is None:
-        raise TerrainError(f"cannot find the number of attention heads in the {type(config).__name__}")
-    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model")
+    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None) or getattr(cfg, "embed_dim", None)
+    if n is None or d is None:
+        return None
     head_dim = getattr(cfg, "d_kv", None) or getattr(cfg, "head_dim", None) or d // n
     return HeadLayout(int(n), int(head_dim), int(getattr(cfg, "num_key_value_heads", None) or n))
 
 
+def head_layouts(config) -> dict[str, HeadLayout]:
+    """Head layout per stack: CLIP's text and vision towers (and a multimodal model's language
+    and vision parts) each from their own sub-config; 'linear' for linear-attention layers
+    (Qwen3.5's key heads); '*' for every other stack."""
+    out = {}
+    text = getattr(config, "text_config", None)
+    vision = getattr(config, "vision_config", None)
+    main = _layout_of(config) or (_layout_of(text) if text is not None else None) or \
+        (_layout_of(vision) if vision is not None else None)
+    if main is None:
+        raise TerrainError(f"cannot find the number of attention heads in the {type(config).__name__}")
+    out["*"] = main
+    if text is not None and _layout_of(text):
+        out["text"] = out["main"] = _layout_of(text)
+    if vision is not None and _layout_of(vision):
+        out["vision"] = _layout_of(vision)
+    lin = text if text is not None and getattr(text, "linear_num_key_heads", None) else config
+    if getattr(lin, "linear_num_key_heads", None):
+        out["linear"] = HeadLayout(int(lin.linear_num_key_heads), int(lin.linear_key_head_dim),
+                                   int(lin.linear_num_key_heads))
+        out["linear_v"] = HeadLayout(int(lin.linear_num_value_heads), int(lin.linear_value_head_dim),
+                                     int(lin.linear_num_value_heads))
+    return out
+
+
+def head_layout(config, stack: str = "*") -> HeadLayout:
+    """Attention heads of one stack of a model config ('*': the model's main stack)."""
+    lays = head_layouts(config)
+    return lays.get(stack, lays["*"])
+
+
 def classify(name: str) -> tuple[str | None, str, int | None]:
+    """(role or None, stack, layer) of a parameter path; role 'aux' for known parameters that
+    the battery does not analyse."""
     role = next((r for p, r in _RULES if p.search(name)), None)
-    first = name.split(".")[0]
-    stack = _STACKS.get(first, "main")
-    if first == "decoder" or ".decoder." in name:
-        stack = "decoder"
+    if role is None and any(p.search(name) for p in _AUX):
+        role = "aux"
+    parts = name.split(".")
+    found = {_STACK_PARTS[p] for p in parts if p in _STACK_PARTS}
+    stack = next((s for s in _STACK_ORDER if s in found), None)
+    if stack is None:
+        stack = "text" if parts[0] == "transformer" and "resblocks" in parts else "main"
     m = _LAYER.search(name)
     return role, stack, int(m.group(1)) if m else None
 
 
-def canonical_weights(model) -> list[Weight]:
-    """All parameters with a canonical role, packed q/k/v projections split in three."""
-    out = []
-    for name, p in model.named_parameters():
-        W = p.detach().float().cpu().numpy()
-        if name.endswith("in_proj_weight"):  # nn.MultiheadAttention / open_clip: q, k, v stacked
-            _, stack, layer = classify(name)
-            for role, part in zip(("q", "k", "v"), np.split(W, 3, axis=0)):
-                out.append(Weight(name + f"[{role}]", role, stack, layer, part))
-            continue
+@dataclass
+class WeightRef:
+    """A canonical matrix inside a checkpoint: the tensor `name`, optionally only some rows."""
+    name: str
+    role: str
+    stack: str
+    layer: int | None
+    shape: tuple
+    rows: np.ndarray | None = None
+
+    @property
+    def tensor(self) -> str:
+        """The checkpoint tensor this matrix lives in (name without the [part] suffix)."""
+        return self.name.split("[")[0]
+
+    def load(self, source) -> np.ndarray:
+        W = source.read(self.tensor)
+        return W if self.rows is None else W[self.rows]
+
+    def load_rows(self, source, a: int, b: int) -> np.ndarray:
+        """Rows a:b of this matrix, reading only the rows of the tensor that hold them."""
+        if self.rows is None:
+            return source.read_rows(self.tensor, a, b)
+        idx = self.rows[a:b]
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        return source.read_rows(self.tensor, lo, hi)[idx - lo]
+
+
+@dataclass
+class Plan:
+    refs: list[WeightRef]
+    unclassified: list[str]
+    notes: list[str]
+
+
+def _collapse(names: list[str]) -> list[str]:
+    """Parameter paths with layer numbers replaced by '*', each once."""
+    return sorted({re.sub(r"\.\d+\.", ".*.", n) for n in names})
+
+
+def plan(entries: dict[str, tuple], config) -> Plan:
+    """Canonical matrices of a checkpoint from its tensor names and shapes alone (nothing is
+    read): packed q/k/v split in three, Qwen3.5's gated q_proj split into query and output gate,
+    its linear-attention in_proj_qkv into lin_q / lin_k / lin_v."""
+    lays = head_layouts(config)
+    refs, unclassified, notes = [], [], []
+    for name, shape in entries.items():
         role, stack, layer = classify(name)
-        if role is not None:
-            out.append(Weight(name, role, stack, layer, W))
+        if role is None:
+            unclassified.append(name)
+            continue
+        if role == "aux":
+            continue
+        shape = tuple(shape)
+        if role == "qkv":
+            n = shape[0] // 3
+            for i, r in enumerate(("q", "k", "v")):
+                refs.append(WeightRef(name + f"[{r}]", r, stack, layer, (n,) + shape[1:],
+                                      np.arange(i * n, (i + 1) * n)))
+            continue
+        if role == "lin_qkv" and "linear" in lays:
+            kd = lays["linear"].n_heads * lays["linear"].head_dim
+            vd = shape[0] - 2 * kd
+            for r, a, b in (("lin_q", 0, kd), ("lin_k", kd, 2 * kd), ("lin_v", 2 * kd, 2 * kd + vd)):
+                refs.append(WeightRef(name + f"[{r}]", r, stack, layer, (b - a,) + shape[1:], np.arange(a, b)))
+            continue
+        lay = lays.get(stack, lays["*"])
+        if role == "q" and len(shape) == 2 and shape[0] == 2 * lay.n_heads * lay.head_dim:
+            # query and output gate interleaved per head: [q_0 (dh rows), gate_0, q_1, gate_1, ...]
+            idx = np.arange(shape[0]).reshape(lay.n_heads, 2, lay.head_dim)
+            refs.append(WeightRef(name + "[query]", "q", stack, layer, (shape[0] // 2, shape[1]), idx[:, 0].ravel()))
+            refs.append(WeightRef(name + "[gate]", "attn_gate", stack, layer, (shape[0] // 2, shape[1]),
+                                  idx[:, 1].ravel()))
+            if not any(n.startswith("gated q_proj") for n in notes):
+                notes.append("gated q_proj (query and output gate per head) split: the gate is its own role attn_gate")
+            continue
+        refs.append(WeightRef(name, role, stack, layer, shape))
+    if unclassified:
+        notes.append(f"{len(unclassified)} parameter(s) match no rule and are not analysed: "
+                     + ", ".join(_collapse(unclassified)[:12]))
+    return Plan(refs, unclassified, notes)
+
+
+def canonical_weights(model, config=None) -> list[Weight]:
+    """All parameters of an instantiated model with a canonical role, read into memory."""
+    from types import SimpleNamespace
+    params = dict(model.named_parameters())
+    config = config or getattr(model, "config", None) or SimpleNamespace(num_attention_heads=1, hidden_size=1)
+    out = []
+    for r in plan({n: tuple(p.shape) for n, p in params.items()}, config).refs:
+        W = params[r.tensor].detach().float().cpu().numpy()
+        out.append(Weight(r.name, r.role, r.stack, r.layer, W if r.rows is None else W[r.rows]))
     return out
 
 
-def by_role(weights: list[Weight], role: str, stack: str | None = None) -> list[Weight]:
-    """Weights of one role sorted by layer (optionally of one stack)."""
+def by_role(weights: list, role: str, stack: str | None = None) -> list:
+    """Weights (or WeightRefs) of one role sorted by layer (optionally of one stack)."""
     sel = [w for w in weights if w.role == role and (stack is None or w.stack == stack)]
     return sorted(sel, key=lambda w: (w.stack, -1 if w.layer is None else w.layer))
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from terrain import metrics as M
 from terrain.cli import save_figure
-from terrain.models import DEFAULT_MODEL, TerrainError, load_model, resolve_model_name
+from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
 from terrain.project import procrustes, token_states
 from terrain.taxonomy import Taxonomy
 
@@ -129,8 +129,9 @@ class LerpModulator(HookedModulator):
         with torch.no_grad():
             self.geo.weight.zero_()
             self.has_geo.zero_()
-            ids = torch.as_tensor(token_ids, dtype=torch.long)
-            self.geo.weight[ids] = torch.as_tensor(vectors, dtype=self.geo.weight.dtype)
+            dev = self.geo.weight.device
+            ids = torch.as_tensor(token_ids, dtype=torch.long, device=dev)
+            self.geo.weight[ids] = torch.as_tensor(vectors, dtype=self.geo.weight.dtype, device=dev)
             self.has_geo[ids] = True
 
     def transform(self, h: torch.Tensor, k: int) -> torch.Tensor:
@@ -225,7 +226,8 @@ def split_items(n: int, n_anchors: int, n_eval: int, seed: int) -> tuple[np.ndar
 
 
 def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors: int, n_eval: int, seed: int,
-            n_train: int = 0, lm_head: bool = False, geometry: bool = True):
+            n_train: int = 0, lm_head: bool = False, geometry: bool = True, dtype: str = "float32",
+            device: str = "cpu"):
     """Model (frozen), items split into anchors / evaluation / training and, with `geometry`,
     the WordNet geometry of anchors, evaluation and (n_train) training items (Procrustes and
     random rotation) with an unattached LERP modulator."""
@@ -235,10 +237,9 @@ def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors:
 
     from terrain.wordnet import encode_texts, load_wordnet, match_items
     wn = load_wordnet()
-    model, config = load_model(name)
-    if lm_head and getattr(config, "is_encoder_decoder", False):
-        from transformers import AutoModelForSeq2SeqLM
-        model = AutoModelForSeq2SeqLM.from_pretrained(resolve_model_name(name), local_files_only=True).eval()
+    # loaded once: with the language-model head when it is trained through, else the encoder alone
+    model, config = load_model(name, dtype, device, part="seq2seq" if lm_head else "encoder")
+    dev = model_device(model)
     encoder = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
     for p in model.parameters():
         p.requires_grad_(False)
@@ -258,13 +259,14 @@ def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors:
         co = wordnet_coordinates(anchors, others, token_states(encoder, tok, tid[anchors], layers[0]), geo_dim, tax)
         inits = {"wordnet": rotated_geometry(co, procrustes(co["Ya"] - co["Ya"].mean(0), co["Pa"])[0]),
                  "random_rotation": rotated_geometry(co, np.linalg.qr(rng.standard_normal((geo_dim, geo_dim)))[0])}
-        mod = LerpModulator(vocab_size, co["basis"].shape[1], len(layers), geo_dim)
+        mod = LerpModulator(vocab_size, co["basis"].shape[1], len(layers), geo_dim).to(dev)
     defs = [items[i]["definition"] for i in evals]
 
     def encode(texts=defs):
-        return encode_texts(encoder, tok, config, texts, -1, "mean", 64, progress=False)
+        return encode_texts(encoder, tok, config, texts, -1, "mean", 64, device=str(dev), progress=False)
 
-    return SimpleNamespace(n_reserved=n_reserved, d_model=d_model, model=model, config=config, encoder=encoder, tok=tok, items=items, anchors=anchors,
+    return SimpleNamespace(n_reserved=n_reserved, d_model=d_model, model=model, config=config, encoder=encoder,
+                           device=dev, tok=tok, items=items, anchors=anchors,
                            evals=evals, train=train, tax=tax, layers=layers, tid=tid, inits=inits, mod=mod, rng=rng,
                            ids=np.concatenate([tid[anchors], tid[others]]), encode=encode,
                            S_eval=tax.similarities(evals, simulate_root=False),
@@ -280,8 +282,8 @@ def load_geometry(c, init: dict, shuffle: bool = False) -> None:
 
 def sweep(name: str | None = None, layers: list[int] | None = None, geo_dim: int = 64,
           alphas=DEFAULT_ALPHAS, n_anchors: int = 2000, n_eval: int = 800, seed: int = 0,
-          progress: bool = True) -> dict:
-    c = prepare(name, layers, geo_dim, n_anchors, n_eval, seed)
+          progress: bool = True, dtype: str = "float32", device: str = "cpu") -> dict:
+    c = prepare(name, layers, geo_dim, n_anchors, n_eval, seed, dtype=dtype, device=device)
     items, anchors, evals, inits, mod, S_eval = c.items, c.anchors, c.evals, c.inits, c.mod, c.S_eval
     layers, encode, encoder = c.layers, c.encode, c.encoder
     base = encode()
@@ -310,23 +312,23 @@ def contrastive_loss(c, batch: np.ndarray, tau: float):
     import torch.nn.functional as F
     from terrain.project import special_template
     enc = c.tok([c.items[i]["definition"] for i in batch], return_tensors="pt", padding=True, truncation=True,
-                max_length=128)
+                max_length=128).to(c.device)
     kw = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     h = c.encoder(**kw).last_hidden_state
     m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
     q = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
     template, pos = special_template(c.tok)
-    lem = torch.tensor([template[:pos] + [int(c.tid[i])] + template[pos + 1:] for i in batch])
+    lem = torch.tensor([template[:pos] + [int(c.tid[i])] + template[pos + 1:] for i in batch], device=c.device)
     k = F.normalize(c.encoder(input_ids=lem, attention_mask=torch.ones_like(lem)).last_hidden_state[:, pos], dim=-1)
-    return F.cross_entropy(q @ k.T / tau, torch.arange(len(batch)))
+    return F.cross_entropy((q @ k.T / tau).float(), torch.arange(len(batch), device=c.device))
 
 
 def seq2seq_loss(c, batch: np.ndarray):
     """Encoder-decoder objective: "summarize: definition" -> lemma; the model shifts the labels
     right to make the decoder inputs (teacher forcing as in transformers)."""
     enc = c.tok(["summarize: " + c.items[i]["definition"] for i in batch], return_tensors="pt", padding=True,
-                truncation=True, max_length=128)
-    lab = c.tok([c.items[i]["lemma"] for i in batch], return_tensors="pt", padding=True)["input_ids"]
+                truncation=True, max_length=128).to(c.device)
+    lab = c.tok([c.items[i]["lemma"] for i in batch], return_tensors="pt", padding=True)["input_ids"].to(c.device)
     lab = lab.masked_fill(lab == c.tok.pad_token_id, -100)
     return c.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=lab).loss
 
@@ -334,30 +336,30 @@ def seq2seq_loss(c, batch: np.ndarray):
 def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int = 64, alpha: float = 0.01,
           epochs: int = 3, n_train: int = 2000, batch_size: int = 32, lr: float = 1e-3, tau: float = 0.05,
           n_anchors: int = 2000, n_eval: int = 800, seed: int = 0, progress: bool = True,
-          kind: str = "lerp") -> dict:
+          kind: str = "lerp", dtype: str = "float32", device: str = "cpu") -> dict:
     """Train a modulator with the model frozen. lerp: geometric rows (anchors and training
     items), projection and alphas; evaluation items keep their WordNet placement (their rows
     get no gradient). field: the simplex experts' deformation, gate and validity heads and
     the per-layer, per-expert alphas (terrain/field.py)."""
     from tqdm import tqdm
     c = prepare(name, layers, geo_dim, n_anchors, n_eval, seed, n_train=n_train, lm_head=True,
-                geometry=kind != "field")
+                geometry=kind != "field", dtype=dtype, device=device)
     if len(c.train) < batch_size:
         raise TerrainError(f"only {len(c.train)} training items for batches of {batch_size}")
     torch.manual_seed(seed)
     base = c.encode()
     if kind == "field":
         from terrain.field import FieldModulator
-        c.mod = FieldModulator(c.d_model, len(c.layers), alpha=alpha, seed=seed)
+        c.mod = FieldModulator(c.d_model, len(c.layers), alpha=alpha, seed=seed).to(c.device)
         params = list(c.mod.parameters())
     else:
         load_geometry(c, c.inits["wordnet"])
         c.mod.set_alpha(alpha)
-        frozen = torch.zeros(c.mod.has_geo.shape[0], 1)
-        frozen[torch.as_tensor(c.tid[c.evals])] = 1.0
+        frozen = torch.zeros(c.mod.has_geo.shape[0], 1, device=c.device)
+        frozen[torch.as_tensor(c.tid[c.evals], device=c.device)] = 1.0
         c.mod.geo.weight.register_hook(lambda g: g * (1 - frozen))
         params = [c.mod.geo.weight, c.mod.proj.weight, c.mod.alpha_logit]
-        eval_rows_before = c.mod.geo.weight[torch.as_tensor(c.tid[c.evals])].detach().clone()
+        eval_rows_before = c.mod.geo.weight[torch.as_tensor(c.tid[c.evals], device=c.device)].detach().clone()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     checksum = sum(float(p.double().sum()) for p in c.model.parameters())
     res = {"model": name or DEFAULT_MODEL, "modulator": kind, "objective": "seq2seq" if c.seq2seq else "contrastive",
@@ -389,13 +391,15 @@ def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int
                                                    res["after_training_fresh_experts"])
         else:
             trained_vectors = c.mod.geo.weight.detach().clone()
-            ids = torch.as_tensor(c.ids)
+            ids = torch.as_tensor(c.ids, device=c.device)
             with torch.no_grad():
-                c.mod.geo.weight[ids] = trained_vectors[ids][torch.as_tensor(rng.permutation(len(ids)))]
+                perm = torch.as_tensor(rng.permutation(len(ids)), device=c.device)
+                c.mod.geo.weight[ids] = trained_vectors[ids][perm]
             res["after_training_shuffled_rows"] = relational_scores(c.encode(), c.S_eval, base)
             with torch.no_grad():
                 c.mod.geo.weight.copy_(trained_vectors)
-            res["eval_rows_unchanged"] = bool(torch.equal(trained_vectors[torch.as_tensor(c.tid[c.evals])],
+            res["eval_rows_unchanged"] = bool(torch.equal(trained_vectors[torch.as_tensor(c.tid[c.evals],
+                                                                                          device=c.device)],
                                                           eval_rows_before))
             res["control_name"], res["control"] = "trained rows shuffled", res["after_training_shuffled_rows"]
         res["model_unchanged"] = sum(float(p.double().sum()) for p in c.model.parameters()) == checksum
@@ -427,7 +431,7 @@ def compare_generations(c, which: np.ndarray, max_new_tokens: int = 8) -> list[d
     """Original against modulated generations for a few held-out definitions."""
     out = []
     for i in which:
-        full = c.tok(["summarize: " + c.items[i]["definition"]], return_tensors="pt")
+        full = c.tok(["summarize: " + c.items[i]["definition"]], return_tensors="pt").to(c.device)
         enc = {k: full[k] for k in ("input_ids", "attention_mask")}
         with torch.no_grad():
             mod_ids = c.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
@@ -535,7 +539,7 @@ def plot(res: dict, path: str) -> str:
 
 
 def main(argv=None) -> int:
-    from terrain.cli import run_for_models
+    from terrain.cli import add_model_flags, resolve_device, run_for_models
     p = argparse.ArgumentParser(description="LERP residual modulator initialised from WordNet: alpha sweep on "
                                 "held-out items with shuffled and random-rotation controls.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -547,6 +551,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-items", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="plots/terrain")
+    add_model_flags(p)
     t = p.add_argument_group("training (--train): the model frozen; geometric rows, projection and alphas learn")
     t.add_argument("--train", action="store_true", help="train instead of the alpha sweep")
     t.add_argument("--modulator", choices=("lerp", "field"), default="lerp",
@@ -566,18 +571,25 @@ def main(argv=None) -> int:
         layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     except ValueError:
         p.error(f"--layers {args.layers!r}: give 'all' or comma-separated integers")
+    try:
+        device = resolve_device(args.device)
+    except TerrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.train:
         code, _, written = run_for_models(
             args.model, args.out_dir, f"modulate_train_{args.modulator}",
             lambda n: train(n, layers, args.geo_dim, args.alpha, args.epochs, args.train_items, args.batch_size,
-                            args.lr, args.tau, args.anchors, args.eval_items, args.seed, kind=args.modulator),
+                            args.lr, args.tau, args.anchors, args.eval_items, args.seed, kind=args.modulator,
+                            dtype=args.dtype, device=device),
             format_training, plot_training)
         if written:
             print("wrote " + ", ".join(written))
         return code
     code, _, written = run_for_models(
         args.model, args.out_dir, "modulate",
-        lambda n: sweep(n, layers, args.geo_dim, args.alphas, args.anchors, args.eval_items, args.seed),
+        lambda n: sweep(n, layers, args.geo_dim, args.alphas, args.anchors, args.eval_items, args.seed,
+                        dtype=args.dtype, device=device),
         format_summary, plot)
     if written:
         print("wrote " + ", ".join(written))

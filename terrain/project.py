@@ -26,7 +26,8 @@ import numpy as np
 
 from terrain.cli import save_figure
 from terrain.metrics import unit
-from terrain.models import DEFAULT_MODEL, TerrainError, load_model, resolve_model_name
+from terrain.checkpoint import embedding_matrix
+from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
 
 METHODS = ("procrustes", "least_squares", "shuffled_control")
 
@@ -43,22 +44,26 @@ def parse_space(spec: str) -> tuple[str, str]:
     return name or DEFAULT_MODEL, where
 
 
-def token_space(spec: str, batch_size: int = 512, progress: bool = True) -> tuple[dict[str, int], np.ndarray]:
-    """(token string -> row, matrix) for a space spec."""
+def token_space(spec: str, batch_size: int = 512, progress: bool = True, dtype: str = "float32",
+                device: str = "cpu") -> tuple[dict[str, int], np.ndarray]:
+    """(token string -> row, matrix) for a space spec. '@embed' reads the embedding matrix alone
+    from the checkpoint; a layer runs the model (an encoder-decoder's encoder only)."""
     from transformers import AutoTokenizer
     name, where = parse_space(spec)
-    model, config = load_model(name)
     tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
     special = set(tok.all_special_tokens)
     vocab = {t: i for t, i in tok.get_vocab().items() if t not in special}
-    emb = model.get_input_embeddings().weight.detach().float()
-    vocab = {t: i for t, i in vocab.items() if i < emb.shape[0]}
+    if where == "embed":
+        emb, _ = embedding_matrix(name)
+        vocab = {t: i for t, i in vocab.items() if i < emb.shape[0]}
+        strings = sorted(vocab, key=vocab.get)
+        return {t: k for k, t in enumerate(strings)}, emb[np.array([vocab[t] for t in strings])]
+    model, _ = load_model(name, dtype, device, part="encoder")
+    n_rows = model.get_input_embeddings().weight.shape[0]
+    vocab = {t: i for t, i in vocab.items() if i < n_rows}
     strings = sorted(vocab, key=vocab.get)
     ids = np.array([vocab[t] for t in strings])
-    if where == "embed":
-        return {t: k for k, t in enumerate(strings)}, emb[ids].numpy()
-    net = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
-    return {t: k for k, t in enumerate(strings)}, token_states(net, tok, ids, int(where), batch_size, progress,
+    return {t: k for k, t in enumerate(strings)}, token_states(model, tok, ids, int(where), batch_size, progress,
                                                                desc=f"token states {spec}")
 
 
@@ -73,10 +78,11 @@ def token_states(model, tok, token_ids: np.ndarray, layer: int, batch_size: int 
     with torch.inference_mode():
         for s in tqdm(range(0, len(token_ids), batch_size), desc=desc, disable=not progress, leave=False):
             inp = torch.tensor([template[:pos] + [int(t)] + template[pos + 1:] for t in token_ids[s:s + batch_size]])
+            inp = inp.to(model_device(model))
             hs = model(input_ids=inp, attention_mask=torch.ones_like(inp), output_hidden_states=True).hidden_states
             if not -len(hs) <= layer < len(hs):
                 raise TerrainError(f"layer {layer} out of range (0..{len(hs) - 1})")
-            out.append(hs[layer][:, pos].float().numpy())
+            out.append(hs[layer][:, pos].float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -203,9 +209,10 @@ def align(X: np.ndarray, Y: np.ndarray, tokens: list[str], n_anchors: int = 1000
 
 
 def project(source: str, target: str, n_anchors: int = 10000, n_test: int = 5000, n_rsa: int = 1000,
-            ridge: float = 1e-3, seed: int = 0, progress: bool = True) -> dict:
-    vs, X = token_space(source, progress=progress)
-    vt, Y = token_space(target, progress=progress)
+            ridge: float = 1e-3, seed: int = 0, progress: bool = True, dtype: str = "float32",
+            device: str = "cpu") -> dict:
+    vs, X = token_space(source, progress=progress, dtype=dtype, device=device)
+    vt, Y = token_space(target, progress=progress, dtype=dtype, device=device)
     shared = sorted(set(vs) & set(vt))
     res = align(X[[vs[t] for t in shared]], Y[[vt[t] for t in shared]], shared, n_anchors, n_test, n_rsa,
                 ridge, seed)
@@ -259,7 +266,7 @@ def main(argv=None) -> int:
     import json
     import os
 
-    from terrain.cli import model_tag
+    from terrain.cli import add_model_flags, model_tag, resolve_device
     p = argparse.ArgumentParser(description="Align one model's token space to another's (Procrustes, least "
                                 "squares, shuffled control) and score it on held-out tokens.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -271,11 +278,13 @@ def main(argv=None) -> int:
     p.add_argument("--ridge", type=float, default=1e-3, help="least-squares ridge, relative to the mean variance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="plots/terrain")
+    add_model_flags(p)
     args = p.parse_args(argv)
     if args.anchors < 10 or args.test < 10:
         p.error("--anchors and --test need at least 10 tokens")
     try:
-        res = project(args.source, args.target, args.anchors, args.test, args.rsa_tokens, args.ridge, args.seed)
+        res = project(args.source, args.target, args.anchors, args.test, args.rsa_tokens, args.ridge, args.seed,
+                      dtype=args.dtype, device=resolve_device(args.device))
     except TerrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

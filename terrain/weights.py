@@ -18,6 +18,10 @@ LayerNorm scales: mean, spread, extremes. T5 relative bias: per-head profiles ag
 signed distance (buckets decoded), classified local / global / mixed.
 Writes weights_<model>.json and weights_<model>.png per model, and with several models a
 comparison figure and table.
+
+Streaming: the checkpoint's safetensors shards are read one matrix at a time (no model is
+built; memory is a few matrices at any size), with exact Gram-matrix spectra, head forms
+from head_dim-sized products, and analytic nulls for large matrices (terrain/linalg.py).
 """
 from __future__ import annotations
 
@@ -25,41 +29,57 @@ import argparse
 import os
 import sys
 import time
+from collections import defaultdict
 
 import numpy as np
 
+from terrain import linalg as LA
 from terrain import metrics as M
-from terrain.cli import save_figure
-from terrain.models import (DEFAULT_MODEL, attention_forms, by_role, canonical_weights, head_layout,
-                            load_model)
+from terrain.cli import add_device_flag, progress, resolve_device, save_figure
+from terrain.checkpoint import open_source
+from terrain.models import DEFAULT_MODEL, TerrainError, Weight, by_role, head_layouts, plan
 
-MATRIX_ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out", "cross_q", "cross_k", "cross_v", "cross_o")
+MATRIX_ROLES = ("q", "k", "v", "o", "attn_gate", "mlp_in", "mlp_gate", "mlp_out", "cross_q", "cross_k", "cross_v",
+                "cross_o", "lin_q", "lin_k", "lin_v", "lin_gate", "lin_o", "lin_ab")
+# (query role, key role, head-layout key or None for the stack's own layout, prefix of the result key)
+HEAD_PAIRS = (("q", "k", None, "self_"), ("cross_q", "cross_k", None, "cross_"), ("lin_q", "lin_k", "linear", "linear_"))
+USED_ROLES = MATRIX_ROLES + ("norm", "final_norm", "rel_bias")
+MC_MAX_ENTRIES = 1 << 20  # --null auto: Monte Carlo up to this many entries, the analytic laws above
 
 
 # ----------------------------------------------------------------------------- per matrix
 
-def matrix_stats(W: np.ndarray, rng: np.random.Generator, n_null: int) -> dict:
-    s = M.singular_values(W)
-    out = M.spectral_summary(W)
+def matrix_stats(W: np.ndarray, rng: np.random.Generator, n_null: int, null: str = "auto", r: int = 0,
+                 side: str = "in", device: str = "cpu") -> tuple[dict, np.ndarray | None]:
+    """Spectral and sparsity statistics of W beside its Gaussian null, and the top-r singular
+    subspace on `side` (for the cross-layer overlaps)."""
+    s, U, method = LA.spectrum_and_subspace(W, min(r, *W.shape), side, device)
+    out = M.spectral_summary_of(s)
     out.update(M.sparsity(W))
-    nulls = [M.random_like(W, rng) for _ in range(n_null)]
-    ns = [M.singular_values(R) for R in nulls]
-    out["null"] = {
-        "stable_rank": float(np.mean([M.stable_rank(x) for x in ns])),
-        "participation_ratio_sigma2": float(np.mean([M.participation_ratio(x ** 2) for x in ns])),
-        "entropy_effective_rank": float(np.mean([M.entropy_effective_rank(x) for x in ns])),
-        "hoyer": float(np.mean([M.hoyer(R) for R in nulls])),
-        "frac_below_0.1_rms": float(np.mean([M.sparsity(R)["frac_below_0.1_rms"] for R in nulls])),
-    }
+    if null == "monte-carlo" or (null == "auto" and W.size <= MC_MAX_ENTRIES and n_null > 0):
+        nulls = [M.random_like(W, rng) for _ in range(n_null)]
+        ns = [LA.spectrum_and_subspace(R, 0, side, device)[0] for R in nulls]
+        out["null"] = {
+            "stable_rank": float(np.mean([M.stable_rank(x) for x in ns])),
+            "participation_ratio_sigma2": float(np.mean([M.participation_ratio(x ** 2) for x in ns])),
+            "entropy_effective_rank": float(np.mean([M.entropy_effective_rank(x) for x in ns])),
+            "hoyer": float(np.mean([M.hoyer(R) for R in nulls])),
+            "frac_below_0.1_rms": float(np.mean([M.sparsity(R)["frac_below_0.1_rms"] for R in nulls])),
+            "method": f"monte-carlo ({n_null})",
+        }
+    else:
+        out["null"] = LA.analytic_matrix_null(W.shape)
     out["shape"] = list(W.shape)
     out["sigma_top"] = s[:8].tolist()
-    return out
+    out["spectrum_method"] = method
+    return out, U
 
 
 # ----------------------------------------------------------------------------- heads
 
 def form_stats(F: np.ndarray) -> dict:
-    """Asymmetry and eigenvalue sign balance of each head's form (heads, d, d)."""
+    """Asymmetry and eigenvalue sign balance of each head's dense form (heads, d, d); the
+    battery computes the same from head_dim-sized Gram matrices (terrain.linalg)."""
     asym, pos = [], []
     for f in F:
         n = np.linalg.norm(f)
@@ -69,12 +89,19 @@ def form_stats(F: np.ndarray) -> dict:
     return {"asymmetry": asym, "positive_share": pos}
 
 
-def head_stats(q: np.ndarray, k: np.ndarray, layout, rng: np.random.Generator, n_null: int) -> dict:
-    out = form_stats(attention_forms(q, k, layout))
-    nulls = [form_stats(attention_forms(M.random_like(q, rng), M.random_like(k, rng), layout)) for _ in range(n_null)]
-    out["null_asymmetry"] = float(np.mean([np.mean(n["asymmetry"]) for n in nulls]))
-    out["null_positive_share"] = float(np.mean([np.mean(n["positive_share"]) for n in nulls]))
-    out["null_positive_share_std"] = float(np.std([p for n in nulls for p in n["positive_share"]]))
+def head_stats(q: np.ndarray, k: np.ndarray, layout, rng: np.random.Generator, n_null: int,
+               device: str = "cpu") -> dict:
+    """Per-head form statistics, exact from the (2 head_dim)^2 Gram matrices of [Q_h; K_h], beside
+    random Gaussian q, k (their Gram matrices drawn directly as Wishart, any model width)."""
+    H, dh, Hkv = layout.n_heads, layout.head_dim, layout.n_kv_heads
+    if q.shape[0] != H * dh or k.shape[0] != Hkv * dh or H % Hkv:
+        raise ValueError(f"q {q.shape} / k {k.shape} do not split into {H} heads of {dh} ({Hkv} key heads)")
+    out = LA.form_stats_from_grams(LA.head_grams(q, k, H, dh, Hkv, device))
+    if n_null > 0:
+        null = LA.form_stats_from_grams(LA.gram_of_gaussian_rows(2 * dh, q.shape[1], n_null * H, rng))
+        out["null_asymmetry"] = float(np.mean(null["asymmetry"]))
+        out["null_positive_share"] = float(np.mean(null["positive_share"]))
+        out["null_positive_share_std"] = float(np.std(null["positive_share"]))
     return out
 
 
@@ -82,10 +109,19 @@ def head_stats(q: np.ndarray, k: np.ndarray, layout, rng: np.random.Generator, n
 
 def neuron_importance(w_in: np.ndarray, w_out: np.ndarray, w_gate: np.ndarray | None = None) -> np.ndarray:
     """||row i of W_in|| x ||column i of W_out|| (x ||row i of W_gate||) for each hidden unit i."""
-    imp = np.linalg.norm(w_in, axis=1) * np.linalg.norm(w_out, axis=0)
-    if w_gate is not None:
-        imp = imp * np.linalg.norm(w_gate, axis=1)
-    return imp
+    return importance_from_norms(np.linalg.norm(w_in, axis=1), np.linalg.norm(w_out, axis=0),
+                                 None if w_gate is None else np.linalg.norm(w_gate, axis=1))
+
+
+def importance_from_norms(n_in: np.ndarray, n_out: np.ndarray, n_gate: np.ndarray | None = None) -> np.ndarray:
+    imp = n_in * n_out
+    return imp if n_gate is None else imp * n_gate
+
+
+def null_importance(dims: list[int], n: int, rng: np.random.Generator) -> np.ndarray:
+    """Importance of n hidden units of Gaussian matrices: each norm of a Gaussian row or
+    column of length d is sqrt(chi^2_d) (up to a scale the fractions do not see)."""
+    return np.prod([np.sqrt(rng.chisquare(d, size=n)) for d in dims], axis=0)
 
 
 def neuron_stats(imp: np.ndarray) -> dict:
@@ -96,33 +132,52 @@ def neuron_stats(imp: np.ndarray) -> dict:
 
 # ----------------------------------------------------------------------------- across layers
 
-WRITES_RESIDUAL = ("o", "mlp_out", "cross_o")
+WRITES_RESIDUAL = ("o", "mlp_out", "cross_o", "lin_o")
 
 
-def residual_subspace(W: np.ndarray, r: int, side: str) -> np.ndarray:
-    """Top-r singular subspace on the side of W that lives in the residual stream: the input
-    side for readers (q, k, v, mlp_in, ...), the output side for writers (o, mlp_out)."""
-    U, _, Vt = np.linalg.svd(W.astype(np.float64), full_matrices=False)
-    return U[:, :r] if side == "out" else Vt[:r].T
+def residual_side(role: str) -> str:
+    """The side of a matrix that lives in the residual stream: the input side for readers
+    (q, k, v, mlp_in, ...), the output side for writers (o, mlp_out)."""
+    return "out" if role in WRITES_RESIDUAL else "in"
 
 
-def cross_layer(ws: list, r: int) -> dict:
-    """Overlap ||U_a^T U_b||_F^2 / r of the top-r residual-side subspaces of each layer's
-    matrix (invariant to permutations of heads and neurons; chance r/d) and raw cosines of
-    the flattened matrices (not invariant; for comparison with the original notebook)."""
-    n = len(ws)
-    if n < 2:
+def cross_layer_result(layers: list, U: list[np.ndarray], side: str, d: int, cos: np.ndarray | None) -> dict:
+    """Overlap ||U_a^T U_b||_F^2 / r of the top-r residual-side subspaces of each layer's matrix
+    (invariant to permutations of heads and neurons; chance r/d), beside the raw cosines of the
+    flattened matrices (not invariant; for comparison with the original notebook)."""
+    r = U[0].shape[1]
+    n = len(U)
+    overlap = np.array([[float(np.sum((U[a].T @ U[b]) ** 2) / r) for b in range(n)] for a in range(n)])
+    return {"layers": layers, "side": side, "r": r, "chance_overlap": r / d, "subspace_overlap": overlap.tolist(),
+            "raw_cosine": cos.tolist() if cos is not None else None}
+
+
+def cross_layer(ws: list[Weight], r: int, device: str = "cpu") -> dict:
+    """cross_layer_result for weights held in memory."""
+    if len(ws) < 2:
         return {}
-    side = "out" if ws[0].role in WRITES_RESIDUAL else "in"
+    side = residual_side(ws[0].role)
     d = ws[0].W.shape[0 if side == "out" else 1]
     r = min(r, *(min(w.W.shape) for w in ws))
-    U = [residual_subspace(w.W, r, side) for w in ws]
-    overlap = np.array([[float(np.sum((U[a].T @ U[b]) ** 2) / r) for b in range(n)] for a in range(n)])
-    flat = [w.W.ravel() / np.linalg.norm(w.W) for w in ws]
-    same = all(w.W.shape == ws[0].W.shape for w in ws)
-    cos = np.array([[float(flat[a] @ flat[b]) for b in range(n)] for a in range(n)]) if same else None
-    return {"layers": [w.layer for w in ws], "side": side, "r": r, "chance_overlap": r / d,
-            "subspace_overlap": overlap.tolist(), "raw_cosine": cos.tolist() if cos is not None else None}
+    U = [LA.spectrum_and_subspace(w.W, r, side, device)[1] for w in ws]
+    cos = None
+    if all(w.W.shape == ws[0].W.shape for w in ws):
+        flat = np.stack([w.W.ravel() / np.linalg.norm(w.W) for w in ws]).astype(np.float64)
+        cos = flat @ flat.T
+    return cross_layer_result([w.layer for w in ws], U, side, d, cos)
+
+
+def raw_cosines(source, refs: list, max_bytes: int = 256 << 20) -> np.ndarray:
+    """Cosines between the flattened matrices of refs (same shape), reading them in blocks of
+    rows so that at most ~max_bytes of them sit in memory at once."""
+    rows, cols = refs[0].shape
+    step = max(1, int(max_bytes // (4 * cols * len(refs))))
+    G = np.zeros((len(refs), len(refs)))
+    for a in range(0, rows, step):
+        X = np.stack([r.load_rows(source, a, min(rows, a + step)).ravel() for r in refs]).astype(np.float64)
+        G += X @ X.T
+    nrm = np.sqrt(np.diag(G))
+    return G / np.outer(nrm, nrm)
 
 
 # ----------------------------------------------------------------------------- T5 bias
@@ -152,48 +207,102 @@ def classify_profile(dist: np.ndarray, prof: np.ndarray) -> str:
 
 # ----------------------------------------------------------------------------- battery
 
-def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int = 32) -> dict:
-    model, config = load_model(name)
-    layout = head_layout(config)
-    ws = canonical_weights(model)
-    rng = np.random.default_rng(seed)
-    res: dict = {"model": name or DEFAULT_MODEL, "model_type": config.model_type,
-                 "heads": layout.__dict__, "matrices": {}, "heads_by_layer": {}, "neurons": {},
-                 "cross_layer": {}, "norms": {}, "t5_bias": {}}
-    for w in ws:
-        if w.role in MATRIX_ROLES:
-            res["matrices"][w.name] = {"role": w.role, "stack": w.stack, "layer": w.layer,
-                                       **matrix_stats(w.W, rng, n_null)}
-    stacks = sorted({w.stack for w in ws if w.role == "q"})
-    for stack in stacks:
-        for prefix in ("", "cross_"):
-            qs, ks = by_role(ws, prefix + "q", stack), by_role(ws, prefix + "k", stack)
-            for q, k in zip(qs, ks):
-                res["heads_by_layer"][f"{stack}/{prefix or 'self_'}{q.layer}"] = head_stats(q.W, k.W, layout, rng,
-                                                                                         n_null)
-        ins, outs, gates = by_role(ws, "mlp_in", stack), by_role(ws, "mlp_out", stack), by_role(ws, "mlp_gate", stack)
-        gate_by_layer = {g.layer: g.W for g in gates}
-        for wi, wo in zip(ins, outs):
-            imp = neuron_importance(wi.W, wo.W, gate_by_layer.get(wi.layer))
-            g = gate_by_layer.get(wi.layer)
-            null_imp = neuron_importance(M.random_like(wi.W, rng), M.random_like(wo.W, rng),
-                                         M.random_like(g, rng) if g is not None else None)
-            res["neurons"][f"{stack}/{wi.layer}"] = {**neuron_stats(imp), "null": neuron_stats(null_imp)}
-        for role in MATRIX_ROLES:
-            cl = cross_layer(by_role(ws, role, stack), overlap_rank)
-            if cl:
-                res["cross_layer"][f"{stack}/{role}"] = cl
-        for w in by_role(ws, "norm", stack):
-            g = w.W.ravel()
-            res["norms"][w.name] = {"layer": w.layer, "mean": float(g.mean()), "std": float(g.std()),
-                                    "min": float(g.min()), "max": float(g.max()),
-                                    "frac_abs_below_0.1": float(np.mean(np.abs(g) < 0.1))}
-    for w in by_role(ws, "rel_bias"):
-        nb = getattr(config, "relative_attention_num_buckets", 32)
-        md = getattr(config, "relative_attention_max_distance", 128)
-        dist, prof = t5_bias_profiles(w.W, nb, md, bidirectional=w.stack != "decoder")
-        res["t5_bias"][w.stack] = {"distance": dist.tolist(), "profiles": prof.tolist(),
-                                   "classes": [classify_profile(dist, p) for p in prof]}
+def _groups(refs: list) -> list[tuple[tuple, list]]:
+    """The matrices of one (stack, layer) together, in checkpoint order of stacks and layers."""
+    g = defaultdict(list)
+    for r in refs:
+        g[(r.stack, -1 if r.layer is None else r.layer)].append(r)
+    return [(k, sorted(v, key=lambda r: r.name)) for k, v in sorted(g.items(), key=lambda kv: kv[0])]
+
+
+def _rng(seed: int, key: str) -> np.random.Generator:
+    """The null draws of one matrix / layer: seeded by its name, so that they do not depend on
+    the order in which a checkpoint lists its tensors."""
+    import zlib
+    return np.random.default_rng([seed, zlib.crc32(key.encode())])
+
+
+def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int = 32, device: str = "cpu",
+            null: str = "auto", source=None, config=None, show_progress: bool = True) -> dict:
+    """The weight battery of one model, streamed: matrices are read one at a time from the
+    checkpoint (or from `source`, a reader such as terrain.checkpoint.ModuleWeights), reduced to
+    their statistics and dropped, so memory is a few matrices whatever the model's size."""
+    kind = "given"
+    if source is None:
+        source, config, kind = open_source(name)
+    lays = head_layouts(config)
+    pl = plan(source.entries, config)
+    used = [r for r in pl.refs if r.role in USED_ROLES]  # embeddings are terrain.embeddings' business
+    for note in pl.notes:
+        print(f"note: {note}", file=sys.stderr)
+    res: dict = {"model": name or DEFAULT_MODEL, "model_type": getattr(config, "model_type", "?"),
+                 "heads": lays["*"].__dict__, "layouts": {k: v.__dict__ for k, v in lays.items()},
+                 "source": kind, "null_method": null, "matrices": {}, "heads_by_layer": {}, "neurons": {},
+                 "cross_layer": {}, "norms": {}, "t5_bias": {}, "unclassified": pl.unclassified, "notes": pl.notes,
+                 "n_params_analysed": int(sum(np.prod(r.shape) for r in used))}
+    subspaces = defaultdict(list)  # (stack, role) -> [(layer, U)]
+    bar = progress(None, desc=f"weights {res['model'][-40:]}", total=len(used)) if show_progress else None
+    for (stack, _), refs in _groups(used):
+        held: dict[str, np.ndarray] = {}   # q/k until their partner is read
+        norms: dict[str, np.ndarray] = {}  # MLP row / column norms of this layer
+        for ref in refs:
+            W = ref.load(source)
+            if ref.role in MATRIX_ROLES:
+                side = residual_side(ref.role)
+                st, U = matrix_stats(W, _rng(seed, ref.name), n_null, null, overlap_rank, side, device)
+                res["matrices"][ref.name] = {"role": ref.role, "stack": ref.stack, "layer": ref.layer, **st}
+                if U is not None:
+                    subspaces[(stack, ref.role)].append((ref.layer, U, W.shape))
+            if ref.role in ("mlp_in", "mlp_gate"):
+                norms[ref.role] = np.linalg.norm(W, axis=1)
+            elif ref.role == "mlp_out":
+                norms[ref.role] = np.linalg.norm(W, axis=0)
+            elif ref.role in ("norm", "final_norm"):
+                g = W.ravel().astype(np.float64)
+                res["norms"][ref.name] = {"layer": ref.layer, "mean": float(g.mean()), "std": float(g.std()),
+                                          "min": float(g.min()), "max": float(g.max()),
+                                          "frac_abs_below_0.1": float(np.mean(np.abs(g) < 0.1))}
+            elif ref.role == "rel_bias":
+                nb = getattr(config, "relative_attention_num_buckets", 32)
+                md = getattr(config, "relative_attention_max_distance", 128)
+                dist, prof = t5_bias_profiles(W, nb, md, bidirectional=ref.stack != "decoder")
+                res["t5_bias"][ref.stack] = {"distance": dist.tolist(), "profiles": prof.tolist(),
+                                             "classes": [classify_profile(dist, p) for p in prof]}
+            for qr, kr, lay_key, prefix in HEAD_PAIRS:
+                if ref.role in (qr, kr):
+                    held[ref.role] = W
+                    if qr in held and kr in held:
+                        lay = lays.get(lay_key or stack, lays["*"])
+                        key = f"{stack}/{prefix}{ref.layer}"
+                        try:
+                            res["heads_by_layer"][key] = head_stats(held.pop(qr), held.pop(kr), lay,
+                                                                    _rng(seed, key), n_null, device)
+                        except ValueError as e:
+                            res["notes"].append(f"heads of {key} skipped: {e}")
+                            print(f"note: {res['notes'][-1]}", file=sys.stderr)
+            del W
+            if bar is not None:
+                bar.update(1)
+        if "mlp_in" in norms and "mlp_out" in norms:
+            dims = [r.shape[1] for r in refs if r.role in ("mlp_in", "mlp_gate")] + \
+                [r.shape[0] for r in refs if r.role == "mlp_out"]
+            imp = importance_from_norms(norms["mlp_in"], norms["mlp_out"], norms.get("mlp_gate"))
+            key = f"{stack}/{refs[0].layer}"
+            res["neurons"][key] = {**neuron_stats(imp),
+                                   "null": neuron_stats(null_importance(dims, imp.size, _rng(seed, key)))}
+    if bar is not None:
+        bar.close()
+    for (stack, role), items in sorted(subspaces.items()):
+        if len(items) < 2:
+            continue
+        items.sort(key=lambda t: -1 if t[0] is None else t[0])
+        refs = by_role(pl.refs, role, stack)
+        same = len({r.shape for r in refs}) == 1 and len(refs) == len(items)
+        cos = raw_cosines(source, refs) if same else None
+        side = residual_side(role)
+        d = items[0][2][0 if side == "out" else 1]
+        res["cross_layer"][f"{stack}/{role}"] = cross_layer_result([t[0] for t in items], [t[1] for t in items],
+                                                                   side, d, cos)
     return res
 
 
@@ -256,12 +365,14 @@ def plot_model(res: dict, path: str) -> str:
     mats = list(res["matrices"].values())
     roles = [r for r in MATRIX_ROLES if any(m["role"] == r for m in mats)]
     ax = axes[0, 0]
+    stacks = [m["stack"] for m in mats if m["stack"] != "decoder"] or [m["stack"] for m in mats]
+    shown = max(set(stacks), key=stacks.count)  # one stack per line: the encoder / main / text tower
     for role in roles:
-        ms = sorted([m for m in mats if m["role"] == role and m["stack"] != "decoder"], key=lambda m: m["layer"] or 0)
+        ms = sorted([m for m in mats if m["role"] == role and m["stack"] == shown], key=lambda m: m["layer"] or 0)
         if ms:
             line, = ax.plot([m["layer"] for m in ms], [m["stable_rank"] for m in ms], marker="o", label=role)
             ax.plot([m["layer"] for m in ms], [m["null"]["stable_rank"] for m in ms], ls=":", color=line.get_color())
-    ax.set_title("Stable rank per layer (dotted: Gaussian null)")
+    ax.set_title(f"Stable rank per layer, {shown} (dotted: Gaussian null)")
     ax.set_xlabel("layer")
     ax.legend(fontsize=7)
     ax = axes[0, 1]
@@ -276,7 +387,8 @@ def plot_model(res: dict, path: str) -> str:
     ax = axes[0, 2]
     hb = {k: v for k, v in res["heads_by_layer"].items() if "self_" in k}
     if hb:
-        A = np.array([v["positive_share"] for v in hb.values()])
+        width = max(len(v["positive_share"]) for v in hb.values())  # towers may differ in heads
+        A = np.array([v["positive_share"] + [np.nan] * (width - len(v["positive_share"])) for v in hb.values()])
         im = ax.imshow(A, cmap="RdBu_r", vmin=0, vmax=1, aspect="auto")
         ax.set_yticks(range(len(hb)))
         ax.set_yticklabels(list(hb), fontsize=6)
@@ -350,16 +462,27 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
                    help="Hugging Face ids or local folders ('minilm' = the offline all-MiniLM-L6-v2)")
-    p.add_argument("--n-null", type=int, default=3, help="random matrices per statistic")
+    p.add_argument("--n-null", type=int, default=3,
+                   help="Monte Carlo draws per statistic (matrices; heads draw n-null x heads Wishart Gram matrices)")
+    p.add_argument("--null", default="auto", choices=["auto", "analytic", "monte-carlo"],
+                   help="nulls of the matrix statistics: Gaussian matrices sampled (monte-carlo), or the exact / "
+                        "Marchenko-Pastur laws (analytic); auto samples matrices of up to 2^20 entries")
     p.add_argument("--overlap-rank", type=int, default=32, help="r of the cross-layer subspace overlap")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the null draws")
+    add_device_flag(p)
     p.add_argument("--out-dir", default="plots/terrain", help="figures and JSON")
     args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except TerrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     def compute(name):
         t0 = time.perf_counter()
-        res = battery(name, args.n_null, args.seed, args.overlap_rank)
+        res = battery(name, args.n_null, args.seed, args.overlap_rank, device, args.null)
         res["seconds"] = time.perf_counter() - t0
+        res["device"] = device
         return res
 
     code, results, written = run_for_models(args.model, args.out_dir, "weights", compute, format_summary, plot_model)

@@ -36,7 +36,7 @@ from terrain import metrics as M
 from terrain.embeddings import category_lift
 from terrain.metrics import unit
 from terrain.cli import save_figure
-from terrain.models import DEFAULT_MODEL, TerrainError, load_model, resolve_model_name
+from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
 from terrain.taxonomy import Taxonomy
 
 POLICIES = ("most-frequent", "noun", "first-seen")
@@ -117,7 +117,9 @@ def encode_texts(model, tokenizer, config, texts: list[str], layer: int = -1, po
     if n_states is not None and not -(n_states + 1) <= layer <= n_states:
         raise TerrainError(f"--layer {layer} out of range for a model with {n_states} layers "
                            f"(0 = embeddings .. {n_states}, or negative from the end)")
-    net = net.to(device)
+    if getattr(model, "hf_device_map", None) is None:  # a device_map has placed the weights already
+        net = net.to(device)
+    device = model_device(net)
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = None
     bar = tqdm(range(0, len(texts), batch_size), desc="encoding definitions", disable=not progress,
@@ -309,13 +311,13 @@ def stability(runs: list[dict]) -> dict:
 def analyse(name: str | None, policy: str = "most-frequent", layer: int = -1, pooling: str = "mean",
             seeds: int = 50, n_items: int = 2000, n_pairs: int = 200_000, n_simplices: int = 500,
             n_perm: int = 200, simulate_root: bool = False, max_items: int | None = None,
-            batch_size: int = 64, device: str = "cpu", progress: bool = True) -> dict:
+            batch_size: int = 64, device: str = "cpu", progress: bool = True, dtype: str = "float32") -> dict:
     from transformers import AutoTokenizer
     from tqdm import tqdm
     timings = {}
     t = time.perf_counter()
     wn = load_wordnet()
-    model, config = load_model(name)
+    model, config = load_model(name, dtype, device, part="encoder")  # an encoder-decoder's decoder is not read
     tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
     items = match_items(wn, tok, policy)
     if max_items and len(items) > max_items:
@@ -454,7 +456,7 @@ def write_tables(res: dict, base: str) -> list[str]:
 
 def main(argv=None) -> int:
     import os
-    from terrain.cli import model_tag, run_for_models
+    from terrain.cli import add_model_flags, model_tag, resolve_device, run_for_models
     p = argparse.ArgumentParser(description="WordNet relational alignment of static and contextual "
                                 "representations, with multi-seed stability.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -472,7 +474,7 @@ def main(argv=None) -> int:
                    help="nltk's fake root joining all taxonomies (adjective pairs then all score path 1/3)")
     p.add_argument("--max-items", type=int, default=None, help="use at most this many matched items")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    add_model_flags(p)
     p.add_argument("--out-dir", default="plots/terrain")
     args = p.parse_args(argv)
     for k in ("seeds", "n_items", "n_pairs", "n_simplices"):
@@ -482,7 +484,7 @@ def main(argv=None) -> int:
     def compute(name):
         return analyse(name, args.sense_policy, args.layer, args.pooling, args.seeds, args.n_items, args.n_pairs,
                        args.n_simplices, args.n_perm, args.simulate_root, args.max_items, args.batch_size,
-                       args.device)
+                       resolve_device(args.device), dtype=args.dtype)
 
     code, results, written = run_for_models(args.model, args.out_dir, "wordnet", compute, format_summary, plot)
     for res in results:
