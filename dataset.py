@@ -88,6 +88,9 @@ def load_series(data_dir: str) -> Series:
                 config = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{cfg_path} is not valid JSON ({e})") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"{cfg_path} holds a JSON {type(config).__name__}, not an object of generator "
+                             f"parameters; regenerate the data folder or remove config.json")
     return Series(X=X.astype(np.float32, copy=False), states=states.astype(np.int64, copy=False),
                   thetas=arrays.get("thetas"), signal=arrays.get("signal"), config=config,
                   data_dir=data_dir,

@@ -169,6 +169,10 @@ def levina_bickel(X: np.ndarray, ks=DEFAULT_KS, *, n_boot: int = 200, ci: float 
             raise ValueError("the data contain duplicate points (zero distances); pass dedupe=True")
         uniq = np.unique(X, axis=0)
         n_dup = len(X) - len(uniq)
+        if len(uniq) <= max(ks):
+            raise ValueError(f"only {len(uniq)} distinct point(s) among {len(X)}" +
+                             (" (all identical: a constant series has no dimension to estimate)"
+                              if len(uniq) == 1 else f"; k={max(ks)} needs more"))
         dist = knn_distances(uniq, max(ks), backend=backend, device=device)
     return lb_summary(dist, ks, n_boot=n_boot, ci=ci, unbiased=unbiased, seed=seed, n_duplicates=n_dup)
 

@@ -215,7 +215,6 @@ def make_spec():
         param_groups=param_groups, batch_loss=batch_loss, evaluate=evaluate, plot_predictions=plot_predictions,
         describe=lambda m, c: (f"{c.n_layers} Mamba layers, d_model {c.d_model}, d_state {c.d_state}, "
                                f"horizons {c.horizons}"),
-        locked=("d_model", "n_layers", "d_state", "d_conv", "expand", "max_horizon"),
         run_name=lambda a: f"h{a.max_horizon}" + ("_gate0" if a.gate_lr_factor == 0 else "")
         + ("_freezeA" if a.freeze_A else ""),
         final_metrics=final_metrics, plot_title=lambda c: f"Mamba next-step model ({c.n_layers} layers)")
@@ -627,23 +626,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from training import TrainingError, eval_main, train_main
+    from training import TrainingError, eval_main, given_flags, train_main
     try:
         if args.command == "generate":
             if args.perturb_hidden and args.perturb_output:
                 raise TrainingError("choose one of --perturb-hidden and --perturb-output")
+            for flag in ("gen_len", "seed_len", "perturb_interval"):
+                if getattr(args, flag) < 1:
+                    raise TrainingError(f"--{flag.replace('_', '-')} must be at least 1")
+            if args.start is not None and args.start < 0:
+                raise TrainingError("--start must be a step index >= 0")
             return run_generate(args)
         if args.command == "gates":
             return run_gates(args)
         if args.gate_lr_factor < 0:
             raise TrainingError("--gate-lr-factor must be >= 0")
+        if not args.resume and not args.eval and args.max_horizon >= args.seq_len:
+            raise TrainingError(f"--max-horizon {args.max_horizon} leaves nothing to predict in windows of "
+                                f"--seq-len {args.seq_len}; use a horizon below the window length")
         if args.eval_warmup is None:
             args.eval_warmup = args.seq_len // 4
         spec = make_spec()
         if args.eval:
             return eval_main(args, spec, MambaConfig)
-        defaults = vars(parser.parse_args(["train"]))
-        return train_main(args, spec, defaults)
+        return train_main(args, spec, given_flags(build_parser, argv))
     except (TrainingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

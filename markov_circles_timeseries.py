@@ -418,9 +418,12 @@ def main(argv=None) -> int:
         old = os.path.join(args.out_dir, "config.json")
         same = False
         if os.path.exists(old):
-            with open(old) as f:
-                prev = json.load(f)
-            same = all(prev.get(k) == v for k, v in asdict(cfg).items())
+            try:
+                with open(old) as f:
+                    prev = json.load(f)
+            except json.JSONDecodeError:
+                prev = None
+            same = isinstance(prev, dict) and all(prev.get(k) == v for k, v in asdict(cfg).items())
         if not same:
             print(f"error: {target} already exists with a different configuration; "
                   f"pass --force to overwrite it or choose another --out-dir", file=sys.stderr)

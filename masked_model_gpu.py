@@ -59,6 +59,8 @@ class ModelConfig:
     def validate(self) -> None:
         if self.pos_encoding not in POS_ENCODINGS:
             raise ValueError(f"--pos-encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
+        if min(self.d_model, self.n_heads, self.n_layers, self.d_ff) < 1:
+            raise ValueError("--d-model, --n-heads, --n-layers and --d-ff must be positive")
         if self.d_model % self.n_heads:
             raise ValueError(f"--d-model {self.d_model} is not divisible by --n-heads {self.n_heads}")
         if self.pos_encoding == "rope" and (self.d_model // self.n_heads) % 2:
@@ -323,7 +325,6 @@ def spec():
         param_groups=lambda m, a: decay_groups(m, a.weight_decay, ("rel_bias",)),
         batch_loss=batch_loss, evaluate=evaluate_mse, plot_predictions=plot_predictions,
         describe=lambda m, c: f"{c.n_layers} layers, d_model {c.d_model}, {c.pos_encoding} positions",
-        locked=("pos_encoding", "d_model", "n_layers", "n_heads", "d_ff"),
         run_name=lambda a: a.pos_encoding,
         plot_title=lambda c: f"Masked model ({c.pos_encoding}, {c.n_layers} layers)")
 
@@ -337,11 +338,11 @@ def load_model(ckpt: dict) -> MaskedTransformer:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from training import TrainingError, eval_main, train_main
+    from training import TrainingError, eval_main, given_flags, train_main
     try:
         if args.eval:
             return eval_main(args, spec(), ModelConfig)
-        return train_main(args, spec(), vars(parser.parse_args([])))
+        return train_main(args, spec(), given_flags(build_parser, argv))
     except (TrainingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

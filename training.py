@@ -118,6 +118,38 @@ def plain(obj):
     raise TypeError(f"checkpoint value of type {type(obj).__name__} is not plain data")
 
 
+_LOCKS: dict[str, Any] = {}
+
+
+def run_lock(out_dir: str):
+    """An exclusive lock on a run folder (flock on <out_dir>/.lock), held by this process until
+    it exits; a second run into the same folder gets one clear error."""
+    key = os.path.abspath(out_dir)
+    if key in _LOCKS:
+        return _LOCKS[key]
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        import fcntl
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no flock (Windows): no lock
+        pass
+    except OSError:
+        f.close()
+        raise TrainingError(f"another run is writing {out_dir}; wait for it to finish, or choose another --out-dir")
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _LOCKS[key] = f
+    return f
+
+
+def release_run_lock(out_dir: str) -> None:
+    f = _LOCKS.pop(os.path.abspath(out_dir), None)
+    if f is not None:
+        f.close()
+
+
 def save_checkpoint(path: str, payload: dict) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half file.
     Only plain data is written (see `plain`), so the file loads with weights_only=True."""
@@ -151,6 +183,10 @@ def load_checkpoint(path: str, model_type: str | None = None) -> dict:
                             f"(tensors and plain data) are accepted") from e
     if not isinstance(ckpt, dict) or "model_type" not in ckpt:
         raise TrainingError(f"{path} was not written by this project (no model_type)")
+    missing = [k for k in ("model_config", "model", "data") if k not in ckpt]
+    if missing:
+        raise TrainingError(f"{path} lacks {', '.join(missing)}; it is incomplete or was not written by "
+                            f"this project's training")
     if model_type is not None and ckpt["model_type"] != model_type:
         raise TrainingError(f"{path} holds a {ckpt['model_type']!r} model, not a {model_type!r} model; "
                             f"use the script that trained it")
@@ -167,13 +203,18 @@ def floor_note(mse: float, floor: float | None) -> str:
 
 
 class CSVLog:
-    """Append-only CSV with a fixed header; reopened on resume."""
+    """Append-only CSV with a fixed header. A resumed run rewrites it (atomically) from the rows
+    its checkpoint holds, so rows of epochs the checkpoint never saw do not survive a kill."""
 
-    def __init__(self, path: str, fields: list[str], resume: bool = False):
+    def __init__(self, path: str, fields: list[str], rows: list[dict] | None = None):
         self.path, self.fields = path, fields
-        if not (resume and os.path.exists(path)):
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(fields)
+        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(fields)
+            for row in rows or []:
+                w.writerow([row.get(k, "") for k in fields])
+        os.replace(tmp, path)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
@@ -303,11 +344,13 @@ def fit(*, model: torch.nn.Module, train_model: torch.nn.Module, optimizer, sche
         if improved:
             state.best_val, state.best_epoch = val, epoch + 1
         payload = checkpoint_payload(state)
-        save_checkpoint(os.path.join(out_dir, "last.pt"), payload)
+        # best before last: last.pt is where a resumed run starts, so a kill between the two
+        # re-runs this epoch (deterministically) and writes best.pt again
         if improved:
             save_checkpoint(os.path.join(out_dir, "best.pt"), payload)
             if extra_checkpoint:
                 save_checkpoint(extra_checkpoint, payload)
+        save_checkpoint(os.path.join(out_dir, "last.pt"), payload)
         tqdm.write(f"epoch {epoch + 1:4d}  train {total / max(count, 1):.4f}  "
                    f"val {floor_note(val, noise_floor)}{'  *' if improved else ''}  "
                    f"({train_time:.1f} s)", file=sys.stdout)
@@ -340,7 +383,6 @@ class ModelSpec:
     evaluate: Callable                 # (model, loader, device, amp) -> MSE
     plot_predictions: Callable         # (model, dataset, device, plots_dir, n_states, amp) -> [paths]
     describe: Callable                 # (model, cfg) -> one line
-    locked: tuple = ()                 # model arguments a resumed run may not change
     run_name: Callable = lambda args: ""  # suffix of the default run folder
     final_metrics: Callable | None = None  # (model, loaders, device, amp) -> dict of extra numbers
     plot_title: Callable = lambda cfg: ""
@@ -364,32 +406,65 @@ def check_data_matches(model_cfg: dict, series, where: str) -> None:
 
 
 def load_model(ckpt: dict, spec: ModelSpec, config_cls) -> torch.nn.Module:
-    model = spec.build(config_cls(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    """The checkpoint's model; a checkpoint with missing or mismatched parts is one clear error."""
+    where = ckpt.get("path", "the checkpoint")
+    missing = [k for k in ("model_config", "model") if k not in ckpt]
+    if missing:
+        raise TrainingError(f"{where} lacks {', '.join(missing)}; it is incomplete or was not written by "
+                            f"this project's training")
+    try:
+        model = spec.build(config_cls(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError, KeyError, ValueError) as e:
+        raise TrainingError(f"{where} does not match the {spec.model_type} model "
+                            f"({str(e).splitlines()[0][:200]}); the file is incomplete or from another version") from e
     return model
 
 
-def _merge_resume(args, resume: dict, parser_defaults: dict, spec: ModelSpec):
-    """A resumed run keeps its data, model and optimisation settings; --epochs may extend it."""
+# flags a resumed run takes from the command line; every other flag it was given must equal the checkpoint's
+RESUME_MAY_CHANGE = ("epochs", "time_budget", "stop_after", "device", "num_workers", "no_compile", "compile",
+                     "no_amp", "plots_dir")
+
+
+def given_flags(build_parser: Callable[[], argparse.ArgumentParser], argv) -> set[str]:
+    """The destinations of the flags actually written on the command line (not defaulted):
+    the same parser with every default suppressed."""
+    p = build_parser()
+
+    def suppress(parser):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    suppress(sub)
+            elif a.dest != "help":
+                a.default = argparse.SUPPRESS
+    suppress(p)
+    return set(vars(p.parse_args(argv)))
+
+
+def _merge_resume(args, resume: dict, given: set[str]):
+    """A resumed run keeps its data, model and optimisation settings; a flag written on the
+    command line is either one it may change (RESUME_MAY_CHANGE) or must equal the checkpoint's."""
     saved = resume["args"]
-    for k in spec.locked:
-        if getattr(args, k) != saved[k] and getattr(args, k) != parser_defaults.get(k):
+    for k in sorted(given - set(RESUME_MAY_CHANGE) - {"resume", "command"}):
+        if k in saved and getattr(args, k) != saved[k]:
             raise TrainingError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
-                                f"{saved[k]}; a resumed run keeps its model")
-    epochs = args.epochs if args.epochs != parser_defaults.get("epochs") else saved["epochs"]
-    keep = {"time_budget": args.time_budget, "device": args.device, "num_workers": args.num_workers,
-            "stop_after": args.stop_after}
-    return argparse.Namespace(**{**saved, **keep, "epochs": epochs, "resume": args.resume, "eval": None})
+                                f"{saved[k]}; a resumed run keeps its settings (it may change only "
+                                + ", ".join("--" + f.replace("_", "-") for f in RESUME_MAY_CHANGE) + ")")
+    keep = {k: getattr(args, k) if k in given else saved.get(k, getattr(args, k)) for k in RESUME_MAY_CHANGE}
+    return argparse.Namespace(**{**saved, **keep, "resume": args.resume, "eval": None})
 
 
-def train_main(args, spec: ModelSpec, parser_defaults: dict) -> int:
+def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     """Train a sequence model end to end: data, model, fit, best-checkpoint test, figures."""
     from dataset import WindowDataset, load_series
 
     device = resolve_device(args.device)
     resume = load_checkpoint(args.resume, spec.model_type) if args.resume else None
     if resume:
-        args = _merge_resume(args, resume, parser_defaults, spec)
+        args = _merge_resume(args, resume, given)
+    if args.epochs < 1:
+        raise TrainingError(f"--epochs {args.epochs}: train at least one epoch")
     out_dir = args.out_dir or os.path.join("runs", f"{spec.run_prefix}_{spec.run_name(args)}".rstrip("_"))
     if resume:
         out_dir = os.path.dirname(resume["path"])
@@ -440,9 +515,13 @@ def train_main(args, spec: ModelSpec, parser_defaults: dict) -> int:
           f"(gaps {sp.gap}); {len(ds['train'])} training windows of {args.seq_len} (stride {args.stride}), "
           f"{steps_per_epoch} steps/epoch; noise floor {floor}")
     os.makedirs(out_dir, exist_ok=True)
+    run_lock(out_dir)  # held until the process ends; a second run into this folder refuses
+    for stale in os.listdir(out_dir):  # temporary files of a run killed while writing
+        if stale.startswith(".") and stale.endswith(".tmp"):
+            os.remove(os.path.join(out_dir, stale))
     log = CSVLog(os.path.join(out_dir, "training_log.csv"),
                  ["epoch", "step", "lr", "train_loss", "train_eval_mse", "val_mse", "noise_floor",
-                  "epoch_seconds", "elapsed_seconds"], resume=bool(resume))
+                  "epoch_seconds", "elapsed_seconds"], rows=state.history if resume else None)
     with open(os.path.join(out_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
 
@@ -489,8 +568,11 @@ def train_main(args, spec: ModelSpec, parser_defaults: dict) -> int:
                "model_config": asdict(cfg)}
     if spec.final_metrics:
         metrics.update(spec.final_metrics(model, (val_loader, test_loader), device, amp))
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    tmp = os.path.join(out_dir, ".metrics.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(metrics, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+    release_run_lock(out_dir)
     print(f"wrote {out_dir}/best.pt, last.pt, training_log.csv, metrics.json; figures " + ", ".join(written))
     return 0
 
@@ -501,8 +583,11 @@ def eval_main(args, spec: ModelSpec, config_cls) -> int:
     ckpt = load_checkpoint(args.eval, spec.model_type)
     device = resolve_device(args.device)
     data_args = dict(ckpt["data"])
-    if args.data_dir != "data" or not os.path.exists(data_args["data_dir"]):
+    if args.data_dir != "data":  # given on the command line
         data_args["data_dir"] = args.data_dir
+    elif not os.path.exists(data_args["data_dir"]):
+        raise TrainingError(f"the data folder {data_args['data_dir']!r} this checkpoint was trained on is gone; "
+                            f"pass --data-dir with the same data")
     series = load_series(data_args["data_dir"])
     check_data_matches(ckpt["model_config"], series, ckpt["path"])
     model = load_model(ckpt, spec, config_cls).to(device)

@@ -299,10 +299,13 @@ def write(res: dict, out_dir: str) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve(args)
-    for k in ("steps", "batch_size", "snapshot_every", "eval_every"):
+    for k in ("steps", "batch_size", "snapshot_every", "eval_every", "n_layers", "d_model", "n_heads"):
         if cfg[k] < 1:
             print(f"error: --{k.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
+    if cfg["d_model"] % cfg["n_heads"]:
+        print(f"error: --d-model {cfg['d_model']} is not divisible by --n-heads {cfg['n_heads']}", file=sys.stderr)
+        return 2
     out = args.out_dir or f"runs/modadd_{args.preset}_s{args.seed}"
     if os.path.exists(os.path.join(out, "config.json")) and not args.force:
         print(f"error: {out} already holds a run; pass --force to overwrite it or choose another --out-dir",

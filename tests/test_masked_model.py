@@ -233,3 +233,22 @@ def test_gpu_bf16_and_compile_paths(small_data_dir, tmp_path):
         pytest.skip("needs CUDA")
     assert main(["--data-dir", small_data_dir, "--out-dir", str(tmp_path), "--epochs", "2", *TINY,
                  "--device", "cuda", "--pos-encoding", "t5"]) == 0
+
+
+def test_resume_uses_or_refuses_every_flag_it_is_given(small_data_dir, tmp_path, capsys):
+    """A flag written on the command line of a resumed run is either applied (--epochs, ...) or,
+    when it differs from the checkpoint's, refused with one line, even when it equals the
+    parser's default (which the run did not use)."""
+    run = tmp_path / "run"
+    assert main(["--data-dir", small_data_dir, "--out-dir", str(run), "--epochs", "3", "--stop-after", "1",
+                 *TINY]) == 0
+    capsys.readouterr()
+    for flags in (["--lr", "0.5"], ["--data-dir", str(tmp_path / "other")], ["--d-model", "128"],
+                  ["--pos-encoding", "sinusoidal", "--d-model", "128"], ["--out-dir", str(tmp_path / "x")]):
+        assert main(["--resume", str(run / "last.pt"), *flags]) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "differs from the checkpoint's" in err[0], (flags, err)
+    assert len((run / "training_log.csv").read_text().splitlines()) == 2  # nothing was run
+    lr = json.loads((run / "args.json").read_text())["lr"]
+    assert main(["--resume", str(run / "last.pt"), "--lr", str(lr), "--epochs", "2"]) == 0  # same value: fine
+    assert len((run / "training_log.csv").read_text().splitlines()) == 3  # --epochs applied: one more epoch

@@ -91,7 +91,7 @@ def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
     training.save_checkpoint(str(tmp_path / "c.pt"), {"model_type": "x", "rng": training.rng_state(),
                                                       "np_scalar": np.float64(1.5), "arr": np.arange(3)})
     expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(2).tolist())
-    ck = training.load_checkpoint(str(tmp_path / "c.pt"))  # weights_only=True inside
+    ck = training.safe_load(str(tmp_path / "c.pt"))  # weights_only=True
     assert ck["np_scalar"] == 1.5 and torch.equal(ck["arr"], torch.arange(3))
     training.set_rng_state(ck["rng"])
     assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(2).tolist()) == expected
