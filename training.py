@@ -455,6 +455,18 @@ def _merge_resume(args, resume: dict, given: set[str]):
     return argparse.Namespace(**{**saved, **keep, "resume": args.resume, "eval": None})
 
 
+def _check_extra_checkpoint(path: str, spec: ModelSpec, overwrite: bool) -> None:
+    """--checkpoint PATH replaces only a checkpoint of this project's model, and only with --force
+    (or when a resumed run wrote it)."""
+    try:
+        load_checkpoint(path, spec.model_type)
+    except TrainingError as e:
+        raise TrainingError(f"--checkpoint {path} exists and is not a {spec.model_type} checkpoint of this "
+                            f"project; it is left alone: choose another path") from e
+    if not overwrite:
+        raise TrainingError(f"--checkpoint {path} already exists; pass --force to replace it or choose another path")
+
+
 def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     """Train a sequence model end to end: data, model, fit, best-checkpoint test, figures."""
     from dataset import WindowDataset, load_series
@@ -465,6 +477,8 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
         args = _merge_resume(args, resume, given)
     if args.epochs < 1:
         raise TrainingError(f"--epochs {args.epochs}: train at least one epoch")
+    if args.checkpoint and os.path.exists(args.checkpoint):
+        _check_extra_checkpoint(args.checkpoint, spec, overwrite=bool(resume or args.force))
     out_dir = args.out_dir or os.path.join("runs", f"{spec.run_prefix}_{spec.run_name(args)}".rstrip("_"))
     if resume:
         out_dir = os.path.dirname(resume["path"])

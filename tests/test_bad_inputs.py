@@ -33,7 +33,8 @@ def world(tmp_path_factory, small_data_dir):
     ck = torch.load(root / "m" / "best.pt", weights_only=True)
     ck["data"] = dict(ck["data"], data_dir=str(root / "gone"))
     torch.save(ck, root / "datagone.pt")
-    return {"root": root, "data": small_data_dir, "listcfg": str(listcfg), "const": str(const),
+    (root / "notes.txt").write_text("my notes")
+    return {"root": root, "data": small_data_dir, "notes": str(root / "notes.txt"), "listcfg": str(listcfg), "const": str(const),
             "masked": str(root / "m" / "best.pt"), "mamba": str(root / "b" / "best.pt")}
 
 
@@ -69,6 +70,12 @@ def cases(w):
                                "--epochs"),
         "mamba: --max-horizon >= --seq-len": (mamba, ["train", "--data-dir", w["data"], "--out-dir", out, *MAMBA_TINY,
                                                       "--max-horizon", "64"], "--max-horizon"),
+        "--checkpoint onto a file that is not a checkpoint": (
+            masked, ["--data-dir", w["data"], "--out-dir", out, *MASKED_TINY, "--checkpoint", w["notes"]],
+            "not a masked_transformer checkpoint"),
+        "--checkpoint onto an earlier best without --force": (
+            masked, ["--data-dir", w["data"], "--out-dir", out, *MASKED_TINY, "--checkpoint", w["masked"]],
+            "--force"),
         "LB on a constant series": (lb, ["--data-dir", w["const"], "--out-dir", out, "--no-per-circle", "--points",
                                          "0"], "identical"),
     }
@@ -79,7 +86,8 @@ CASES = ["masked: config.json not an object", "mamba: config.json not an object"
          "masked: partial state dict", "masked: --eval with the data gone", "generate --gen-len 0",
          "generate --seed-len 0", "generate --start -1", "generate --perturb-interval 0",
          "modadd: heads do not divide d_model", "modadd: --n-layers 0", "LB on a constant series",
-         "masked: --epochs 0", "mamba: --max-horizon >= --seq-len"]
+         "masked: --epochs 0", "mamba: --max-horizon >= --seq-len",
+         "--checkpoint onto a file that is not a checkpoint", "--checkpoint onto an earlier best without --force"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -91,6 +99,7 @@ def test_bad_input_is_one_line(case, world, capsys):
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert needle in err[0], err[0]
     assert not (world["root"] / "never").exists()
+    assert (world["root"] / "notes.txt").read_text() == "my notes"
 
 
 def test_the_table_is_complete(world):
