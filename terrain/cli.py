@@ -21,14 +21,36 @@ def model_tag(name: str | None) -> str:
     return f"{safe[-50:]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
+OUTPUT_SUFFIXES = (".json", ".png", "_stability.csv")  # what a stage writes per model
+
+
+def add_force_flag(p) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace this stage's earlier outputs for these models (without it, existing ones stop the run)")
+
+
+def claim_outputs(bases: list[str], force: bool) -> None:
+    """Refuse when a stage's outputs for these models exist already; with force, remove them first
+    (so no stale file survives beside the new ones)."""
+    existing = [b + s for b in bases for s in OUTPUT_SUFFIXES if os.path.exists(b + s)]
+    if existing and not force:
+        raise TerrainError(f"{existing[0]} exists ({len(existing)} earlier output file(s)); pass --force to "
+                           f"replace them or choose another --out-dir")
+    for path in existing:
+        os.remove(path)
+
+
 def run_for_models(models: list[str], out_dir: str, prefix: str, compute: Callable[[str], dict],
-                   summarize: Callable[[dict], str], plot: Callable[[dict, str], str]) -> tuple[int, list, list]:
-    """Returns (exit code, results, written paths); a TerrainError stops with one line on stderr."""
+                   summarize: Callable[[dict], str], plot: Callable[[dict, str], str],
+                   force: bool = False) -> tuple[int, list, list]:
+    """Returns (exit code, results, written paths); a TerrainError stops with one line on stderr.
+    Earlier outputs of the same stage and models stop the run unless force."""
     import matplotlib
     matplotlib.use("Agg")
-    os.makedirs(out_dir, exist_ok=True)
     results, written = [], []
     try:
+        claim_outputs([os.path.join(out_dir, f"{prefix}_{model_tag(n)}") for n in dict.fromkeys(models)], force)
+        os.makedirs(out_dir, exist_ok=True)
         for name in models:
             res = compute(name)
             results.append(res)

@@ -187,16 +187,18 @@ def plot(res: dict, path: str) -> str:
 
 
 def main(argv=None) -> int:
-    from terrain.cli import run_for_models
+    from terrain.cli import add_force_flag, run_for_models
     p = argparse.ArgumentParser(description="Embedding-matrix geometry beside nulls.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
     p.add_argument("--n-simplices", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="plots/terrain")
+    add_force_flag(p)
     args = p.parse_args(argv)
     code, _, written = run_for_models(args.model, args.out_dir, "embeddings",
-                                      lambda n: probe(n, args.seed, args.n_simplices), format_summary, plot)
+                                      lambda n: probe(n, args.seed, args.n_simplices), format_summary, plot,
+                                      force=args.force)
     if written:
         print("wrote " + ", ".join(written))
     return code

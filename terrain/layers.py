@@ -122,13 +122,14 @@ def plot(res: dict, path: str) -> str:
 
 
 def main(argv=None) -> int:
-    from terrain.cli import add_model_flags, resolve_device, run_for_models
+    from terrain.cli import add_force_flag, add_model_flags, resolve_device, run_for_models
     p = argparse.ArgumentParser(description="Hidden-state norms and cosines through the layers of a text model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
     p.add_argument("--sentences-file", default=None, help="one sentence per line (default: 16 built-in)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="plots/terrain")
+    add_force_flag(p)
     add_model_flags(p)
     args = p.parse_args(argv)
     sentences = SENTENCES
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
         sentences = [s.strip() for s in open(args.sentences_file) if s.strip()]
     code, _, written = run_for_models(args.model, args.out_dir, "layers",
                                       lambda n: evolution(n, sentences, args.seed, args.dtype, resolve_device(args.device)),
-                                      format_summary, plot)
+                                      format_summary, plot, force=args.force)
     if written:
         print("wrote " + ", ".join(written))
     return code

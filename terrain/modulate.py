@@ -539,7 +539,7 @@ def plot(res: dict, path: str) -> str:
 
 
 def main(argv=None) -> int:
-    from terrain.cli import add_model_flags, resolve_device, run_for_models
+    from terrain.cli import add_force_flag, add_model_flags, resolve_device, run_for_models
     p = argparse.ArgumentParser(description="LERP residual modulator initialised from WordNet: alpha sweep on "
                                 "held-out items with shuffled and random-rotation controls.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -551,6 +551,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-items", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="plots/terrain")
+    add_force_flag(p)
     add_model_flags(p)
     t = p.add_argument_group("training (--train): the model frozen; geometric rows, projection and alphas learn")
     t.add_argument("--train", action="store_true", help="train instead of the alpha sweep")
@@ -582,7 +583,7 @@ def main(argv=None) -> int:
             lambda n: train(n, layers, args.geo_dim, args.alpha, args.epochs, args.train_items, args.batch_size,
                             args.lr, args.tau, args.anchors, args.eval_items, args.seed, kind=args.modulator,
                             dtype=args.dtype, device=device),
-            format_training, plot_training)
+            format_training, plot_training, force=args.force)
         if written:
             print("wrote " + ", ".join(written))
         return code
@@ -590,7 +591,7 @@ def main(argv=None) -> int:
         args.model, args.out_dir, "modulate",
         lambda n: sweep(n, layers, args.geo_dim, args.alphas, args.anchors, args.eval_items, args.seed,
                         dtype=args.dtype, device=device),
-        format_summary, plot)
+        format_summary, plot, force=args.force)
     if written:
         print("wrote " + ", ".join(written))
     return code

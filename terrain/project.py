@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     import json
     import os
 
-    from terrain.cli import add_model_flags, model_tag, resolve_device
+    from terrain.cli import add_force_flag, add_model_flags, claim_outputs, model_tag, resolve_device
     p = argparse.ArgumentParser(description="Align one model's token space to another's (Procrustes, least "
                                 "squares, shuffled control) and score it on held-out tokens.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -278,11 +278,14 @@ def main(argv=None) -> int:
     p.add_argument("--ridge", type=float, default=1e-3, help="least-squares ridge, relative to the mean variance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="plots/terrain")
+    add_force_flag(p)
     add_model_flags(p)
     args = p.parse_args(argv)
     if args.anchors < 10 or args.test < 10:
         p.error("--anchors and --test need at least 10 tokens")
+    base = os.path.join(args.out_dir, f"project_{model_tag(args.source)}_to_{model_tag(args.target)}")
     try:
+        claim_outputs([base], args.force)
         res = project(args.source, args.target, args.anchors, args.test, args.rsa_tokens, args.ridge, args.seed,
                       dtype=args.dtype, device=resolve_device(args.device))
     except TerrainError as e:
@@ -290,7 +293,6 @@ def main(argv=None) -> int:
         return 2
     print(format_summary(res))
     os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, f"project_{model_tag(args.source)}_to_{model_tag(args.target)}")
     with open(base + ".json", "w") as f:
         json.dump(res, f)
     print(f"wrote {base}.json, {plot(res, base + '.png')}")

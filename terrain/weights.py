@@ -457,7 +457,7 @@ def plot_comparison(results: list[dict], path: str) -> str:
 
 
 def main(argv=None) -> int:
-    from terrain.cli import run_for_models
+    from terrain.cli import add_force_flag, run_for_models
     p = argparse.ArgumentParser(description="Weight geometry of pretrained transformers, beside random nulls.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
@@ -471,6 +471,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the null draws")
     add_device_flag(p)
     p.add_argument("--out-dir", default="plots/terrain", help="figures and JSON")
+    add_force_flag(p)
     args = p.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -485,7 +486,8 @@ def main(argv=None) -> int:
         res["device"] = device
         return res
 
-    code, results, written = run_for_models(args.model, args.out_dir, "weights", compute, format_summary, plot_model)
+    code, results, written = run_for_models(args.model, args.out_dir, "weights", compute, format_summary, plot_model,
+                                            force=args.force)
     if code == 0 and len(results) > 1:
         written.append(plot_comparison(results, os.path.join(args.out_dir, "weights_comparison.png")))
     if written:

@@ -456,7 +456,7 @@ def write_tables(res: dict, base: str) -> list[str]:
 
 def main(argv=None) -> int:
     import os
-    from terrain.cli import add_model_flags, model_tag, resolve_device, run_for_models
+    from terrain.cli import add_force_flag, add_model_flags, model_tag, resolve_device, run_for_models
     p = argparse.ArgumentParser(description="WordNet relational alignment of static and contextual "
                                 "representations, with multi-seed stability.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -476,6 +476,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     add_model_flags(p)
     p.add_argument("--out-dir", default="plots/terrain")
+    add_force_flag(p)
     args = p.parse_args(argv)
     for k in ("seeds", "n_items", "n_pairs", "n_simplices"):
         if getattr(args, k) < 1:
@@ -486,7 +487,8 @@ def main(argv=None) -> int:
                        args.n_simplices, args.n_perm, args.simulate_root, args.max_items, args.batch_size,
                        resolve_device(args.device), dtype=args.dtype)
 
-    code, results, written = run_for_models(args.model, args.out_dir, "wordnet", compute, format_summary, plot)
+    code, results, written = run_for_models(args.model, args.out_dir, "wordnet", compute, format_summary, plot,
+                                            force=args.force)
     for res in results:
         written += write_tables(res, os.path.join(args.out_dir, f"wordnet_{model_tag(res['model'])}"))
     if written:

@@ -222,3 +222,21 @@ def test_output_names_never_collide():
     assert len(set(tags[:-1])) == len(tags) - 1 and tags[-1] == "minilm" == model_tag("minilm")
     assert all(len(t) <= 60 and "/" not in t for t in tags)
     assert model_tag("org/model") == model_tag("org/model")  # stable
+
+
+def test_stage_outputs_are_not_overwritten_without_force(tiny_llama_shards, tmp_path, capsys):
+    folder = tiny_llama_shards[0]
+    assert main(["--model", folder, "--n-null", "1", "--out-dir", str(tmp_path)]) == 0
+    js = next(tmp_path.glob("weights_*.json"))
+    js.write_text("{\"mine\": 1}")
+    capsys.readouterr()
+    assert main(["--model", folder, "--n-null", "1", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force" in err[0]
+    assert js.read_text() == "{\"mine\": 1}"  # untouched
+    png = js.with_suffix(".png")
+    png.unlink()
+    csv = tmp_path / (js.stem + "_stability.csv")  # a stale file of the same stage and model
+    csv.write_text("stale")
+    assert main(["--model", folder, "--n-null", "1", "--out-dir", str(tmp_path), "--force"]) == 0
+    assert "mine" not in js.read_text() and png.exists() and not csv.exists()
