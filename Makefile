@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) estimate_dimension.py --data-dir $(DEMO_DATA) --points 10000 --out-dir plots/demo
 	$(PY) masked_model_gpu.py --data-dir $(DEMO_DATA) --out-dir $(DEMO_RUN) --plots-dir plots/demo \
 	    --pos-encoding rope $(RECIPE) --force
-	$(PY) evaluate_representations.py --checkpoint $(DEMO_RUN)/best.pt --plots-dir plots/demo --control
+	$(PY) evaluate_representations.py --checkpoint $(DEMO_RUN)/best.pt --plots-dir plots/demo --control --force
 
 test: $(STAMP)
 	$(PY) -m pytest -q

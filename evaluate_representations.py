@@ -44,6 +44,22 @@ MODEL_LOADERS = {
 }
 
 
+OUT_FILES = ("umap_embeddings.npz", "representation_metrics.json", "representation_metrics.csv",
+             "representation_metrics.md")
+PLOT_FILES = ("representation_umap.png", "representation_metrics.png")
+
+
+def claim_outputs(paths: list[str], force: bool) -> None:
+    """Earlier outputs stop the run unless force; with force they are removed first, so none of
+    them (an old UMAP beside new metrics) survives a run that does not write it again."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not force:
+        raise EvalError(f"{existing[0]} exists ({len(existing)} earlier output file(s)); pass --force to replace "
+                        f"them or choose another --out-dir / --plots-dir")
+    for p in existing:
+        os.remove(p)
+
+
 class EvalError(RuntimeError):
     pass
 
@@ -305,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="JSON/CSV (default <run folder>/representations)")
     p.add_argument("--plots-dir", default=None, help="figures (default plots/<run name>)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the outputs of an earlier analysis in --out-dir / --plots-dir (removed first)")
     return p
 
 
@@ -364,6 +382,8 @@ def run(args) -> int:
     run_name = os.path.basename(os.path.dirname(os.path.abspath(ckpt["path"])))
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "representations")
     plots_dir = args.plots_dir or os.path.join("plots", run_name)
+    claim_outputs([os.path.join(out_dir, f) for f in OUT_FILES] + [os.path.join(plots_dir, f) for f in PLOT_FILES],
+                  args.force)
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(plots_dir, exist_ok=True)
     print(f"{ckpt['model_type']} from {ckpt['path']}; layers {', '.join(layers)}; windows of {window} keeping "
@@ -413,8 +433,6 @@ def run(args) -> int:
                    "causal": causal, "ks": args.k, "layers": results, "random_init_control": control,
                    "seconds_extract": t_extract, "seconds_to_metrics": t_metrics}, f, indent=2)
     cs = os.path.join(out_dir, "representation_metrics.csv")
-    if os.path.exists(cs):
-        os.remove(cs)
     write_csv(cs, results, args.k)
     if control:
         write_csv(cs, control, args.k, "random_init")

@@ -124,3 +124,22 @@ def test_cli_bad_input(tiny_checkpoint, tmp_path, capsys):
     assert "unknown layer" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_earlier_outputs_need_force_and_are_replaced_whole(tiny_checkpoint, small_data_dir, tmp_path, capsys):
+    args = ["--checkpoint", tiny_checkpoint, "--data-dir", small_data_dir, "--lb-points", "300",
+            "--metric-points", "600", "--umap-points", "200", "--out-dir", str(tmp_path / "o"),
+            "--plots-dir", str(tmp_path / "p"), "--layers", "input,output"]
+    assert main(args) == 0
+    assert (tmp_path / "o" / "umap_embeddings.npz").exists()
+    before = (tmp_path / "o" / "representation_metrics.json").read_text()
+    capsys.readouterr()
+    assert main(args + ["--no-umap"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force" in err[0]
+    assert (tmp_path / "o" / "representation_metrics.json").read_text() == before
+    assert main(args + ["--no-umap", "--force"]) == 0
+    # the UMAP outputs of the earlier run do not survive beside the new metrics
+    assert not (tmp_path / "o" / "umap_embeddings.npz").exists()
+    assert not (tmp_path / "p" / "representation_umap.png").exists()
+    assert (tmp_path / "p" / "representation_metrics.png").exists()
