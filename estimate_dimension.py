@@ -258,8 +258,18 @@ def plot_dimension_vs_k(rows: list[tuple[str, LBResult]], path: str, title: str,
     return path
 
 
+def claim(base: str, force: bool) -> None:
+    """base.{json,csv,png} of an earlier run stop this one unless force, which removes them first."""
+    old = [base + s for s in (".json", ".csv", ".png") if os.path.exists(base + s)]
+    if old and not force:
+        raise ValueError(f"{old[0]} exists; pass --force to replace it or choose another --out-dir")
+    for path in old:
+        os.remove(path)
+
+
 def run_data(args) -> int:
     from dataset import load_series
+    claim(os.path.join(args.out_dir, "dimension_vs_k"), args.force)
     series = load_series(args.data_dir)
     X = series.signal if args.signal else series.X
     rng = np.random.default_rng(args.seed)
@@ -304,6 +314,7 @@ def demo_circle(n: int, noise: float, rng: np.random.Generator, ambient: int = 2
 def run_demo(args) -> int:
     """A noisy circle: near 2 at small k (the noise is 2-D), 1 at larger k (the curve)."""
     import matplotlib.pyplot as plt
+    claim(os.path.join(args.out_dir, "levina_bickel_demo"), args.force)
     rng = np.random.default_rng(args.seed)
     ks = [5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200]
     noises = [0.0, 0.01, 0.05, 0.1]
@@ -354,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (torch kNN on GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="plots", help="where the table, JSON/CSV and figure go")
+    p.add_argument("--force", action="store_true", help="replace the table, JSON/CSV and figure of an earlier run")
     p.add_argument("--demo", action="store_true", help="run the noisy-circle demo instead")
     p.add_argument("--demo-points", type=int, default=2000)
     return p

@@ -117,5 +117,13 @@ def test_cli_on_data_and_demo(small_data_dir, tmp_path, capsys):
     assert (tmp_path / "dimension_vs_k.json").exists() and (tmp_path / "dimension_vs_k.png").exists()
     assert main(["--demo", "--demo-points", "800", "--n-boot", "10", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "levina_bickel_demo.csv").exists()
-    assert main(["--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path)]) == 2
+    assert main(["--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "m")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # an earlier run's outputs are not overwritten silently
+    before = (tmp_path / "dimension_vs_k.json").read_text()
+    assert main(["--data-dir", small_data_dir, "--points", "3000", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force" in err[0] and (tmp_path / "dimension_vs_k.json").read_text() == before
+    assert main(["--data-dir", small_data_dir, "--points", "3000", "--n-boot", "20", "--k", "10",
+                 "--out-dir", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "dimension_vs_k.json").read_text() != before
