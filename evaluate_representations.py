@@ -49,17 +49,6 @@ OUT_FILES = ("umap_embeddings.npz", "representation_metrics.json", "representati
 PLOT_FILES = ("representation_umap.png", "representation_metrics.png")
 
 
-def claim_outputs(paths: list[str], force: bool) -> None:
-    """Earlier outputs stop the run unless force; with force they are removed first, so none of
-    them (an old UMAP beside new metrics) survives a run that does not write it again."""
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not force:
-        raise EvalError(f"{existing[0]} exists ({len(existing)} earlier output file(s)); pass --force to replace "
-                        f"them or choose another --out-dir / --plots-dir")
-    for p in existing:
-        os.remove(p)
-
-
 class EvalError(RuntimeError):
     pass
 
@@ -354,17 +343,18 @@ def analyse(model, series, layers, args, device, window, context, causal, rng_se
 
 
 def main(argv=None) -> int:
+    from training import TrainingError
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (EvalError, FileNotFoundError, ValueError) as e:
+    except (EvalError, TrainingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def run(args) -> int:
     from dataset import load_series
-    from training import TrainingError, check_data_matches, resolve_device
+    from training import TrainingError, check_data_matches, claim_outputs, resolve_device
     t_start = time.perf_counter()
     ckpt, model = load_any(args.checkpoint)
     device = resolve_device(args.device)

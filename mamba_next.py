@@ -375,7 +375,7 @@ def run_generate(args) -> int:
 
     from dataset import load_series, time_splits
     from markov_circles_timeseries import draw_state_strip
-    from training import check_data_matches, load_checkpoint, resolve_device
+    from training import check_data_matches, claim_outputs, load_checkpoint, resolve_device
     ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
     device = resolve_device(args.device)
     model = load_model(ckpt).to(device)
@@ -422,9 +422,11 @@ def run_generate(args) -> int:
         decoded = None
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "generate")
     plots_dir = args.plots_dir or out_dir
+    tag = f"gen_{kind}" if kind != "none" else "gen"
+    claim_outputs([os.path.join(out_dir, f"{tag}.npy"), os.path.join(out_dir, f"{tag}.json"),
+                   os.path.join(plots_dir, f"{tag}.png")], args.force)
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(plots_dir, exist_ok=True)
-    tag = f"gen_{kind}" if kind != "none" else "gen"
     np.save(os.path.join(out_dir, f"{tag}.npy"), gen)
     with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -470,7 +472,7 @@ def run_gates(args) -> int:
 
     from dataset import load_series
     from markov_circles_timeseries import draw_state_strip
-    from training import check_data_matches, load_checkpoint, resolve_device
+    from training import check_data_matches, claim_outputs, load_checkpoint, resolve_device
     ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
     device = resolve_device(args.device)
     model = load_model(ckpt).to(device).eval()
@@ -479,6 +481,9 @@ def run_gates(args) -> int:
     ds = datasets_for(series, ckpt["data"])
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "gates")
     plots_dir = args.plots_dir or out_dir
+    earlier = [os.path.join(plots_dir, f) for f in (os.listdir(plots_dir) if os.path.isdir(plots_dir) else [])
+               if f.startswith("gates_") and f.endswith(".png")]
+    claim_outputs(earlier + [os.path.join(out_dir, "gates_summary.json")], args.force)
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(plots_dir, exist_ok=True)
     val = ds["val"]
@@ -603,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="cpu")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--out-dir", default=None)
+        s.add_argument("--force", action="store_true", help="replace this command's earlier outputs (removed first)")
         s.add_argument("--plots-dir", default=None)
         if name == "generate":
             s.add_argument("--seed-len", type=int, default=64, help="steps of true data before generating")

@@ -118,6 +118,17 @@ def plain(obj):
     raise TypeError(f"checkpoint value of type {type(obj).__name__} is not plain data")
 
 
+def claim_outputs(paths: list[str], force: bool) -> None:
+    """Earlier outputs stop a command unless force; with force they are removed first, so none
+    of them survives beside new outputs of a run that does not write it again."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not force:
+        raise TrainingError(f"{existing[0]} exists ({len(existing)} earlier output file(s)); pass --force to "
+                            f"replace them or choose another --out-dir / --plots-dir")
+    for p in existing:
+        os.remove(p)
+
+
 _LOCKS: dict[str, Any] = {}
 
 

@@ -178,6 +178,18 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, capsys):
     assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "3", "--plot-samples", "1"]) == 0
     summary = json.loads((run / "gates" / "gates_summary.json").read_text())
     assert len(summary["mean_delta"]) == 2 and all(d > 0 for d in summary["mean_delta"])
+    # earlier outputs are replaced only with --force; with it the old sample figures go too
+    capsys.readouterr()
+    gen_args = ["generate", "--checkpoint", str(run / "best.pt"), "--gen-len", "20", "--seed-len", "16"]
+    assert main(gen_args) == 0 and main(gen_args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(gen_args + ["--force"]) == 0
+    assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "2", "--plot-samples", "1"]) == 2
+    assert (run / "gates" / "gates_summary.json").read_text() == json.dumps(summary, indent=2)
+    (run / "gates" / "gates_sample_7.png").write_bytes(b"old")
+    assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "2", "--plot-samples", "1",
+                 "--force"]) == 0
+    assert not (run / "gates" / "gates_sample_7.png").exists()
     capsys.readouterr()
     assert main(["train", "--eval", str(run / "best.pt"), "--data-dir", small_data_dir]) == 0
     assert "test MSE" in capsys.readouterr().out
