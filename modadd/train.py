@@ -296,6 +296,9 @@ def write(res: dict, out_dir: str) -> None:
     torch.save({"config": res["config"], "model": res["model"].state_dict()}, os.path.join(out_dir, "model.pt"))
 
 
+STAGE_OUTPUTS = ("bubbling", "trajectory_pca", "alignment", "sae", "forgetting")  # <name>.json/.png in a run folder
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve(args)
@@ -311,6 +314,11 @@ def main(argv=None) -> int:
         print(f"error: {out} already holds a run; pass --force to overwrite it or choose another --out-dir",
               file=sys.stderr)
         return 2
+    if args.force:  # the stages' outputs of the run being replaced would describe another model
+        for stage in STAGE_OUTPUTS:
+            for ext in (".json", ".png"):
+                if os.path.exists(os.path.join(out, stage + ext)):
+                    os.remove(os.path.join(out, stage + ext))
     try:
         res = run(cfg, out, device=args.device)
     except ValueError as e:

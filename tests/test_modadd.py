@@ -284,6 +284,11 @@ def test_bubbling_stage(tmp_path):
     assert all(a <= b + 1e-9 for a, b in zip(r["top_mass"]["1"], r["top_mass"]["2"]))
     assert len(res["entropy_history"]["step"]) == 3
     assert bubbling([str(tmp_path / "nothing")]) == 2
+    # retraining into the folder with --force removes the stage outputs of the replaced model
+    assert (tmp_path / "bubbling.json").exists()
+    assert main(["--steps", "20", "--d-model", "32", "--n-layers", "2", "--snapshot-every", "10",
+                 "--eval-size", "64", "--commutator-every", "0", "--out-dir", str(tmp_path), "--force"]) == 0
+    assert not (tmp_path / "bubbling.json").exists() and not (tmp_path / "bubbling.png").exists()
 
 
 def test_topk_sae_recovers_a_planted_dictionary():
