@@ -654,7 +654,7 @@ def main(argv=None) -> int:
             args.eval_warmup = args.seq_len // 4
         spec = make_spec()
         if args.eval:
-            return eval_main(args, spec, MambaConfig)
+            return eval_main(args, spec, MambaConfig, given_flags(build_parser, argv))
         return train_main(args, spec, given_flags(build_parser, argv))
     except (TrainingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -341,7 +341,7 @@ def main(argv=None) -> int:
     from training import TrainingError, eval_main, given_flags, train_main
     try:
         if args.eval:
-            return eval_main(args, spec(), ModelConfig)
+            return eval_main(args, spec(), ModelConfig, given_flags(build_parser, argv))
         return train_main(args, spec(), given_flags(build_parser, argv))
     except (TrainingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -355,13 +355,13 @@ def fit(*, model: torch.nn.Module, train_model: torch.nn.Module, optimizer, sche
         if improved:
             state.best_val, state.best_epoch = val, epoch + 1
         payload = checkpoint_payload(state)
-        # best before last: last.pt is where a resumed run starts, so a kill between the two
-        # re-runs this epoch (deterministically) and writes best.pt again
+        # last before best: when an improving epoch is killed between the two, the resumed run
+        # finds best_epoch == its own epoch in last.pt and restores best.pt from it
+        save_checkpoint(os.path.join(out_dir, "last.pt"), payload)
         if improved:
             save_checkpoint(os.path.join(out_dir, "best.pt"), payload)
             if extra_checkpoint:
                 save_checkpoint(extra_checkpoint, payload)
-        save_checkpoint(os.path.join(out_dir, "last.pt"), payload)
         tqdm.write(f"epoch {epoch + 1:4d}  train {total / max(count, 1):.4f}  "
                    f"val {floor_note(val, noise_floor)}{'  *' if improved else ''}  "
                    f"({train_time:.1f} s)", file=sys.stdout)
@@ -434,7 +434,7 @@ def load_model(ckpt: dict, spec: ModelSpec, config_cls) -> torch.nn.Module:
 
 # flags a resumed run takes from the command line; every other flag it was given must equal the checkpoint's
 RESUME_MAY_CHANGE = ("epochs", "time_budget", "stop_after", "device", "num_workers", "no_compile", "compile",
-                     "no_amp", "plots_dir")
+                     "no_amp", "plots_dir", "force")
 
 
 def given_flags(build_parser: Callable[[], argparse.ArgumentParser], argv) -> set[str]:
@@ -457,7 +457,10 @@ def _merge_resume(args, resume: dict, given: set[str]):
     """A resumed run keeps its data, model and optimisation settings; a flag written on the
     command line is either one it may change (RESUME_MAY_CHANGE) or must equal the checkpoint's."""
     saved = resume["args"]
+    run_dir = os.path.abspath(os.path.dirname(resume["path"]))
     for k in sorted(given - set(RESUME_MAY_CHANGE) - {"resume", "command"}):
+        if k == "out_dir" and os.path.abspath(args.out_dir) == run_dir:
+            continue
         if k in saved and getattr(args, k) != saved[k]:
             raise TrainingError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
                                 f"{saved[k]}; a resumed run keeps its settings (it may change only "
@@ -469,6 +472,8 @@ def _merge_resume(args, resume: dict, given: set[str]):
 def _check_extra_checkpoint(path: str, spec: ModelSpec, overwrite: bool) -> None:
     """--checkpoint PATH replaces only a checkpoint of this project's model, and only with --force
     (or when a resumed run wrote it)."""
+    if os.path.isdir(path):
+        raise TrainingError(f"--checkpoint {path} is a folder; give the path of a .pt file")
     try:
         load_checkpoint(path, spec.model_type)
     except TrainingError as e:
@@ -476,6 +481,18 @@ def _check_extra_checkpoint(path: str, spec: ModelSpec, overwrite: bool) -> None
                             f"project; it is left alone: choose another path") from e
     if not overwrite:
         raise TrainingError(f"--checkpoint {path} already exists; pass --force to replace it or choose another path")
+
+
+def _restore_best(out_dir: str, resume: dict) -> None:
+    """If the run was killed after last.pt of an improving epoch but before best.pt, best.pt
+    still holds an older epoch: last.pt is that best checkpoint, so copy it."""
+    st = resume["fit_state"]
+    best = os.path.join(out_dir, "best.pt")
+    if st["best_epoch"] == st["epoch"] and (not os.path.exists(best) or safe_load(best).get("epoch") != st["epoch"]):
+        import shutil
+        tmp = os.path.join(out_dir, ".best.pt.tmp")
+        shutil.copyfile(resume["path"], tmp)
+        os.replace(tmp, best)
 
 
 def train_main(args, spec: ModelSpec, given: set[str]) -> int:
@@ -541,6 +558,8 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
           f"{steps_per_epoch} steps/epoch; noise floor {floor}")
     os.makedirs(out_dir, exist_ok=True)
     run_lock(out_dir)  # held until the process ends; a second run into this folder refuses
+    if resume:
+        _restore_best(out_dir, resume)
     for stale in os.listdir(out_dir):  # temporary files of a run killed while writing
         if stale.startswith(".") and stale.endswith(".tmp"):
             os.remove(os.path.join(out_dir, stale))
@@ -602,13 +621,13 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     return 0
 
 
-def eval_main(args, spec: ModelSpec, config_cls) -> int:
+def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) -> int:
     """Reload a checkpoint, report validation and test MSE against the noise floor, redraw."""
     from dataset import load_series
     ckpt = load_checkpoint(args.eval, spec.model_type)
     device = resolve_device(args.device)
     data_args = dict(ckpt["data"])
-    if args.data_dir != "data":  # given on the command line
+    if "data_dir" in given:
         data_args["data_dir"] = args.data_dir
     elif not os.path.exists(data_args["data_dir"]):
         raise TrainingError(f"the data folder {data_args['data_dir']!r} this checkpoint was trained on is gone; "

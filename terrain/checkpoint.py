@@ -150,7 +150,12 @@ class PickledWeights(ModuleWeights):
         self._params = {}
         for file in files:
             try:
-                sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:  # files of the pre-zip format cannot be memory-mapped
+                    if "mmap" not in str(e):
+                        raise
+                    sd = torch.load(file, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - anything but plain tensors is refused here
                 raise TerrainError(f"{file} could not be read as plain weights ({str(e).splitlines()[0]}); "
                                    f"only weight files without code are accepted; {_FIX}") from e

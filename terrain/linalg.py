@@ -76,6 +76,13 @@ def chebyshev_top_eigvecs(G, lam_desc: np.ndarray, r: int, degree: int = 24, rou
     G32 = G.to(torch.float32)
     lo, hi, top = float(lam_desc[-1]), float(lam_desc[min(b, n - 1)]), float(lam_desc[0])
     c, e = (hi + lo) / 2, max((hi - lo) / 2, 1e-300)
+    # The filter grows the lambda_max component by exp(degree * gap) over the lambda_r one. In
+    # float32 that ratio must stay below ~1e4 or the lower wanted vectors drown in rounding: a
+    # spiked spectrum (trained weights) gets float64 and a degree that keeps it below 1e12.
+    gap = math.acosh(max((top - c) / e, 1.0)) - math.acosh(max((float(lam_desc[r - 1]) - c) / e, 1.0))
+    if gap * degree > math.log(1e4):
+        G32 = G
+        degree = int(min(degree, max(2, math.log(1e12) / gap)))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     X = torch.linalg.qr(torch.randn(n, b, generator=gen, dtype=torch.float64).to(G.device))[0]
     scale = top or 1.0
@@ -83,7 +90,7 @@ def chebyshev_top_eigvecs(G, lam_desc: np.ndarray, r: int, degree: int = 24, rou
         # scaled Chebyshev recurrence (Zhou & Saad 2007): ~1 at lambda_max, <= |T_m| damped on [lo, hi]
         sig = e / (top - c) if top > c else 1.0
         tau = 2 / sig
-        X32 = X.to(torch.float32)
+        X32 = X.to(G32.dtype)
         Y0, Y1 = X32, (G32 @ X32 - c * X32) * (sig / e)
         for _ in range(degree - 1):
             sig_new = 1 / (tau - sig)

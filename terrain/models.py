@@ -36,7 +36,17 @@ def minilm_path() -> str:
 
 
 def resolve_model_name(name: str | None) -> str:
-    return minilm_path() if name in (None, "", DEFAULT_MODEL) else name
+    """A local folder for a model name: the offline default, a folder, or the local Hugging Face
+    cache's snapshot of a hub id (nothing is downloaded); else the name itself."""
+    if name in (None, "", DEFAULT_MODEL):
+        return minilm_path()
+    if os.path.isdir(name) or name.startswith("open_clip:"):
+        return name
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, not a valid id: reported by the caller
+        return name
 
 
 def open_clip_config(model):
@@ -152,6 +162,7 @@ def model_device(model):
 # (qkv, in_proj_weight, Qwen3.5's gated q_proj and linear-attention in_proj_qkv) are set in plan().
 ROLE_RULES = [
     (r"relative_attention_bias\.weight$", "rel_bias"),
+    (r"linear_attn\.norm\.weight$", "aux"),  # the gated delta rule's per-head RMSNorm
     (r"linear_attn\.in_proj_qkv\.weight$", "lin_qkv"),
     (r"linear_attn\.in_proj_z\.weight$", "lin_gate"),
     (r"linear_attn\.in_proj_[ab]\.weight$", "lin_ab"),
@@ -173,10 +184,10 @@ ROLE_RULES = [
      r"\.weight$", "mlp_out"),
     (r"(?:shared|word_embeddings|embed_tokens|token_embedding)\.weight$", "embedding"),
     (r"(?:^|\.)lm_head\.weight$", "unembedding"),
+    (r"(?:^|\.)(?:final_layer_norm|post_layernorm|pre_layrnorm|ln_final|ln_pre|ln_post|layernorm|norm)\.weight$",
+     "final_norm"),
     (r"(?:layer_norm|LayerNorm|layernorm_before|layernorm_after|norm1|norm2|layer_norm1|layer_norm2|"
      r"input_layernorm|post_attention_layernorm|ln_1|ln_2)\.weight$", "norm"),
-    (r"(?:final_layer_norm|post_layernorm|pre_layrnorm|ln_final|ln_pre|ln_post|layernorm|(?:^|\.)norm)\.weight$",
-     "final_norm"),
 ]
 # parameters the battery knows and does not analyse (biases, position tables, patch stems, ...)
 AUX_RULES = [r"\.bias$", r"(?:^|\.)bias$", r"position_ids$", r"position_embeddings?(?:\.weight)?$", r"pos_embed",

@@ -76,6 +76,9 @@ def cases(w):
         "--checkpoint onto an earlier best without --force": (
             masked, ["--data-dir", w["data"], "--out-dir", out, *MASKED_TINY, "--checkpoint", w["masked"]],
             "--force"),
+        "--checkpoint onto a folder": (
+            masked, ["--data-dir", w["data"], "--out-dir", out, *MASKED_TINY, "--checkpoint", str(w["root"]),
+                     "--force"], "folder"),
         "LB on a constant series": (lb, ["--data-dir", w["const"], "--out-dir", out, "--no-per-circle", "--points",
                                          "0"], "identical"),
     }
@@ -87,7 +90,8 @@ CASES = ["masked: config.json not an object", "mamba: config.json not an object"
          "generate --seed-len 0", "generate --start -1", "generate --perturb-interval 0",
          "modadd: heads do not divide d_model", "modadd: --n-layers 0", "LB on a constant series",
          "masked: --epochs 0", "mamba: --max-horizon >= --seq-len",
-         "--checkpoint onto a file that is not a checkpoint", "--checkpoint onto an earlier best without --force"]
+         "--checkpoint onto a file that is not a checkpoint", "--checkpoint onto an earlier best without --force",
+         "--checkpoint onto a folder"]
 
 
 @pytest.mark.parametrize("case", CASES)

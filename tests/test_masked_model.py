@@ -250,5 +250,7 @@ def test_resume_uses_or_refuses_every_flag_it_is_given(small_data_dir, tmp_path,
         assert len(err) == 1 and "differs from the checkpoint's" in err[0], (flags, err)
     assert len((run / "training_log.csv").read_text().splitlines()) == 2  # nothing was run
     lr = json.loads((run / "args.json").read_text())["lr"]
-    assert main(["--resume", str(run / "last.pt"), "--lr", str(lr), "--epochs", "2"]) == 0  # same value: fine
+    # the same value, the run's own folder and --force are fine
+    assert main(["--resume", str(run / "last.pt"), "--lr", str(lr), "--epochs", "2", "--out-dir", str(run),
+                 "--force"]) == 0
     assert len((run / "training_log.csv").read_text().splitlines()) == 3  # --epochs applied: one more epoch

@@ -110,3 +110,14 @@ def test_open_clip_without_the_package_is_a_clear_error():
         pass
     with pytest.raises(TerrainError, match="open_clip_torch"):
         load_model("open_clip:ViT-B-32/laion2b_s34b_b79k")
+
+
+@pytest.mark.parametrize("name,role", [
+    ("decoder.final_layer_norm.weight", "final_norm"), ("text_model.final_layer_norm.weight", "final_norm"),
+    ("model.norm.weight", "final_norm"), ("vision_model.post_layernorm.weight", "final_norm"),
+    ("layers.0.linear_attn.norm.weight", "aux"), ("layers.3.input_layernorm.weight", "norm"),
+    ("encoder.block.0.layer.0.layer_norm.weight", "norm"), ("encoder.layer.2.layernorm_before.weight", "norm"),
+    ("encoder.layer.0.output.LayerNorm.weight", "norm")])
+def test_norm_roles(name, role):
+    from terrain.models import classify
+    assert classify(name)[0] == role

@@ -135,8 +135,10 @@ def test_pickled_weights_never_run_code(tmp_path):
     assert not marker.exists()
 
 
-def test_pickled_plain_weights_are_read(tmp_path, capsys):
-    torch.save({"layers.0.self_attn.q_proj.weight": torch.ones(4, 3)}, tmp_path / "pytorch_model.bin")
+@pytest.mark.parametrize("zipfile", [True, False])  # False: the pre-zip format, which cannot be memory-mapped
+def test_pickled_plain_weights_are_read(tmp_path, capsys, zipfile):
+    torch.save({"layers.0.self_attn.q_proj.weight": torch.ones(4, 3)}, tmp_path / "pytorch_model.bin",
+               _use_new_zipfile_serialization=zipfile)
     src = open_weights(str(tmp_path))
     np.testing.assert_array_equal(src.read("layers.0.self_attn.q_proj.weight"), np.ones((4, 3), np.float32))
     assert "memory" in capsys.readouterr().err
