@@ -15,7 +15,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -161,14 +161,22 @@ def release_run_lock(out_dir: str) -> None:
         f.close()
 
 
-def save_checkpoint(path: str, payload: dict) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half file.
-    Only plain data is written (see `plain`), so the file loads with weights_only=True."""
+@contextmanager
+def replacing(path: str):
+    """Yields a temporary path beside `path` (.<name>.tmp) and renames it onto `path` when the
+    block ends: readers see the old file or the whole new one, never half of it."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    torch.save(plain(payload), tmp)
+    yield tmp
     os.replace(tmp, path)
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """torch.save, atomically. Only plain data is written (see `plain`), so the file loads with
+    weights_only=True."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with replacing(path) as tmp:
+        torch.save(plain(payload), tmp)
 
 
 def safe_load(path: str):
@@ -219,13 +227,11 @@ class CSVLog:
 
     def __init__(self, path: str, fields: list[str], rows: list[dict] | None = None):
         self.path, self.fields = path, fields
-        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with replacing(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(fields)
             for row in rows or []:
                 w.writerow([row.get(k, "") for k in fields])
-        os.replace(tmp, path)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
@@ -418,11 +424,7 @@ def check_data_matches(model_cfg: dict, series, where: str) -> None:
 
 def load_model(ckpt: dict, spec: ModelSpec, config_cls) -> torch.nn.Module:
     """The checkpoint's model; a checkpoint with missing or mismatched parts is one clear error."""
-    where = ckpt.get("path", "the checkpoint")
-    missing = [k for k in ("model_config", "model") if k not in ckpt]
-    if missing:
-        raise TrainingError(f"{where} lacks {', '.join(missing)}; it is incomplete or was not written by "
-                            f"this project's training")
+    where = ckpt.get("path", "the checkpoint")  # load_checkpoint has checked that its parts are there
     try:
         model = spec.build(config_cls(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
@@ -490,9 +492,8 @@ def _restore_best(out_dir: str, resume: dict) -> None:
     best = os.path.join(out_dir, "best.pt")
     if st["best_epoch"] == st["epoch"] and (not os.path.exists(best) or safe_load(best).get("epoch") != st["epoch"]):
         import shutil
-        tmp = os.path.join(out_dir, ".best.pt.tmp")
-        shutil.copyfile(resume["path"], tmp)
-        os.replace(tmp, best)
+        with replacing(best) as tmp:
+            shutil.copyfile(resume["path"], tmp)
 
 
 def train_main(args, spec: ModelSpec, given: set[str]) -> int:
@@ -612,10 +613,8 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
                "model_config": asdict(cfg)}
     if spec.final_metrics:
         metrics.update(spec.final_metrics(model, (val_loader, test_loader), device, amp))
-    tmp = os.path.join(out_dir, ".metrics.json.tmp")
-    with open(tmp, "w") as f:
+    with replacing(os.path.join(out_dir, "metrics.json")) as tmp, open(tmp, "w") as f:
         json.dump(metrics, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "metrics.json"))
     release_run_lock(out_dir)
     print(f"wrote {out_dir}/best.pt, last.pt, training_log.csv, metrics.json; figures " + ", ".join(written))
     return 0

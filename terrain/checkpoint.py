@@ -77,9 +77,6 @@ class SafetensorsWeights:
             self.dtypes[name] = dt
             self._where[name] = (shard, start + a, b - a)
 
-    def stored_dtype(self, name: str) -> str:
-        return self.dtypes[name]
-
     def read(self, name: str) -> np.ndarray:
         """The tensor as float32 (bfloat16 and float16 convert exactly)."""
         return self.read_rows(name, 0, self.entries[name][0] if self.entries[name] else 1)
@@ -128,9 +125,6 @@ class ModuleWeights:
     def __init__(self, module):
         self._params = dict(module.named_parameters())
         self.entries = {n: tuple(p.shape) for n, p in self._params.items()}
-
-    def stored_dtype(self, name: str) -> str:
-        return str(self._params[name].dtype).replace("torch.", "")
 
     def read(self, name: str) -> np.ndarray:
         return self._params[name].detach().float().cpu().numpy()
