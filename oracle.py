@@ -1,0 +1,528 @@
+"""The Bayes-optimal predictor of the circles generator: exact inference in its hidden semi-Markov chain.
+
+The generator's hidden state at a step is (circle c, steps k since the visit to c began). A
+visit lasts a whole number of laps m >= 1 of the circle's period P_c, with
+P(m) = P(round(d / P_c) = m), d ~ N(dwell_mean, dwell_std) (m = 1 also takes every d below
+1.5 P_c); at the end of a visit the next circle is drawn from the transition matrix. The
+observation is the circle's point at phase k mod P_c plus isotropic Gaussian noise. All of
+it is read from a data folder (data.npz + config.json), so the chain is the generator's own.
+
+The chain is expanded over states (c, k), k < M_c P_c, where M_c is the largest lap count
+with probability above 1e-15 (the dropped tail is below double precision). A step moves
+k -> k + 1 except at the end of lap m, where the visit ends with the discrete hazard
+P(m) / P(laps >= m) and the chain enters (c', 0). Forward filtering, the one-step
+predictive, and forward-backward smoothing with missing (masked) steps are computed
+exactly, vectorised over windows, in time linear in the window length and the number of
+states. A window's first state follows the chain's stationary law (time-stationary renewal:
+the embedded jump chain's stationary visit law times the dwell survival), which is what a
+window drawn far into the series sees; ``prior="start"`` instead starts a fresh visit of a
+uniformly drawn circle, as the generator does at step 0.
+
+The oracle sees exactly what a model sees: one window, with masked steps unobserved (masked
+task) or the steps before the scored one (next-step task). Its MSE against the noisy data is
+the best any predictor can reach on those windows; against the noise-free signal ("signal
+MSE") it is the reference a model's signal MSE is divided by.
+
+Usage:
+    python oracle.py --checkpoint runs/masked_rope/best.pt          # the windows that run is scored on
+    python oracle.py --data-dir data --task masked --seq-len 512 --mask-patch-min 8 --mask-patch-max 128
+    python oracle.py --data-dir data --task next --seq-len 512 --eval-warmup 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+GENERATOR_ARRAYS = ("planes", "radii", "entry_angles", "periods", "transition_matrix")
+GENERATOR_CONFIG = ("dwell_mean", "dwell_std")
+TAIL = 1e-15           # lap counts beyond this survival probability are dropped
+MIN_NOISE_STD = 1e-3   # noise-free data: the likelihood is taken with this std (float32 data)
+
+
+class OracleError(ValueError):
+    """A data folder or a window set the oracle cannot score; the message names the fix."""
+
+
+def _sf(z: np.ndarray) -> np.ndarray:
+    from scipy.special import ndtr
+    return ndtr(-z)
+
+
+def laps_pmf(period: int, dwell_mean: float, dwell_std: float) -> np.ndarray:
+    """P(laps = m) for m = 1..M, as the generator draws it: max(1, rint(N(mean, std) / period))."""
+    if dwell_std <= 0:
+        m = max(1, int(np.rint(dwell_mean / period)))
+        pmf = np.zeros(m)
+        pmf[-1] = 1.0
+        return pmf
+    m_hi = max(2, int(math.ceil((dwell_mean + 12 * dwell_std) / period)) + 2)
+    edges = (np.arange(1, m_hi + 1) + 0.5) * period        # laps = m  <=>  d in [(m - .5) P, (m + .5) P)
+    surv = _sf((edges - dwell_mean) / dwell_std)            # P(laps > m), m = 1..m_hi
+    pmf = np.concatenate(([1.0 - surv[0]], surv[:-1] - surv[1:]))
+    at_least = np.concatenate(([1.0], surv[:-1]))          # P(laps >= m)
+    keep = int(np.nonzero(at_least > TAIL)[0][-1]) + 1
+    pmf = pmf[:keep]
+    return pmf / pmf.sum()
+
+
+def stationary_visits(A: np.ndarray) -> np.ndarray:
+    """Stationary law of the embedded jump chain (left eigenvector of A for eigenvalue 1)."""
+    n = len(A)
+    M = np.vstack([A.T - np.eye(n), np.ones((1, n))])
+    b = np.zeros(n + 1)
+    b[-1] = 1.0
+    pi = np.linalg.lstsq(M, b, rcond=None)[0]
+    pi = np.clip(pi, 0, None)
+    return pi / pi.sum()
+
+
+@dataclass
+class Chain:
+    """The expanded chain over (circle, steps into the visit) and its observation model."""
+    periods: np.ndarray        # (C,)
+    points: np.ndarray         # (U, D) noise-free observation of (circle, phase); U = sum of periods
+    point_circle: np.ndarray   # (U,)
+    point_angle: np.ndarray    # (U,) angle on its circle
+    A: np.ndarray              # (C, C) transition matrix
+    noise_var: float           # per-dimension noise variance of the data
+    lik_var: float             # variance used in the likelihood (noise_var, floored)
+    offsets: np.ndarray        # (C + 1,) first state index of each circle
+    point_of: np.ndarray       # (S,) point index of each state
+    keep: np.ndarray           # (S,) probability of staying in the visit after this step
+    end_idx: np.ndarray        # (E,) states where a visit can end (lap ends)
+    end_haz: np.ndarray        # (E,) hazard there
+    end_circle: np.ndarray     # (E,)
+    stationary: np.ndarray     # (S,)
+    start: np.ndarray          # (S,) fresh visit of a uniform circle
+
+    @property
+    def n_states(self) -> int:
+        return len(self.keep)
+
+    @property
+    def n_circles(self) -> int:
+        return len(self.periods)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_parameters(cls, *, planes, radii, entry_angles, periods, transition_matrix, noise_var,
+                        dwell_mean, dwell_std) -> "Chain":
+        periods = np.asarray(periods, dtype=np.int64)
+        C = len(periods)
+        A = np.asarray(transition_matrix, dtype=np.float64)
+        pts, pc, pa, offsets, point_of, keep, ends, hz, ec, stat = [], [], [], [0], [], [], [], [], [], []
+        pi_v = stationary_visits(A)
+        u0 = 0
+        for c in range(C):
+            P = int(periods[c])
+            ang = np.mod(entry_angles[c] + 2 * np.pi * np.arange(P) / P, 2 * np.pi)
+            pts.append(radii[c] * (np.cos(ang)[:, None] * planes[c][0] + np.sin(ang)[:, None] * planes[c][1]))
+            pc.append(np.full(P, c))
+            pa.append(ang)
+            pmf = laps_pmf(P, dwell_mean, dwell_std)
+            M = len(pmf)
+            at_least = np.concatenate(([1.0], 1.0 - np.cumsum(pmf)[:-1]))
+            haz = np.where(at_least > 0, pmf / np.maximum(at_least, 1e-300), 1.0)
+            haz[-1] = 1.0
+            K = M * P
+            k = np.arange(K)
+            point_of.append(u0 + k % P)
+            kc = np.ones(K)
+            lap_end = k[k % P == P - 1]
+            kc[lap_end] = 1.0 - haz
+            keep.append(kc)
+            ends.append(offsets[-1] + lap_end)
+            hz.append(haz)
+            ec.append(np.full(M, c))
+            stat.append(pi_v[c] * np.repeat(at_least, P))
+            offsets.append(offsets[-1] + K)
+            u0 += P
+        offsets = np.asarray(offsets)
+        stationary = np.concatenate(stat)
+        start = np.zeros(offsets[-1])
+        start[offsets[:-1]] = 1.0 / C
+        keep = np.concatenate(keep)
+        keep[np.isclose(keep, 0.0, atol=1e-300)] = 0.0
+        return cls(periods=periods, points=np.concatenate(pts), point_circle=np.concatenate(pc),
+                   point_angle=np.concatenate(pa), A=A, noise_var=float(noise_var),
+                   lik_var=max(float(noise_var), MIN_NOISE_STD ** 2), offsets=offsets,
+                   point_of=np.concatenate(point_of), keep=keep, end_idx=np.concatenate(ends),
+                   end_haz=np.concatenate(hz), end_circle=np.concatenate(ec),
+                   stationary=stationary / stationary.sum(), start=start)
+
+    @classmethod
+    def from_series(cls, series) -> "Chain":
+        """The chain of a data folder loaded with dataset.load_series; one line when it cannot be built."""
+        missing = [k for k in GENERATOR_ARRAYS if k not in series.extra]
+        missing += [k for k in GENERATOR_CONFIG if k not in series.config]
+        if series.noise_var is None:
+            missing.append("noise_std")
+        if missing:
+            raise OracleError(
+                f"{series.data_dir} has no generator parameters ({', '.join(missing)} missing), so there is no "
+                f"Bayes-optimal reference for it; the oracle needs a folder written by markov_circles_timeseries.py")
+        e = series.extra
+        return cls.from_parameters(planes=e["planes"], radii=e["radii"], entry_angles=e["entry_angles"],
+                                   periods=e["periods"], transition_matrix=e["transition_matrix"],
+                                   noise_var=series.noise_var, dwell_mean=float(series.config["dwell_mean"]),
+                                   dwell_std=float(series.config["dwell_std"]))
+
+    def prior(self, kind: str = "stationary") -> np.ndarray:
+        if kind == "stationary":
+            return self.stationary
+        if kind == "start":
+            return self.start
+        raise ValueError(f"unknown prior {kind!r} (stationary or start)")
+
+    # ------------------------------------------------------------------ one step
+    def advance(self, a: np.ndarray) -> np.ndarray:
+        """Push state probabilities (B, S) one step through the chain."""
+        out = np.empty_like(a)
+        out[:, 0] = 0.0
+        np.multiply(a[:, :-1], self.keep[:-1], out=out[:, 1:])
+        enter = (a[:, self.end_idx] * self.end_haz) @ self._end_to_circle
+        out[:, self.offsets[:-1]] += enter @ self.A
+        return out
+
+    def retreat(self, b: np.ndarray) -> np.ndarray:
+        """The transpose of advance, for backward messages (B, S)."""
+        out = np.empty_like(b)
+        out[:, -1] = 0.0
+        np.multiply(b[:, 1:], self.keep[:-1], out=out[:, :-1])
+        enter = b[:, self.offsets[:-1]] @ self.A.T          # (B, C): value of leaving circle c
+        out[:, self.end_idx] += self.end_haz * enter[:, self.end_circle]
+        return out
+
+    @property
+    def _end_to_circle(self) -> np.ndarray:
+        m = getattr(self, "_etc", None)
+        if m is None:
+            m = np.zeros((len(self.end_idx), self.n_circles))
+            m[np.arange(len(self.end_idx)), self.end_circle] = 1.0
+            self._etc = m
+        return m
+
+    def point_likelihood(self, x: np.ndarray) -> np.ndarray:
+        """exp(log-likelihood - its max) of observations x (B, D) at every point: (B, U)."""
+        ll = (x @ self.points.T - 0.5 * self._point_sq) / self.lik_var
+        ll -= ll.max(axis=1, keepdims=True)
+        return np.exp(ll)
+
+    @property
+    def _point_sq(self) -> np.ndarray:
+        v = getattr(self, "_psq", None)
+        if v is None:
+            v = self._psq = (self.points ** 2).sum(1)
+        return v
+
+    def to_points(self, a: np.ndarray) -> np.ndarray:
+        """State probabilities (B, S) summed per (circle, phase) point: (B, U)."""
+        G = getattr(self, "_G", None)
+        if G is None:
+            from scipy.sparse import csr_matrix
+            S = self.n_states
+            G = self._G = csr_matrix((np.ones(S), (self.point_of, np.arange(S))), shape=(len(self.points), S))
+        return np.asarray(G @ a.T).T
+
+    def _condition(self, a: np.ndarray, lik_u: np.ndarray, rows: np.ndarray, x: np.ndarray) -> None:
+        """Multiply rows of a by their likelihood and renormalise, in place (log domain on underflow)."""
+        z = a[rows] * lik_u[:, self.point_of]
+        s = z.sum(1)
+        bad = ~(s > 0)
+        if bad.any():  # every state with prior mass is far less likely than the best point
+            ll = (x[bad] @ self.points.T - 0.5 * self._point_sq) / self.lik_var
+            with np.errstate(divide="ignore"):
+                la = np.log(a[rows[bad]]) + ll[:, self.point_of]
+            la -= la.max(1, keepdims=True)
+            z[bad] = np.exp(la)
+            s[bad] = z[bad].sum(1)
+        a[rows] = z / s[:, None]
+
+    # ------------------------------------------------------------------ inference over windows
+    def filter(self, X: np.ndarray, observed: np.ndarray | None = None, prior: str = "stationary",
+               on_step=None) -> None:
+        """Forward filtering over windows X (B, L, D). on_step(t, predicted, filtered) is called
+        with the state probabilities before and after observing step t."""
+        B, L, _ = X.shape
+        observed = np.ones((B, L), bool) if observed is None else observed
+        a = np.tile(self.prior(prior), (B, 1))
+        for t in range(L):
+            if t:
+                a = self.advance(a)
+            pred = a.copy() if on_step else None
+            rows = np.nonzero(observed[:, t])[0]
+            if len(rows):
+                self._condition(a, self.point_likelihood(X[rows, t]), rows, X[rows, t])
+            if on_step:
+                on_step(t, pred, a)
+
+    def smooth(self, X: np.ndarray, observed: np.ndarray, prior: str = "stationary") -> np.ndarray:
+        """Smoothing posteriors per (circle, phase) point: (B, L, U), given the observed steps only."""
+        B, L, _ = X.shape
+        S = self.n_states
+        alpha = np.empty((L, B, S))
+        liks = [None] * L
+
+        def keep_alpha(t, _pred, a):
+            alpha[t] = a
+
+        self.filter(X, observed, prior, keep_alpha)
+        post = np.empty((B, L, len(self.points)))
+        b = np.ones((B, S))
+        for t in range(L - 1, -1, -1):
+            g = self.to_points(alpha[t] * b)
+            post[:, t] = g / g.sum(1, keepdims=True)
+            if t == 0:
+                break
+            rows = np.nonzero(observed[:, t])[0]
+            if len(rows):
+                liks[t] = self.point_likelihood(X[rows, t])
+                b[rows] *= liks[t][:, self.point_of]
+            b = self.retreat(b)
+            b /= b.max(1, keepdims=True)
+        return post
+
+    def summarise(self, post_u: np.ndarray) -> dict:
+        """Mean observation, circle probabilities and mean (cos, sin) of the angle from point posteriors (..., U)."""
+        C = self.n_circles
+        onehot = np.eye(C)[self.point_circle]
+        return {"mean": post_u @ self.points, "circle": post_u @ onehot,
+                "cos": post_u @ np.cos(self.point_angle), "sin": post_u @ np.sin(self.point_angle)}
+
+
+# ----------------------------------------------------------------------------- predictions over windows
+
+def _batches(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def window_batch(chain: Chain, length: int, memory_mb: float = 512.0) -> int:
+    """Windows smoothed together so the stored forward messages stay within memory_mb."""
+    return max(1, int(memory_mb * 2 ** 20 // (8 * length * chain.n_states)))
+
+
+def masked_predictions(chain: Chain, X: np.ndarray, masks: np.ndarray, prior: str = "stationary",
+                       memory_mb: float = 512.0, progress: bool = False) -> np.ndarray:
+    """Posterior mean of every step of windows X (B, L, D) given their unmasked steps: (B, L, D)."""
+    out = np.empty(X.shape, dtype=np.float64)
+    size = window_batch(chain, X.shape[1], memory_mb)
+    for sl in _progress(list(_batches(len(X), size)), progress, "oracle (smoothing)"):
+        post = chain.smooth(X[sl].astype(np.float64), ~masks[sl], prior)
+        out[sl] = post @ chain.points
+    return out
+
+
+def next_step_predictions(chain: Chain, X: np.ndarray, prior: str = "stationary", batch: int = 64,
+                          progress: bool = False) -> np.ndarray:
+    """E[x_t | x_0..x_{t-1}] of every step of windows X (B, L, D) (step 0: the prior mean): (B, L, D)."""
+    out = np.empty(X.shape, dtype=np.float64)
+    for sl in _progress(list(_batches(len(X), batch)), progress, "oracle (filtering)"):
+        def record(t, pred, _a, sl=sl):
+            out[sl, t] = chain.to_points(pred) @ chain.points
+        chain.filter(X[sl].astype(np.float64), None, prior, record)
+    return out
+
+
+def beliefs(chain: Chain, X: np.ndarray, causal: bool, prior: str = "stationary", memory_mb: float = 512.0,
+            progress: bool = False) -> dict:
+    """The posterior belief per step of windows X (B, L, D) with every step observed: filtering
+    (causal=True: given steps up to and including t) or smoothing (given the whole window).
+    Returns circle probabilities (B, L, C), mean cos/sin of the angle (B, L), the posterior mean
+    of the signal (B, L, D) and, for causal=True, the one-step predictive mean of x_{t+1} (B, L, D)."""
+    B, L, D = X.shape
+    if causal:
+        U = len(chain.points)
+        post = np.empty((B, L, U))
+        nxt = np.empty((B, L, D))
+        for sl in _progress(list(_batches(B, 64)), progress, "oracle beliefs (filtering)"):
+            def record(t, _pred, a, sl=sl):
+                post[sl, t] = chain.to_points(a)
+                nxt[sl, t] = chain.to_points(chain.advance(a)) @ chain.points
+            chain.filter(X[sl].astype(np.float64), None, prior, record)
+        out = chain.summarise(post)
+        out["next_mean"] = nxt
+        return out
+    parts = []
+    for sl in _progress(list(_batches(B, window_batch(chain, L, memory_mb))), progress, "oracle beliefs (smoothing)"):
+        parts.append(chain.summarise(chain.smooth(X[sl].astype(np.float64), np.ones((sl.stop - sl.start, L), bool),
+                                                  prior)))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled or len(items) < 2:
+        return items
+    from tqdm.auto import tqdm
+    return tqdm(items, desc=desc, leave=False)
+
+
+# ----------------------------------------------------------------------------- scoring a model's windows
+
+def window_arrays(dataset, series) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(X, signal, masks) of every window of a dataset.WindowDataset, in its order."""
+    L = dataset.seq_len
+    idx = dataset.starts[:, None] + np.arange(L)
+    X = series.X[idx]
+    signal = series.signal[idx] if series.signal is not None else None
+    masks = np.stack([dataset.mask(i) for i in range(len(dataset))]) if len(dataset) else np.zeros((0, L), bool)
+    return X, signal, masks
+
+
+def scored_steps(task: str, dataset, masks: np.ndarray) -> np.ndarray:
+    """Which steps of each window a model is scored on: the masked ones, or those after the warm-up."""
+    if task == "masked":
+        return masks
+    if task == "next":
+        w = int(getattr(dataset, "eval_warmup", 0))
+        s = np.zeros_like(masks)
+        s[:, max(w, 1):] = True
+        return s
+    raise ValueError(f"unknown task {task!r} (masked or next)")
+
+
+def mse_on(pred: np.ndarray, target: np.ndarray, scored: np.ndarray) -> float:
+    """Mean squared error per element over the scored steps of every window."""
+    n = scored.sum() * target.shape[-1]
+    if n == 0:
+        return float("nan")
+    return float((((pred - target) ** 2).sum(-1) * scored).sum() / n)
+
+
+def score_dataset(chain: Chain, series, dataset, task: str, progress: bool = False,
+                  memory_mb: float = 512.0) -> dict:
+    """The oracle's MSE (against the data and the signal) on exactly the steps a model is scored on."""
+    X, signal, masks = window_arrays(dataset, series)
+    if task == "masked" and not masks.any():
+        raise OracleError("these windows have no masked steps; the masked task needs a mask configuration")
+    if task == "masked":
+        pred = masked_predictions(chain, X, masks, memory_mb=memory_mb, progress=progress)
+    else:
+        pred = next_step_predictions(chain, X, progress=progress)
+    scored = scored_steps(task, dataset, masks)
+    out = {"oracle_mse": mse_on(pred, X, scored), "n_windows": int(len(X)), "n_scored_steps": int(scored.sum())}
+    if signal is not None:
+        out["oracle_signal_mse"] = mse_on(pred, signal, scored)
+    return out
+
+
+def reference(series, datasets: dict, task: str, progress: bool = True) -> tuple[dict | None, str | None]:
+    """Oracle scores per split ({'val': {...}, 'test': {...}}), or (None, one-line reason)."""
+    try:
+        chain = Chain.from_series(series)
+    except OracleError as e:
+        return None, f"no oracle: {e}"
+    out = {}
+    for split in ("val", "test"):
+        if datasets.get(split) is not None:
+            out[split] = score_dataset(chain, series, datasets[split], task, progress=progress)
+    return out, None
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Score the Bayes-optimal predictor of the circles generator on the windows and masks a "
+                    "model is scored on. Give --checkpoint to take every data flag from a training run, or the "
+                    "flags themselves.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=None,
+                   help="a best.pt/last.pt of masked_model_gpu.py or mamba_next.py: its task, data folder, "
+                        "windows and masks are used (flags below then only override --data-dir)")
+    p.add_argument("--data-dir", default=None, help="folder with data.npz + config.json (default: data, or the "
+                                                    "checkpoint's)")
+    p.add_argument("--task", choices=("masked", "next"), default="masked",
+                   help="masked: posterior mean of masked steps given the rest of the window; next: "
+                        "E[x_t | earlier steps of the window] after the warm-up")
+    p.add_argument("--split", choices=("val", "test", "both"), default="both", help="which held-out block")
+    p.add_argument("--seq-len", type=int, default=512, help="window length (steps)")
+    p.add_argument("--val-frac", type=float, default=0.1, help="share of the series in the validation block")
+    p.add_argument("--test-frac", type=float, default=0.1, help="share of the series in the test block")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (fixes the evaluation masks)")
+    p.add_argument("--mask-ratio", type=float, default=0.15, help="masked task: fraction of steps masked")
+    p.add_argument("--mask-patch-size", type=int, default=16, help="masked task: fixed patch length")
+    p.add_argument("--mask-patch-min", type=int, default=None, help="masked task: stochastic patch minimum")
+    p.add_argument("--mask-patch-max", type=int, default=None, help="masked task: stochastic patch maximum")
+    p.add_argument("--eval-warmup", type=int, default=None,
+                   help="next task: steps of context before the first scored step (default: seq-len // 4)")
+    p.add_argument("--memory-mb", type=float, default=512.0, help="memory for the stored forward messages")
+    p.add_argument("--out", default=None, help="also write the scores to this JSON file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    return p
+
+
+def _data_args_from(args, given: set[str]) -> tuple[str, dict]:
+    if args.checkpoint:
+        from training import load_checkpoint
+        ckpt = load_checkpoint(args.checkpoint)
+        task = {"masked_transformer": "masked", "mamba_next": "next"}.get(ckpt.get("model_type"))
+        if task is None:
+            raise OracleError(f"{args.checkpoint} is a {ckpt.get('model_type')!r} checkpoint; the oracle scores "
+                              f"masked_model_gpu.py and mamba_next.py runs")
+        data = dict(ckpt["data"])
+        if "data_dir" in given:
+            data["data_dir"] = args.data_dir
+        return task, data
+    data = {k: getattr(args, k) for k in ("seq_len", "val_frac", "test_frac", "seed", "mask_ratio",
+                                          "mask_patch_size", "mask_patch_min", "mask_patch_max")}
+    data["data_dir"] = args.data_dir or "data"
+    data["stride"] = data["seq_len"]
+    w = args.eval_warmup
+    data["eval_warmup"] = data["seq_len"] // 4 if w is None else w
+    return args.task, data
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
+    try:
+        if args.out and os.path.exists(args.out) and not args.force:
+            raise OracleError(f"{args.out} exists; pass --force to overwrite it or choose another --out")
+        task, data = _data_args_from(args, given)
+        from dataset import load_series
+        series = load_series(data["data_dir"])
+        chain = Chain.from_series(series)
+        if task == "masked":
+            from masked_model_gpu import datasets_for
+        else:
+            from mamba_next import datasets_for
+        ds = datasets_for(series, data)
+        splits = ("val", "test") if args.split == "both" else (args.split,)
+        res = {"task": task, "data": data, "n_states": chain.n_states, "noise_floor": series.noise_var}
+        for split in splits:
+            if ds.get(split) is None:
+                raise OracleError(f"there is no {split} block (--test-frac 0?)")
+            t0 = time.perf_counter()
+            r = score_dataset(chain, series, ds[split], task, progress=True, memory_mb=args.memory_mb)
+            r["seconds"] = round(time.perf_counter() - t0, 2)
+            res[split] = r
+            sig = f", signal MSE {r['oracle_signal_mse']:.4f}" if "oracle_signal_mse" in r else ""
+            print(f"{split:4s}: oracle MSE {r['oracle_mse']:.4f} (noise floor {series.noise_var:.3f}){sig}  "
+                  f"[{r['n_windows']} windows, {r['n_scored_steps']} scored steps, {r['seconds']} s]")
+    except (OracleError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a checkpoint error from training.load_checkpoint
+        from training import TrainingError
+        if isinstance(e, TrainingError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    if args.out:
+        from training import replacing
+        with replacing(args.out) as tmp, open(tmp, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
