@@ -239,11 +239,13 @@ class WindowDataset:
     fixed=True: the mask of window i never changes (evaluation). fixed=False: masks depend
     on the epoch set with set_epoch (training). mask_cfg=None gives all-False masks.
     eval_warmup: steps of context a causal evaluation skips at the start of each window.
+    signal: the noise-free series (T, D) when the generator wrote it, for signal MSEs.
     """
 
     def __init__(self, X: np.ndarray, states: np.ndarray, starts: np.ndarray, seq_len: int,
-                 mask_cfg: MaskConfig | None = None, mask_seed: int = 0, fixed: bool = True, eval_warmup: int = 0):
-        self.X, self.states, self.starts = X, states, np.asarray(starts)
+                 mask_cfg: MaskConfig | None = None, mask_seed: int = 0, fixed: bool = True, eval_warmup: int = 0,
+                 signal: np.ndarray | None = None):
+        self.X, self.states, self.starts, self.signal = X, states, np.asarray(starts), signal
         self.seq_len, self.mask_cfg, self.mask_seed, self.fixed = seq_len, mask_cfg, mask_seed, fixed
         self.eval_warmup = eval_warmup
         self.epoch = 0
@@ -259,6 +261,12 @@ class WindowDataset:
             return np.zeros(self.seq_len, dtype=bool)
         key = [self.mask_seed, i] if self.fixed else [self.mask_seed, self.epoch, i]
         return patch_mask(self.seq_len, self.mask_cfg, np.random.default_rng(key))
+
+    def signal_windows(self, i0: int, i1: int) -> np.ndarray | None:
+        """The noise-free windows i0..i1-1 (B, L, D), or None without a signal."""
+        if self.signal is None:
+            return None
+        return self.signal[self.starts[i0:i1, None] + np.arange(self.seq_len)]
 
     def __getitem__(self, i: int):
         s = int(self.starts[i])
@@ -280,12 +288,13 @@ def build_datasets(series: Series, seq_len: int, stride: int, mask_cfg: MaskConf
     eval_stride = eval_stride or seq_len
     ss = np.random.SeedSequence(seed).spawn(3)
     mseed = [int(s.generate_state(1)[0]) for s in ss]
+    sig = series.signal
     train = WindowDataset(series.X, series.states, window_starts(splits.train, seq_len, stride),
-                          seq_len, mask_cfg, mseed[0], fixed=False)
+                          seq_len, mask_cfg, mseed[0], fixed=False, signal=sig)
     val = WindowDataset(series.X, series.states, window_starts(splits.val, seq_len, eval_stride, True),
-                        seq_len, mask_cfg, mseed[1], fixed=True)
+                        seq_len, mask_cfg, mseed[1], fixed=True, signal=sig)
     test = None
     if splits.test[1] > splits.test[0]:
         test = WindowDataset(series.X, series.states, window_starts(splits.test, seq_len, eval_stride, True),
-                             seq_len, mask_cfg, mseed[2], fixed=True)
+                             seq_len, mask_cfg, mseed[2], fixed=True, signal=sig)
     return {"train": train, "val": val, "test": test, "splits": splits}

@@ -172,15 +172,20 @@ def model_cfg(model) -> MambaConfig:
 
 
 @torch.no_grad()
-def horizon_mse(model, loader, device, amp, warmup: int) -> dict:
-    """Per-horizon MSE of x[t + h] for positions t >= warmup - 1 in each window."""
+def horizon_mse(model, loader, device, amp, warmup: int) -> tuple[dict, dict | None]:
+    """Per-horizon MSE of x[t + h] for positions t >= warmup - 1 in each window, against the
+    data and (when the data folder has the noise-free series; else None) against the signal."""
     from training import autocast
     model.eval()
     hs = model_cfg(model).horizons
-    sse = np.zeros(len(hs))
-    n = np.zeros(len(hs))
+    ds = loader.dataset
+    sse, ssig, n = np.zeros(len(hs)), np.zeros(len(hs)), np.zeros(len(hs))
+    i0 = 0
     for x, _, _ in loader:
         x = x.to(device)
+        sig = ds.signal_windows(i0, i0 + len(x))
+        sig = torch.as_tensor(sig, device=device) if sig is not None else None
+        i0 += len(x)
         with autocast(device, amp):
             preds = model(x, all_horizons=True)
         for i, (p, h) in enumerate(zip(preds, hs)):
@@ -190,7 +195,11 @@ def horizon_mse(model, loader, device, amp, warmup: int) -> dict:
             err = (p[:, a:-h].float() - x[:, a + h:].float()) ** 2
             sse[i] += err.sum().item()
             n[i] += err.numel()
-    return {h: float(s / max(c, 1)) for h, s, c in zip(hs, sse, n)}
+            if sig is not None:
+                ssig[i] += ((p[:, a:-h].float() - sig[:, a + h:].float()) ** 2).sum().item()
+    by_h = {h: float(s / max(c, 1)) for h, s, c in zip(hs, sse, n)}
+    sig_by_h = {h: float(s / max(c, 1)) for h, s, c in zip(hs, ssig, n)} if ds.signal is not None else None
+    return by_h, sig_by_h
 
 
 def make_spec():
@@ -199,13 +208,17 @@ def make_spec():
     from training import ModelSpec
 
     def evaluate(model, loader, device, amp):
-        return horizon_mse(model, loader, device, amp, loader.dataset.eval_warmup)[1]
+        by_h, sig = horizon_mse(model, loader, device, amp, loader.dataset.eval_warmup)
+        return {"mse": by_h[1], "signal_mse": sig[1] if sig else None}
 
     def final_metrics(model, loaders, device, amp):
-        val, test = loaders
-        out = {"val_mse_by_horizon": horizon_mse(model, val, device, amp, val.dataset.eval_warmup)}
-        if test is not None:
-            out["test_mse_by_horizon"] = horizon_mse(model, test, device, amp, test.dataset.eval_warmup)
+        out = {}
+        for name, loader in zip(("val", "test"), loaders):
+            if loader is not None:
+                by_h, sig = horizon_mse(model, loader, device, amp, loader.dataset.eval_warmup)
+                out[f"{name}_mse_by_horizon"] = by_h
+                if sig:
+                    out[f"{name}_signal_mse_by_horizon"] = sig
         return out
 
     return ModelSpec(
@@ -217,7 +230,8 @@ def make_spec():
                                f"horizons {c.horizons}"),
         run_name=lambda a: f"h{a.max_horizon}" + ("_gate0" if a.gate_lr_factor == 0 else "")
         + ("_freezeA" if a.freeze_A else ""),
-        final_metrics=final_metrics, plot_title=lambda c: f"Mamba next-step model ({c.n_layers} layers)")
+        final_metrics=final_metrics, plot_title=lambda c: f"Mamba next-step model ({c.n_layers} layers)",
+        task="next")
 
 
 def datasets_for(series, data_args: dict):
@@ -368,6 +382,10 @@ def generate_recompute(model: MambaNext, seed_window: torch.Tensor, gen_len: int
     return np.stack(out)
 
 
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def run_generate(args) -> int:
     import matplotlib
     matplotlib.use("Agg")
@@ -410,11 +428,26 @@ def run_generate(args) -> int:
               "temperature": args.temperature, "perturbation": pert.__dict__ | {"layers": list(layers)},
               "seconds": secs, "steps_per_second": args.gen_len / secs,
               "noise_floor": series.noise_var}
+    import oracle
+    try:
+        chain = oracle.Chain.from_series(series)
+    except oracle.OracleError as e:
+        chain = None
+        print(f"no oracle: {e}")
+    ref = oracle.forecast(chain, series.X[start:start + args.seed_len], args.gen_len) if chain else None
     for n in (1, 8, 16, 64, 256):
         if n <= args.gen_len:
             report[f"mse_first_{n}"] = float(err[:n].mean())
             if clean is not None:
                 report[f"mse_to_signal_first_{n}"] = float(((gen[:n] - clean[:n]) ** 2).mean())
+            if ref is not None:  # the Bayes-optimal open-loop forecast from the same seed
+                report[f"oracle_mse_first_{n}"] = float(((ref[:n] - truth[:n]) ** 2).mean())
+                if clean is not None:
+                    report[f"oracle_mse_to_signal_first_{n}"] = float(((ref[:n] - clean[:n]) ** 2).mean())
+    if chain is not None:
+        dm, ds_ = float(series.config["dwell_mean"]), float(series.config["dwell_std"])
+        report["process"] = {"generated": oracle.process_statistics(chain, gen, dm, ds_),
+                             "true_continuation": oracle.process_statistics(chain, truth, dm, ds_)}
     if "planes" in series.extra and "radii" in series.extra:
         decoded = nearest_circle(gen, series.extra["planes"], series.extra["radii"])
         report["decoded_matches_true_circle"] = float(np.mean(decoded == series.states[start + args.seed_len:end]))
@@ -443,7 +476,10 @@ def run_generate(args) -> int:
     axes[2].set_ylabel("true continuation")
     axes[3].imshow(gen.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     axes[3].set_ylabel("generated")
-    axes[4].plot(err, lw=0.8)
+    axes[4].plot(err, lw=0.8, label="generated")
+    if ref is not None:
+        axes[4].plot(((ref - truth) ** 2).mean(1), lw=0.8, color="tab:red", alpha=0.8,
+                     label="oracle forecast from the same seed")
     if series.noise_var:
         axes[4].axhline(series.noise_var, color="k", ls="--", lw=1, label="noise floor")
     if kind != "none":
@@ -451,14 +487,20 @@ def run_generate(args) -> int:
             if pert.active(t) and not pert.active(t - 1):
                 axes[4].axvspan(t, t + pert.duration, color="red", alpha=0.15)
     axes[4].set_ylabel("sq. error")
+    axes[4].legend(loc="upper right", fontsize=8)
     axes[4].set_xlabel("generated step")
     axes[0].set_title(f"Generation from a {args.seed_len}-step held-out seed at step {start} "
                       f"(temperature {args.temperature}, perturbation: {kind})")
     p = os.path.join(plots_dir, f"{tag}.png")
     fig.savefig(p, dpi=100, bbox_inches="tight")
     plt.close(fig)
+    orc = (f"; oracle forecast {report['oracle_mse_first_16']:.2f}" if "oracle_mse_first_16" in report else "")
     print(f"generated {args.gen_len} steps in {secs:.2f} s ({args.gen_len / secs:.0f} steps/s); "
-          f"MSE first 16: {report.get('mse_first_16', float('nan')):.2f} (noise floor {series.noise_var})")
+          f"MSE first 16: {report.get('mse_first_16', float('nan')):.2f} (noise floor {series.noise_var}{orc})")
+    for name, st in report.get("process", {}).items():
+        print(f"{name:17s} decoded by the oracle: {st['n_visits']} visits, dwell KS {_fmt(st['dwell_ks'])}, "
+              f"transition TV {_fmt(st['transition_tv'])}, occupancy TV {st['occupancy_tv']:.2f}, "
+              f"angular speed x{_fmt(st['angular_speed_ratio_median'])} of the true")
     print(f"wrote {out_dir}/{tag}.npy, {tag}.json, {p}")
     return 0
 

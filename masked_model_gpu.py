@@ -224,10 +224,14 @@ def count_parameters(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate_mse(model, loader, device, amp: bool) -> float:
+def evaluate_mse(model, loader, device, amp: bool) -> dict:
+    """Masked-step MSE against the data ("mse") and, when the data folder has the noise-free
+    series, against the signal ("signal_mse", else None)."""
     from training import autocast
     model.eval()
-    sse, n = 0.0, 0
+    ds = loader.dataset
+    sse = ssig = 0.0
+    n, i0 = 0, 0
     for x, _, m in loader:
         x, m = x.to(device, non_blocking=True), m.to(device, non_blocking=True)
         with autocast(device, amp):
@@ -235,7 +239,11 @@ def evaluate_mse(model, loader, device, amp: bool) -> float:
         s, c = masked_mse(pred, x, m)
         sse += s.item()
         n += c.item()
-    return sse / max(n, 1)
+        sig = ds.signal_windows(i0, i0 + len(x))
+        if sig is not None:
+            ssig += masked_mse(pred, torch.as_tensor(sig, device=device), m)[0].item()
+        i0 += len(x)
+    return {"mse": sse / max(n, 1), "signal_mse": ssig / max(n, 1) if ds.signal is not None else None}
 
 
 @torch.no_grad()

@@ -357,6 +357,113 @@ def beliefs(chain: Chain, X: np.ndarray, causal: bool, prior: str = "stationary"
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def forecast(chain: Chain, seed: np.ndarray, n: int, prior: str = "stationary") -> np.ndarray:
+    """E[x_{T+j} | seed window x_0..x_{T-1}] for j = 0..n-1: the Bayes-optimal open-loop
+    continuation, to set beside a model's generation from the same seed: (n, D)."""
+    last = {}
+    chain.filter(seed[None].astype(np.float64), None, prior, lambda t, _p, a: last.__setitem__("a", a))
+    a = last["a"]
+    out = np.empty((n, chain.points.shape[1]))
+    for j in range(n):
+        a = chain.advance(a)
+        out[j] = (chain.to_points(a) @ chain.points)[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- a series against the process
+
+def decode(chain: Chain, X: np.ndarray, prior: str = "stationary") -> tuple[np.ndarray, np.ndarray]:
+    """Filtered circle per step (argmax of the filtering posterior) and its probability, of one series (T, D)."""
+    circ = np.empty(len(X), dtype=np.int64)
+    conf = np.empty(len(X))
+
+    def record(t, _pred, a):
+        c = chain.to_points(a) @ np.eye(chain.n_circles)[chain.point_circle]
+        circ[t], conf[t] = c[0].argmax(), c[0].max()
+
+    chain.filter(X[None].astype(np.float64), None, prior, record)
+    return circ, conf
+
+
+def runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(label, length) of each maximal run of equal labels."""
+    if len(labels) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cut = np.flatnonzero(np.diff(labels)) + 1
+    starts = np.concatenate(([0], cut))
+    return labels[starts], np.diff(np.concatenate((starts, [len(labels)])))
+
+
+def dwell_cdf(chain: Chain, circle: int, d: np.ndarray, dwell_mean: float, dwell_std: float) -> np.ndarray:
+    """P(dwell <= d) on a circle under the generator (dwell = laps x period)."""
+    P = int(chain.periods[circle])
+    cdf = np.cumsum(laps_pmf(P, dwell_mean, dwell_std))
+    laps = np.floor(np.asarray(d) / P).astype(int)
+    return np.where(laps < 1, 0.0, cdf[np.clip(laps, 1, len(cdf)) - 1])
+
+
+def process_statistics(chain: Chain, X: np.ndarray, dwell_mean: float, dwell_std: float) -> dict:
+    """Decode a series with the oracle's filter and compare its process with the generator's.
+
+    Dwell: KS distance between the decoded complete visits (first and last run dropped) and the
+    generator's dwell law of the same circles; transitions: total variation per row of the
+    decoded transition matrix against the true row (rows with at least one decoded exit),
+    averaged with the exits as weights; occupancy: total variation against the stationary
+    share; angular speed: the least-squares slope of the unwrapped angle in each circle's own
+    plane over each decoded visit (visits weighted by length), as a ratio to the true 2 pi / period."""
+    circ, conf = decode(chain, X)
+    lab, length = runs(circ)
+    C = chain.n_circles
+    out: dict = {"n_steps": int(len(X)), "mean_confidence": float(conf.mean()), "n_visits": int(len(lab))}
+    full_lab, full_len = lab[1:-1], length[1:-1]
+    if len(full_len):
+        v = np.unique(full_len)  # dwells are whole steps: compare both one-sided limits at each value
+        le = np.searchsorted(np.sort(full_len), v, side="right") / len(full_len)
+        lt = np.searchsorted(np.sort(full_len), v, side="left") / len(full_len)
+        model_le = np.mean([dwell_cdf(chain, c, v, dwell_mean, dwell_std) for c in full_lab], axis=0)
+        model_lt = np.mean([dwell_cdf(chain, c, v - 1, dwell_mean, dwell_std) for c in full_lab], axis=0)
+        out["dwell_ks"] = float(max(np.abs(le - model_le).max(), np.abs(lt - model_lt).max()))
+        out["dwell_mean"] = float(full_len.mean())
+    else:
+        out["dwell_ks"], out["dwell_mean"] = None, None
+    counts = np.zeros((C, C))
+    np.add.at(counts, (lab[:-1], lab[1:]), 1)
+    exits = counts.sum(1)
+    rows = exits > 0
+    if rows.any():
+        tv = 0.5 * np.abs(counts[rows] / exits[rows, None] - chain.A[rows]).sum(1)
+        out["transition_tv"] = float((tv * exits[rows]).sum() / exits[rows].sum())
+        out["transition_tv_per_row"] = {int(c): float(v) for c, v in zip(np.flatnonzero(rows), tv)}
+    else:
+        out["transition_tv"], out["transition_tv_per_row"] = None, {}
+    share = np.bincount(circ, minlength=C) / len(circ)
+    stat_share = np.add.reduceat(chain.stationary, chain.offsets[:-1])
+    out["occupancy"] = share.tolist()
+    out["occupancy_tv"] = float(0.5 * np.abs(share - stat_share).sum())
+    speed = {}
+    e = chain.point_circle
+    starts = np.concatenate(([0], np.cumsum(length)[:-1]))
+    for c in range(C):
+        first = chain.points[e == c][0]
+        u = first / np.linalg.norm(first)
+        second = chain.points[e == c][1 % int(chain.periods[c])]
+        v = second - (second @ u) * u
+        v /= max(np.linalg.norm(v), 1e-12)
+        num = den = 0.0
+        for s0, n in zip(starts[lab == c], length[lab == c]):
+            if n < 4:
+                continue
+            seg = X[s0:s0 + n]
+            ang = np.unwrap(np.arctan2(seg @ v, seg @ u))
+            num += n * np.polyfit(np.arange(n), ang, 1)[0]  # least-squares angle per step, weighted by length
+            den += n
+        if den:
+            speed[int(c)] = float(num / den / (2 * np.pi / chain.periods[c]))
+    out["angular_speed_ratio"] = speed
+    out["angular_speed_ratio_median"] = float(np.median(list(speed.values()))) if speed else None
+    return out
+
+
 def _progress(items, enabled: bool, desc: str):
     if not enabled or len(items) < 2:
         return items

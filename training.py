@@ -215,10 +215,54 @@ def load_checkpoint(path: str, model_type: str | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- reporting
 
-def floor_note(mse: float, floor: float | None) -> str:
+def floor_note(mse: float, floor: float | None, oracle: float | None = None) -> str:
+    """An MSE beside the noise floor and, when known, the Bayes-optimal predictor's MSE on the same steps."""
     if floor is None or not floor > 0:
         return f"{mse:.4f}"
-    return f"{mse:.4f} (noise floor {floor:.3f}, {100 * (mse / floor - 1):+.1f}%)"
+    ref = f"; oracle {oracle:.3f}" if oracle is not None else ""
+    return f"{mse:.4f} (noise floor {floor:.3f}, {100 * (mse / floor - 1):+.1f}%{ref})"
+
+
+def signal_note(signal_mse: float | None, oracle_signal: float | None) -> str:
+    """'signal MSE 0.41 = 6.2x the oracle's 0.066' (empty without a noise-free signal)."""
+    if signal_mse is None:
+        return ""
+    if not oracle_signal:
+        return f"signal MSE {signal_mse:.4f}"
+    return f"signal MSE {signal_mse:.4f} = {signal_mse / oracle_signal:.2f}x the oracle's {oracle_signal:.4f}"
+
+
+def as_scores(result) -> dict:
+    """An evaluate() result as {'mse': ..., 'signal_mse': ... or None} (a bare float is the MSE)."""
+    if isinstance(result, dict):
+        return {"mse": float(result["mse"]), "signal_mse": result.get("signal_mse")}
+    return {"mse": float(result), "signal_mse": None}
+
+
+def oracle_reference(series, datasets: dict, task: str) -> dict:
+    """The oracle's scores on the validation and test windows ({} with a one-line note when the
+    data folder has no generator parameters)."""
+    import oracle
+    ref, note = oracle.reference(series, datasets, task)
+    if note:
+        print(note)
+        return {}
+    for split, r in ref.items():
+        print(f"oracle on the {split} windows: MSE {r['oracle_mse']:.4f}"
+              + (f", signal MSE {r['oracle_signal_mse']:.4f}" if "oracle_signal_mse" in r else ""))
+    return ref
+
+
+def reference_metrics(prefix: str, scores: dict, ref: dict | None) -> dict:
+    """metrics.json entries for one split: the model's signal MSE, the oracle's MSEs, their ratio."""
+    out = {f"{prefix}_signal_mse": scores["signal_mse"]}
+    if ref:
+        out[f"{prefix}_oracle_mse"] = ref["oracle_mse"]
+        osig = ref.get("oracle_signal_mse")
+        out[f"{prefix}_oracle_signal_mse"] = osig
+        out[f"{prefix}_signal_over_oracle"] = (scores["signal_mse"] / osig
+                                               if scores["signal_mse"] is not None and osig else None)
+    return out
 
 
 class CSVLog:
@@ -242,26 +286,49 @@ class CSVLog:
             return list(csv.DictReader(f))
 
 
-def plot_loss_curve(rows: list[dict], floor: float | None, path: str, title: str) -> str:
+def plot_loss_curve(rows: list[dict], floor: float | None, path: str, title: str,
+                    oracle: dict | None = None) -> str:
+    """Loss and validation MSE per epoch beside the noise floor and the oracle's validation MSE;
+    a second panel with the validation signal MSE against the oracle's when the signal is known."""
     import matplotlib.pyplot as plt
 
     def col(name):
         return np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows])
 
     ep = col("epoch")
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    sig = col("val_signal_mse") if rows and "val_signal_mse" in rows[0] else np.array([np.nan])
+    two = bool(np.isfinite(sig).any())
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(14 if two else 8, 4.5), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(ep, col("train_loss"), label="train loss (masked MSE, dropout on)", lw=1)
     if np.isfinite(col("train_eval_mse")).any():
         ax.plot(ep, col("train_eval_mse"), label="train MSE (fixed masks, eval mode)", lw=1)
     ax.plot(ep, col("val_mse"), label="validation MSE (fixed masks)", lw=2)
     if floor:
         ax.axhline(floor, color="k", ls="--", lw=1, label=f"noise floor {floor:.2f}")
+    if oracle and oracle.get("oracle_mse") is not None:
+        ax.axhline(oracle["oracle_mse"], color="tab:red", ls=":", lw=1.5,
+                   label=f"oracle (Bayes-optimal) on validation {oracle['oracle_mse']:.3f}")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("MSE per dimension")
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3, which="both")
+    if two:
+        ax = axes[0, 1]
+        ax.plot(ep, sig, lw=2, color="tab:green", label="validation signal MSE (vs noise-free series)")
+        if oracle and oracle.get("oracle_signal_mse"):
+            ax.axhline(oracle["oracle_signal_mse"], color="tab:red", ls=":", lw=1.5,
+                       label=f"oracle signal MSE {oracle['oracle_signal_mse']:.3f}")
+            ax.axhline(2 * oracle["oracle_signal_mse"], color="tab:red", ls=":", lw=0.8, alpha=0.5,
+                       label="2x oracle")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("signal MSE per dimension")
+        ax.set_title("Distance to the Bayes-optimal predictor")
+        ax.legend()
+        ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -309,11 +376,13 @@ def fit(*, model: torch.nn.Module, train_model: torch.nn.Module, optimizer, sche
         out_dir: str, checkpoint_payload: Callable[[FitState], dict], state: FitState,
         noise_floor: float | None, clip: float = 1.0, time_budget_min: float | None = None,
         train_eval: Callable | None = None, log: CSVLog,
-        extra_checkpoint: str | None = None, stop_after: int | None = None) -> FitState:
+        extra_checkpoint: str | None = None, stop_after: int | None = None,
+        oracle: dict | None = None) -> FitState:
     """Run epochs state.epoch .. epochs-1: train, evaluate, log, checkpoint (last + best).
 
-    batch_loss(train_model, batch) -> scalar loss; evaluate(model) -> validation MSE;
-    train_eval(model) -> MSE on training windows with fixed masks (optional).
+    batch_loss(train_model, batch) -> scalar loss; evaluate(model) -> validation MSE, or a dict
+    with "mse" and "signal_mse"; train_eval(model) -> the same on training windows with fixed
+    masks (optional). oracle: the oracle's scores on the validation windows, for the printout.
     A NaN or infinite loss stops with TrainingError before anything is overwritten.
     stop_after: leave (resumably) after this many epochs of this call.
     """
@@ -348,10 +417,12 @@ def fit(*, model: torch.nn.Module, train_model: torch.nn.Module, optimizer, sche
                 state.stopped_early = f"time budget of {time_budget_min} min reached in epoch {epoch + 1}"
                 break
         train_time = time.perf_counter() - t0
-        val = evaluate(model)
-        tr = train_eval(model) if train_eval else float("nan")
+        scores = as_scores(evaluate(model))
+        val = scores["mse"]
+        tr = as_scores(train_eval(model))["mse"] if train_eval else float("nan")
         row = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
                "train_loss": total / max(count, 1), "train_eval_mse": tr, "val_mse": val,
+               "val_signal_mse": "" if scores["signal_mse"] is None else scores["signal_mse"],
                "noise_floor": noise_floor if noise_floor else "", "epoch_seconds": round(train_time, 3),
                "elapsed_seconds": round(time.perf_counter() - t_start, 3)}
         log.write(row)
@@ -368,8 +439,11 @@ def fit(*, model: torch.nn.Module, train_model: torch.nn.Module, optimizer, sche
             save_checkpoint(os.path.join(out_dir, "best.pt"), payload)
             if extra_checkpoint:
                 save_checkpoint(extra_checkpoint, payload)
+        osig = (oracle or {}).get("oracle_signal_mse")
+        sig = (f"  signal {scores['signal_mse']:.3f}" + (f" ({scores['signal_mse'] / osig:.1f}x oracle)" if osig else "")
+               if scores["signal_mse"] is not None else "")
         tqdm.write(f"epoch {epoch + 1:4d}  train {total / max(count, 1):.4f}  "
-                   f"val {floor_note(val, noise_floor)}{'  *' if improved else ''}  "
+                   f"val {floor_note(val, noise_floor)}{sig}{'  *' if improved else ''}  "
                    f"({train_time:.1f} s)", file=sys.stdout)
         if state.stopped_early:
             tqdm.write(f"stopping: {state.stopped_early}; continue with --resume {out_dir}/last.pt")
@@ -403,6 +477,7 @@ class ModelSpec:
     run_name: Callable = lambda args: ""  # suffix of the default run folder
     final_metrics: Callable | None = None  # (model, loaders, device, amp) -> dict of extra numbers
     plot_title: Callable = lambda cfg: ""
+    task: str = "masked"               # what the oracle predicts: masked steps, or the next step
 
 
 def make_loaders(ds: dict, batch_size: int, workers: int, device: torch.device, seed: int):
@@ -557,6 +632,7 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     print(f"data: {series.n_steps} steps of {series.dim}-D; train {sp.train}, val {sp.val}, test {sp.test} "
           f"(gaps {sp.gap}); {len(ds['train'])} training windows of {args.seq_len} (stride {args.stride}), "
           f"{steps_per_epoch} steps/epoch; noise floor {floor}")
+    ref = oracle_reference(series, ds, spec.task)
     os.makedirs(out_dir, exist_ok=True)
     run_lock(out_dir)  # held until the process ends; a second run into this folder refuses
     if resume:
@@ -565,8 +641,8 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
         if stale.startswith(".") and stale.endswith(".tmp"):
             os.remove(os.path.join(out_dir, stale))
     log = CSVLog(os.path.join(out_dir, "training_log.csv"),
-                 ["epoch", "step", "lr", "train_loss", "train_eval_mse", "val_mse", "noise_floor",
-                  "epoch_seconds", "elapsed_seconds"], rows=state.history if resume else None)
+                 ["epoch", "step", "lr", "train_loss", "train_eval_mse", "val_mse", "val_signal_mse",
+                  "noise_floor", "epoch_seconds", "elapsed_seconds"], rows=state.history if resume else None)
     with open(os.path.join(out_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
 
@@ -576,7 +652,7 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
         tr = ds["train"]
         sub = tr.starts[np.linspace(0, len(tr) - 1, min(len(tr), max(len(ds["val"]), 1))).round().astype(int)]
         fixed = WindowDataset(tr.X, tr.states, sub, tr.seq_len, tr.mask_cfg, tr.mask_seed + 7, fixed=True,
-                              eval_warmup=tr.eval_warmup)
+                              eval_warmup=tr.eval_warmup, signal=tr.signal)
         te_loader = DataLoader(fixed, batch_size=args.batch_size)
         train_eval = lambda m: spec.evaluate(m, te_loader, device, amp)  # noqa: E731
 
@@ -594,20 +670,20 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
                 evaluate=lambda m: spec.evaluate(m, val_loader, device, amp), epochs=args.epochs,
                 out_dir=out_dir, checkpoint_payload=payload, state=state, noise_floor=floor,
                 clip=args.grad_clip, time_budget_min=args.time_budget, train_eval=train_eval, log=log,
-                extra_checkpoint=args.checkpoint, stop_after=args.stop_after)
+                extra_checkpoint=args.checkpoint, stop_after=args.stop_after, oracle=ref.get("val"))
     train_seconds = time.perf_counter() - t0
 
     best = load_checkpoint(os.path.join(out_dir, "best.pt"), spec.model_type)
     model.load_state_dict(best["model"])
-    val = spec.evaluate(model, val_loader, device, amp)
-    test = spec.evaluate(model, test_loader, device, amp) if test_loader else float("nan")
-    print(f"best epoch {state.best_epoch}: validation MSE {floor_note(val, floor)}")
-    print(f"                 test MSE {floor_note(test, floor)}")
+    scores = score_splits(spec, model, (val_loader, test_loader), device, amp, floor, ref,
+                          f"best epoch {state.best_epoch}: ")
     import matplotlib
     matplotlib.use("Agg")
-    written = [plot_loss_curve(log.read(), floor, os.path.join(plots_dir, "training_loss.png"), spec.plot_title(cfg))]
+    written = [plot_loss_curve(log.read(), floor, os.path.join(plots_dir, "training_loss.png"), spec.plot_title(cfg),
+                               ref.get("val"))]
     written += spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
-    metrics = {"best_epoch": state.best_epoch, "epochs_run": state.epoch, "val_mse": val, "test_mse": test,
+    test = scores["test_mse"]
+    metrics = {"best_epoch": state.best_epoch, "epochs_run": state.epoch, **scores,
                "noise_floor": floor, "test_over_floor": test / floor if floor else None, "n_parameters": n_params,
                "train_seconds": train_seconds, "steps": state.step, "stopped_early": state.stopped_early,
                "model_config": asdict(cfg)}
@@ -618,6 +694,24 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     release_run_lock(out_dir)
     print(f"wrote {out_dir}/best.pt, last.pt, training_log.csv, metrics.json; figures " + ", ".join(written))
     return 0
+
+
+def score_splits(spec: ModelSpec, model, loaders, device, amp, floor, ref: dict, lead: str = "") -> dict:
+    """Validation and test MSE, signal MSE and the oracle's, printed and returned for metrics.json."""
+    out: dict[str, Any] = {}
+    pad = " " * len(lead)
+    for (name, label), loader in zip((("val", "validation"), ("test", "test")), loaders):
+        sc = as_scores(spec.evaluate(model, loader, device, amp)) if loader is not None \
+            else {"mse": float("nan"), "signal_mse": None}
+        r = ref.get(name) or {}
+        out[f"{name}_mse"] = sc["mse"]
+        out.update(reference_metrics(name, sc, r))
+        note = signal_note(sc["signal_mse"], r.get("oracle_signal_mse"))
+        print(f"{lead if name == 'val' else pad}{label + ' MSE':15s}{floor_note(sc['mse'], floor, r.get('oracle_mse'))}"
+              + (f"; {note}" if note else ""))
+    if ref:
+        out["oracle"] = ref
+    return out
 
 
 def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) -> int:
@@ -638,17 +732,15 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     _, val_loader, test_loader = make_loaders(ds, args.batch_size, 0, device, 0)
     amp = device.type == "cuda" and not args.no_amp
     floor = series.noise_var
-    val = spec.evaluate(model, val_loader, device, amp)
-    test = spec.evaluate(model, test_loader, device, amp) if test_loader else float("nan")
     print(f"checkpoint {ckpt['path']} (epoch {ckpt['epoch']}; {spec.describe(model, model.cfg)})")
-    print(f"validation MSE {floor_note(val, floor)}")
-    print(f"test MSE       {floor_note(test, floor)}")
+    ref = oracle_reference(series, ds, spec.task)
+    scores = score_splits(spec, model, (val_loader, test_loader), device, amp, floor, ref)
     plots_dir = args.plots_dir or os.path.join(os.path.dirname(ckpt["path"]), "plots")
     os.makedirs(plots_dir, exist_ok=True)
     import matplotlib
     matplotlib.use("Agg")
     paths = spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
-    res: dict[str, Any] = {"checkpoint": ckpt["path"], "val_mse": val, "test_mse": test, "noise_floor": floor}
+    res: dict[str, Any] = {"checkpoint": ckpt["path"], **scores, "noise_floor": floor}
     if spec.final_metrics:
         res.update(spec.final_metrics(model, (val_loader, test_loader), device, amp))
     jp = os.path.join(plots_dir, "eval_metrics.json")

@@ -168,6 +168,9 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["val_mse_by_horizon"]) == {"1", "2", "4"}
     assert metrics["noise_floor"] == pytest.approx(2.83 ** 2)
+    assert metrics["val_oracle_mse"] <= metrics["val_mse"]
+    assert metrics["val_oracle_signal_mse"] < metrics["val_signal_mse"] == pytest.approx(
+        metrics["val_signal_mse_by_horizon"]["1"])
     assert (run / "plots" / "mamba_prediction_0.png").exists()
     assert main(["generate", "--checkpoint", str(run / "best.pt"), "--gen-len", "40", "--seed-len", "16",
                  "--perturb-hidden", "--perturb-interval", "10", "--perturb-duration", "2"]) == 0
@@ -175,6 +178,8 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, capsys):
     assert gen.shape == (40, 20) and np.isfinite(gen).all()
     rep = json.loads((run / "generate" / "gen_hidden.json").read_text())
     assert "mse_first_16" in rep and "decoded_matches_true_circle" in rep
+    assert rep["oracle_mse_to_signal_first_16"] < rep["mse_to_signal_first_16"]
+    assert set(rep["process"]) == {"generated", "true_continuation"}
     assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "3", "--plot-samples", "1"]) == 0
     summary = json.loads((run / "gates" / "gates_summary.json").read_text())
     assert len(summary["mean_delta"]) == 2 and all(d > 0 for d in summary["mean_delta"])

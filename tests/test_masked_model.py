@@ -145,6 +145,16 @@ def test_training_resume_and_eval(small_data_dir, tmp_path, capsys):
     assert len(log) == 4 and "noise_floor" in log[0]
     metrics = json.loads((a / "metrics.json").read_text())
     assert metrics["noise_floor"] == pytest.approx(2.83 ** 2)
+    # the Bayes-optimal predictor on the same windows and masks is not beaten by a 3-epoch model,
+    # against the data or against the noise-free signal; the ratio is the model's over the oracle's
+    for split in ("val", "test"):
+        assert metrics[f"{split}_oracle_mse"] <= metrics[f"{split}_mse"]
+        assert metrics[f"{split}_oracle_signal_mse"] < metrics[f"{split}_signal_mse"]
+        assert metrics[f"{split}_signal_over_oracle"] == pytest.approx(
+            metrics[f"{split}_signal_mse"] / metrics[f"{split}_oracle_signal_mse"])
+    # a model's signal MSE and data MSE differ by the noise on the scored steps (E = noise var)
+    assert abs(metrics["val_mse"] - metrics["val_signal_mse"] - 2.83 ** 2) < 1.5
+    assert "oracle on the val windows" in capsys.readouterr().out
     for f in ("best.pt", "last.pt", "plots/training_loss.png", "plots/bert_prediction_0.png"):
         assert (a / f).exists()
     ckpt = torch.load(a / "last.pt", weights_only=True)

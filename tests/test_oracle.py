@@ -209,3 +209,45 @@ def test_cli_writes_json_and_refuses_to_overwrite(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert oracle.main(args + ["--force"]) == 0
     assert os.path.exists(out)
+
+
+def test_forecast_starts_with_the_one_step_predictive(tiny):
+    _, chain, X = tiny
+    f = oracle.forecast(chain, X[:6], 3)
+    nxt = oracle.next_step_predictions(chain, X[None, :7])[0]
+    np.testing.assert_allclose(f[0], nxt[6], atol=1e-12)
+    # with no more observations the forecast is the propagated filter: two steps = advance twice
+    last = {}
+    chain.filter(X[None, :6], None, on_step=lambda t, _p, a: last.__setitem__("a", a))
+    two = chain.to_points(chain.advance(chain.advance(last["a"]))) @ chain.points
+    np.testing.assert_allclose(f[1], two[0], atol=1e-12)
+
+
+def test_process_statistics_separate_the_process_from_a_scrambled_copy(tmp_path):
+    series = write_data(tmp_path, n_steps=40_000)
+    chain = oracle.Chain.from_series(series)
+    cfg = series.config
+    true = oracle.process_statistics(chain, series.X[5000:35000], cfg["dwell_mean"], cfg["dwell_std"])
+    assert true["dwell_ks"] < 0.15 and true["transition_tv"] < 0.2 and true["occupancy_tv"] < 0.15
+    assert all(abs(v - 1) < 0.03 for v in true["angular_speed_ratio"].values())
+    # the decoded visits are the generator's visits
+    lab, length = oracle.runs(series.states[5000:35000])
+    assert true["n_visits"] == len(lab)
+    # the same points in shuffled time order: no dwell, transition or rotation structure survives
+    rng = np.random.default_rng(0)
+    fake = series.X[5000:35000][rng.permutation(30000)]
+    bad = oracle.process_statistics(chain, fake, cfg["dwell_mean"], cfg["dwell_std"])
+    assert bad["dwell_ks"] > 0.8 and bad["transition_tv"] > 2 * true["transition_tv"]
+    assert bad["n_visits"] > 10 * true["n_visits"] and bad["angular_speed_ratio_median"] < 0.5
+
+
+def test_runs_against_a_loop():
+    labels = np.array([2, 2, 0, 0, 0, 1, 2, 2])
+    lab, length = oracle.runs(labels)
+    want = []
+    for v in labels:
+        if want and want[-1][0] == v:
+            want[-1][1] += 1
+        else:
+            want.append([v, 1])
+    assert [list(t) for t in zip(lab, length)] == want
