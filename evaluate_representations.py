@@ -15,6 +15,11 @@ Per chosen layer (input, 1..N, output):
   * silhouette of the true circles computed on the representation itself (not on UMAP);
   * linear probes trained on an early time block and tested on a later one (with a gap):
     circle accuracy (chance = the majority share) and R^2 of the phase (cos, sin theta);
+  * belief-state probes (when the data folder holds the generator's parameters): ridge maps
+    from the representation to the Bayes-optimal posterior of oracle.py, computed from exactly
+    the window the position was read in (smoothing for a bidirectional model, filtering for a
+    causal one): circle probabilities, mean (cos, sin) of the angle and, for causal models,
+    the one-step predictive mean; held-out R^2 on the same later block;
   * optionally (--control) all of the above for the same architecture at random init.
 Figures: a UMAP grid coloured by circle (panel titles carry LB at k = 30) and the metrics
 across depth; numbers as markdown, JSON and CSV.
@@ -87,12 +92,13 @@ def kept_slice(window: int, context: int, causal: bool) -> tuple[int, int]:
 
 @torch.inference_mode()
 def extract(model, X: np.ndarray, positions: np.ndarray, layer_idx: list[int], window: int, context: int,
-            causal: bool, device, batch_size: int = 32) -> tuple[list[np.ndarray], np.ndarray]:
+            causal: bool, device, batch_size: int = 32) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Representations at the requested time steps for the chosen layers.
 
     Windows overlap so that every position in [lo, T - hi) is kept by exactly one window;
     positions outside that range (the series' own edges) are dropped. Returns one
-    (n, dim) array per layer and the positions actually covered.
+    (n, dim) array per layer, the positions actually covered and the start of the window
+    each was read from.
     """
     from tqdm.auto import tqdm
     T = len(X)
@@ -105,7 +111,7 @@ def extract(model, X: np.ndarray, positions: np.ndarray, layer_idx: list[int], w
     starts = np.arange(0, T - window + 1, keep_len)
     wanted = np.zeros(T, dtype=bool)
     wanted[positions] = True
-    out_pos, chunks = [], [[] for _ in layer_idx]
+    out_pos, out_start, chunks = [], [], [[] for _ in layer_idx]
     model.eval()
     for i in tqdm(range(0, len(starts), batch_size), desc="extract", leave=False, disable=None):
         st = starts[i:i + batch_size]
@@ -116,11 +122,13 @@ def extract(model, X: np.ndarray, positions: np.ndarray, layer_idx: list[int], w
             if len(sel) == 0:
                 continue
             out_pos.append(s + a + sel)
+            out_start.append(np.full(len(sel), s))
             idx = torch.as_tensor(a + sel, device=device)
             for c, li in enumerate(layer_idx):
                 chunks[c].append(hidden[li][j].index_select(0, idx).float().cpu().numpy())
     pos = np.concatenate(out_pos) if out_pos else np.zeros(0, int)
-    return [np.concatenate(c) if c else np.zeros((0, 1)) for c in chunks], pos
+    wst = np.concatenate(out_start) if out_start else np.zeros(0, int)
+    return [np.concatenate(c) if c else np.zeros((0, 1)) for c in chunks], pos, wst
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -134,7 +142,8 @@ def gaussian_null(Z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def layer_metrics(Z: np.ndarray, states: np.ndarray, thetas: np.ndarray | None, pos: np.ndarray,
                   lb_idx: np.ndarray, ks, n_clusters: int, probe_split: int, gap: int,
-                  rng: np.random.Generator, pca: int | None, lb: bool, seed: int) -> dict:
+                  rng: np.random.Generator, pca: int | None, lb: bool, seed: int,
+                  beliefs: dict | None = None) -> dict:
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression, Ridge
@@ -168,8 +177,27 @@ def layer_metrics(Z: np.ndarray, states: np.ndarray, thetas: np.ndarray | None, 
             y = np.stack([np.cos(thetas), np.sin(thetas)], 1)
             reg = Ridge(alpha=1.0).fit(Ztr, y[train])
             res["probe_phase_r2"] = float(r2_score(y[test], reg.predict(Zte)))
+        for key, y in belief_targets(beliefs).items():
+            reg = Ridge(alpha=1.0).fit(Ztr, y[train])
+            res[key] = float(r2_score(y[test], reg.predict(Zte), multioutput="variance_weighted"))
         res["probe_n_train"], res["probe_n_test"] = int(train.sum()), int(test.sum())
     return res
+
+
+BELIEF_PROBES = {"belief_circle_r2": "posterior circle probabilities",
+                 "belief_phase_r2": "posterior mean (cos, sin) of the angle",
+                 "belief_next_r2": "one-step predictive mean (causal models)"}
+
+
+def belief_targets(beliefs: dict | None) -> dict:
+    """Regression targets of the belief-state probes from the oracle's posteriors (see oracle.beliefs)."""
+    if not beliefs:
+        return {}
+    out = {"belief_circle_r2": beliefs["circle"],
+           "belief_phase_r2": np.stack([beliefs["cos"], beliefs["sin"]], 1)}
+    if "next_mean" in beliefs:
+        out["belief_next_r2"] = beliefs["next_mean"]
+    return out
 
 
 # ----------------------------------------------------------------------------- figures
@@ -201,7 +229,8 @@ def plot_depth(results: dict, control: dict | None, ks, path: str, title: str) -
     import matplotlib.pyplot as plt
     names = list(results)
     x = np.arange(len(names))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    has_beliefs = any(k in results[names[0]] for k in BELIEF_PROBES)
+    fig, axes = plt.subplots(1, 4 if has_beliefs else 3, figsize=(21 if has_beliefs else 16, 4.5))
     ax = axes[0]
     if "lb" in results[names[0]]:
         for k in ks:
@@ -235,6 +264,17 @@ def plot_depth(results: dict, control: dict | None, ks, path: str, title: str) -
         ax.set_ylim(-0.05, 1.05)
         ax.set_title("Linear probes, held-out later block")
         ax.legend(fontsize=8)
+    if has_beliefs:
+        ax = axes[3]
+        for key, lab in BELIEF_PROBES.items():
+            if key in results[names[0]]:
+                line, = ax.plot(x, [results[n][key] for n in names], marker="o", label=lab)
+                if control:
+                    ax.plot(x, [control[n][key] for n in names], ls="--", color=line.get_color(), lw=1)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title("Belief-state probes: held-out R^2 of the oracle's posterior"
+                     + (" (dashed: random init)" if control else ""), fontsize=9)
+        ax.legend(fontsize=8)
     for ax in axes:
         ax.set_xticks(x)
         ax.set_xticklabels(names)
@@ -249,8 +289,11 @@ def plot_depth(results: dict, control: dict | None, ks, path: str, title: str) -
 
 def markdown_table(results: dict, ks) -> str:
     has_lb = "lb" in next(iter(results.values()))
+    beliefs = [k for k in BELIEF_PROBES if k in next(iter(results.values()))]
     head = ["layer"] + ([f"LB k={k}" for k in ks] + ["null k=30"] if has_lb else []) + \
-        ["ARI", "NMI", "silhouette", "probe acc", "phase R^2"]
+        ["ARI", "NMI", "silhouette", "probe acc", "phase R^2"] + \
+        [{"belief_circle_r2": "belief circle R^2", "belief_phase_r2": "belief phase R^2",
+          "belief_next_r2": "predictive mean R^2"}[k] for k in beliefs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         cells = [name]
@@ -260,6 +303,7 @@ def markdown_table(results: dict, ks) -> str:
             cells.append(f"{r['lb'].get('30', r['lb'][str(ks[0])])['null_gaussian']:.2f}")
         cells += [f"{r['kmeans_ari']:.3f}", f"{r['kmeans_nmi']:.3f}", f"{r['silhouette']:.3f}",
                   f"{r.get('probe_state_acc', float('nan')):.3f}", f"{r.get('probe_phase_r2', float('nan')):.3f}"]
+        cells += [f"{r.get(k, float('nan')):.3f}" for k in beliefs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -267,7 +311,8 @@ def markdown_table(results: dict, ks) -> str:
 def write_csv(path: str, results: dict, ks, tag: str = "trained") -> None:
     fields = ["model", "layer", "dim", "n_points"] + [f"lb_k{k}" for k in ks] + [f"lb_k{k}_lo" for k in ks] + \
         [f"lb_k{k}_hi" for k in ks] + [f"lb_null_k{k}" for k in ks] + \
-        ["kmeans_ari", "kmeans_nmi", "silhouette", "probe_state_acc", "probe_state_chance", "probe_phase_r2"]
+        ["kmeans_ari", "kmeans_nmi", "silhouette", "probe_state_acc", "probe_state_chance", "probe_phase_r2"] + \
+        list(BELIEF_PROBES)
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -315,7 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def analyse(model, series, layers, args, device, window, context, causal, rng_seed, desc):
+def analyse(model, series, layers, args, device, window, context, causal, rng_seed, desc, chain=None,
+            known: tuple | None = None):
+    """Extract the chosen layers at sampled positions and compute every metric; with the oracle's
+    chain, also the belief-state probes (targets from the window each position was read in).
+    known: (positions, beliefs) of an earlier call, reused when the positions are the same."""
     names = model.layer_names
     T = series.n_steps if args.n_steps is None else min(args.n_steps, series.n_steps)
     rng = np.random.default_rng(rng_seed)
@@ -324,12 +373,18 @@ def analyse(model, series, layers, args, device, window, context, causal, rng_se
     n_metric = min(args.metric_points, hi - lo)
     positions = np.sort(rng.choice(np.arange(lo, hi), size=n_metric, replace=False))
     t0 = time.perf_counter()
-    reps, pos = extract(model, series.X[:T], positions, [names.index(l) for l in layers], window, context,
-                        causal, device, args.batch_size)
+    reps, pos, wst = extract(model, series.X[:T], positions, [names.index(l) for l in layers], window, context,
+                             causal, device, args.batch_size)
     t_extract = time.perf_counter() - t0
     order = np.argsort(pos)
-    pos = pos[order]
+    pos, wst = pos[order], wst[order]
     reps = [r[order] for r in reps]
+    beliefs = None
+    if known is not None and np.array_equal(known[0], pos):
+        beliefs = known[1]
+    elif chain is not None:
+        import oracle
+        beliefs = oracle.beliefs_at(chain, series.X[:T], wst, pos - wst, window, causal, progress=True)
     states = series.states[pos]
     thetas = series.thetas[pos] if series.thetas is not None else None
     lb_idx = np.sort(rng.choice(len(pos), size=min(args.lb_points, len(pos)), replace=False))
@@ -338,8 +393,9 @@ def analyse(model, series, layers, args, device, window, context, causal, rng_se
     results = {}
     for name, Z in tqdm(list(zip(layers, reps)), desc=f"metrics ({desc})", leave=False, disable=None):
         results[name] = layer_metrics(Z, states, thetas, pos, lb_idx, args.k, series.n_states, split, window,
-                                      np.random.default_rng(rng_seed + 1), args.pca, not args.no_lb, args.seed)
-    return results, reps, states, t_extract
+                                      np.random.default_rng(rng_seed + 1), args.pca, not args.no_lb, args.seed,
+                                      beliefs)
+    return results, reps, states, t_extract, (pos, beliefs)
 
 
 def main(argv=None) -> int:
@@ -379,13 +435,20 @@ def run(args) -> int:
     print(f"{ckpt['model_type']} from {ckpt['path']}; layers {', '.join(layers)}; windows of {window} keeping "
           f"{'steps after a ' + str(context) + '-step warm-up' if causal else str(context) + ' steps of context on each side'}")
 
-    results, reps, states, t_extract = analyse(model, series, layers, args, device, window, context, causal,
-                                               args.seed, "trained")
+    import oracle
+    try:
+        chain = oracle.Chain.from_series(series)
+    except oracle.OracleError as e:
+        chain = None
+        print(f"no belief-state probes: {e}")
+    results, reps, states, t_extract, known = analyse(model, series, layers, args, device, window, context, causal,
+                                               args.seed, "trained", chain)
     control = None
     if args.control:
         torch.manual_seed(args.seed)
         fresh = type(model)(model.cfg).to(device)
-        control, _, _, _ = analyse(fresh, series, layers, args, device, window, context, causal, args.seed, "random init")
+        control = analyse(fresh, series, layers, args, device, window, context, causal, args.seed,
+                          "random init", chain, known)[0]
     t_metrics = time.perf_counter() - t_start
     print(f"Per-layer geometry ({len(states)} positions; LB on {min(args.lb_points, len(states))} points, "
           f"95% bootstrap CI; probes trained on the first {int(100 * args.probe_train_frac)}% of the series):")

@@ -246,10 +246,10 @@ class Chain:
         a[rows] = z / s[:, None]
 
     # ------------------------------------------------------------------ inference over windows
-    def filter(self, X: np.ndarray, observed: np.ndarray | None = None, prior: str = "stationary",
-               on_step=None) -> None:
-        """Forward filtering over windows X (B, L, D). on_step(t, predicted, filtered) is called
-        with the state probabilities before and after observing step t."""
+    def filter_expanded(self, X: np.ndarray, observed: np.ndarray | None = None, prior: str = "stationary",
+                        on_step=None) -> None:
+        """Forward filtering on the expanded chain (the reference for `filter`): on_step(t,
+        predicted, filtered) gets the state probabilities (B, S) before and after observing step t."""
         B, L, _ = X.shape
         observed = np.ones((B, L), bool) if observed is None else observed
         a = np.tile(self.prior(prior), (B, 1))
@@ -263,8 +263,8 @@ class Chain:
             if on_step:
                 on_step(t, pred, a)
 
-    def smooth(self, X: np.ndarray, observed: np.ndarray, prior: str = "stationary") -> np.ndarray:
-        """Smoothing posteriors per (circle, phase) point: (B, L, U), given the observed steps only."""
+    def smooth_expanded(self, X: np.ndarray, observed: np.ndarray, prior: str = "stationary") -> np.ndarray:
+        """Smoothing on the expanded chain (the reference for `smooth`): (B, L, U)."""
         B, L, _ = X.shape
         S = self.n_states
         alpha = np.empty((L, B, S))
@@ -273,7 +273,7 @@ class Chain:
         def keep_alpha(t, _pred, a):
             alpha[t] = a
 
-        self.filter(X, observed, prior, keep_alpha)
+        self.filter_expanded(X, observed, prior, keep_alpha)
         post = np.empty((B, L, len(self.points)))
         b = np.ones((B, S))
         for t in range(L - 1, -1, -1):
@@ -287,6 +287,162 @@ class Chain:
                 b[rows] *= liks[t][:, self.point_of]
             b = self.retreat(b)
             b /= b.max(1, keepdims=True)
+        return post
+
+    # ------------------------------------------------------------------ lap-factorised inference
+    # Inside a lap the chain only rotates, so the probability of (circle c, lap m, phase f)
+    # factorises as a[c, f] * p[c, column, m], where the column (f - t) mod P_c is the phase
+    # the point had at time 0: every state of one column moves together and only the
+    # column at the lap's last phase changes its law over laps at a step (the visit may end
+    # there). A step then costs O(U + C M) instead of O(S) = O(U M), with U the points, M the
+    # most laps; the expanded chain (filter_expanded, smooth_expanded) is the reference.
+
+    @property
+    def _lap(self) -> dict:
+        L = getattr(self, "_lapc", None)
+        if L is None:
+            C, P = self.n_circles, self.periods
+            counts = np.bincount(self.end_circle, minlength=C)
+            Mmax, Pmax = int(counts.max()), int(P.max())
+            H = np.ones((C, Mmax))
+            for c in range(C):
+                H[c, :counts[c]] = self.end_haz[self.end_circle == c]
+            at_least = np.concatenate([np.ones((C, 1)), np.cumprod(1 - H, axis=1)[:, :-1]], 1)
+            first = np.concatenate(([0], np.cumsum(P)[:-1]))
+            phase = np.arange(len(self.points)) - first[self.point_circle]
+            prev_idx = first[self.point_circle] + (phase - 1) % P[self.point_circle]
+            next_idx = first[self.point_circle] + (phase + 1) % P[self.point_circle]
+            pi_v = stationary_visits(self.A)
+            elaps = at_least.sum(1)
+            a_stat = (pi_v * elaps)[self.point_circle]
+            p_stat = at_least / elaps[:, None]
+            a_start = np.zeros(len(self.points))
+            a_start[first] = 1.0 / C
+            p_start = np.zeros((C, Mmax))
+            p_start[:, 0] = 1.0
+            L = self._lapc = dict(H=H, Mmax=Mmax, Pmax=Pmax, first=first, last=first + P - 1, phase=phase,
+                                  prev=prev_idx, next=next_idx, ar=np.arange(C),
+                                  prior={"stationary": (a_stat / a_stat.sum(), p_stat), "start": (a_start, p_start)})
+        return L
+
+    def _lap_columns(self, t: int) -> np.ndarray:
+        """Per circle, the column at the lap's last phase at time t."""
+        return (self.periods - 1 - t) % self.periods
+
+    def _lap_init(self, B: int, prior: str) -> tuple[np.ndarray, np.ndarray]:
+        lap = self._lap
+        if prior not in lap["prior"]:
+            raise ValueError(f"unknown prior {prior!r} (stationary or start)")
+        a0, p0 = lap["prior"][prior]
+        a = np.tile(a0, (B, 1))
+        p = np.broadcast_to(p0[None, :, None, :], (B, self.n_circles, lap["Pmax"], lap["Mmax"])).copy()
+        return a, p
+
+    def _lap_advance(self, a: np.ndarray, p: np.ndarray, t: int, saved: list | None = None) -> np.ndarray:
+        """Move (a, p) from time t to t + 1; p is updated in place, the new a is returned.
+        saved: receives the lap laws of the columns that change (for the backward pass)."""
+        lap = self._lap
+        H, ar = lap["H"], lap["ar"]
+        cols = self._lap_columns(t)
+        pc = p[:, ar, cols]                                   # (B, C, M)
+        if saved is not None:
+            saved.append(pc)
+        exit_frac = (pc * H).sum(-1)                          # (B, C)
+        a_last = a[:, lap["last"]]
+        enter = (a_last * exit_frac) @ self.A                 # (B, C)
+        new_p = np.zeros_like(pc)
+        new_p[..., 1:] = pc[..., :-1] * (1 - H[:, :-1]) * a_last[..., None]
+        new_p[..., 0] += enter
+        total = a_last * (1 - exit_frac) + enter
+        np.divide(new_p, total[..., None], out=new_p, where=total[..., None] > 0)
+        p[:, ar, cols] = new_p
+        out = a[:, lap["prev"]]
+        out[:, lap["first"]] = total
+        return out
+
+    def _lap_condition(self, a: np.ndarray, X_t: np.ndarray, rows: np.ndarray) -> None:
+        """Multiply rows of a by the likelihood of their observation and renormalise, in place."""
+        if not len(rows):
+            return
+        ll = (X_t[rows] @ self.points.T - 0.5 * self._point_sq) / self.lik_var
+        ll -= ll.max(1, keepdims=True)
+        z = a[rows] * np.exp(ll)
+        s = z.sum(1)
+        bad = ~(s > 0)
+        if bad.any():  # every point with mass is far less likely than the best point: log domain
+            with np.errstate(divide="ignore"):
+                la = np.log(a[rows[bad]]) + ll[bad]
+            la -= la.max(1, keepdims=True)
+            z[bad] = np.exp(la)
+            s[bad] = z[bad].sum(1)
+        a[rows] = z / s[:, None]
+
+    def filter(self, X: np.ndarray, observed: np.ndarray | None = None, prior: str = "stationary",
+               on_step=None, extra_step: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Forward filtering over windows X (B, L, D). on_step(t, predicted, filtered) is called with
+        the point probabilities (B, U) before and after observing step t; extra_step adds a call
+        on_step(L, predicted, None) with the prediction one step past the window. Returns the
+        final factorised state (a, p), which `forecast` continues."""
+        B, L, _ = X.shape
+        observed = np.ones((B, L), bool) if observed is None else observed
+        a, p = self._lap_init(B, prior)
+        for t in range(L):
+            if t:
+                a = self._lap_advance(a, p, t - 1)
+            pred = a.copy() if on_step else None
+            self._lap_condition(a, X[:, t], np.nonzero(observed[:, t])[0])
+            if on_step:
+                on_step(t, pred, a)
+        if extra_step and on_step:
+            on_step(L, self._lap_advance(a, p.copy(), L - 1), None)
+        return a, p
+
+    def smooth(self, X: np.ndarray, observed: np.ndarray, prior: str = "stationary") -> np.ndarray:
+        """Smoothing posteriors per (circle, phase) point: (B, L, U), given the observed steps only."""
+        lap = self._lap
+        H, ar, first, last = lap["H"], lap["ar"], lap["first"], lap["last"]
+        B, L, _ = X.shape
+        U = len(self.points)
+        a_hist = np.empty((L, B, U))
+        saved: list = []
+        a, p = self._lap_init(B, prior)
+        for t in range(L):
+            if t:
+                a = self._lap_advance(a, p, t - 1, saved)
+            self._lap_condition(a, X[:, t], np.nonzero(observed[:, t])[0])
+            a_hist[t] = a
+        # backward: beta(c, m, f) = b[c, f] * q[c, column, m]; d = sum over laps of p * q per column
+        q = np.ones_like(p)
+        d = p.sum(-1)                                         # (B, C, Pmax) at t = L - 1
+        b = np.ones((B, U))
+        post = np.empty((B, L, U))
+        circle = self.point_circle
+        for t in range(L - 1, -1, -1):
+            col = (lap["phase"] - t) % self.periods[circle]
+            g = a_hist[t] * b * d[:, circle, col]
+            post[:, t] = g / g.sum(1, keepdims=True)
+            if t == 0:
+                break
+            # step t -> t - 1: the message of time t enters through the likelihood of step t
+            w = b.copy()
+            rows = np.nonzero(observed[:, t])[0]
+            if len(rows):
+                ll = (X[rows, t] @ self.points.T - 0.5 * self._point_sq) / self.lik_var
+                w[rows] *= np.exp(ll - ll.max(1, keepdims=True))
+            cols = self._lap_columns(t - 1)
+            qc = q[:, ar, cols]                               # laws of the columns now at phase 0
+            w0 = w[:, first]                                  # (B, C)
+            leave = (w0 * qc[..., 0]) @ self.A.T              # value of ending the visit of each circle
+            new_q = np.zeros_like(qc)
+            new_q[..., :-1] = (1 - H[:, :-1]) * qc[..., 1:] * w0[..., None]
+            new_q += H * leave[..., None]
+            scale = new_q.max(-1)
+            np.divide(new_q, scale[..., None], out=new_q, where=scale[..., None] > 0)
+            q[:, ar, cols] = new_q
+            b = w[:, lap["next"]]
+            b[:, last] = scale
+            b /= b.max(1, keepdims=True)
+            d[:, ar, cols] = (saved[t - 1] * new_q).sum(-1)
         return post
 
     def summarise(self, post_u: np.ndarray) -> dict:
@@ -305,8 +461,10 @@ def _batches(n: int, size: int):
 
 
 def window_batch(chain: Chain, length: int, memory_mb: float = 512.0) -> int:
-    """Windows smoothed together so the stored forward messages stay within memory_mb."""
-    return max(1, int(memory_mb * 2 ** 20 // (8 * length * chain.n_states)))
+    """Windows smoothed together so the stored forward messages (point laws, and lap laws of
+    the changing columns) and the posteriors stay within memory_mb."""
+    per_step = 2 * len(chain.points) + chain.n_circles * chain._lap["Mmax"]
+    return max(1, int(memory_mb * 2 ** 20 // (8 * length * per_step)))
 
 
 def masked_predictions(chain: Chain, X: np.ndarray, masks: np.ndarray, prior: str = "stationary",
@@ -326,7 +484,7 @@ def next_step_predictions(chain: Chain, X: np.ndarray, prior: str = "stationary"
     out = np.empty(X.shape, dtype=np.float64)
     for sl in _progress(list(_batches(len(X), batch)), progress, "oracle (filtering)"):
         def record(t, pred, _a, sl=sl):
-            out[sl, t] = chain.to_points(pred) @ chain.points
+            out[sl, t] = pred @ chain.points
         chain.filter(X[sl].astype(np.float64), None, prior, record)
     return out
 
@@ -343,10 +501,12 @@ def beliefs(chain: Chain, X: np.ndarray, causal: bool, prior: str = "stationary"
         post = np.empty((B, L, U))
         nxt = np.empty((B, L, D))
         for sl in _progress(list(_batches(B, 64)), progress, "oracle beliefs (filtering)"):
-            def record(t, _pred, a, sl=sl):
-                post[sl, t] = chain.to_points(a)
-                nxt[sl, t] = chain.to_points(chain.advance(a)) @ chain.points
-            chain.filter(X[sl].astype(np.float64), None, prior, record)
+            def record(t, pred, a, sl=sl):
+                if t:  # the prediction of step t is the predictive mean recorded at t - 1
+                    nxt[sl, t - 1] = pred @ chain.points
+                if a is not None:
+                    post[sl, t] = a
+            chain.filter(X[sl].astype(np.float64), None, prior, record, extra_step=True)
         out = chain.summarise(post)
         out["next_mean"] = nxt
         return out
@@ -360,13 +520,12 @@ def beliefs(chain: Chain, X: np.ndarray, causal: bool, prior: str = "stationary"
 def forecast(chain: Chain, seed: np.ndarray, n: int, prior: str = "stationary") -> np.ndarray:
     """E[x_{T+j} | seed window x_0..x_{T-1}] for j = 0..n-1: the Bayes-optimal open-loop
     continuation, to set beside a model's generation from the same seed: (n, D)."""
-    last = {}
-    chain.filter(seed[None].astype(np.float64), None, prior, lambda t, _p, a: last.__setitem__("a", a))
-    a = last["a"]
+    T = len(seed)
+    a, p = chain.filter(seed[None].astype(np.float64), None, prior)
     out = np.empty((n, chain.points.shape[1]))
     for j in range(n):
-        a = chain.advance(a)
-        out[j] = (chain.to_points(a) @ chain.points)[0]
+        a = chain._lap_advance(a, p, T - 1 + j)
+        out[j] = (a @ chain.points)[0]
     return out
 
 
@@ -378,7 +537,7 @@ def decode(chain: Chain, X: np.ndarray, prior: str = "stationary") -> tuple[np.n
     conf = np.empty(len(X))
 
     def record(t, _pred, a):
-        c = chain.to_points(a) @ np.eye(chain.n_circles)[chain.point_circle]
+        c = a @ np.eye(chain.n_circles)[chain.point_circle]
         circ[t], conf[t] = c[0].argmax(), c[0].max()
 
     chain.filter(X[None].astype(np.float64), None, prior, record)
@@ -461,6 +620,25 @@ def process_statistics(chain: Chain, X: np.ndarray, dwell_mean: float, dwell_std
             speed[int(c)] = float(num / den / (2 * np.pi / chain.periods[c]))
     out["angular_speed_ratio"] = speed
     out["angular_speed_ratio_median"] = float(np.median(list(speed.values()))) if speed else None
+    return out
+
+
+def beliefs_at(chain: Chain, X: np.ndarray, starts: np.ndarray, offsets: np.ndarray, window: int, causal: bool,
+               memory_mb: float = 256.0, progress: bool = False) -> dict:
+    """The belief of each requested step given exactly the window a model saw it in: step
+    starts[i] + offsets[i] of series X (T, D), in the window [starts[i], starts[i] + window).
+    Returns the arrays of `beliefs`, one row per request."""
+    uniq, inv = np.unique(starts, return_inverse=True)
+    per = window_batch(chain, window, memory_mb)
+    out: dict = {}
+    for sl in _progress(list(_batches(len(uniq), per)), progress, "oracle beliefs"):
+        Xw = X[uniq[sl, None] + np.arange(window)]
+        b = beliefs(chain, Xw, causal, memory_mb=memory_mb)
+        rows = np.flatnonzero((inv >= sl.start) & (inv < sl.stop))
+        for k, v in b.items():
+            if k not in out:
+                out[k] = np.empty((len(starts),) + v.shape[2:])
+            out[k][rows] = v[inv[rows] - sl.start, offsets[rows]]
     return out
 
 

@@ -27,8 +27,9 @@ def test_extraction_keeps_full_context_positions_once(causal):
     T, W, C = 3000, 128, 32
     X = np.random.default_rng(0).standard_normal((T, 3)).astype(np.float32)
     positions = np.arange(T)
-    (rep, where), pos = extract(PositionProbe(causal), X, positions, [0, 1], W, C, causal, "cpu", batch_size=7)
+    (rep, where), pos, wst = extract(PositionProbe(causal), X, positions, [0, 1], W, C, causal, "cpu", batch_size=7)
     assert len(np.unique(pos)) == len(pos)  # each position once
+    np.testing.assert_array_equal(where[:, 0], pos - wst)  # the window each position was read in
     np.testing.assert_array_equal(rep, X[pos])  # stitched back to the right time steps
     w = where[:, 0]
     assert w.min() >= C
@@ -44,7 +45,7 @@ def test_extraction_keeps_full_context_positions_once(causal):
 def test_extraction_of_a_subset():
     X = np.random.default_rng(1).standard_normal((2000, 2)).astype(np.float32)
     want = np.array([100, 101, 500, 1500])
-    (rep,), pos = extract(PositionProbe(), X, want, [0], 64, 16, False, "cpu")
+    (rep,), pos, wst = extract(PositionProbe(), X, want, [0], 64, 16, False, "cpu")
     np.testing.assert_array_equal(np.sort(pos), want)
 
 
@@ -89,6 +90,41 @@ def test_metrics_on_planted_clusters_and_on_noise():
     assert r0["probe_phase_r2"] < 0.05
 
 
+def test_belief_probes_find_a_planted_linear_belief_and_not_noise():
+    rng = np.random.default_rng(0)
+    n, C = 3000, 4
+    logits = rng.standard_normal((n, C)) * 3
+    circle = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    ang = rng.uniform(0, 2 * np.pi, n)
+    beliefs = {"circle": circle, "cos": np.cos(ang), "sin": np.sin(ang), "next_mean": rng.standard_normal((n, 5))}
+    # a representation that holds the beliefs linearly (mixed by a random map) plus small noise
+    Y = np.concatenate([circle, np.cos(ang)[:, None], np.sin(ang)[:, None], beliefs["next_mean"]], 1)
+    Z = Y @ rng.standard_normal((Y.shape[1], 24)) + 0.01 * rng.standard_normal((n, 24))
+    s = circle.argmax(1)
+    res = layer_metrics(Z, s, ang, np.arange(n), np.arange(n), [10], C, 2000, 10, rng, None, False, 0, beliefs)
+    for k in ("belief_circle_r2", "belief_phase_r2", "belief_next_r2"):
+        assert res[k] > 0.99, k
+    r0 = layer_metrics(rng.standard_normal((n, 24)), s, ang, np.arange(n), np.arange(n), [10], C, 2000, 10, rng,
+                       None, False, 0, beliefs)
+    for k in ("belief_circle_r2", "belief_phase_r2", "belief_next_r2"):
+        assert r0[k] < 0.03, k
+
+
+def test_beliefs_at_read_each_position_from_its_own_window(small_data_dir):
+    import oracle
+    from dataset import load_series
+    series = load_series(small_data_dir)
+    chain = oracle.Chain.from_series(series)
+    starts = np.array([1000, 5000, 1000, 7000])
+    offs = np.array([10, 63, 40, 0])
+    for causal in (False, True):
+        got = oracle.beliefs_at(chain, series.X, starts, offs, 64, causal, memory_mb=1)  # one window per batch
+        for i, (s0, o) in enumerate(zip(starts, offs)):
+            one = oracle.beliefs(chain, series.X[None, s0:s0 + 64], causal)
+            for k in got:
+                np.testing.assert_allclose(got[k][i], one[k][0, o], atol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(small_data_dir, tmp_path_factory):
     from masked_model_gpu import main as train
@@ -110,6 +146,8 @@ def test_cli_end_to_end(tiny_checkpoint, small_data_dir, tmp_path, capsys):
     assert set(res["layers"]["2"]["lb"]) == {"10", "30", "100"}
     # the input layer does not depend on the weights: trained and control agree exactly
     assert res["layers"]["input"]["kmeans_ari"] == res["random_init_control"]["input"]["kmeans_ari"]
+    assert res["layers"]["input"]["belief_circle_r2"] == res["random_init_control"]["input"]["belief_circle_r2"]
+    assert "belief circle R^2" in out and "belief_next_r2" not in res["layers"]["2"]  # bidirectional model
     for f in ("representation_umap.png", "representation_metrics.png"):
         assert (tmp_path / "p" / f).exists()
     assert (tmp_path / "o" / "representation_metrics.csv").read_text().count("\n") == 7

@@ -90,9 +90,34 @@ def test_laps_law_matches_the_generators_draw():
 def test_smoothing_equals_brute_force_enumeration(tiny):
     p, chain, X = tiny
     observed = np.array([1, 1, 0, 0, 1, 0, 1, 1, 0], bool)
-    got = chain.smooth(X[None], observed[None], prior="start")[0]
     want = brute_force_points(p, X, observed)
-    np.testing.assert_allclose(got, want, atol=1e-10)
+    # the lap-factorised pass and the expanded chain both equal the enumeration
+    np.testing.assert_allclose(chain.smooth(X[None], observed[None], prior="start")[0], want, atol=1e-10)
+    np.testing.assert_allclose(chain.smooth_expanded(X[None], observed[None], prior="start")[0], want, atol=1e-10)
+
+
+@pytest.mark.parametrize("prior", ["stationary", "start"])
+def test_lap_factorised_passes_equal_the_expanded_chain(prior):
+    """At the generator's own scale (10 circles, periods 40..400, many laps), with masked patches."""
+    cfg = CirclesConfig(n_steps=3000, seed=2)
+    data = generate(cfg)
+    chain = oracle.Chain.from_parameters(**{k: data[k] for k in oracle.GENERATOR_ARRAYS},
+                                         noise_var=cfg.noise_std ** 2, dwell_mean=cfg.dwell_mean,
+                                         dwell_std=cfg.dwell_std)
+    starts = (0, 1200, 2600) if prior == "stationary" else (0, 0, 0)  # "start" is the law at step 0 only
+    X = np.stack([data["X"][s0:s0 + 300] for s0 in starts]).astype(float)
+    obs = np.ones((3, 300), bool)
+    obs[0, 50:120] = obs[1, 250:] = obs[2, :40] = False
+    fast = chain.smooth(X, obs, prior)
+    assert np.isfinite(fast).all()
+    np.testing.assert_allclose(fast, chain.smooth_expanded(X, obs, prior), atol=1e-9)
+    fast, slow = {}, {}
+    chain.filter(X, obs, prior, lambda t, pr, a: fast.__setitem__(t, (pr, a)))
+    chain.filter_expanded(X, obs, prior, lambda t, pr, a: slow.__setitem__(t, (chain.to_points(pr),
+                                                                                 chain.to_points(a))))
+    for t in (0, 1, 60, 299):
+        np.testing.assert_allclose(fast[t][0], slow[t][0], atol=1e-9)
+        np.testing.assert_allclose(fast[t][1], slow[t][1], atol=1e-9)
 
 
 def test_filtering_predictive_equals_brute_force(tiny):
@@ -111,7 +136,7 @@ def test_filtering_equals_smoothing_at_the_last_step(tiny):
     obs[1, 3] = False
     smooth = chain.smooth(Xb, obs)[:, -1]
     last = {}
-    chain.filter(Xb, obs, on_step=lambda t, _p, a: last.__setitem__(t, chain.to_points(a)))
+    chain.filter(Xb, obs, on_step=lambda t, _p, a: last.__setitem__(t, a))
     np.testing.assert_allclose(last[len(X) - 1], smooth, atol=1e-12)
 
 
@@ -218,7 +243,7 @@ def test_forecast_starts_with_the_one_step_predictive(tiny):
     np.testing.assert_allclose(f[0], nxt[6], atol=1e-12)
     # with no more observations the forecast is the propagated filter: two steps = advance twice
     last = {}
-    chain.filter(X[None, :6], None, on_step=lambda t, _p, a: last.__setitem__("a", a))
+    chain.filter_expanded(X[None, :6], None, on_step=lambda t, _p, a: last.__setitem__("a", a))
     two = chain.to_points(chain.advance(chain.advance(last["a"]))) @ chain.points
     np.testing.assert_allclose(f[1], two[0], atol=1e-12)
 
