@@ -351,23 +351,24 @@ def run_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from cliargs import SEED, Parser, at_least
+    p = Parser(
         description="Levina-Bickel intrinsic dimension of a circles dataset (all points and per "
-                    "circle) or of a noisy-circle demo.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "circle) or of a noisy-circle demo.")
     p.add_argument("--data-dir", default="data", help="folder with data.npz and config.json")
-    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="neighbourhood sizes to tabulate")
-    p.add_argument("--points", type=int, default=20000, help="random subsample size (0 = all points)")
+    p.add_argument("--k", type=at_least(2), nargs="+", default=list(DEFAULT_KS),
+                   help="neighbourhood sizes to tabulate")
+    p.add_argument("--points", type=at_least(0), default=20000, help="random subsample size (0 = all points)")
     p.add_argument("--signal", action="store_true", help="use the noise-free signal instead of the observations")
     p.add_argument("--no-per-circle", action="store_true", help="skip the per-circle estimates")
     p.add_argument("--unbiased", action="store_true", help="per-point estimates with k-2 instead of k-1 (unbiased for a uniform sample)")
-    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for the CIs")
+    p.add_argument("--n-boot", type=at_least(0), default=200, help="bootstrap resamples for the CIs (0: none)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (torch kNN on GPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the subsample and the bootstrap")
     p.add_argument("--out-dir", default="plots", help="where the table, JSON/CSV and figure go")
     p.add_argument("--force", action="store_true", help="replace the table, JSON/CSV and figure of an earlier run")
     p.add_argument("--demo", action="store_true", help="run the noisy-circle demo instead")
-    p.add_argument("--demo-points", type=int, default=2000)
+    p.add_argument("--demo-points", type=at_least(3), default=2000, help="points on the demo's noisy circle")
     return p
 
 

@@ -331,28 +331,30 @@ def write_csv(path: str, results: dict, ks, tag: str = "trained") -> None:
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Per-layer representation geometry of a trained checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from cliargs import SEED, Parser, at_least, between
+    p = Parser(description="Per-layer representation geometry of a trained checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt (or its run folder)")
     p.add_argument("--data-dir", default=None, help="data folder (default: the one the model was trained on)")
     p.add_argument("--layers", default="all", help="comma-separated layer names (input, 1..N, output) or 'all'")
-    p.add_argument("--n-steps", type=int, default=None, help="use only the first N steps of the series")
-    p.add_argument("--window", type=int, default=None, help="window length (default: the training length)")
-    p.add_argument("--context", type=int, default=None,
+    p.add_argument("--n-steps", type=at_least(1), default=None, help="use only the first N steps of the series")
+    p.add_argument("--window", type=at_least(2), default=None, help="window length (default: the training length)")
+    p.add_argument("--context", type=at_least(0), default=None,
                    help="steps of context kept on each side (causal: warm-up); default window/4")
-    p.add_argument("--lb-points", type=int, default=5000, help="points per layer for Levina-Bickel")
-    p.add_argument("--k", type=int, nargs="+", default=[10, 30, 100], help="Levina-Bickel neighbourhood sizes")
-    p.add_argument("--metric-points", type=int, default=20000, help="points per layer for clustering and probes")
-    p.add_argument("--umap-points", type=int, default=5000)
-    p.add_argument("--umap-neighbors", type=int, default=30)
-    p.add_argument("--pca", type=int, default=None, help="PCA to N dimensions before UMAP and kNN")
+    p.add_argument("--lb-points", type=at_least(3), default=5000, help="points per layer for Levina-Bickel")
+    p.add_argument("--k", type=at_least(2), nargs="+", default=[10, 30, 100], help="Levina-Bickel neighbourhood sizes")
+    p.add_argument("--metric-points", type=at_least(10), default=20000,
+                   help="points per layer for clustering and probes")
+    p.add_argument("--umap-points", type=at_least(10), default=5000, help="points per layer in the UMAP grid")
+    p.add_argument("--umap-neighbors", type=at_least(2), default=30, help="UMAP's n_neighbors")
+    p.add_argument("--pca", type=at_least(1), default=None, help="PCA to N dimensions before UMAP and kNN")
     p.add_argument("--no-lb", action="store_true")
     p.add_argument("--no-umap", action="store_true")
     p.add_argument("--control", action="store_true", help="also analyse the same architecture at random init")
-    p.add_argument("--probe-train-frac", type=float, default=0.7, help="probes train on this early share of the series")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--probe-train-frac", type=between(0, 1, open_lo=True, open_hi=True), default=0.7,
+                   help="probes train on this early share of the series")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="windows per forward pass")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the sampled positions, nulls and UMAP")
     p.add_argument("--out-dir", default=None, help="JSON/CSV (default <run folder>/representations)")
     p.add_argument("--plots-dir", default=None, help="figures (default plots/<run name>)")
     p.add_argument("--force", action="store_true",

@@ -623,51 +623,54 @@ def run_gates(args) -> int:
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
+    from cliargs import SEED, Parser, at_least, between, non_negative
     from training import add_training_arguments
-    p = argparse.ArgumentParser(description="Causal Mamba next-step model: train, generate, gates.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Causal Mamba next-step model: train, generate, gates.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train (or --eval a checkpoint)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="train (or --eval a checkpoint)")
     add_training_arguments(t, seq_len=512, stride=128, batch_size=32, lr=1e-3, warmup_epochs=20, epochs=100)
     g = t.add_argument_group("model")
-    g.add_argument("--d-model", type=int, default=128)
-    g.add_argument("--n-layers", type=int, default=7)
-    g.add_argument("--d-state", type=int, default=16)
-    g.add_argument("--d-conv", type=int, default=4)
-    g.add_argument("--expand", type=int, default=2)
-    g.add_argument("--d-ff", type=int, default=512)
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--max-horizon", type=int, default=1, help="train heads for horizons 1, 2, 4, ... up to this")
-    g.add_argument("--gate-lr-factor", type=float, default=1.0,
+    g.add_argument("--d-model", type=at_least(1), default=128, help="width of the residual stream")
+    g.add_argument("--n-layers", type=at_least(1), default=7, help="Mamba layers")
+    g.add_argument("--d-state", type=at_least(1), default=16, help="SSM state size per channel")
+    g.add_argument("--d-conv", type=at_least(1), default=4, help="width of the causal depthwise convolution")
+    g.add_argument("--expand", type=at_least(1), default=2, help="inner width = expand x d_model")
+    g.add_argument("--d-ff", type=at_least(1), default=512, help="width of the feed-forward layer after each block")
+    g.add_argument("--dropout", type=between(0, 1, open_hi=True), default=0.1, help="dropout in every layer")
+    g.add_argument("--max-horizon", type=at_least(1), default=1,
+                   help="train heads for horizons 1, 2, 4, ... up to this")
+    g.add_argument("--gate-lr-factor", type=non_negative(), default=1.0,
                    help="learning-rate factor of the gates x_proj, dt_proj (0 freezes them exactly)")
     g.add_argument("--freeze-A", action="store_true", help="freeze A_log and D (fixed dynamics)")
-    g.add_argument("--eval-warmup", type=int, default=None,
+    g.add_argument("--eval-warmup", type=at_least(0), default=None,
                    help="steps of context before scoring in each evaluation window (default seq_len/4)")
     for name, help_ in (("generate", "generate from a held-out seed window"), ("gates", "plot the gate signals")):
-        s = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        s.add_argument("--checkpoint", required=True)
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--checkpoint", required=True, help="a best.pt / last.pt of mamba_next.py train")
         s.add_argument("--data-dir", default=None, help="default: the data the model was trained on")
-        s.add_argument("--device", default="cpu")
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--out-dir", default=None)
+        s.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+        s.add_argument("--seed", type=SEED, default=0, help="seed of the sampling noise and perturbations")
+        s.add_argument("--out-dir", default=None, help="numbers and arrays (default <run folder>/" + name + ")")
         s.add_argument("--force", action="store_true", help="replace this command's earlier outputs (removed first)")
-        s.add_argument("--plots-dir", default=None)
+        s.add_argument("--plots-dir", default=None, help="figures (default: --out-dir)")
         if name == "generate":
-            s.add_argument("--seed-len", type=int, default=64, help="steps of true data before generating")
-            s.add_argument("--gen-len", type=int, default=512)
-            s.add_argument("--start", type=int, default=None, help="first step of the seed (default: test block start)")
-            s.add_argument("--temperature", type=float, default=0.0, help="std of noise added to fed-back outputs")
+            s.add_argument("--seed-len", type=at_least(1), default=64, help="steps of true data before generating")
+            s.add_argument("--gen-len", type=at_least(1), default=512, help="steps to generate")
+            s.add_argument("--start", type=at_least(0), default=None,
+                           help="first step of the seed (default: test block start)")
+            s.add_argument("--temperature", type=non_negative(), default=0.0,
+                           help="std of noise added to fed-back outputs")
             s.add_argument("--perturb-hidden", action="store_true", help="bursts of noise in the SSM states")
             s.add_argument("--perturb-output", action="store_true", help="bursts of noise in the fed-back output")
             s.add_argument("--perturb-layers", default="", help="layers (1-based, comma-separated); default all")
-            s.add_argument("--perturb-interval", type=int, default=128)
-            s.add_argument("--perturb-duration", type=int, default=8)
-            s.add_argument("--perturb-scale", type=float, default=1.0)
+            s.add_argument("--perturb-interval", type=at_least(1), default=128, help="steps between bursts")
+            s.add_argument("--perturb-duration", type=at_least(1), default=8, help="steps per burst")
+            s.add_argument("--perturb-scale", type=non_negative(), default=1.0, help="std of the burst noise")
         else:
-            s.add_argument("--samples", type=int, default=16, help="held-out windows to record")
-            s.add_argument("--plot-samples", type=int, default=2, help="of which this many get heatmaps")
+            s.add_argument("--samples", type=at_least(1), default=16, help="held-out windows to record")
+            s.add_argument("--plot-samples", type=at_least(0), default=2, help="of which this many get heatmaps")
             s.add_argument("--umap", action="store_true", help="UMAP of each signal across time steps")
-            s.add_argument("--umap-points", type=int, default=3000)
+            s.add_argument("--umap-points", type=at_least(10), default=3000, help="time steps in each UMAP")
     return p
 
 

@@ -368,31 +368,33 @@ def umap_raw(data, cfg, plots_dir, rng, n_points, n_neighbors) -> tuple[dict, np
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from cliargs import SEED, Parser, at_least, non_negative, positive
+    p = Parser(
         description="Generate the Markov-switching circles time series (data.npz + config.json) "
-                    "and its figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--n-steps", type=int, default=100_000, help="length of the series")
-    p.add_argument("--n-circles", type=int, default=10, help="number of circles (Markov states)")
-    p.add_argument("--ambient-dim", type=int, default=20, help="dimension of the observations")
-    p.add_argument("--subspace-dim", type=int, default=None,
+                    "and its figures.")
+    p.add_argument("--n-steps", type=at_least(1), default=100_000, help="length of the series")
+    p.add_argument("--n-circles", type=at_least(2), default=10, help="number of circles (Markov states)")
+    p.add_argument("--ambient-dim", type=at_least(2), default=20, help="dimension of the observations")
+    p.add_argument("--subspace-dim", type=at_least(2), default=None,
                    help="put all circle planes in one shared random subspace of this dimension "
                         "(2 = coplanar, ambient-dim = no shared subspace; default: ambient-dim)")
-    p.add_argument("--noise-std", type=float, default=2.83, help="std of the isotropic Gaussian noise")
-    p.add_argument("--radius-mean", type=float, default=20.0)
-    p.add_argument("--radius-std", type=float, default=2.0)
-    p.add_argument("--period-min", type=int, default=40)
-    p.add_argument("--period-max", type=int, default=400)
-    p.add_argument("--dwell-mean", type=float, default=400.0)
-    p.add_argument("--dwell-std", type=float, default=100.0)
-    p.add_argument("--n-shortcuts", type=int, default=1, help="long-range transitions per circle")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise-std", type=non_negative(), default=2.83, help="std of the isotropic Gaussian noise")
+    p.add_argument("--radius-mean", type=positive(), default=20.0,
+                   help="mean circle radius (radii are clipped to [0.5, 1.5] x this)")
+    p.add_argument("--radius-std", type=non_negative(), default=2.0, help="std of the circle radii")
+    p.add_argument("--period-min", type=at_least(1), default=40, help="shortest period (steps per lap)")
+    p.add_argument("--period-max", type=at_least(1), default=400, help="longest period (steps per lap)")
+    p.add_argument("--dwell-mean", type=positive(), default=400.0,
+                   help="mean time on a circle before rounding to whole laps (steps)")
+    p.add_argument("--dwell-std", type=non_negative(), default=100.0, help="std of the time on a circle")
+    p.add_argument("--n-shortcuts", type=at_least(0), default=1, help="long-range transitions per circle")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the geometry, transitions and noise")
     p.add_argument("--out-dir", default="data", help="where data.npz and config.json go")
     p.add_argument("--plots-dir", default="plots", help="where the figures go")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP of the raw data (faster)")
     p.add_argument("--no-plots", action="store_true", help="write the data only")
-    p.add_argument("--umap-points", type=int, default=5000, help="points in the raw-data UMAP")
-    p.add_argument("--umap-neighbors", type=int, default=30)
+    p.add_argument("--umap-points", type=at_least(10), default=5000, help="points in the raw-data UMAP")
+    p.add_argument("--umap-neighbors", type=at_least(2), default=30, help="UMAP's n_neighbors")
     p.add_argument("--force", action="store_true", help="overwrite an existing data.npz in --out-dir")
     return p
 

@@ -273,28 +273,31 @@ def plot_predictions(model, dataset, device, plots_dir, n_states, amp=False, n_w
 
 def build_parser() -> argparse.ArgumentParser:
     from training import add_training_arguments
-    p = argparse.ArgumentParser(
+    from cliargs import Parser, at_least, between, positive
+    p = Parser(
         description="Train or evaluate the masked-patch transformer on a circles dataset.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_training_arguments(p, seq_len=512, stride=128, batch_size=128, lr=1e-3, warmup_epochs=20, epochs=100)
     g = p.add_argument_group("masks")
-    g.add_argument("--mask-ratio", type=float, default=0.15, help="fraction of steps masked (exact)")
-    g.add_argument("--mask-patch-size", type=int, default=16, help="fixed patch length")
-    g.add_argument("--mask-patch-min", type=int, default=None, help="stochastic patch lengths: minimum")
-    g.add_argument("--mask-patch-max", type=int, default=None, help="stochastic patch lengths: maximum")
+    g.add_argument("--mask-ratio", type=between(0, 1, open_lo=True, open_hi=True), default=0.15,
+                   help="fraction of steps masked (exact)")
+    g.add_argument("--mask-patch-size", type=at_least(1), default=16, help="fixed patch length")
+    g.add_argument("--mask-patch-min", type=at_least(1), default=None, help="stochastic patch lengths: minimum")
+    g.add_argument("--mask-patch-max", type=at_least(1), default=None, help="stochastic patch lengths: maximum")
     g = p.add_argument_group("model")
-    g.add_argument("--d-model", type=int, default=128)
-    g.add_argument("--n-heads", type=int, default=4)
-    g.add_argument("--n-layers", type=int, default=4)
-    g.add_argument("--d-ff", type=int, default=512)
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--attn-dropout", type=float, default=None,
+    g.add_argument("--d-model", type=at_least(1), default=128, help="width of the residual stream")
+    g.add_argument("--n-heads", type=at_least(1), default=4, help="attention heads (must divide --d-model)")
+    g.add_argument("--n-layers", type=at_least(1), default=4, help="transformer layers")
+    g.add_argument("--d-ff", type=at_least(1), default=512, help="width of the feed-forward layer")
+    g.add_argument("--dropout", type=between(0, 1, open_hi=True), default=0.1, help="dropout in every layer")
+    g.add_argument("--attn-dropout", type=between(0, 1, open_hi=True), default=None,
                    help="dropout on attention probabilities (default: --dropout); 0 lets CPU attention "
                         "use its fused kernel")
     g.add_argument("--pos-encoding", choices=POS_ENCODINGS, default="sinusoidal")
-    g.add_argument("--t5-num-buckets", type=int, default=32)
-    g.add_argument("--t5-max-distance", type=int, default=128)
-    g.add_argument("--rope-base", type=float, default=10000.0)
+    g.add_argument("--t5-num-buckets", type=at_least(2), default=32, help="T5 relative-position buckets")
+    g.add_argument("--t5-max-distance", type=at_least(2), default=128,
+                   help="T5: distances from here on share the last bucket")
+    g.add_argument("--rope-base", type=positive(), default=10000.0, help="RoPE frequency base")
     g.add_argument("--norm-first", action="store_true", help="pre-LN layers (+ final LayerNorm)")
     return p
 

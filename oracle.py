@@ -714,11 +714,11 @@ def reference(series, datasets: dict, task: str, progress: bool = True) -> tuple
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from cliargs import SEED, Parser, at_least, between, positive
+    p = Parser(
         description="Score the Bayes-optimal predictor of the circles generator on the windows and masks a "
                     "model is scored on. Give --checkpoint to take every data flag from a training run, or the "
-                    "flags themselves.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "flags themselves.")
     p.add_argument("--checkpoint", default=None,
                    help="a best.pt/last.pt of masked_model_gpu.py or mamba_next.py: its task, data folder, "
                         "windows and masks are used (flags below then only override --data-dir)")
@@ -728,17 +728,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="masked: posterior mean of masked steps given the rest of the window; next: "
                         "E[x_t | earlier steps of the window] after the warm-up")
     p.add_argument("--split", choices=("val", "test", "both"), default="both", help="which held-out block")
-    p.add_argument("--seq-len", type=int, default=512, help="window length (steps)")
-    p.add_argument("--val-frac", type=float, default=0.1, help="share of the series in the validation block")
-    p.add_argument("--test-frac", type=float, default=0.1, help="share of the series in the test block")
-    p.add_argument("--seed", type=int, default=0, help="the run's seed (fixes the evaluation masks)")
-    p.add_argument("--mask-ratio", type=float, default=0.15, help="masked task: fraction of steps masked")
-    p.add_argument("--mask-patch-size", type=int, default=16, help="masked task: fixed patch length")
-    p.add_argument("--mask-patch-min", type=int, default=None, help="masked task: stochastic patch minimum")
-    p.add_argument("--mask-patch-max", type=int, default=None, help="masked task: stochastic patch maximum")
-    p.add_argument("--eval-warmup", type=int, default=None,
+    p.add_argument("--seq-len", type=at_least(2), default=512, help="window length (steps)")
+    p.add_argument("--val-frac", type=between(0, 1, open_lo=True, open_hi=True), default=0.1,
+                   help="share of the series in the validation block")
+    p.add_argument("--test-frac", type=between(0, 1, open_hi=True), default=0.1,
+                   help="share of the series in the test block")
+    p.add_argument("--seed", type=SEED, default=0, help="the run's seed (fixes the evaluation masks)")
+    p.add_argument("--mask-ratio", type=between(0, 1, open_lo=True, open_hi=True), default=0.15,
+                   help="masked task: fraction of steps masked")
+    p.add_argument("--mask-patch-size", type=at_least(1), default=16, help="masked task: fixed patch length")
+    p.add_argument("--mask-patch-min", type=at_least(1), default=None, help="masked task: stochastic patch minimum")
+    p.add_argument("--mask-patch-max", type=at_least(1), default=None, help="masked task: stochastic patch maximum")
+    p.add_argument("--eval-warmup", type=at_least(0), default=None,
                    help="next task: steps of context before the first scored step (default: seq-len // 4)")
-    p.add_argument("--memory-mb", type=float, default=512.0, help="memory for the stored forward messages")
+    p.add_argument("--memory-mb", type=positive(), default=512.0, help="memory for the stored forward messages")
     p.add_argument("--out", default=None, help="also write the scores to this JSON file")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     return p

@@ -753,29 +753,34 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
 def add_training_arguments(p: argparse.ArgumentParser, *, seq_len: int, stride: int, batch_size: int, lr: float,
                            warmup_epochs: float, epochs: int) -> None:
     """The flags every sequence-model script shares (data split, optimisation, outputs)."""
+    from cliargs import SEED, at_least, between, non_negative, positive
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default="data", help="folder with data.npz + config.json")
-    g.add_argument("--seq-len", type=int, default=seq_len, help="window length (steps)")
-    g.add_argument("--stride", type=int, default=stride, help="step between training windows")
-    g.add_argument("--val-frac", type=float, default=0.1, help="share of the series in the validation block")
-    g.add_argument("--test-frac", type=float, default=0.1, help="share of the series in the test block")
+    g.add_argument("--seq-len", type=at_least(2), default=seq_len, help="window length (steps)")
+    g.add_argument("--stride", type=at_least(1), default=stride, help="step between training windows")
+    g.add_argument("--val-frac", type=between(0, 1, open_lo=True, open_hi=True), default=0.1,
+                   help="share of the series in the validation block")
+    g.add_argument("--test-frac", type=between(0, 1, open_hi=True), default=0.1,
+                   help="share of the series in the test block (0: no test block)")
     g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=batch_size)
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers (-1: 0 on CPU, 4 on CUDA)")
+    g.add_argument("--batch-size", type=at_least(1), default=batch_size, help="windows per optimizer step")
+    g.add_argument("--lr", type=positive(), default=lr, help="peak learning rate")
+    g.add_argument("--weight-decay", type=non_negative(), default=0.01, help="AdamW decay of the weight matrices")
+    g.add_argument("--warmup-epochs", type=non_negative(), default=warmup_epochs,
+                   help="epochs of linear learning-rate warm-up before the cosine decay")
+    g.add_argument("--epochs", type=at_least(1), default=epochs, help="epochs to train (the schedule's length)")
+    g.add_argument("--grad-clip", type=non_negative(), default=1.0, help="gradient-norm clipping (0: off)")
+    g.add_argument("--num-workers", type=at_least(0, allow=(-1,)), default=-1,
+                   help="DataLoader workers (-1: 0 on CPU, 4 on CUDA)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
     g.add_argument("--compile", action="store_true", help="also use torch.compile on CPU")
     g.add_argument("--no-amp", action="store_true", help="fp32 on CUDA instead of BF16 autocast")
     g.add_argument("--no-train-eval", action="store_true", help="skip the fixed-mask MSE on training windows")
-    g.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many minutes")
-    g.add_argument("--stop-after", type=int, default=None,
+    g.add_argument("--time-budget", type=positive(), default=None, help="stop cleanly after this many minutes")
+    g.add_argument("--stop-after", type=at_least(1), default=None,
                    help="stop (resumably) after this many epochs of this invocation")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=SEED, default=0, help="seed of the initialisation, masks and batch order")
     g = p.add_argument_group("outputs")
     g.add_argument("--out-dir", default=None, help="run folder (default runs/<model>_<variant>)")
     g.add_argument("--plots-dir", default=None, help="figures (default <out-dir>/plots)")

@@ -2,7 +2,8 @@
 
     python scripts/compare_runs.py runs/demo_rope runs/demo_t5 runs/demo_sinusoidal --out plots/demo/compare
 
-Writes <out>.png (validation MSE per epoch, noise floor dashed), <out>.csv and <out>.md.
+Writes <out>.png (validation MSE per epoch, noise floor dashed), <out>.csv and <out>.md; runs
+that recorded the oracle (oracle.py) add its test MSE, the model's signal MSE and their ratio.
 """
 import argparse
 import csv
@@ -27,10 +28,12 @@ def first_epoch_below(rows, level):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from cliargs import Parser, non_negative
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders with training_log.csv and metrics.json")
     p.add_argument("--out", default="plots/compare_runs", help="output path without extension")
-    p.add_argument("--within", type=float, default=0.10, help="report the first epoch with val <= (1+x) floor")
+    p.add_argument("--within", type=non_negative(), default=0.10, help="report the first epoch with val <= (1+x) floor")
     args = p.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")
@@ -53,6 +56,10 @@ def main(argv=None):
                       "test_over_floor_pct": 100 * (m["test_mse"] / floor - 1) if floor else None,
                       f"first_epoch_val_within_{int(100 * args.within)}pct":
                           first_epoch_below(rows, (1 + args.within) * floor) if floor else None,
+                      # the Bayes-optimal predictor on the same test windows (runs with the oracle)
+                      "test_oracle_mse": m.get("test_oracle_mse"),
+                      "test_signal_mse": m.get("test_signal_mse"),
+                      "test_signal_over_oracle": m.get("test_signal_over_oracle"),
                       "train_seconds": m.get("train_seconds")})
     if floor:
         ax.axhline(floor, color="k", ls="--", lw=1, label=f"noise floor {floor:.2f}")

@@ -1,0 +1,115 @@
+"""Command-line conventions shared by every script: one-line errors and numeric flags that
+declare their valid range.
+
+``Parser`` is an argparse.ArgumentParser whose errors are one line on stderr ("error:
+argument --d-model: must be an integer >= 1, got 0; see --help") with exit status 2,
+instead of a usage block. The type factories below check a flag's range when it is parsed,
+so an impossible value never reaches the code; each carries its range (``.bounds``), which
+the tests read to check that every numeric flag of every command declares one.
+
+    p = Parser(description=...)
+    p.add_argument("--epochs", type=at_least(1), default=100)
+    p.add_argument("--mask-ratio", type=between(0, 1, open_lo=True, open_hi=True), default=0.15)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser with one-line errors and visible defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+class Bounded:
+    """An int or float converter that refuses values outside [lo, hi] (or the open ends)."""
+
+    def __init__(self, kind: type, lo=None, hi=None, open_lo: bool = False, open_hi: bool = False,
+                 allow: tuple = ()):
+        self.kind, self.lo, self.hi, self.open_lo, self.open_hi, self.allow = kind, lo, hi, open_lo, open_hi, allow
+        self.bounds = (lo, hi, open_lo, open_hi)
+        self.__name__ = self.describe()  # argparse names the type in "invalid <name> value"
+
+    def describe(self) -> str:
+        noun = "an integer" if self.kind is int else "a number"
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.open_lo else '>='} {self.lo}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.open_hi else '<='} {self.hi}")
+        text = f"{noun} {' and '.join(parts)}" if parts else noun
+        if self.allow:
+            text += " (or " + ", ".join(str(a) for a in self.allow) + ")"
+        return text
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}") from None
+        if value in self.allow:
+            return value
+        if self.kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        bad = ((self.lo is not None and (value < self.lo or (self.open_lo and value == self.lo)))
+               or (self.hi is not None and (value > self.hi or (self.open_hi and value == self.hi))))
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text}")
+        return value
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+def at_least(lo: int, allow: tuple = ()) -> Bounded:
+    """An integer >= lo (counts, sizes, lengths, indices); `allow` adds sentinel values such as -1."""
+    return Bounded(int, lo, allow=allow)
+
+
+def int_between(lo: int, hi: int) -> Bounded:
+    return Bounded(int, lo, hi)
+
+
+def positive(kind: type = float) -> Bounded:
+    """A number > 0 (learning rates, scales, budgets)."""
+    return Bounded(kind, 0, open_lo=True)
+
+
+def non_negative(kind: type = float) -> Bounded:
+    """A number >= 0 (weight decay, dropout-free rates, noise)."""
+    return Bounded(kind, 0)
+
+
+def between(lo: float, hi: float, open_lo: bool = False, open_hi: bool = False) -> Bounded:
+    """A float in [lo, hi], with either end open (fractions, probabilities)."""
+    return Bounded(float, lo, hi, open_lo, open_hi)
+
+
+def any_number(kind: type = float) -> Bounded:
+    """A finite number of any sign (declares that every finite value is meaningful)."""
+    return Bounded(kind)
+
+
+SEED = at_least(0)  # numpy's SeedSequence refuses negative seeds
+
+
+def numeric_actions(parser: argparse.ArgumentParser):
+    """(parser, action) for every option of a parser and its subparsers that takes numbers."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from numeric_actions(sub)
+        elif action.option_strings and (action.type in (int, float) or isinstance(action.type, Bounded)):
+            yield parser, action
+
+
+if __name__ == "__main__":
+    sys.exit("cliargs.py is a module; see the scripts' --help")
