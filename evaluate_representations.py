@@ -272,8 +272,7 @@ def plot_depth(results: dict, control: dict | None, ks, path: str, title: str) -
                 if control:
                     ax.plot(x, [control[n][key] for n in names], ls="--", color=line.get_color(), lw=1)
         ax.set_ylim(-0.05, 1.05)
-        ax.set_title("Belief-state probes: held-out R^2 of the oracle's posterior"
-                     + (" (dashed: random init)" if control else ""), fontsize=9)
+        ax.set_title("Oracle belief probes, held-out R^2" + (" (dashed: random init)" if control else ""))
         ax.legend(fontsize=8)
     for ax in axes:
         ax.set_xticks(x)

@@ -28,6 +28,7 @@ import sys
 
 import numpy as np
 
+from cliargs import SEED, Parser, at_least
 from modadd.figures import emit, save, subplots
 from modadd.geometry import execution_basis, random_walk_like
 from modadd.runs import MATS, load_snapshots
@@ -168,17 +169,22 @@ def plot(res: dict, path: str) -> str:
     return save(fig, path)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+def build_parser() -> Parser:
+    p = Parser(prog="python -m modadd.alignment", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("runs", nargs="+", help="run folders written by python -m modadd.train")
-    p.add_argument("--k", type=int, default=3, help="subspace dimension (the execution subspace's)")
-    p.add_argument("--windows", type=int, default=3, help="consecutive time windows")
-    p.add_argument("--n-null", type=int, default=3, help="random walks per block")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=at_least(1), default=3, help="subspace dimension (the execution subspace's)")
+    p.add_argument("--windows", type=at_least(2), default=3,
+                   help="consecutive time windows (at least 2: windows are compared with each other)")
+    p.add_argument("--n-null", type=at_least(1), default=3, help="random walks per block")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out-dir", default=None)
     p.add_argument("--no-plot", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         res = analyse(args.runs, args.k, args.windows, args.n_null, args.seed)
     except (FileNotFoundError, ValueError) as e:

@@ -11,7 +11,6 @@ top 1, 2 and 4 keys, and accuracy with attention restricted to the top-k keys of
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
@@ -19,6 +18,7 @@ import sys
 
 import torch
 
+from cliargs import SEED, Parser, at_least
 from modadd.figures import emit, save, subplots
 from modadd.model import accuracy, set_topk
 from modadd.runs import load_run
@@ -84,13 +84,17 @@ def plot(res: dict, path: str) -> str:
     return save(fig, path)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run")
-    p.add_argument("--n", type=int, default=2000, help="held-out examples per m")
-    p.add_argument("--seed", type=int, default=7)
+def build_parser() -> Parser:
+    p = Parser(prog="python -m modadd.bubbling", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="a run folder written by python -m modadd.train")
+    p.add_argument("--n", type=at_least(1), default=2000, help="held-out examples per m")
+    p.add_argument("--seed", type=SEED, default=7)
     p.add_argument("--no-plot", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         res = analyse(args.run, args.n, seed=args.seed)
     except (FileNotFoundError, ValueError) as e:

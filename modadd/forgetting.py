@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from cliargs import Parser
 from modadd.figures import emit, save, subplots
 from modadd.runs import load_config
 from modadd.stats import mean_std
@@ -110,14 +111,18 @@ def plot(res: dict, path: str) -> str:
     return save(fig, path)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+def build_parser() -> Parser:
+    p = Parser(prog="python -m modadd.forgetting", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("runs", nargs="+", help="curriculum run folders")
     p.add_argument("--control", nargs="*", default=[], help="mixed-schedule run folders of the same length")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--no-plot", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         res = analyse(args.runs, args.control)
     except (FileNotFoundError, ValueError) as e:

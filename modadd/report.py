@@ -32,6 +32,7 @@ import sys
 
 import numpy as np
 
+from cliargs import Parser
 from modadd.figures import save, subplots
 from modadd.stats import boot_ci, median_ci
 
@@ -395,9 +396,9 @@ def format_markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+def build_parser() -> Parser:
+    p = Parser(prog="python -m modadd.report", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("root", help="a sweep folder (seed runs in ROOT/s<seed>)")
     p.add_argument("--curriculum", default=None, help="a sweep folder of curriculum runs")
     p.add_argument("--mlp", default=None, help="a sweep folder of standard (attention + MLP) runs")
@@ -405,7 +406,11 @@ def main(argv=None) -> int:
                    help="folder with trajectory_pca.json and alignment.json (default ROOT), e.g. from other runs "
                         "of the same configuration whose snapshots are at hand")
     p.add_argument("--out-dir", default="plots/modadd")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         rep = build(args.root, args.out_dir, args.curriculum, args.mlp, args.geometry)
     except (FileNotFoundError, ValueError) as e:

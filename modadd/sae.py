@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cliargs import SEED, Parser, at_least, non_negative
 from modadd.figures import emit, save, subplots
 from modadd.runs import load_config, model_at, snapshot_steps
 from modadd.task import sample
@@ -277,34 +278,68 @@ def plot(res: dict, path: str) -> str:
     return save(fig, path)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+def build_parser() -> Parser:
+    p = Parser(prog="python -m modadd.sae", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("run", help="a run folder written by python -m modadd.train")
-    p.add_argument("--layer", type=int, default=None, help="residual after this many blocks (default: n_layers // 2)")
+    p.add_argument("--layer", type=at_least(1), default=None,
+                   help="residual after this many blocks, 1 .. n_layers - 1 (default: n_layers // 2)")
     p.add_argument("--at", default="0.1,0.25,0.5,1", help="snapshots as fractions of training")
     p.add_argument("--kinds", default="topk,relu")
     p.add_argument("--variable", default="m", choices=VARIABLES)
-    p.add_argument("--n-select", type=int, default=8, help="latents chosen and ablated")
-    p.add_argument("--n-random", type=int, default=20, help="random-latent draws")
-    p.add_argument("--n-latents", type=int, default=512)
-    p.add_argument("--k", type=int, default=8, help="active latents of the TopK SAE")
-    p.add_argument("--l1", type=float, default=1e-2, help="L1 penalty of the ReLU SAE")
-    p.add_argument("--sae-steps", type=int, default=3000)
-    p.add_argument("--n-train", type=int, default=3000, help="sequences for SAE training and latent selection")
-    p.add_argument("--n-eval", type=int, default=1000, help="held-out sequences per m for the ablations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-select", type=at_least(1), default=8, help="latents chosen and ablated (below --n-latents)")
+    p.add_argument("--n-random", type=at_least(1), default=20, help="random-latent draws")
+    p.add_argument("--n-latents", type=at_least(1), default=512)
+    p.add_argument("--k", type=at_least(1), default=8, help="active latents of the TopK SAE (at most --n-latents)")
+    p.add_argument("--l1", type=non_negative(), default=1e-2, help="L1 penalty of the ReLU SAE")
+    p.add_argument("--sae-steps", type=at_least(1), default=3000)
+    p.add_argument("--n-train", type=at_least(1), default=3000, help="sequences for SAE training and latent selection")
+    p.add_argument("--n-eval", type=at_least(1), default=1000, help="held-out sequences per m for the ablations")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--no-plot", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_fractions(text: str) -> list[float]:
+    """--at: comma-separated fractions of training in [0, 1]."""
     try:
-        at = [float(x) for x in args.at.split(",")]
-        if any(not 0 <= f <= 1 for f in at):
-            raise ValueError("--at takes fractions in [0, 1]")
-        res = analyse(args.run, args.layer, at, tuple(args.kinds.split(",")), args.variable, args.n_select,
-                      args.n_random, args.n_latents, args.k, args.l1, args.sae_steps, args.n_train, args.n_eval,
-                      args.seed, device=args.device)
+        at = [float(x) for x in text.split(",")]
+    except ValueError:
+        at = []
+    if not at or any(not 0 <= f <= 1 for f in at):
+        raise ValueError(f"--at {text!r}: give comma-separated fractions of training in [0, 1]")
+    return at
+
+
+def check(args) -> str | None:
+    """What the flags' types cannot say: --at, --kinds and the latent counts against each other."""
+    try:
+        parse_fractions(args.at)
+    except ValueError as e:
+        return str(e)
+    kinds = args.kinds.split(",")
+    if any(k not in ("topk", "relu") for k in kinds):
+        return f"--kinds {args.kinds!r}: give a comma list of topk, relu"
+    if "topk" in kinds and args.k > args.n_latents:
+        return f"--k {args.k} exceeds --n-latents {args.n_latents}: a TopK SAE keeps k of its latents"
+    if args.n_select >= args.n_latents:
+        return (f"--n-select {args.n_select} must be below --n-latents {args.n_latents} (random latents are "
+                f"drawn from the others)")
+    return None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    problem = check(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        res = analyse(args.run, args.layer, parse_fractions(args.at), tuple(args.kinds.split(",")), args.variable,
+                      args.n_select, args.n_random, args.n_latents, args.k, args.l1, args.sae_steps, args.n_train,
+                      args.n_eval, args.seed, device=args.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from cliargs import Parser, at_least
+
 PER_RUN = ("bubbling", "sae")
 ALL_RUNS = ("trajectory", "alignment")
 
@@ -77,23 +79,41 @@ def train_together(train_args: list[str], seeds: list[int], dirs: dict, group: i
     return rcs
 
 
+def build_parser() -> Parser:
+    p = Parser(prog="python -m modadd.sweep", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--seeds", default="0-4", help="e.g. 0-19 or 0,2,5")
+    p.add_argument("--root", required=True, help="folder for the seeds' runs (ROOT/s<seed>) and joint results")
+    p.add_argument("--jobs", type=at_least(1), default=2, help="processes at once")
+    p.add_argument("--stages", default=",".join(PER_RUN + ALL_RUNS),
+                   help=f"comma list of {', '.join(PER_RUN + ALL_RUNS)}, or none")
+    p.add_argument("--sae-args", default="", help="extra flags for modadd.sae, e.g. '--at 0.25,1 --sae-steps 1000'")
+    p.add_argument("--together", type=at_least(0), default=0,
+                   help="train this many seeds at a time in one process as one vmapped network (modadd.ensemble; "
+                        "what keeps a GPU busy); 0: one process per seed")
+    p.add_argument("--no-plot", action="store_true", help="stages write JSON only (no matplotlib needed)")
+    return p
+
+
+def check_passed_flags(train_args: list[str], sae_args: list[str]) -> None:
+    """Parse the flags meant for modadd.train and modadd.sae now, so that a bad value stops the
+    sweep at once (one line, exit status 2) instead of failing every seed's process later."""
+    from modadd import sae, train
+    tp = train.build_parser()
+    problem = train.check(train.resolve(tp.parse_args(train_args)))
+    if problem:
+        tp.error(problem)
+    sp = sae.build_parser()
+    problem = sae.check(sp.parse_args(["RUN", *sae_args]))
+    if problem:
+        sp.error(problem)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--seeds", default="0-4", help="e.g. 0-19 or 0,2,5")
-    p.add_argument("--root", required=True, help="folder for the seeds' runs (ROOT/s<seed>) and joint results")
-    p.add_argument("--jobs", type=int, default=2, help="processes at once")
-    p.add_argument("--stages", default=",".join(PER_RUN + ALL_RUNS),
-                   help=f"comma list of {', '.join(PER_RUN + ALL_RUNS)}, or none")
-    p.add_argument("--sae-args", default="", help="extra flags for modadd.sae, e.g. '--at 0.25,1 --sae-steps 1000'")
-    p.add_argument("--together", type=int, default=0,
-                   help="train this many seeds at a time in one process as one vmapped network (modadd.ensemble; "
-                        "what keeps a GPU busy); 0: one process per seed")
-    p.add_argument("--no-plot", action="store_true", help="stages write JSON only (no matplotlib needed)")
-    args = p.parse_args(own)
+    args = build_parser().parse_args(own)
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as e:
@@ -105,6 +125,7 @@ def main(argv=None) -> int:
         print(f"error: unknown stage(s) {bad}" if bad else "error: the sweep sets --seed and --out-dir itself",
               file=sys.stderr)
         return 2
+    check_passed_flags(train_args, args.sae_args.split() if "sae" in stages else [])
     os.makedirs(args.root, exist_ok=True)
     py = sys.executable
     dirs = {s: os.path.join(args.root, f"s{s}") for s in seeds}

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cliargs import SEED, Parser, at_least, positive
 from modadd.geometry import commutator, execution_basis, project_commutators, random_basis, rho
 from modadd.model import ModAddTransformer, ModelConfig, accuracy, readout_entropy
 from modadd.task import TaskConfig, batch_for, m_schedule, sample
@@ -43,26 +44,33 @@ PRESETS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+def build_parser() -> Parser:
+    p = Parser(prog="python -m modadd.train", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--preset", choices=sorted(PRESETS), default="code")
-    for name, typ in (("T", int), ("C", int), ("m_min", int), ("m_max", int), ("n_layers", int), ("d_model", int),
-                      ("n_heads", int), ("lr", float), ("batch_size", int), ("steps", int), ("snapshot_every", int)):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    for name, typ, text in (
+            ("T", at_least(2), "sequence length"), ("C", at_least(2), "modulus (value tokens 0..C-1)"),
+            ("m_min", at_least(1), "fewest markers per sequence"), ("m_max", at_least(1), "most markers per sequence"),
+            ("n_layers", at_least(1), None), ("d_model", at_least(1), "a multiple of --n-heads"),
+            ("n_heads", at_least(1), None), ("lr", positive(), None), ("batch_size", at_least(1), None),
+            ("steps", at_least(1), None), ("snapshot_every", at_least(1), None)):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       help=(text + "; " if text else "") + "default: the preset's")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default=None)
     p.add_argument("--mlp", action="store_true", help="standard blocks (attention + MLP) instead of attention-only")
-    p.add_argument("--d-ff", type=int, default=512)
+    p.add_argument("--d-ff", type=at_least(1), default=512, help="MLP width (with --mlp)")
     p.add_argument("--schedule", choices=("mixed", "mixed-batch", "curriculum"), default="mixed")
     p.add_argument("--no-value-distractors", action="store_true",
                    help="distractors from noise tokens only (values then never appear unmarked)")
     p.add_argument("--readout-token", action="store_true", help="a dedicated read-out token at the last position")
-    p.add_argument("--n-noise", type=int, default=8)
-    p.add_argument("--eval-every", type=int, default=None, help="default: the snapshot interval")
-    p.add_argument("--eval-size", type=int, default=2000, help="fixed held-out examples per m")
-    p.add_argument("--commutator-every", type=int, default=None, help="default: the snapshot interval; 0: never")
-    p.add_argument("--exec-k", type=int, default=3, help="dimension of the execution subspace for rho")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-noise", type=at_least(0), default=8,
+                   help="noise tokens (0 only with value distractors: distractors need tokens to come from)")
+    p.add_argument("--eval-every", type=at_least(1), default=None, help="default: the snapshot interval")
+    p.add_argument("--eval-size", type=at_least(1), default=2000, help="fixed held-out examples per m")
+    p.add_argument("--commutator-every", type=at_least(0), default=None,
+                   help="default: the snapshot interval; 0: never")
+    p.add_argument("--exec-k", type=at_least(1), default=3, help="dimension of the execution subspace for rho")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when torch sees one)")
     p.add_argument("--out-dir", default=None, help="default runs/modadd_<preset>_s<seed>")
     p.add_argument("--force", action="store_true", help="train into an --out-dir that already holds a run")
@@ -80,6 +88,22 @@ def resolve(args) -> dict:
                eval_every=args.eval_every or cfg["snapshot_every"], eval_size=args.eval_size, exec_k=args.exec_k,
                commutator_every=cfg["snapshot_every"] if args.commutator_every is None else args.commutator_every)
     return cfg
+
+
+def check(cfg: dict) -> str | None:
+    """What the flags' types cannot say about a resolved configuration (flags and preset
+    together): the problem in one line, or None."""
+    if cfg["d_model"] % cfg["n_heads"]:
+        return f"--d-model {cfg['d_model']} is not divisible by --n-heads {cfg['n_heads']}"
+    if cfg["m_min"] > cfg["m_max"]:
+        return f"--m-min {cfg['m_min']} exceeds --m-max {cfg['m_max']}"
+    task = TaskConfig(cfg["T"], cfg["C"], cfg["n_noise"], cfg["value_distractors"], cfg["readout_token"])
+    if cfg["m_max"] > task.max_markers():
+        return (f"--m-max {cfg['m_max']} is more markers than a sequence of --T {cfg['T']} holds "
+                f"({task.max_markers()}); lower --m-max or raise --T")
+    if not cfg["value_distractors"] and cfg["n_noise"] < 1:
+        return "--no-value-distractors needs --n-noise of at least 1 (distractors are then noise tokens only)"
+    return None
 
 
 def pick_device(name: str) -> torch.device:
@@ -302,12 +326,9 @@ STAGE_OUTPUTS = ("bubbling", "trajectory_pca", "alignment", "sae", "forgetting")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve(args)
-    for k in ("steps", "batch_size", "snapshot_every", "eval_every", "n_layers", "d_model", "n_heads"):
-        if cfg[k] < 1:
-            print(f"error: --{k.replace('_', '-')} must be positive", file=sys.stderr)
-            return 2
-    if cfg["d_model"] % cfg["n_heads"]:
-        print(f"error: --d-model {cfg['d_model']} is not divisible by --n-heads {cfg['n_heads']}", file=sys.stderr)
+    problem = check(cfg)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     out = args.out_dir or f"runs/modadd_{args.preset}_s{args.seed}"
     if os.path.exists(os.path.join(out, "config.json")) and not args.force:

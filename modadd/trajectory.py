@@ -10,11 +10,11 @@ trajectory_pca.png in the first run's folder (or --out-dir).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
+from cliargs import SEED, Parser, at_least
 from modadd.figures import emit, save, subplots
 from modadd.geometry import trajectory_pca
 from modadd.runs import MATS, load_snapshots
@@ -66,14 +66,18 @@ def plot(res: dict, path: str) -> str:
     return save(fig, path)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(prog="python -m modadd.trajectory", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders written by python -m modadd.train")
-    p.add_argument("--n-null", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-null", type=at_least(1), default=20, help="random walks per block")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out-dir", default=None)
     p.add_argument("--no-plot", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         res = analyse(args.runs, args.n_null, args.seed)
     except (FileNotFoundError, ValueError) as e:

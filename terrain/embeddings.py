@@ -15,10 +15,11 @@ size from the vocabulary (lift and z).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
+
+from cliargs import SEED, Parser, at_least
 
 from terrain import metrics as M
 from terrain.cli import save_figure
@@ -186,16 +187,21 @@ def plot(res: dict, path: str) -> str:
     return save_figure(fig, path, dpi=100)
 
 
-def main(argv=None) -> int:
-    from terrain.cli import add_force_flag, run_for_models
-    p = argparse.ArgumentParser(description="Embedding-matrix geometry beside nulls.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> Parser:
+    from terrain.cli import add_force_flag
+    p = Parser(prog="python -m terrain.embeddings", description="Embedding-matrix geometry beside nulls.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
-    p.add_argument("--n-simplices", type=int, default=4000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-simplices", type=at_least(2), default=4000,
+                   help="4-simplices sampled for the volume CV (a spread needs at least 2)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out-dir", default="plots/terrain")
     add_force_flag(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    from terrain.cli import run_for_models
+    args = build_parser().parse_args(argv)
     code, _, written = run_for_models(args.model, args.out_dir, "embeddings",
                                       lambda n: probe(n, args.seed, args.n_simplices), format_summary, plot,
                                       force=args.force)

@@ -15,12 +15,13 @@ their norms say more about the norm's scale than about the layer.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 import torch
+
+from cliargs import SEED, Parser
 
 from terrain import metrics as M
 from terrain.cli import save_figure
@@ -121,17 +122,22 @@ def plot(res: dict, path: str) -> str:
     return save_figure(fig, path, dpi=100)
 
 
-def main(argv=None) -> int:
-    from terrain.cli import add_force_flag, add_model_flags, resolve_device, run_for_models
-    p = argparse.ArgumentParser(description="Hidden-state norms and cosines through the layers of a text model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> Parser:
+    from terrain.cli import add_force_flag, add_model_flags
+    p = Parser(prog="python -m terrain.layers",
+               description="Hidden-state norms and cosines through the layers of a text model.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
     p.add_argument("--sentences-file", default=None, help="one sentence per line (default: 16 built-in)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the shuffled control")
     p.add_argument("--out-dir", default="plots/terrain")
     add_force_flag(p)
     add_model_flags(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    from terrain.cli import resolve_device, run_for_models
+    args = build_parser().parse_args(argv)
     sentences = SENTENCES
     if args.sentences_file:
         if not os.path.exists(args.sentences_file):

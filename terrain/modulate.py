@@ -27,13 +27,14 @@ among items, and the Procrustes rotation replaced by a random one.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from cliargs import SEED, Parser, at_least, between, positive
 
 from terrain import metrics as M
 from terrain.cli import save_figure
@@ -255,6 +256,8 @@ def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors:
     others = np.concatenate([evals, train])
     vocab_size, d_model = model.get_input_embeddings().weight.shape
     inits, mod = None, None
+    if geometry and geo_dim > d_model:
+        raise TerrainError(f"--geo-dim {geo_dim} exceeds the width {d_model} of {name or DEFAULT_MODEL}")
     if geometry:
         co = wordnet_coordinates(anchors, others, token_states(encoder, tok, tid[anchors], layers[0]), geo_dim, tax)
         inits = {"wordnet": rotated_geometry(co, procrustes(co["Ya"] - co["Ya"].mean(0), co["Pa"])[0]),
@@ -538,18 +541,20 @@ def plot(res: dict, path: str) -> str:
     return save_figure(fig, path)
 
 
-def main(argv=None) -> int:
-    from terrain.cli import add_force_flag, add_model_flags, resolve_device, run_for_models
-    p = argparse.ArgumentParser(description="LERP residual modulator initialised from WordNet: alpha sweep on "
-                                "held-out items with shuffled and random-rotation controls.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> Parser:
+    from terrain.cli import add_force_flag, add_model_flags
+    p = Parser(prog="python -m terrain.modulate",
+               description="LERP residual modulator initialised from WordNet: alpha sweep on held-out items with "
+                           "shuffled and random-rotation controls.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
     p.add_argument("--layers", default="all", help="comma-separated block indices before which to inject")
-    p.add_argument("--geo-dim", type=int, default=64)
-    p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
-    p.add_argument("--anchors", type=int, default=2000)
-    p.add_argument("--eval-items", type=int, default=800)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--geo-dim", type=at_least(1), default=64, help="WordNet MDS dimension (below --anchors)")
+    p.add_argument("--alphas", type=between(0, 1, open_hi=True), nargs="+", default=list(DEFAULT_ALPHAS),
+                   help="LERP weights of the sweep (0 = the unmodulated model)")
+    p.add_argument("--anchors", type=at_least(2), default=2000, help="items the WordNet geometry is fit on")
+    p.add_argument("--eval-items", type=at_least(5), default=800,
+                   help="held-out items scored (a 4-simplex needs 5)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out-dir", default="plots/terrain")
     add_force_flag(p)
     add_model_flags(p)
@@ -557,21 +562,33 @@ def main(argv=None) -> int:
     t.add_argument("--train", action="store_true", help="train instead of the alpha sweep")
     t.add_argument("--modulator", choices=("lerp", "field"), default="lerp",
                    help="lerp: WordNet geometry injected by LERP; field: simplex-expert gates (terrain/field.py)")
-    t.add_argument("--alpha", type=float, default=0.01, help="starting alpha of every layer")
-    t.add_argument("--epochs", type=int, default=3)
-    t.add_argument("--train-items", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--tau", type=float, default=0.05, help="contrastive temperature (encoder-only models)")
+    t.add_argument("--alpha", type=between(0, 1, open_lo=True, open_hi=True), default=0.01,
+                   help="starting alpha of every layer (a sigmoid of a learned logit)")
+    t.add_argument("--epochs", type=at_least(1), default=3)
+    t.add_argument("--train-items", type=at_least(1), default=2000, help="at least --batch-size")
+    t.add_argument("--batch-size", type=at_least(1), default=32)
+    t.add_argument("--lr", type=positive(), default=1e-3)
+    t.add_argument("--tau", type=positive(), default=0.05, help="contrastive temperature (encoder-only models)")
+    return p
+
+
+def main(argv=None) -> int:
+    from terrain.cli import resolve_device, run_for_models
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.train and not 0 < args.alpha < 1:
-        p.error("--alpha must lie in (0, 1)")
-    if any(not 0 <= a < 1 for a in args.alphas):
-        p.error("alphas must lie in [0, 1)")
+    if args.geo_dim >= args.anchors and not (args.train and args.modulator == "field"):
+        p.error(f"--geo-dim {args.geo_dim} must be below --anchors {args.anchors} (MDS of n anchors has at most "
+                f"n - 1 dimensions); lower --geo-dim or raise --anchors")
+    if args.train and args.train_items < args.batch_size:
+        p.error(f"--train-items {args.train_items} is fewer than one batch of --batch-size {args.batch_size}")
     try:
         layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     except ValueError:
         p.error(f"--layers {args.layers!r}: give 'all' or comma-separated integers")
+    if layers is not None and any(i < 0 for i in layers):
+        p.error(f"--layers {args.layers!r}: block indices count from 0")
+    if layers is not None and len(set(layers)) != len(layers):
+        p.error(f"--layers {args.layers!r}: a block is named twice")
     try:
         device = resolve_device(args.device)
     except TerrainError as e:

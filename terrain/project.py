@@ -19,11 +19,11 @@ the residual beside that of the target.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
+from cliargs import SEED, Parser, at_least, non_negative
 from terrain.cli import save_figure
 from terrain.metrics import unit
 from terrain.checkpoint import embedding_matrix
@@ -114,7 +114,11 @@ def procrustes(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, float]:
 def least_squares(A: np.ndarray, B: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
     d = A.shape[1]
     lam = ridge * np.trace(A.T @ A) / d
-    return np.linalg.solve(A.T @ A + lam * np.eye(d), A.T @ B)
+    try:
+        return np.linalg.solve(A.T @ A + lam * np.eye(d), A.T @ B)
+    except np.linalg.LinAlgError:
+        raise TerrainError(f"least squares over {len(A)} anchors in {d} dimensions is singular with --ridge "
+                           f"{ridge:g}; give a positive --ridge or more --anchors") from None
 
 
 def fit_maps(Xa: np.ndarray, Ya: np.ndarray, rng: np.random.Generator, ridge: float = 1e-3) -> dict:
@@ -262,27 +266,32 @@ def plot(res: dict, path: str) -> str:
     return save_figure(fig, path)
 
 
+def build_parser() -> Parser:
+    from terrain.cli import add_force_flag, add_model_flags
+    p = Parser(prog="python -m terrain.project",
+               description="Align one model's token space to another's (Procrustes, least squares, shuffled "
+                           "control) and score it on held-out tokens.")
+    p.add_argument("--source", default=f"{DEFAULT_MODEL}@embed", help="MODEL[@embed|@LAYER]")
+    p.add_argument("--target", default=f"{DEFAULT_MODEL}@3", help="MODEL[@embed|@LAYER]")
+    p.add_argument("--anchors", type=at_least(10), default=10000, help="shared tokens that fit the maps")
+    p.add_argument("--test", type=at_least(10), default=5000, help="held-out shared tokens that score them")
+    p.add_argument("--rsa-tokens", type=at_least(3), default=1000,
+                   help="held-out tokens of the RSA (a correlation of pairwise cosines needs 3)")
+    p.add_argument("--ridge", type=non_negative(), default=1e-3,
+                   help="least-squares ridge, relative to the mean variance (0: plain least squares)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--out-dir", default="plots/terrain")
+    add_force_flag(p)
+    add_model_flags(p)
+    return p
+
+
 def main(argv=None) -> int:
     import json
     import os
 
-    from terrain.cli import add_force_flag, add_model_flags, claim_outputs, model_tag, resolve_device
-    p = argparse.ArgumentParser(description="Align one model's token space to another's (Procrustes, least "
-                                "squares, shuffled control) and score it on held-out tokens.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", default=f"{DEFAULT_MODEL}@embed", help="MODEL[@embed|@LAYER]")
-    p.add_argument("--target", default=f"{DEFAULT_MODEL}@3", help="MODEL[@embed|@LAYER]")
-    p.add_argument("--anchors", type=int, default=10000)
-    p.add_argument("--test", type=int, default=5000)
-    p.add_argument("--rsa-tokens", type=int, default=1000)
-    p.add_argument("--ridge", type=float, default=1e-3, help="least-squares ridge, relative to the mean variance")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="plots/terrain")
-    add_force_flag(p)
-    add_model_flags(p)
-    args = p.parse_args(argv)
-    if args.anchors < 10 or args.test < 10:
-        p.error("--anchors and --test need at least 10 tokens")
+    from terrain.cli import claim_outputs, model_tag, resolve_device
+    args = build_parser().parse_args(argv)
     base = os.path.join(args.out_dir, f"project_{model_tag(args.source)}_to_{model_tag(args.target)}")
     try:
         claim_outputs([base], args.force)

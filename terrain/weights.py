@@ -25,7 +25,6 @@ from head_dim-sized products, and analytic nulls for large matrices (terrain/lin
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from cliargs import SEED, Parser, at_least
 from terrain import linalg as LA
 from terrain import metrics as M
 from terrain.cli import add_device_flag, progress, resolve_device, save_figure
@@ -457,23 +457,28 @@ def plot_comparison(results: list[dict], path: str) -> str:
     return save_figure(fig, path, dpi=100)
 
 
-def main(argv=None) -> int:
-    from terrain.cli import add_force_flag, run_for_models
-    p = argparse.ArgumentParser(description="Weight geometry of pretrained transformers, beside random nulls.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> Parser:
+    from terrain.cli import add_force_flag
+    p = Parser(prog="python -m terrain.weights",
+               description="Weight geometry of pretrained transformers, beside random nulls.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
                    help="Hugging Face ids or local folders ('minilm' = the offline all-MiniLM-L6-v2)")
-    p.add_argument("--n-null", type=int, default=3,
+    p.add_argument("--n-null", type=at_least(1), default=3,
                    help="Monte Carlo draws per statistic (matrices; heads draw n-null x heads Wishart Gram matrices)")
     p.add_argument("--null", default="auto", choices=["auto", "analytic", "monte-carlo"],
                    help="nulls of the matrix statistics: Gaussian matrices sampled (monte-carlo), or the exact / "
                         "Marchenko-Pastur laws (analytic); auto samples matrices of up to 2^20 entries")
-    p.add_argument("--overlap-rank", type=int, default=32, help="r of the cross-layer subspace overlap")
-    p.add_argument("--seed", type=int, default=0, help="seed of the null draws")
+    p.add_argument("--overlap-rank", type=at_least(1), default=32, help="r of the cross-layer subspace overlap")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the null draws")
     add_device_flag(p)
     p.add_argument("--out-dir", default="plots/terrain", help="figures and JSON")
     add_force_flag(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    from terrain.cli import run_for_models
+    args = build_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)
     except TerrainError as e:

@@ -26,12 +26,12 @@ and the seed's) every adjective or adverb pair scores path 1/3, whatever the wor
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import numpy as np
 
+from cliargs import Parser, any_number, at_least
 from terrain import metrics as M
 from terrain.embeddings import category_lift
 from terrain.metrics import unit
@@ -454,33 +454,37 @@ def write_tables(res: dict, base: str) -> list[str]:
     return [base + "_stability.csv"]
 
 
-def main(argv=None) -> int:
-    import os
-    from terrain.cli import add_force_flag, add_model_flags, model_tag, resolve_device, run_for_models
-    p = argparse.ArgumentParser(description="WordNet relational alignment of static and contextual "
-                                "representations, with multi-seed stability.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> Parser:
+    from terrain.cli import add_force_flag, add_model_flags
+    p = Parser(prog="python -m terrain.wordnet",
+               description="WordNet relational alignment of static and contextual representations, with multi-seed "
+                           "stability.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
     p.add_argument("--sense-policy", choices=POLICIES, default="most-frequent")
-    p.add_argument("--layer", type=int, default=-1, help="hidden state index for the contextual representation "
-                   "(0 = embedding output, -1 = last layer)")
+    p.add_argument("--layer", type=any_number(int), default=-1, help="hidden state index for the contextual "
+                   "representation (0 = embedding output, -1 = last layer; negative ones count from the end)")
     p.add_argument("--pooling", choices=("mean", "first"), default="mean")
-    p.add_argument("--seeds", type=int, default=50)
-    p.add_argument("--n-items", type=int, default=2000, help="items sampled per seed")
-    p.add_argument("--n-pairs", type=int, default=200_000, help="random pairs per seed")
-    p.add_argument("--n-simplices", type=int, default=500)
-    p.add_argument("--n-perm", type=int, default=200, help="Mantel permutations (seed 0)")
+    p.add_argument("--seeds", type=at_least(1), default=50)
+    p.add_argument("--n-items", type=at_least(5), default=2000, help="items sampled per seed (a 4-simplex needs 5)")
+    p.add_argument("--n-pairs", type=at_least(1), default=200_000, help="random pairs per seed")
+    p.add_argument("--n-simplices", type=at_least(2), default=500,
+                   help="4-simplices for the volume CV (a spread needs at least 2)")
+    p.add_argument("--n-perm", type=at_least(0), default=200, help="Mantel permutations (seed 0); 0: none")
     p.add_argument("--simulate-root", action="store_true",
                    help="nltk's fake root joining all taxonomies (adjective pairs then all score path 1/3)")
-    p.add_argument("--max-items", type=int, default=None, help="use at most this many matched items")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-items", type=at_least(5), default=None,
+                   help="use at most this many matched items (default: all)")
+    p.add_argument("--batch-size", type=at_least(1), default=64)
     add_model_flags(p)
     p.add_argument("--out-dir", default="plots/terrain")
     add_force_flag(p)
-    args = p.parse_args(argv)
-    for k in ("seeds", "n_items", "n_pairs", "n_simplices"):
-        if getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be positive")
+    return p
+
+
+def main(argv=None) -> int:
+    import os
+    from terrain.cli import model_tag, resolve_device, run_for_models
+    args = build_parser().parse_args(argv)
 
     def compute(name):
         return analyse(name, args.sense_policy, args.layer, args.pooling, args.seeds, args.n_items, args.n_pairs,
