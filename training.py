@@ -281,6 +281,11 @@ class CSVLog:
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([row.get(k, "") for k in self.fields])
 
+    def commit(self, path: str) -> None:
+        """Move a staged log to its final name (atomic) and keep appending there."""
+        os.replace(self.path, path)
+        self.path = path
+
     def read(self) -> list[dict]:
         with open(self.path) as f:
             return list(csv.DictReader(f))
@@ -377,12 +382,13 @@ def fit(*, model: torch.nn.Module, train_model: torch.nn.Module, optimizer, sche
         noise_floor: float | None, clip: float = 1.0, time_budget_min: float | None = None,
         train_eval: Callable | None = None, log: CSVLog,
         extra_checkpoint: str | None = None, stop_after: int | None = None,
-        oracle: dict | None = None) -> FitState:
+        oracle: dict | None = None, on_first_checkpoint: Callable | None = None) -> FitState:
     """Run epochs state.epoch .. epochs-1: train, evaluate, log, checkpoint (last + best).
 
     batch_loss(train_model, batch) -> scalar loss; evaluate(model) -> validation MSE, or a dict
     with "mse" and "signal_mse"; train_eval(model) -> the same on training windows with fixed
     masks (optional). oracle: the oracle's scores on the validation windows, for the printout.
+    on_first_checkpoint(): called once, right after this call's first last.pt is written.
     A NaN or infinite loss stops with TrainingError before anything is overwritten.
     stop_after: leave (resumably) after this many epochs of this call.
     """
@@ -435,6 +441,9 @@ def fit(*, model: torch.nn.Module, train_model: torch.nn.Module, optimizer, sche
         # last before best: when an improving epoch is killed between the two, the resumed run
         # finds best_epoch == its own epoch in last.pt and restores best.pt from it
         save_checkpoint(os.path.join(out_dir, "last.pt"), payload)
+        if on_first_checkpoint is not None:
+            on_first_checkpoint()
+            on_first_checkpoint = None
         if improved:
             save_checkpoint(os.path.join(out_dir, "best.pt"), payload)
             if extra_checkpoint:
@@ -640,11 +649,24 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     for stale in os.listdir(out_dir):  # temporary files of a run killed while writing
         if stale.startswith(".") and stale.endswith(".tmp"):
             os.remove(os.path.join(out_dir, stale))
-    log = CSVLog(os.path.join(out_dir, "training_log.csv"),
+    # --force over an earlier run: the new log and args are staged beside the old run's files and
+    # replace them only once the new run has written its first last.pt, so a run that fails in
+    # its first epoch leaves the old run whole (its metrics.json goes at that point too)
+    replacing_run = not resume and os.path.exists(os.path.join(out_dir, "last.pt"))
+    final = {k: os.path.join(out_dir, k) for k in ("training_log.csv", "args.json")}
+    staged = {k: os.path.join(out_dir, f".{k}.staged.tmp") if replacing_run else v for k, v in final.items()}
+    log = CSVLog(staged["training_log.csv"],
                  ["epoch", "step", "lr", "train_loss", "train_eval_mse", "val_mse", "val_signal_mse",
                   "noise_floor", "epoch_seconds", "elapsed_seconds"], rows=state.history if resume else None)
-    with open(os.path.join(out_dir, "args.json"), "w") as f:
+    with replacing(staged["args.json"]) as tmp, open(tmp, "w") as f:
         json.dump(vars(args), f, indent=2)
+
+    def commit_staged() -> None:
+        os.replace(staged["args.json"], final["args.json"])
+        log.commit(final["training_log.csv"])
+        old_metrics = os.path.join(out_dir, "metrics.json")
+        if os.path.exists(old_metrics):
+            os.remove(old_metrics)
 
     train_eval = None
     if not args.no_train_eval:
@@ -670,7 +692,8 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
                 evaluate=lambda m: spec.evaluate(m, val_loader, device, amp), epochs=args.epochs,
                 out_dir=out_dir, checkpoint_payload=payload, state=state, noise_floor=floor,
                 clip=args.grad_clip, time_budget_min=args.time_budget, train_eval=train_eval, log=log,
-                extra_checkpoint=args.checkpoint, stop_after=args.stop_after, oracle=ref.get("val"))
+                extra_checkpoint=args.checkpoint, stop_after=args.stop_after, oracle=ref.get("val"),
+                on_first_checkpoint=commit_staged if replacing_run else None)
     train_seconds = time.perf_counter() - t0
 
     best = load_checkpoint(os.path.join(out_dir, "best.pt"), spec.model_type)

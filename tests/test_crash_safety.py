@@ -82,3 +82,23 @@ def test_second_run_into_a_held_folder_refuses(small_data_dir, tmp_path, capsys)
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_forced_run_that_fails_in_its_first_epoch_leaves_the_old_run_whole(small_data_dir, tmp_path,
+                                                                              monkeypatch, capsys):
+    import masked_model_gpu
+    run = tmp_path / "run"
+    assert main(["--data-dir", small_data_dir, "--out-dir", str(run), *TINY, "--epochs", "1"]) == 0
+    before = {f: (run / f).read_bytes() for f in ("training_log.csv", "args.json", "metrics.json", "last.pt",
+                                                  "best.pt")}
+    monkeypatch.setattr(masked_model_gpu, "batch_loss", lambda *a: torch.tensor(float("nan")))
+    assert main(["--data-dir", small_data_dir, "--out-dir", str(run), *TINY, "--epochs", "2", "--force"]) == 2
+    assert "became nan" in capsys.readouterr().err
+    after = {f: (run / f).read_bytes() for f in before}
+    assert after == before  # the old run's log, arguments, metrics and checkpoints are untouched
+    monkeypatch.undo()
+    # a forced run that gets through its first epoch replaces the old run's files
+    assert main(["--data-dir", small_data_dir, "--out-dir", str(run), *TINY, "--epochs", "2", "--force"]) == 0
+    assert json.loads((run / "args.json").read_text())["epochs"] == 2
+    assert len((run / "training_log.csv").read_text().splitlines()) == 3
+    assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
