@@ -18,11 +18,29 @@ import math
 import sys
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default in --help unless it is None or False: a computed default
+    ("default: the preset's") is said in the help text, never as "(default: None)"."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class RawDefaultsFormatter(argparse.RawDescriptionHelpFormatter, DefaultsFormatter):
+    """DefaultsFormatter that keeps the description's own line breaks."""
+
+
 class Parser(argparse.ArgumentParser):
     """ArgumentParser with one-line errors and visible defaults in --help."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        fmt = kwargs.get("formatter_class")
+        if fmt is None or fmt is argparse.ArgumentDefaultsHelpFormatter:
+            kwargs["formatter_class"] = DefaultsFormatter
+        elif fmt is argparse.RawDescriptionHelpFormatter:
+            kwargs["formatter_class"] = RawDefaultsFormatter
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse's hook

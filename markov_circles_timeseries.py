@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="data", help="where data.npz and config.json go")
     p.add_argument("--plots-dir", default="plots", help="where the figures go")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP of the raw data (faster)")
-    p.add_argument("--no-plots", action="store_true", help="write the data only")
+    p.add_argument("--no-plot", "--no-plots", dest="no_plots", action="store_true", help="write the data only")
     p.add_argument("--umap-points", type=at_least(10), default=5000, help="points in the raw-data UMAP")
     p.add_argument("--umap-neighbors", type=at_least(2), default=30, help="UMAP's n_neighbors")
     p.add_argument("--force", action="store_true", help="overwrite an existing data.npz in --out-dir")

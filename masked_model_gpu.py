@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attn-dropout", type=between(0, 1, open_hi=True), default=None,
                    help="dropout on attention probabilities (default: --dropout); 0 lets CPU attention "
                         "use its fused kernel")
-    g.add_argument("--pos-encoding", choices=POS_ENCODINGS, default="sinusoidal")
+    g.add_argument("--pos-encoding", choices=POS_ENCODINGS, default="sinusoidal",
+                   help="sinusoidal: absolute table; t5: learned relative bias; rope: rotary queries and keys")
     g.add_argument("--t5-num-buckets", type=at_least(2), default=32, help="T5 relative-position buckets")
     g.add_argument("--t5-max-distance", type=at_least(2), default=128,
                    help="T5: distances from here on share the last bucket")

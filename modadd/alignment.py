@@ -18,7 +18,8 @@ directions and not the shape every random walk has.
   seeds    the same block in two runs (needs several runs; with different initialisations
            a weight-space overlap near the null is expected even when the dimension agrees)
 
-Writes alignment.json and alignment.png in the first run's folder (or --out-dir).
+Writes alignment.json and alignment.png in the first run's folder (or --out-dir); earlier ones
+stop it unless --force (which removes them first).
 """
 from __future__ import annotations
 
@@ -29,10 +30,17 @@ import sys
 import numpy as np
 
 from cliargs import SEED, Parser, at_least
-from modadd.figures import emit, save, subplots
+from modadd.figures import emit, save, stage_files, subplots
 from modadd.geometry import execution_basis, random_walk_like
 from modadd.runs import MATS, load_snapshots
 from modadd.stats import mean_std
+
+NAME = "alignment"
+
+
+def outputs(out_dir: str, plots: bool = True) -> list[str]:
+    """Every file this stage writes in out_dir (plots False: those of a --no-plot run)."""
+    return stage_files(out_dir, NAME, plots)
 
 
 def overlap(U1: np.ndarray, U2: np.ndarray) -> float:
@@ -177,20 +185,24 @@ def build_parser() -> Parser:
     p.add_argument("--windows", type=at_least(2), default=3,
                    help="consecutive time windows (at least 2: windows are compared with each other)")
     p.add_argument("--n-null", type=at_least(1), default=3, help="random walks per block")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--out-dir", default=None)
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the random-walk null")
+    p.add_argument("--out-dir", default=None, help="where alignment.json/.png go (default: the first run)")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no figure, no matplotlib)")
+    p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
     return p
 
 
 def main(argv=None) -> int:
+    from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
+    out = args.out_dir or args.runs[0]
     try:
+        claim_outputs(outputs(out), args.force)
         res = analyse(args.runs, args.k, args.windows, args.n_null, args.seed)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return emit(res, args.out_dir or args.runs[0], "alignment", format_table, plot, args.no_plot)
+    return emit(res, out, NAME, format_table, plot, args.no_plot)
 
 
 if __name__ == "__main__":

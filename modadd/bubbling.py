@@ -7,7 +7,8 @@ From a run folder (model.pt, metrics.csv): per m on fresh held-out examples, the
 row's entropy per layer (beside log T, the entropy of uniform attention), the mass on its
 top 1, 2 and 4 keys, and accuracy with attention restricted to the top-k keys of every row
 (k = 1, 2, 4, 8, all) in every layer. A figure shows the read-out entropy over training
-(metrics.csv) and the top-k accuracy. Writes bubbling.{json,png} in the run folder.
+(metrics.csv) and the top-k accuracy. Writes bubbling.{json,png} in the run folder; earlier
+ones stop it unless --force (which removes them first).
 """
 from __future__ import annotations
 
@@ -19,10 +20,17 @@ import sys
 import torch
 
 from cliargs import SEED, Parser, at_least
-from modadd.figures import emit, save, subplots
+from modadd.figures import emit, save, stage_files, subplots
 from modadd.model import accuracy, set_topk
 from modadd.runs import load_run
 from modadd.task import sample
+
+NAME = "bubbling"
+
+
+def outputs(out_dir: str, plots: bool = True) -> list[str]:
+    """Every file this stage writes in out_dir (plots False: those of a --no-plot run)."""
+    return stage_files(out_dir, NAME, plots)
 
 
 def analyse(run_dir: str, n: int = 2000, ks=(1, 2, 4, 8), seed: int = 7) -> dict:
@@ -88,19 +96,23 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m modadd.bubbling", description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a run folder written by python -m modadd.train")
     p.add_argument("--n", type=at_least(1), default=2000, help="held-out examples per m")
-    p.add_argument("--seed", type=SEED, default=7)
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="seed of the evaluated examples (the recorded results used 7)")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no figure, no matplotlib)")
+    p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
     return p
 
 
 def main(argv=None) -> int:
+    from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
     try:
+        claim_outputs(outputs(args.run), args.force)
         res = analyse(args.run, args.n, seed=args.seed)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return emit(res, args.run, "bubbling", format_table, plot, args.no_plot)
+    return emit(res, args.run, NAME, format_table, plot, args.no_plot)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,14 @@ def save(fig, path: str, dpi: int = 120) -> str:
     return path
 
 
+def stage_files(out_dir: str, name: str, plots: bool = True) -> list[str]:
+    """What emit writes for a stage called name: <name>.json and, with plots, <name>.png in
+    out_dir. A stage claims the full list (plots True) whatever its --no-plot, so a rerun
+    without figures leaves no figure of an earlier run behind."""
+    import os
+    return [os.path.join(out_dir, name + ext) for ext in (".json", ".png") if plots or ext == ".json"]
+
+
 def emit(res: dict, out_dir: str, name: str, table, plot, no_plot: bool = False) -> int:
     """The end of every stage's main: print the table, write <name>.json and, unless
     no_plot, <name>.png in out_dir. Returns the exit status 0."""

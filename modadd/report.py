@@ -19,6 +19,8 @@ Figures (mean or median over seeds with their spread):
   fig6_sae_ablation        accuracy drop from ablating the chosen SAE latents vs random ones
 Statistics: per seed the median over commutator pairs (with its 95% bootstrap interval over
 pairs in report.json), then the mean over seeds with a 95% bootstrap interval over seeds. Writes report.json and report.md (the verdict table) too.
+Earlier outputs in --out-dir stop it unless --force, which first removes every file it can
+write there (also figures this run's data would not give, so none of another run survives).
 """
 from __future__ import annotations
 
@@ -38,6 +40,14 @@ from modadd.stats import boot_ci, median_ci
 
 RHOS = ("final_rho_exec", "final_rho_random", "final_rho_block_matched", "final_rho_exec_blocks",
         "final_rho_random_blocks")
+FIGURES = ("fig1_intrinsic_dim", "fig2_entropy_bubbling", "fig3_commutator_raw", "fig4_comm_ratio",
+           "fig5_comm_decomposition", "fig6_sae_ablation", "forgetting")    # <name>.png, as far as the data allow
+
+
+def outputs(out_dir: str) -> list[str]:
+    """Every file this command can write in out_dir, whichever figures the data allow."""
+    return ([os.path.join(out_dir, f) for f in ("report.json", "report.md")]
+            + [os.path.join(out_dir, f + ".png") for f in FIGURES])
 
 
 def read_csv(path: str) -> dict[str, np.ndarray]:
@@ -405,15 +415,18 @@ def build_parser() -> Parser:
     p.add_argument("--geometry", default=None,
                    help="folder with trajectory_pca.json and alignment.json (default ROOT), e.g. from other runs "
                         "of the same configuration whose snapshots are at hand")
-    p.add_argument("--out-dir", default="plots/modadd")
+    p.add_argument("--out-dir", default="plots/modadd", help="where the report, its JSON and figures go")
+    p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
     return p
 
 
 def main(argv=None) -> int:
+    from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
     try:
+        claim_outputs(outputs(args.out_dir), args.force)
         rep = build(args.root, args.out_dir, args.curriculum, args.mlp, args.geometry)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_markdown(rep))

@@ -19,7 +19,8 @@ on held-out sequences per m that neither the SAEs nor the selection saw:
   ablated (error kept) / random (error kept): only the latents' contribution removed,
                    x - (z - z_ablated) W_dec, so the SAE's error does not mask the effect
 The effect of the chosen latents is the accuracy drop from the reconstruction beside the
-drop for random latents. Writes sae.json and sae.png in the run folder (or --out-dir).
+drop for random latents. Writes sae.json and sae.png in the run folder (or --out-dir); earlier
+ones stop it unless --force (which removes them first).
 """
 from __future__ import annotations
 
@@ -32,12 +33,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cliargs import SEED, Parser, at_least, non_negative
-from modadd.figures import emit, save, subplots
+from modadd.figures import emit, save, stage_files, subplots
 from modadd.runs import load_config, model_at, snapshot_steps
 from modadd.task import sample
 from modadd.train import pick_device
 
 VARIABLES = ("m", "marker", "marked_value", "value_token", "position")
+NAME = "sae"
+
+
+def outputs(out_dir: str, plots: bool = True) -> list[str]:
+    """Every file this stage writes in out_dir (plots False: those of a --no-plot run)."""
+    return stage_files(out_dir, NAME, plots)
 
 
 class SAE(nn.Module):
@@ -285,20 +292,22 @@ def build_parser() -> Parser:
     p.add_argument("--layer", type=at_least(1), default=None,
                    help="residual after this many blocks, 1 .. n_layers - 1 (default: n_layers // 2)")
     p.add_argument("--at", default="0.1,0.25,0.5,1", help="snapshots as fractions of training")
-    p.add_argument("--kinds", default="topk,relu")
-    p.add_argument("--variable", default="m", choices=VARIABLES)
+    p.add_argument("--kinds", default="topk,relu", help="SAE kinds to train, comma-separated (topk, relu)")
+    p.add_argument("--variable", default="m", choices=VARIABLES,
+                   help="the task variable latents are selected for and ablated against")
     p.add_argument("--n-select", type=at_least(1), default=8, help="latents chosen and ablated (below --n-latents)")
     p.add_argument("--n-random", type=at_least(1), default=20, help="random-latent draws")
-    p.add_argument("--n-latents", type=at_least(1), default=512)
+    p.add_argument("--n-latents", type=at_least(1), default=512, help="dictionary size of each SAE")
     p.add_argument("--k", type=at_least(1), default=8, help="active latents of the TopK SAE (at most --n-latents)")
     p.add_argument("--l1", type=non_negative(), default=1e-2, help="L1 penalty of the ReLU SAE")
-    p.add_argument("--sae-steps", type=at_least(1), default=3000)
+    p.add_argument("--sae-steps", type=at_least(1), default=3000, help="training steps of each SAE")
     p.add_argument("--n-train", type=at_least(1), default=3000, help="sequences for SAE training and latent selection")
     p.add_argument("--n-eval", type=at_least(1), default=1000, help="held-out sequences per m for the ablations")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the SAE initialisation and data")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--out-dir", default=None)
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out-dir", default=None, help="where sae.json/.png go (default: the run folder)")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no figure, no matplotlib)")
+    p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
     return p
 
 
@@ -331,19 +340,22 @@ def check(args) -> str | None:
 
 
 def main(argv=None) -> int:
+    from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
     problem = check(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    out = args.out_dir or args.run
     try:
+        claim_outputs(outputs(out), args.force)
         res = analyse(args.run, args.layer, parse_fractions(args.at), tuple(args.kinds.split(",")), args.variable,
                       args.n_select, args.n_random, args.n_latents, args.k, args.l1, args.sae_steps, args.n_train,
                       args.n_eval, args.seed, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return emit(res, args.out_dir or args.run, "sae", format_table, plot, args.no_plot)
+    return emit(res, out, NAME, format_table, plot, args.no_plot)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,20 @@ or with --together N as one vmapped network of N seeds in this process (meant fo
 where separate processes time-slice the device). Seeds already trained are skipped. Then
 the stages run: per seed bubbling and sae (in parallel), over all seeds trajectory and
 alignment (written to ROOT). A seed that fails is reported and left out of the stages.
+
+Run again on the same ROOT, a sweep picks up where it stopped. A per-seed stage is skipped
+(one line names the runs) when the seed was not trained by this sweep and the stage's outputs
+are all there and no older than the seed's model.pt; trajectory and alignment are skipped
+when no seed was trained by this sweep and their outputs in ROOT are all there, no older than
+any seed's model and computed over exactly this sweep's runs. Every other stage runs with
+--force, which removes its earlier outputs first. --force-stages reruns them all (e.g. after
+changing --sae-args).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import subprocess
 import sys
@@ -56,6 +66,29 @@ def run_parallel(jobs: list[tuple[str, list[str], str]], n: int) -> dict[str, in
     return rcs
 
 
+def stage_outputs(stage: str, out_dir: str, plots: bool) -> list[str]:
+    """The files a run of the stage writes in out_dir (its module's outputs(); the JSON first)."""
+    return importlib.import_module(f"modadd.{stage}").outputs(out_dir, plots)
+
+
+def is_done(paths: list[str], models: list[str]) -> bool:
+    """All the stage's outputs are there and none is older than a model they describe."""
+    if not all(os.path.exists(p) for p in paths):
+        return False
+    newest = max((os.path.getmtime(m) for m in models), default=0.0)
+    return min(os.path.getmtime(p) for p in paths) >= newest
+
+
+def covers(json_path: str, runs: list[str]) -> bool:
+    """A joint stage's JSON was computed over exactly these run folders."""
+    try:
+        with open(json_path) as f:
+            done = json.load(f).get("runs")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(done, list) and [os.path.normpath(str(r)) for r in done] == [os.path.normpath(r) for r in runs]
+
+
 def train_together(train_args: list[str], seeds: list[int], dirs: dict, group: int) -> dict[str, int]:
     from modadd.ensemble import run_many
     from modadd.train import build_parser, resolve
@@ -92,6 +125,9 @@ def build_parser() -> Parser:
                    help="train this many seeds at a time in one process as one vmapped network (modadd.ensemble; "
                         "what keeps a GPU busy); 0: one process per seed")
     p.add_argument("--no-plot", action="store_true", help="stages write JSON only (no matplotlib needed)")
+    p.add_argument("--force-stages", action="store_true",
+                   help="rerun every chosen stage (with --force) even where its outputs are complete, e.g. after "
+                        "changing --sae-args")
     return p
 
 
@@ -132,25 +168,43 @@ def main(argv=None) -> int:
     todo = [s for s in seeds if not os.path.exists(os.path.join(dirs[s], "model.pt"))]
     print(f"training {len(todo)} of {len(seeds)} seeds ({args.jobs} at once): modadd.train {' '.join(train_args)}")
     if args.together > 0:
+        from modadd.train import outputs, stage_outputs as run_stage_outputs
+        from training import claim_outputs
+        for s in todo:  # what modadd.train --force removes: leftovers of a run that did not finish
+            claim_outputs(outputs(dirs[s]) + run_stage_outputs(dirs[s]), force=True)
         rcs = train_together(train_args, todo, dirs, args.together)
     else:
         rcs = run_parallel([(f"seed {s}", [py, "-m", "modadd.train", *train_args, "--seed", str(s), "--out-dir",
                                            dirs[s], "--force"], dirs[s] + ".train.log") for s in todo], args.jobs)
     ok = [dirs[s] for s in seeds if os.path.exists(os.path.join(dirs[s], "model.pt"))]
+    trained = {dirs[s] for s in todo} & set(ok)
+    models = {d: os.path.join(d, "model.pt") for d in ok}
+    plots = not args.no_plot
     failed = sum(rc != 0 for rc in rcs.values())
     jobs = []
     for stage in (s for s in stages if s in PER_RUN):
         extra = (args.sae_args.split() if stage == "sae" else []) + (["--no-plot"] if args.no_plot else [])
-        jobs += [(f"{stage} {d}", [py, "-m", f"modadd.{stage}", d, *extra], os.path.join(d, f"{stage}.log"))
-                 for d in ok]
+        skip = [d for d in ok if not args.force_stages and d not in trained
+                and is_done(stage_outputs(stage, d, plots), [models[d]])]
+        if skip:
+            print(f"{stage}: skipped on {len(skip)} run(s) whose outputs are complete and newer than their model "
+                  f"(--force-stages reruns them): {', '.join(os.path.basename(d) for d in skip)}")
+        jobs += [(f"{stage} {d}", [py, "-m", f"modadd.{stage}", d, *extra, "--force"],
+                  os.path.join(d, f"{stage}.log")) for d in ok if d not in skip]
     if jobs:
-        print(f"per-seed stages on {len(ok)} runs")
+        print(f"per-seed stages: {len(jobs)} run(s)")
         failed += sum(rc != 0 for rc in run_parallel(jobs, args.jobs).values())
     for stage in (s for s in stages if s in ALL_RUNS):
         if ok:
+            paths = stage_outputs(stage, args.root, plots)
+            if (not args.force_stages and not trained and is_done(paths, list(models.values()))
+                    and covers(paths[0], ok)):
+                print(f"{stage}: skipped, {paths[0]} is complete for these {len(ok)} runs and newer than their "
+                      f"models (--force-stages reruns it)")
+                continue
             print(f"{stage} over {len(ok)} runs")
             rc, _ = _call([py, "-m", f"modadd.{stage}", *ok, "--out-dir", args.root,
-                           *(["--no-plot"] if args.no_plot else [])],
+                           *(["--no-plot"] if args.no_plot else []), "--force"],
                           os.path.join(args.root, f"{stage}.log"))
             failed += rc != 0
             print(f"  {'ok' if rc == 0 else 'FAILED'}: see {os.path.join(args.root, stage + '.log')}")

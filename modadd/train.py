@@ -47,7 +47,8 @@ PRESETS = {
 def build_parser() -> Parser:
     p = Parser(prog="python -m modadd.train", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="code")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="code",
+                   help="a named configuration (the flags below override its values)")
     for name, typ, text in (
             ("T", at_least(2), "sequence length"), ("C", at_least(2), "modulus (value tokens 0..C-1)"),
             ("m_min", at_least(1), "fewest markers per sequence"), ("m_max", at_least(1), "most markers per sequence"),
@@ -56,10 +57,11 @@ def build_parser() -> Parser:
             ("steps", at_least(1), None), ("snapshot_every", at_least(1), None)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        help=(text + "; " if text else "") + "default: the preset's")
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), default=None)
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help="default: the preset's")
     p.add_argument("--mlp", action="store_true", help="standard blocks (attention + MLP) instead of attention-only")
     p.add_argument("--d-ff", type=at_least(1), default=512, help="MLP width (with --mlp)")
-    p.add_argument("--schedule", choices=("mixed", "mixed-batch", "curriculum"), default="mixed")
+    p.add_argument("--schedule", choices=("mixed", "mixed-batch", "curriculum"), default="mixed",
+                   help="marker counts: mixed per example, mixed per batch, or a curriculum from few to many")
     p.add_argument("--no-value-distractors", action="store_true",
                    help="distractors from noise tokens only (values then never appear unmarked)")
     p.add_argument("--readout-token", action="store_true", help="a dedicated read-out token at the last position")
@@ -70,10 +72,12 @@ def build_parser() -> Parser:
     p.add_argument("--commutator-every", type=at_least(0), default=None,
                    help="default: the snapshot interval; 0: never")
     p.add_argument("--exec-k", type=at_least(1), default=3, help="dimension of the execution subspace for rho")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the initialisation and the data stream")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when torch sees one)")
     p.add_argument("--out-dir", default=None, help="default runs/modadd_<preset>_s<seed>")
-    p.add_argument("--force", action="store_true", help="train into an --out-dir that already holds a run")
+    p.add_argument("--force", action="store_true",
+                   help="train into an --out-dir that already holds a run (its files and the stages' outputs "
+                        "there are removed first)")
     return p
 
 
@@ -320,7 +324,21 @@ def write(res: dict, out_dir: str) -> None:
     torch.save({"config": res["config"], "model": res["model"].state_dict()}, os.path.join(out_dir, "model.pt"))
 
 
-STAGE_OUTPUTS = ("bubbling", "trajectory_pca", "alignment", "sae", "forgetting")  # <name>.json/.png in a run folder
+OUTPUTS = ("config.json", "metrics.csv", "commutators.csv", "snapshots.npz", "model.pt")   # what write() writes
+STAGES = ("bubbling", "trajectory", "alignment", "sae", "forgetting")   # stages that write into a run folder
+
+
+def outputs(out_dir: str) -> list[str]:
+    """Every file a run writes in out_dir (commutators.csv only when commutators are measured)."""
+    return [os.path.join(out_dir, f) for f in OUTPUTS]
+
+
+def stage_outputs(out_dir: str) -> list[str]:
+    """Every file the analysis stages can write in a run folder (each stage's outputs(), the one
+    list it claims itself): a model trained again makes them describe another model. Imported
+    here, not at the top, as the stages import this module."""
+    import importlib
+    return [p for s in STAGES for p in importlib.import_module(f"modadd.{s}").outputs(out_dir)]
 
 
 def main(argv=None) -> int:
@@ -335,16 +353,17 @@ def main(argv=None) -> int:
         print(f"error: {out} already holds a run; pass --force to overwrite it or choose another --out-dir",
               file=sys.stderr)
         return 2
-    if args.force:  # the stages' outputs of the run being replaced would describe another model
-        for stage in STAGE_OUTPUTS:
-            for ext in (".json", ".png"):
-                if os.path.exists(os.path.join(out, stage + ext)):
-                    os.remove(os.path.join(out, stage + ext))
     try:
-        res = run(cfg, out, device=args.device)
+        res = run(cfg, None, device=args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.force:
+        # only now, so that a run that fails leaves the old one whole: the old run's files (also one
+        # this run does not write) and its stages' outputs would describe another model
+        from training import claim_outputs
+        claim_outputs(outputs(out) + stage_outputs(out), force=True)
+    write(res, out)
     f = res["final"]
     print(f"{res['n_parameters']:,} parameters ({'standard' if cfg['mlp'] else 'attention-only'}); "
           f"{cfg['steps']} steps in {res['seconds']:.0f} s ({res['measurement_seconds']:.0f} s measuring)")

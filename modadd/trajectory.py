@@ -6,7 +6,8 @@ For every layer and matrix (W_Q, W_K, W_V, W_O) of each run: r90 (principal comp
 90% of the trajectory's variance) and the effective rank, beside the same numbers for
 random walks with the run's step sizes in random directions. With several runs (seeds), the
 table gives the mean and standard deviation over runs. Writes trajectory_pca.json and
-trajectory_pca.png in the first run's folder (or --out-dir).
+trajectory_pca.png in the first run's folder (or --out-dir); earlier ones stop it unless
+--force (which removes them first).
 """
 from __future__ import annotations
 
@@ -15,10 +16,17 @@ import sys
 import numpy as np
 
 from cliargs import SEED, Parser, at_least
-from modadd.figures import emit, save, subplots
+from modadd.figures import emit, save, stage_files, subplots
 from modadd.geometry import trajectory_pca
 from modadd.runs import MATS, load_snapshots
 from modadd.stats import mean_std
+
+NAME = "trajectory_pca"
+
+
+def outputs(out_dir: str, plots: bool = True) -> list[str]:
+    """Every file this stage writes in out_dir (plots False: those of a --no-plot run)."""
+    return stage_files(out_dir, NAME, plots)
 
 
 def analyse(run_dirs: list[str], n_null: int = 20, seed: int = 0) -> dict:
@@ -70,20 +78,24 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m modadd.trajectory", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders written by python -m modadd.train")
     p.add_argument("--n-null", type=at_least(1), default=20, help="random walks per block")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--out-dir", default=None)
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the random-walk null")
+    p.add_argument("--out-dir", default=None, help="where trajectory_pca.json/.png go (default: the first run)")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no figure, no matplotlib)")
+    p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
     return p
 
 
 def main(argv=None) -> int:
+    from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
+    out = args.out_dir or args.runs[0]
     try:
+        claim_outputs(outputs(out), args.force)
         res = analyse(args.runs, args.n_null, args.seed)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return emit(res, args.out_dir or args.runs[0], "trajectory_pca", format_table, plot, args.no_plot)
+    return emit(res, out, NAME, format_table, plot, args.no_plot)
 
 
 if __name__ == "__main__":

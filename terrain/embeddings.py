@@ -190,11 +190,12 @@ def plot(res: dict, path: str) -> str:
 def build_parser() -> Parser:
     from terrain.cli import add_force_flag
     p = Parser(prog="python -m terrain.embeddings", description="Embedding-matrix geometry beside nulls.")
-    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
+    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
+                   help="model names or local folders (see terrain/models.py; default: the offline MiniLM)")
     p.add_argument("--n-simplices", type=at_least(2), default=4000,
                    help="4-simplices sampled for the volume CV (a spread needs at least 2)")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--out-dir", default="plots/terrain")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the sampled items and the nulls")
+    p.add_argument("--out-dir", default="plots/terrain", help="where the numbers (JSON/CSV) and figures go")
     add_force_flag(p)
     return p
 

@@ -126,10 +126,11 @@ def build_parser() -> Parser:
     from terrain.cli import add_force_flag, add_model_flags
     p = Parser(prog="python -m terrain.layers",
                description="Hidden-state norms and cosines through the layers of a text model.")
-    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
+    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
+                   help="model names or local folders (see terrain/models.py; default: the offline MiniLM)")
     p.add_argument("--sentences-file", default=None, help="one sentence per line (default: 16 built-in)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the shuffled control")
-    p.add_argument("--out-dir", default="plots/terrain")
+    p.add_argument("--out-dir", default="plots/terrain", help="where the numbers (JSON/CSV) and figures go")
     add_force_flag(p)
     add_model_flags(p)
     return p

@@ -546,7 +546,8 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m terrain.modulate",
                description="LERP residual modulator initialised from WordNet: alpha sweep on held-out items with "
                            "shuffled and random-rotation controls.")
-    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
+    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
+                   help="model names or local folders (see terrain/models.py; default: the offline MiniLM)")
     p.add_argument("--layers", default="all", help="comma-separated block indices before which to inject")
     p.add_argument("--geo-dim", type=at_least(1), default=64, help="WordNet MDS dimension (below --anchors)")
     p.add_argument("--alphas", type=between(0, 1, open_hi=True), nargs="+", default=list(DEFAULT_ALPHAS),
@@ -554,8 +555,8 @@ def build_parser() -> Parser:
     p.add_argument("--anchors", type=at_least(2), default=2000, help="items the WordNet geometry is fit on")
     p.add_argument("--eval-items", type=at_least(5), default=800,
                    help="held-out items scored (a 4-simplex needs 5)")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--out-dir", default="plots/terrain")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the sampled items and the nulls")
+    p.add_argument("--out-dir", default="plots/terrain", help="where the numbers (JSON/CSV) and figures go")
     add_force_flag(p)
     add_model_flags(p)
     t = p.add_argument_group("training (--train): the model frozen; geometric rows, projection and alphas learn")
@@ -564,10 +565,10 @@ def build_parser() -> Parser:
                    help="lerp: WordNet geometry injected by LERP; field: simplex-expert gates (terrain/field.py)")
     t.add_argument("--alpha", type=between(0, 1, open_lo=True, open_hi=True), default=0.01,
                    help="starting alpha of every layer (a sigmoid of a learned logit)")
-    t.add_argument("--epochs", type=at_least(1), default=3)
+    t.add_argument("--epochs", type=at_least(1), default=3, help="passes over the training items")
     t.add_argument("--train-items", type=at_least(1), default=2000, help="at least --batch-size")
-    t.add_argument("--batch-size", type=at_least(1), default=32)
-    t.add_argument("--lr", type=positive(), default=1e-3)
+    t.add_argument("--batch-size", type=at_least(1), default=32, help="items per optimizer step")
+    t.add_argument("--lr", type=positive(), default=1e-3, help="AdamW learning rate")
     t.add_argument("--tau", type=positive(), default=0.05, help="contrastive temperature (encoder-only models)")
     return p
 

@@ -279,8 +279,8 @@ def build_parser() -> Parser:
                    help="held-out tokens of the RSA (a correlation of pairwise cosines needs 3)")
     p.add_argument("--ridge", type=non_negative(), default=1e-3,
                    help="least-squares ridge, relative to the mean variance (0: plain least squares)")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--out-dir", default="plots/terrain")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the sampled items and the nulls")
+    p.add_argument("--out-dir", default="plots/terrain", help="where the numbers (JSON/CSV) and figures go")
     add_force_flag(p)
     add_model_flags(p)
     return p

@@ -459,12 +459,16 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m terrain.wordnet",
                description="WordNet relational alignment of static and contextual representations, with multi-seed "
                            "stability.")
-    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL])
-    p.add_argument("--sense-policy", choices=POLICIES, default="most-frequent")
+    p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
+                   help="model names or local folders (see terrain/models.py; default: the offline MiniLM)")
+    p.add_argument("--sense-policy", choices=POLICIES, default="most-frequent",
+                   help="the sense an item stands for: most-frequent (largest corpus count), noun (the same among noun "
+                        "senses), first-seen (first in wn.all_synsets() order, as the original code)")
     p.add_argument("--layer", type=any_number(int), default=-1, help="hidden state index for the contextual "
                    "representation (0 = embedding output, -1 = last layer; negative ones count from the end)")
-    p.add_argument("--pooling", choices=("mean", "first"), default="mean")
-    p.add_argument("--seeds", type=at_least(1), default=50)
+    p.add_argument("--pooling", choices=("mean", "first"), default="mean",
+                   help="contextual representation of a multi-token word: mean of its tokens or its first")
+    p.add_argument("--seeds", type=at_least(1), default=50, help="independent item/pair samples (for the stability)")
     p.add_argument("--n-items", type=at_least(5), default=2000, help="items sampled per seed (a 4-simplex needs 5)")
     p.add_argument("--n-pairs", type=at_least(1), default=200_000, help="random pairs per seed")
     p.add_argument("--n-simplices", type=at_least(2), default=500,
@@ -474,9 +478,9 @@ def build_parser() -> Parser:
                    help="nltk's fake root joining all taxonomies (adjective pairs then all score path 1/3)")
     p.add_argument("--max-items", type=at_least(5), default=None,
                    help="use at most this many matched items (default: all)")
-    p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="definitions encoded per forward pass")
     add_model_flags(p)
-    p.add_argument("--out-dir", default="plots/terrain")
+    p.add_argument("--out-dir", default="plots/terrain", help="where the numbers (JSON/CSV) and figures go")
     add_force_flag(p)
     return p
 
