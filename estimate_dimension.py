@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-per-circle", action="store_true", help="skip the per-circle estimates")
     p.add_argument("--unbiased", action="store_true", help="per-point estimates with k-2 instead of k-1 (unbiased for a uniform sample)")
     p.add_argument("--n-boot", type=at_least(0), default=200, help="bootstrap resamples for the CIs (0: none)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (torch kNN on GPU)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu or cuda (torch kNN on GPU)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the subsample and the bootstrap")
     p.add_argument("--out-dir", default="plots", help="where the table, JSON/CSV and figure go")
     p.add_argument("--force", action="store_true", help="replace the table, JSON/CSV and figure of an earlier run")
@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.device == "auto":
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     import matplotlib
     matplotlib.use("Agg")
     try:

@@ -204,7 +204,7 @@ def belief_targets(beliefs: dict | None) -> dict:
 
 def plot_umap_grid(embs: dict, states_by_layer: dict, lb30: dict, n_states: int, path: str, title: str) -> str:
     import matplotlib.pyplot as plt
-    from markov_circles_timeseries import state_colors
+    from plotting import state_colors
     cols = np.array(state_colors(n_states))
     n = len(embs)
     nc = min(n, 3)

@@ -392,7 +392,7 @@ def run_generate(args) -> int:
     import matplotlib.pyplot as plt
 
     from dataset import load_series, time_splits
-    from markov_circles_timeseries import draw_state_strip
+    from plotting import draw_state_strip
     from training import check_data_matches, claim_outputs, load_checkpoint, resolve_device
     ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
     device = resolve_device(args.device)
@@ -513,7 +513,7 @@ def run_gates(args) -> int:
     import matplotlib.pyplot as plt
 
     from dataset import load_series
-    from markov_circles_timeseries import draw_state_strip
+    from plotting import draw_state_strip
     from training import check_data_matches, claim_outputs, load_checkpoint, resolve_device
     ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
     device = resolve_device(args.device)
@@ -587,7 +587,7 @@ def run_gates(args) -> int:
     if args.umap:
         import umap
 
-        from markov_circles_timeseries import state_colors
+        from plotting import state_colors
         rng = np.random.default_rng(args.seed)
         sel = rng.choice(len(states_cat), size=min(args.umap_points, len(states_cat)), replace=False)
         cols = np.array(state_colors(series.n_states))
@@ -648,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--checkpoint", required=True, help="a best.pt / last.pt of mamba_next.py train")
         s.add_argument("--data-dir", default=None, help="default: the data the model was trained on")
-        s.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+        s.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu or cuda")
         s.add_argument("--seed", type=SEED, default=0, help="seed of the sampling noise and perturbations")
         s.add_argument("--out-dir", default=None, help="numbers and arrays (default <run folder>/" + name + ")")
         s.add_argument("--force", action="store_true", help="replace this command's earlier outputs (removed first)")

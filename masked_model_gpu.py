@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from positions import t5_relative_bucket  # noqa: F401 (re-exported)
+
 MODEL_TYPE = "masked_transformer"
 POS_ENCODINGS = ("sinusoidal", "t5", "rope")
 
@@ -69,31 +71,6 @@ class ModelConfig:
             raise ValueError("sinusoidal positions need an even --d-model")
         if self.pos_encoding == "t5" and (self.t5_num_buckets < 4 or self.t5_max_distance < self.t5_num_buckets // 4):
             raise ValueError("--t5-num-buckets must be >= 4 and --t5-max-distance >= num_buckets / 4")
-
-
-def t5_relative_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int,
-                       bidirectional: bool = True) -> torch.Tensor:
-    """T5's bucket of each relative position (key - query).
-
-    Half the buckets hold each sign when bidirectional. Within a sign, distances below
-    num_buckets/4 (a quarter of the buckets) get a bucket each; larger ones share buckets
-    spaced logarithmically up to max_distance, beyond which all share the last bucket.
-    """
-    rel = relative_position
-    buckets = num_buckets
-    offset = torch.zeros_like(rel)
-    if bidirectional:
-        buckets //= 2
-        offset = (rel > 0).to(rel.dtype) * buckets
-        dist = rel.abs()
-    else:
-        dist = (-rel).clamp(min=0)
-    exact = buckets // 2
-    # log-spaced buckets for exact <= dist < max_distance; clamp avoids log(0) on the small ones
-    scaled = torch.log(dist.float().clamp(min=1) / exact) / math.log(max_distance / exact)
-    far = exact + (scaled * (buckets - exact)).to(rel.dtype)
-    far = far.clamp(max=buckets - 1)
-    return offset + torch.where(dist < exact, dist, far)
 
 
 def sinusoidal_table(length: int, dim: int, device, dtype=torch.float32) -> torch.Tensor:

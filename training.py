@@ -345,7 +345,7 @@ def plot_prediction_window(path: str, x: np.ndarray, states: np.ndarray, pred: n
                            mask: np.ndarray | None = None) -> str:
     """Four rows: state strip (masked steps grey), truth, prediction, squared error (NaN = not scored)."""
     import matplotlib.pyplot as plt
-    from markov_circles_timeseries import draw_state_strip
+    from plotting import draw_state_strip
     fig, axes = plt.subplots(4, 1, figsize=(12, 8), sharex=True,
                              gridspec_kw={"height_ratios": [1, 5, 5, 5], "hspace": 0.08})
     draw_state_strip(axes[0], states, n_states, mask=mask)

@@ -104,3 +104,12 @@ def run_many(cfgs: list[dict], out_dirs: list[str] | None = None, progress: bool
             write(res, out_dirs[i])
         out.append(res)
     return out
+
+
+if __name__ == "__main__":
+    import sys
+    print("modadd/ensemble.py is a library: train several seeds as one batched network with\n"
+          "  python -m modadd.sweep --seeds 0-19 --together 20 --root runs/code -- --preset code\n"
+          "(see python -m modadd.sweep --help)", file=sys.stdout if "-h" in sys.argv or "--help" in sys.argv
+          else sys.stderr)
+    sys.exit(0 if "-h" in sys.argv or "--help" in sys.argv else 2)

@@ -304,7 +304,7 @@ def build_parser() -> Parser:
     p.add_argument("--n-train", type=at_least(1), default=3000, help="sequences for SAE training and latent selection")
     p.add_argument("--n-eval", type=at_least(1), default=1000, help="held-out sequences per m for the ablations")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the SAE initialisation and data")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu or cuda")
     p.add_argument("--out-dir", default=None, help="where sae.json/.png go (default: the run folder)")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only (no figure, no matplotlib)")
     p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")

@@ -134,3 +134,12 @@ def cv_health(X: np.ndarray, n_simplices: int = 2000, seed: int = 0) -> dict:
     vol = M.sample_simplex_volumes(np.asarray(X, np.float64), 4, n_simplices, rng)
     return {"cv": M.coefficient_of_variation(vol), "ci": list(M.bootstrap_ci(vol, n_boot=200, rng=rng)),
             "gaussian_cv": M.gaussian_volume_cv(4, X.shape[1])}
+
+
+if __name__ == "__main__":
+    import sys
+    print("terrain/field.py is a library: train the field modulator with\n"
+          "  python -m terrain.modulate --train --modulator field [--model NAME ...]\n"
+          "(see python -m terrain.modulate --help)", file=sys.stdout if "-h" in sys.argv or "--help" in sys.argv
+          else sys.stderr)
+    sys.exit(0 if "-h" in sys.argv or "--help" in sys.argv else 2)

@@ -188,7 +188,7 @@ def t5_bias_profiles(table: np.ndarray, num_buckets: int, max_distance: int, bid
     """Bias of each head against signed distance (key - query) in [-span, span]."""
     import torch
 
-    from masked_model_gpu import t5_relative_bucket
+    from positions import t5_relative_bucket
     span = span or 2 * max_distance
     dist = np.arange(-span, span + 1)
     buckets = t5_relative_bucket(torch.as_tensor(dist), num_buckets, max_distance, bidirectional).numpy()

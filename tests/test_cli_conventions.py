@@ -51,3 +51,31 @@ def test_help_prints_and_exits_zero(module, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "usage:" in out and "(default:" in out and "(default: None)" not in out
+
+
+def test_device_flags_default_to_auto():
+    devices = {name: a.default for name, a in all_options() if a.dest == "device"}
+    assert len(devices) >= 8 and {k: v for k, v in devices.items() if v != "auto"} == {}
+
+
+@pytest.mark.parametrize("module", ["terrain.field", "modadd.ensemble"])
+def test_library_modules_say_what_to_run(module):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "python -m" in r.stdout
+    r = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True)
+    assert r.returncode == 2 and "python -m" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shared_modules_import_no_script():
+    """training, dataset, oracle (as a module), plotting, positions and cliargs never import a script
+    at import time, and terrain.weights gets T5's buckets from the shared module."""
+    import subprocess
+    import sys
+    code = ("import sys, training, dataset, oracle, plotting, positions, cliargs, terrain.weights; "
+            "bad = [m for m in ('masked_model_gpu', 'mamba_next', 'markov_circles_timeseries', "
+            "'evaluate_representations', 'estimate_dimension') if m in sys.modules]; print(bad)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

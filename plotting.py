@@ -1,0 +1,31 @@
+"""Figure helpers shared by the circles scripts: circle colours and the state strip.
+
+Only numpy at import time; matplotlib is imported when a figure is drawn.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def state_colors(n: int):
+    import matplotlib.pyplot as plt
+    if n <= 10:  # tab10 with its grey swapped out: grey marks masked steps in the figures
+        cols = [plt.get_cmap("tab10")(i) for i in range(10)]
+        cols[7] = (0.0, 0.0, 0.5, 1.0)
+        return cols[:n]
+    cmap = plt.get_cmap("hsv")
+    return [cmap(i / n) for i in range(n)]
+
+
+def draw_state_strip(ax, states: np.ndarray, n_states: int, mask: np.ndarray | None = None,
+                     extent_x: tuple[float, float] | None = None) -> None:
+    """Coloured strip of circle labels; masked steps (if given) drawn grey."""
+    from matplotlib.colors import ListedColormap
+    cols = state_colors(n_states) + [(0.6, 0.6, 0.6, 1.0)]
+    s = states.copy()
+    if mask is not None:
+        s = np.where(mask, n_states, s)
+    x0, x1 = extent_x if extent_x else (0, len(states))
+    ax.imshow(s[None, :], aspect="auto", cmap=ListedColormap(cols), vmin=-0.5, vmax=n_states + 0.5,
+              interpolation="nearest", extent=(x0, x1, 0, 1))
+    ax.set_yticks([])
