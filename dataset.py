@@ -298,3 +298,27 @@ def build_datasets(series: Series, seq_len: int, stride: int, mask_cfg: MaskConf
         test = WindowDataset(series.X, series.states, window_starts(splits.test, seq_len, eval_stride, True),
                              seq_len, mask_cfg, mseed[2], fixed=True, signal=sig)
     return {"train": train, "val": val, "test": test, "splits": splits}
+
+
+def task_datasets(series: Series, data_args: dict, task: str) -> dict:
+    """The windows a model of each task is trained and scored on, from its data arguments.
+
+    masked: patch masks from mask_ratio / mask_patch_size / mask_patch_min / mask_patch_max;
+    next: no masks, evaluation windows overlapping by eval_warmup so each step after the
+    warm-up is scored once (every dataset carries eval_warmup)."""
+    if task == "masked":
+        mask_cfg = MaskConfig(data_args["mask_ratio"], data_args["mask_patch_size"],
+                              data_args["mask_patch_min"], data_args["mask_patch_max"])
+        return build_datasets(series, data_args["seq_len"], data_args["stride"], mask_cfg, data_args["seed"],
+                              data_args["val_frac"], data_args["test_frac"])
+    if task == "next":
+        L, w = data_args["seq_len"], data_args["eval_warmup"]
+        if not 0 <= w < L - 1:
+            raise ValueError(f"--eval-warmup {w} must be in [0, seq_len - 1)")
+        ds = build_datasets(series, L, data_args["stride"], None, data_args["seed"], data_args["val_frac"],
+                            data_args["test_frac"], eval_stride=L - w)
+        for part in ("train", "val", "test"):
+            if ds.get(part) is not None:
+                ds[part].eval_warmup = w  # what evaluation scores after, in these windows
+        return ds
+    raise ValueError(f"unknown task {task!r} (masked or next)")

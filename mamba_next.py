@@ -237,16 +237,8 @@ def make_spec():
 def datasets_for(series, data_args: dict):
     """Windows without masks; evaluation windows overlap by the warm-up so each scored step
     (after the warm-up) is scored once."""
-    from dataset import build_datasets
-    L, w = data_args["seq_len"], data_args["eval_warmup"]
-    if not 0 <= w < L - 1:
-        raise ValueError(f"--eval-warmup {w} must be in [0, seq_len - 1)")
-    ds = build_datasets(series, L, data_args["stride"], None, data_args["seed"], data_args["val_frac"],
-                        data_args["test_frac"], eval_stride=L - w)
-    for part in ("train", "val", "test"):
-        if ds.get(part) is not None:
-            ds[part].eval_warmup = w  # what evaluate() scores after, in these windows
-    return ds
+    from dataset import task_datasets
+    return task_datasets(series, data_args, "next")
 
 
 GATE_PARAMS = ("mixer.x_proj.", "mixer.dt_proj.")

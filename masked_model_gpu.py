@@ -288,11 +288,8 @@ def config_from_args(args, in_dim: int) -> ModelConfig:
 
 
 def datasets_for(series, data_args: dict):
-    from dataset import MaskConfig, build_datasets
-    mask_cfg = MaskConfig(data_args["mask_ratio"], data_args["mask_patch_size"],
-                          data_args["mask_patch_min"], data_args["mask_patch_max"])
-    return build_datasets(series, data_args["seq_len"], data_args["stride"], mask_cfg, data_args["seed"],
-                          data_args["val_frac"], data_args["test_frac"])
+    from dataset import task_datasets
+    return task_datasets(series, data_args, "masked")
 
 
 def batch_loss(model, batch, device, amp):

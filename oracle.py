@@ -778,11 +778,8 @@ def main(argv=None) -> int:
         from dataset import load_series
         series = load_series(data["data_dir"])
         chain = Chain.from_series(series)
-        if task == "masked":
-            from masked_model_gpu import datasets_for
-        else:
-            from mamba_next import datasets_for
-        ds = datasets_for(series, data)
+        from dataset import task_datasets
+        ds = task_datasets(series, data, task)
         splits = ("val", "test") if args.split == "both" else (args.split,)
         res = {"task": task, "data": data, "n_states": chain.n_states, "noise_floor": series.noise_var}
         for split in splits:

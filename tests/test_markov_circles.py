@@ -114,6 +114,10 @@ def test_cli_writes_data_and_refuses_silent_overwrite(tmp_path, capsys):
 
 
 def test_cli_rejects_bad_subspace(tmp_path, capsys):
-    assert main(["--subspace-dim", "1", "--out-dir", str(tmp_path), "--no-plots"]) == 2
+    with pytest.raises(SystemExit) as e:  # below 2: refused while parsing
+        main(["--subspace-dim", "1", "--out-dir", str(tmp_path), "--no-plots"])
+    assert e.value.code == 2 and "--subspace-dim" in capsys.readouterr().err
+    # above the ambient dimension: refused by the configuration check
+    assert main(["--subspace-dim", "25", "--out-dir", str(tmp_path), "--no-plots"]) == 2
     assert "--subspace-dim" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "data.npz")

@@ -13,9 +13,7 @@ from common import report
 
 import markov_circles_timeseries
 import oracle
-from dataset import load_series
-from mamba_next import datasets_for as next_datasets
-from masked_model_gpu import datasets_for as masked_datasets
+from dataset import load_series, task_datasets
 
 
 def main():
@@ -27,15 +25,15 @@ def main():
         common = dict(data_dir=data, seq_len=1024, stride=64, val_frac=0.1, test_frac=0.1, seed=0)
         t = time.perf_counter()
         chain = oracle.Chain.from_series(series)
-        ds = masked_datasets(series, {**common, "mask_ratio": 0.15, "mask_patch_size": 16,
-                                      "mask_patch_min": 8, "mask_patch_max": 128})
+        ds = task_datasets(series, {**common, "mask_ratio": 0.15, "mask_patch_size": 16,
+                                    "mask_patch_min": 8, "mask_patch_max": 128}, "masked")
         res = {s: oracle.score_dataset(chain, series, ds[s], "masked") for s in ("val", "test")}
         rows.append({"what": f"masked task, val + test windows of 1024 ({res['val']['n_windows']} + "
                              f"{res['test']['n_windows']}), patches 8-128, {chain.n_states} chain states",
                      "seconds": time.perf_counter() - t, "target_s": 30.0,
                      "oracle_signal_mse": {s: r["oracle_signal_mse"] for s, r in res.items()}})
         t = time.perf_counter()
-        ds = next_datasets(series, {**common, "eval_warmup": 256})
+        ds = task_datasets(series, {**common, "eval_warmup": 256}, "next")
         res = {s: oracle.score_dataset(chain, series, ds[s], "next") for s in ("val", "test")}
         rows.append({"what": "next-step task, val + test windows of 1024, warm-up 256",
                      "seconds": time.perf_counter() - t, "target_s": 30.0,
