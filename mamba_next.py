@@ -385,7 +385,7 @@ def run_generate(args) -> int:
 
     from dataset import load_series, time_splits
     from plotting import draw_state_strip
-    from training import check_data_matches, claim_outputs, load_checkpoint, resolve_device
+    from training import TrainingError, check_data_matches, claim_outputs, load_checkpoint, resolve_device
     ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
     device = resolve_device(args.device)
     model = load_model(ckpt).to(device)
@@ -393,18 +393,22 @@ def run_generate(args) -> int:
     check_data_matches(ckpt["model_config"], series, ckpt["path"])
     sp = time_splits(series.n_steps, ckpt["data"]["seq_len"], ckpt["data"]["val_frac"], ckpt["data"]["test_frac"])
     block = sp.test if sp.test[1] > sp.test[0] else sp.val
-    start = args.start if args.start is not None else block[0]
+    if args.from_end and args.start is not None:
+        raise TrainingError("give --start or --from-end, not both")
+    start = series.n_steps - args.seed_len if args.from_end else args.start if args.start is not None else block[0]
+    if start < 0 or start + args.seed_len > series.n_steps:
+        raise TrainingError(f"the {args.seed_len}-step seed from step {start} does not fit in the series "
+                            f"({series.n_steps} steps); lower --seed-len or --start")
     end = start + args.seed_len + args.gen_len
-    if start < block[0] or end > block[1]:
-        print(f"note: steps {start}..{end} are not all inside the held-out block {block}")
-    if end > series.n_steps:
-        from training import TrainingError
-        raise TrainingError(f"seed + generation ({args.seed_len} + {args.gen_len} steps from {start}) runs past "
-                            f"the end of the series ({series.n_steps}); lower --gen-len or --start")
+    known = min(end, series.n_steps) - (start + args.seed_len)  # generated steps with a true continuation
+    if not args.from_end and (start < block[0] or min(end, series.n_steps) > block[1]):
+        print(f"note: steps {start}..{min(end, series.n_steps)} are not all inside the held-out block {block}")
+    if known < args.gen_len:
+        print(f"note: the series ends {known} steps into the generation; the other {args.gen_len - known} "
+              f"generated steps have no true continuation to compare with")
     layers = tuple(int(i) - 1 for i in args.perturb_layers.split(",")) if args.perturb_layers else \
         tuple(range(model.cfg.n_layers))
     if any(not 0 <= li < model.cfg.n_layers for li in layers):
-        from training import TrainingError
         raise TrainingError(f"--perturb-layers must name layers 1..{model.cfg.n_layers}")
     kind = "hidden" if args.perturb_hidden else "output" if args.perturb_output else "none"
     pert = Perturbation(kind, layers, args.perturb_interval, args.perturb_duration, args.perturb_scale)
@@ -413,10 +417,11 @@ def run_generate(args) -> int:
     t0 = time.perf_counter()
     gen = generate(model, seed_window, args.gen_len, args.temperature, pert, g)
     secs = time.perf_counter() - t0
-    truth = series.X[start + args.seed_len:end]
+    truth = series.X[start + args.seed_len:end]  # only the first `known` steps exist
     clean = series.signal[start + args.seed_len:end] if series.signal is not None else None
-    err = ((gen - truth) ** 2).mean(1)
+    err = ((gen[:known] - truth) ** 2).mean(1)
     report = {"checkpoint": ckpt["path"], "start": start, "seed_len": args.seed_len, "gen_len": args.gen_len,
+              "steps_with_truth": known,
               "temperature": args.temperature, "perturbation": pert.__dict__ | {"layers": list(layers)},
               "seconds": secs, "steps_per_second": args.gen_len / secs,
               "noise_floor": series.noise_var}
@@ -428,7 +433,7 @@ def run_generate(args) -> int:
         print(f"no oracle: {e}")
     ref = oracle.forecast(chain, series.X[start:start + args.seed_len], args.gen_len) if chain else None
     for n in (1, 8, 16, 64, 256):
-        if n <= args.gen_len:
+        if n <= known:
             report[f"mse_first_{n}"] = float(err[:n].mean())
             if clean is not None:
                 report[f"mse_to_signal_first_{n}"] = float(((gen[:n] - clean[:n]) ** 2).mean())
@@ -438,11 +443,14 @@ def run_generate(args) -> int:
                     report[f"oracle_mse_to_signal_first_{n}"] = float(((ref[:n] - clean[:n]) ** 2).mean())
     if chain is not None:
         dm, ds_ = float(series.config["dwell_mean"]), float(series.config["dwell_std"])
-        report["process"] = {"generated": oracle.process_statistics(chain, gen, dm, ds_),
-                             "true_continuation": oracle.process_statistics(chain, truth, dm, ds_)}
+        report["process"] = {"generated": oracle.process_statistics(chain, gen, dm, ds_)}
+        if known >= 2:
+            report["process"]["true_continuation"] = oracle.process_statistics(chain, truth, dm, ds_)
     if "planes" in series.extra and "radii" in series.extra:
         decoded = nearest_circle(gen, series.extra["planes"], series.extra["radii"])
-        report["decoded_matches_true_circle"] = float(np.mean(decoded == series.states[start + args.seed_len:end]))
+        if known:
+            report["decoded_matches_true_circle"] = float(np.mean(decoded[:known] ==
+                                                                  series.states[start + args.seed_len:end]))
     else:
         decoded = None
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "generate")
@@ -458,19 +466,23 @@ def run_generate(args) -> int:
     fig, axes = plt.subplots(5, 1, figsize=(13, 9), sharex=True,
                              gridspec_kw={"height_ratios": [1, 1, 5, 5, 3], "hspace": 0.12})
     n_states = series.n_states
-    draw_state_strip(axes[0], series.states[start + args.seed_len:end], n_states)
+    if known:
+        draw_state_strip(axes[0], series.states[start + args.seed_len:end], n_states, extent_x=(0, known))
+    axes[0].set_xlim(0, args.gen_len)
     axes[0].set_ylabel("true", rotation=0, ha="right")
     if decoded is not None:
         draw_state_strip(axes[1], decoded, n_states)
     axes[1].set_ylabel("decoded", rotation=0, ha="right")
-    lim = np.percentile(np.abs(truth), 99)
-    axes[2].imshow(truth.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    lim = np.percentile(np.abs(truth if known else gen), 99)
+    padded = np.full_like(gen, np.nan)
+    padded[:known] = truth
+    axes[2].imshow(padded.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     axes[2].set_ylabel("true continuation")
     axes[3].imshow(gen.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     axes[3].set_ylabel("generated")
     axes[4].plot(err, lw=0.8, label="generated")
     if ref is not None:
-        axes[4].plot(((ref - truth) ** 2).mean(1), lw=0.8, color="tab:red", alpha=0.8,
+        axes[4].plot(((ref[:known] - truth) ** 2).mean(1), lw=0.8, color="tab:red", alpha=0.8,
                      label="oracle forecast from the same seed")
     if series.noise_var:
         axes[4].axhline(series.noise_var, color="k", ls="--", lw=1, label="noise floor")
@@ -506,7 +518,7 @@ def run_gates(args) -> int:
 
     from dataset import load_series
     from plotting import draw_state_strip
-    from training import check_data_matches, claim_outputs, load_checkpoint, resolve_device
+    from training import TrainingError, check_data_matches, claim_outputs, load_checkpoint, resolve_device
     ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
     device = resolve_device(args.device)
     model = load_model(ckpt).to(device).eval()
@@ -521,7 +533,17 @@ def run_gates(args) -> int:
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(plots_dir, exist_ok=True)
     val = ds["val"]
+    n = model.cfg.n_layers
+    if args.layer is not None and args.layer > n:
+        raise TrainingError(f"--layer {args.layer}: this model has layers 1..{n}")
+    if args.sample is not None and args.sample >= len(val):
+        raise TrainingError(f"--sample {args.sample}: the validation block has windows 0..{len(val) - 1}")
     idx = np.linspace(0, len(val) - 1, min(args.samples, len(val))).round().astype(int)
+    plotted = {int(i) for i in idx[:args.plot_samples]}
+    if args.sample is not None:  # that window, recorded and drawn (first), and no other drawn
+        idx = np.concatenate(([args.sample], idx[idx != args.sample]))
+        plotted = {args.sample}
+    layers = [args.layer - 1] if args.layer is not None else list(range(n))
     written = []
     summary = {"mean_delta": [], "mean_delta_by_circle": []}
     traces_all = []
@@ -531,18 +553,18 @@ def run_gates(args) -> int:
         with torch.no_grad():
             model(torch.as_tensor(x, device=device)[None], trace=trace)
         traces_all.append((trace, s))
-        if j >= args.plot_samples:
+        if int(i) not in plotted:
             continue
-        n = model.cfg.n_layers
-        fig, axes = plt.subplots(n, 4, figsize=(18, 2.2 * n + 1), squeeze=False)
-        for li, t in enumerate(trace):
+        fig, axes = plt.subplots(len(layers), 4, figsize=(18, 2.2 * len(layers) + 1), squeeze=False)
+        for row, li in enumerate(layers):
+            t = trace[li]
             sig = {"delta": t["delta"][0], "silu(z)": F.silu(t["z"][0]), "B": t["B"][0], "C": t["C"][0]}
             for c, (name, arr) in enumerate(sig.items()):
-                ax = axes[li, c]
+                ax = axes[row, c]
                 a = arr.float().cpu().numpy()
                 ax.imshow(a, aspect="auto", interpolation="nearest",
                           cmap="viridis" if name in ("delta", "silu(z)") else "RdBu_r")
-                if li == 0:
+                if row == 0:
                     ax.set_title(name)
                 if c == 0:
                     ax.set_ylabel(f"layer {li + 1}")
@@ -551,11 +573,11 @@ def run_gates(args) -> int:
                      f"(rows: layers; delta, silu(z): channels x time; B, C: states x time)")
         strip = fig.add_axes([0.125, 0.01, 0.775, 0.015])
         draw_state_strip(strip, s, series.n_states)
-        p = os.path.join(plots_dir, f"gates_sample_{j}.png")
+        p = os.path.join(plots_dir, f"gates_sample_{int(i) if args.sample is not None else j}"
+                                    f"{'' if args.layer is None else f'_layer{args.layer}'}.png")
         fig.savefig(p, dpi=90, bbox_inches="tight")
         plt.close(fig)
         written.append(p)
-    n = model.cfg.n_layers
     states_cat = np.concatenate([s for _, s in traces_all])
     for li in range(n):
         d = np.concatenate([tr[li]["delta"][0].float().cpu().numpy().T for tr, _ in traces_all])  # (T, D)
@@ -649,7 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--seed-len", type=at_least(1), default=64, help="steps of true data before generating")
             s.add_argument("--gen-len", type=at_least(1), default=512, help="steps to generate")
             s.add_argument("--start", type=at_least(0), default=None,
-                           help="first step of the seed (default: test block start)")
+                           help="first step of the seed (default: test block start); generation may run past "
+                                "the end of the series, and only steps with a true continuation are scored")
+            s.add_argument("--from-end", action="store_true",
+                           help="seed with the series' last --seed-len steps: continue the series itself")
             s.add_argument("--temperature", type=non_negative(), default=0.0,
                            help="std of noise added to fed-back outputs")
             s.add_argument("--perturb-hidden", action="store_true", help="bursts of noise in the SSM states")
@@ -661,6 +686,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--samples", type=at_least(1), default=16, help="held-out windows to record")
             s.add_argument("--plot-samples", type=at_least(0), default=2, help="of which this many get heatmaps")
+            s.add_argument("--sample", type=at_least(0), default=None,
+                           help="heatmaps of this held-out window only (index into the validation windows; "
+                                "the original code's --sample)")
+            s.add_argument("--layer", type=at_least(1), default=None,
+                           help="heatmaps of this layer only (1-based; the original code's --layer)")
             s.add_argument("--umap", action="store_true", help="UMAP of each signal across time steps")
             s.add_argument("--umap-points", type=at_least(10), default=3000, help="time steps in each UMAP")
     return p

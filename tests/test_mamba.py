@@ -183,6 +183,26 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, capsys):
     assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "3", "--plot-samples", "1"]) == 0
     summary = json.loads((run / "gates" / "gates_summary.json").read_text())
     assert len(summary["mean_delta"]) == 2 and all(d > 0 for d in summary["mean_delta"])
+    # the original code's gate flags: one layer of one held-out window
+    best = str(run / "best.pt")
+    assert main(["gates", "--checkpoint", best, "--layer", "2", "--sample", "1", "--samples", "3",
+                 "--out-dir", str(tmp_path / "g2")]) == 0
+    drawn = sorted(p.name for p in (tmp_path / "g2").glob("gates_sample_*.png"))
+    assert drawn == ["gates_sample_1_layer2.png"]
+    assert main(["gates", "--checkpoint", best, "--layer", "3", "--out-dir", str(tmp_path / "g3")]) == 2
+    assert "layers 1..2" in capsys.readouterr().err
+    # continuing the series itself: nothing to compare with, everything generated is kept
+    assert main(["generate", "--checkpoint", best, "--gen-len", "30", "--seed-len", "16", "--from-end",
+                 "--out-dir", str(tmp_path / "fe")]) == 0
+    rep = json.loads((tmp_path / "fe" / "gen.json").read_text())
+    assert rep["steps_with_truth"] == 0 and "mse_first_1" not in rep and "true_continuation" not in rep["process"]
+    assert np.load(tmp_path / "fe" / "gen.npy").shape == (30, 20)
+    # a generation that runs past the end is scored on the steps that exist
+    T = 20000
+    assert main(["generate", "--checkpoint", best, "--gen-len", "40", "--seed-len", "16", "--start", str(T - 16 - 10),
+                 "--out-dir", str(tmp_path / "pe")]) == 0
+    rep = json.loads((tmp_path / "pe" / "gen.json").read_text())
+    assert rep["steps_with_truth"] == 10 and "mse_first_8" in rep and "mse_first_16" not in rep
     # earlier outputs are replaced only with --force; with it the old sample figures go too
     capsys.readouterr()
     gen_args = ["generate", "--checkpoint", str(run / "best.pt"), "--gen-len", "20", "--seed-len", "16"]
