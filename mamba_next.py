@@ -99,6 +99,13 @@ class MambaNext(nn.Module):
             nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.in_dim))
             for _ in cfg.horizons)
 
+    @classmethod
+    def from_pretrained(cls, path: str) -> "MambaNext":
+        """The model of an --export folder (model.safetensors + config.json); its Mamba blocks
+        carry mamba_ssm's parameter names."""
+        from training import load_exported
+        return load_exported(path, MODEL_TYPE, cls, MambaConfig)
+
     @property
     def layer_names(self) -> list[str]:
         return ["input"] + [str(i + 1) for i in range(self.cfg.n_layers)] + ["output"]

@@ -146,6 +146,12 @@ class MaskedTransformer(nn.Module):
         self.head = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.in_dim))
         nn.init.normal_(self.mask_token, std=0.02)
 
+    @classmethod
+    def from_pretrained(cls, path: str) -> "MaskedTransformer":
+        """The model of an --export folder (model.safetensors + config.json)."""
+        from training import load_exported
+        return load_exported(path, MODEL_TYPE, cls, ModelConfig)
+
     @property
     def layer_names(self) -> list[str]:
         """Names of the representations: raw input, each layer's output, the prediction."""

@@ -518,9 +518,63 @@ def load_model(ckpt: dict, spec: ModelSpec, config_cls) -> torch.nn.Module:
     return model
 
 
+EXPORT_FILES = ("model.safetensors", "config.json")
+
+
+def export_model(model: torch.nn.Module, model_type: str, model_config: dict, out_dir: str, force: bool,
+                 data: dict | None = None) -> list[str]:
+    """Write the weights as model.safetensors and what rebuilds the model as config.json (no
+    pickles: both load without running code). The Mamba blocks keep mamba_ssm's parameter
+    names (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj)."""
+    from safetensors.torch import save_file
+    paths = [os.path.join(out_dir, f) for f in EXPORT_FILES]
+    claim_outputs(paths, force)
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in getattr(model, "_orig_mod", model).state_dict().items()}
+    with replacing(paths[0]) as tmp:
+        save_file(state, tmp, metadata={"model_type": model_type})
+    with replacing(paths[1]) as tmp, open(tmp, "w") as f:
+        json.dump({"model_type": model_type, "model_config": plain(model_config), "data": plain(data or {}),
+                   "format": "safetensors", "exported_by": "this project's --export"}, f, indent=2)
+    return paths
+
+
+def check_export_target(out_dir: str | None, force: bool) -> None:
+    """Before any work: an --export folder that already holds an export needs --force."""
+    if out_dir and not force:
+        taken = [f for f in EXPORT_FILES if os.path.exists(os.path.join(out_dir, f))]
+        if taken:
+            raise TrainingError(f"{os.path.join(out_dir, taken[0])} exists; pass --force to replace the export "
+                                f"or choose another --export folder")
+
+
+def load_exported(path: str, model_type: str, build: Callable, config_cls) -> torch.nn.Module:
+    """The model of an --export folder (model.safetensors + config.json), checked against its type."""
+    from safetensors.torch import load_file
+    cfg_path, weights = (os.path.join(path, f) for f in ("config.json", "model.safetensors"))
+    for f in (cfg_path, weights):
+        if not os.path.exists(f):
+            raise TrainingError(f"{f} not found; export a checkpoint with --eval CKPT --export {path}")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict) or "model_config" not in cfg:
+            raise ValueError("no model_config")
+    except (json.JSONDecodeError, ValueError) as e:
+        raise TrainingError(f"{cfg_path} is not an exported model configuration ({e})") from e
+    if cfg.get("model_type") != model_type:
+        raise TrainingError(f"{path} holds a {cfg.get('model_type')!r} model, not a {model_type!r} model")
+    try:
+        model = build(config_cls(**cfg["model_config"]))
+        model.load_state_dict(load_file(weights))
+    except (TypeError, RuntimeError, KeyError, ValueError, OSError) as e:
+        raise TrainingError(f"{path} does not match the {model_type} model ({str(e).splitlines()[0][:200]})") from e
+    return model
+
+
 # flags a resumed run takes from the command line; every other flag it was given must equal the checkpoint's
 RESUME_MAY_CHANGE = ("epochs", "time_budget", "stop_after", "device", "num_workers", "no_compile", "compile",
-                     "no_amp", "plots_dir", "force")
+                     "no_amp", "plots_dir", "force", "export")
 
 
 def given_flags(build_parser: Callable[[], argparse.ArgumentParser], argv) -> set[str]:
@@ -590,6 +644,7 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
         args = _merge_resume(args, resume, given)
     if args.epochs < 1:
         raise TrainingError(f"--epochs {args.epochs}: train at least one epoch")
+    check_export_target(args.export, args.force)
     if args.checkpoint and os.path.exists(args.checkpoint):
         _check_extra_checkpoint(args.checkpoint, spec, overwrite=bool(resume or args.force))
     out_dir = args.out_dir or os.path.join("runs", f"{spec.run_prefix}_{spec.run_name(args)}".rstrip("_"))
@@ -714,6 +769,8 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
         metrics.update(spec.final_metrics(model, (val_loader, test_loader), device, amp))
     with replacing(os.path.join(out_dir, "metrics.json")) as tmp, open(tmp, "w") as f:
         json.dump(metrics, f, indent=2)
+    if args.export:
+        written += export_model(model, spec.model_type, asdict(cfg), args.export, args.force, data_args)
     release_run_lock(out_dir)
     print(f"wrote {out_dir}/best.pt, last.pt, training_log.csv, metrics.json; figures " + ", ".join(written))
     return 0
@@ -741,6 +798,7 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     """Reload a checkpoint, report validation and test MSE against the noise floor, redraw."""
     from dataset import load_series
     ckpt = load_checkpoint(args.eval, spec.model_type)
+    check_export_target(args.export, args.force)
     device = resolve_device(args.device)
     data_args = dict(ckpt["data"])
     if "data_dir" in given:
@@ -763,6 +821,8 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     import matplotlib
     matplotlib.use("Agg")
     paths = spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
+    if args.export:
+        paths += export_model(model, spec.model_type, ckpt["model_config"], args.export, args.force, data_args)
     res: dict[str, Any] = {"checkpoint": ckpt["path"], **scores, "noise_floor": floor}
     if spec.final_metrics:
         res.update(spec.final_metrics(model, (val_loader, test_loader), device, amp))
@@ -811,6 +871,9 @@ def add_training_arguments(p: argparse.ArgumentParser, *, seq_len: int, stride: 
     g.add_argument("--resume", default=None, help="resume from a last.pt (or its run folder)")
     g.add_argument("--eval", default=None, metavar="CKPT", help="evaluate a checkpoint and redraw its figures")
     g.add_argument("--force", action="store_true", help="train into an --out-dir that already holds a run")
+    g.add_argument("--export", default=None, metavar="DIR",
+                   help="also write the best (or --eval) model as DIR/model.safetensors + config.json; "
+                        "the model class rebuilds it with from_pretrained(DIR)")
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: tuple = ()) -> list[dict]:
