@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-REQUIRED_ARRAYS = ("X", "states")
+REQUIRED_ARRAYS = ("X",)  # "states" (labels) is optional: a user's own series may have none
 
 
 # ----------------------------------------------------------------------------- loading
@@ -28,12 +28,13 @@ REQUIRED_ARRAYS = ("X", "states")
 @dataclass
 class Series:
     X: np.ndarray            # (T, D) float32 observations
-    states: np.ndarray       # (T,) circle index
+    states: np.ndarray       # (T,) circle index or label (zeros when the series has no labels)
     thetas: np.ndarray | None
     signal: np.ndarray | None
     config: dict
     data_dir: str
     extra: dict = field(default_factory=dict)  # the other arrays of data.npz (planes, radii, ...)
+    has_labels: bool = True
 
     @property
     def n_steps(self) -> int:
@@ -45,6 +46,10 @@ class Series:
 
     @property
     def n_states(self) -> int:
+        """Number of labels (circles); 0 for a series without labels, which figures read as
+        "no state strip" and analyses as "no label-based metrics"."""
+        if not self.has_labels:
+            return 0
         return int(self.config.get("n_circles", int(self.states.max()) + 1))
 
     @property
@@ -67,7 +72,8 @@ def load_series(data_dir: str) -> Series:
             f"`python markov_circles_timeseries.py --out-dir {data_dir}`")
     if not os.path.exists(npz):
         raise FileNotFoundError(
-            f"{npz} not found; generate the data with `python markov_circles_timeseries.py --out-dir {data_dir}`")
+            f"{npz} not found; generate the data with `python markov_circles_timeseries.py --out-dir {data_dir}` "
+            f"or convert a recorded series with `python dataset.py FILE --out-dir {data_dir}`")
     try:
         with np.load(npz) as f:
             arrays = {k: f[k] for k in f.files}
@@ -75,8 +81,11 @@ def load_series(data_dir: str) -> Series:
         raise ValueError(f"{npz} is not a readable .npz file ({e}); regenerate it") from e
     missing = [k for k in REQUIRED_ARRAYS if k not in arrays]
     if missing:
-        raise ValueError(f"{npz} lacks the arrays {missing}; it was not written by markov_circles_timeseries.py")
-    X, states = arrays["X"], arrays["states"]
+        raise ValueError(f"{npz} lacks the arrays {missing}; write data folders with markov_circles_timeseries.py "
+                         f"or `python dataset.py FILE --out-dir DIR`")
+    X = arrays["X"]
+    has_labels = "states" in arrays
+    states = arrays["states"] if has_labels else np.zeros(len(X) if X.ndim else 0, np.int64)
     if X.ndim != 2 or states.shape != (len(X),):
         raise ValueError(f"{npz}: X must be (T, D) and states (T,), got {X.shape} and {states.shape}")
     if not np.all(np.isfinite(X)):
@@ -93,7 +102,7 @@ def load_series(data_dir: str) -> Series:
                              f"parameters; regenerate the data folder or remove config.json")
     return Series(X=X.astype(np.float32, copy=False), states=states.astype(np.int64, copy=False),
                   thetas=arrays.get("thetas"), signal=arrays.get("signal"), config=config,
-                  data_dir=data_dir,
+                  data_dir=data_dir, has_labels=has_labels,
                   extra={k: v for k, v in arrays.items() if k not in ("X", "states", "thetas", "signal")})
 
 
@@ -322,3 +331,151 @@ def task_datasets(series: Series, data_args: dict, task: str) -> dict:
                 ds[part].eval_warmup = w  # what evaluation scores after, in these windows
         return ds
     raise ValueError(f"unknown task {task!r} (masked or next)")
+
+
+# ----------------------------------------------------------------------------- your own series
+
+def _csv_rows(path: str) -> tuple[list[str] | None, list[list[str]]]:
+    import csv
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+
+    def numeric(row):
+        try:
+            [float(c) for c in row]
+            return True
+        except ValueError:
+            return False
+    header = None if numeric(rows[0]) else [c.strip() for c in rows[0]]
+    return header, rows[1:] if header else rows
+
+
+def read_series_file(path: str, labels: str | None = None, standardize: bool = False) -> tuple:
+    """A recorded series as (X (T, D) float32, labels (T,) int64 or None, info for config.json).
+
+    .npy: a T x D array. .npz: array X (or the only array) and, optionally, a labels array
+    (--labels NAME, default 'labels' when present). .csv: one row per step, an optional
+    header; --labels names (or, 0-based, indexes) the label column, every other column is a
+    feature. Labels of any kind (names, numbers) become 0..K-1 in sorted order; the names are
+    kept in config.json. standardize: each feature to mean 0, std 1 (the statistics are kept)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found")
+    ext = os.path.splitext(path)[1].lower()
+    lab = None
+    if ext == ".npy":
+        if labels is not None:
+            raise ValueError("--labels needs a .npz or .csv file (a .npy file holds only the features)")
+        X = np.load(path, allow_pickle=False)
+    elif ext == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            names = list(f.files)
+            key = "X" if "X" in names else names[0] if len(names) == 1 else None
+            if key is None:
+                raise ValueError(f"{path} holds arrays {names}; name the features X")
+            X = f[key]
+            lname = labels if labels is not None else ("labels" if "labels" in names else None)
+            if lname is not None:
+                if lname not in names:
+                    raise ValueError(f"--labels {lname!r}: {path} holds the arrays {names}")
+                lab = f[lname]
+    elif ext == ".csv":
+        header, rows = _csv_rows(path)
+        width = len(header) if header else len(rows[0])
+        if any(len(r) != width for r in rows):
+            raise ValueError(f"{path}: rows have different numbers of columns")
+        col = None
+        if labels is not None:
+            if header and labels in header:
+                col = header.index(labels)
+            elif labels.isdigit() and int(labels) < width:
+                col = int(labels)
+            else:
+                raise ValueError(f"--labels {labels!r} is not a column of {path}"
+                                 + (f" (columns: {', '.join(header)})" if header else f" ({width} columns)"))
+        feats = [i for i in range(width) if i != col]
+        try:
+            X = np.array([[float(r[i]) for i in feats] for r in rows])
+        except ValueError as e:
+            raise ValueError(f"{path}: a feature column holds a non-number ({e}); name the label column "
+                             f"with --labels") from None
+        if col is not None:
+            lab = np.array([r[col].strip() for r in rows])
+    else:
+        raise ValueError(f"{path}: give a .npy, .npz or .csv file")
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[:, None]
+    if X.ndim != 2 or len(X) < 2:
+        raise ValueError(f"{path}: the features must be a T x D array with T >= 2, got shape {X.shape}")
+    if not np.all(np.isfinite(X)):
+        raise ValueError(f"{path}: the features contain NaN or infinite values")
+    info: dict = {"source": os.path.abspath(path), "labels": labels if lab is not None else None,
+                  "standardized": bool(standardize)}
+    if lab is not None:
+        lab = np.asarray(lab).reshape(-1)
+        if len(lab) != len(X):
+            raise ValueError(f"{path}: {len(lab)} labels for {len(X)} steps")
+        names, lab = np.unique(lab, return_inverse=True)
+        info["label_names"] = [n.item() if hasattr(n, "item") else n for n in names]
+        lab = lab.astype(np.int64)
+    if standardize:
+        mu, sd = X.mean(0), X.std(0)
+        sd = np.where(sd > 0, sd, 1.0)
+        X = (X - mu) / sd
+        info["feature_mean"], info["feature_std"] = mu.tolist(), sd.tolist()
+    return X.astype(np.float32), lab, info
+
+
+def write_data_folder(out_dir: str, X: np.ndarray, labels: np.ndarray | None, info: dict, force: bool) -> None:
+    """data.npz (X, and states when there are labels) + config.json (its source, no generator
+    parameters), both atomically; an existing data.npz needs force."""
+    target = os.path.join(out_dir, "data.npz")
+    if os.path.exists(target) and not force:
+        raise ValueError(f"{target} exists; pass --force to replace it or choose another --out-dir")
+    os.makedirs(out_dir, exist_ok=True)
+    arrays = {"X": X} if labels is None else {"X": X, "states": labels}
+    tmp = os.path.join(out_dir, ".data.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, target)
+    cfg = {**info, "n_steps": int(len(X)), "dim": int(X.shape[1]), "generator": None,
+           "n_labels": int(labels.max()) + 1 if labels is not None else 0}
+    tmp = os.path.join(out_dir, ".config.tmp.json")
+    with open(tmp, "w") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "config.json"))
+
+
+def build_parser():
+    from cliargs import Parser
+    p = Parser(description="Write a recorded series (.npy, .npz or .csv; one row per step) as a data folder "
+                           "(data.npz + config.json) that every model and analysis of this project reads.")
+    p.add_argument("input", help="the series: a T x D .npy, a .npz with array X (and labels), or a .csv")
+    p.add_argument("--out-dir", required=True, help="the data folder to write")
+    p.add_argument("--labels", default=None,
+                   help="the label column (.csv: header name or 0-based index) or array (.npz; default "
+                        "'labels' when present); without labels, figures drop the state strip and "
+                        "label-based metrics are skipped")
+    p.add_argument("--standardize", action="store_true", help="scale every feature to mean 0, std 1")
+    p.add_argument("--force", action="store_true", help="replace the data.npz of an existing folder")
+    return p
+
+
+def main(argv=None) -> int:
+    import sys
+    args = build_parser().parse_args(argv)
+    try:
+        X, lab, info = read_series_file(args.input, args.labels, args.standardize)
+        write_data_folder(args.out_dir, X, lab, info, args.force)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out_dir}/data.npz ({len(X)} steps x {X.shape[1]} features"
+          + (f", {int(lab.max()) + 1} labels" if lab is not None else ", no labels") + ") and config.json")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -281,7 +281,9 @@ def run_data(args) -> int:
     curve_ks = sorted(set(ks) | {k for k in (5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200) if k <= max(ks)})
     rows = [("all", levina_bickel(X[idx], curve_ks, n_boot=args.n_boot, unbiased=args.unbiased,
                                   seed=args.seed, device=args.device))]
-    if not args.no_per_circle:
+    if not args.no_per_circle and not series.has_labels:
+        print("note: the series has no labels, so there are no per-circle estimates")
+    if not args.no_per_circle and series.has_labels:
         st = series.states[idx]
         for c in np.unique(st):
             pts = X[idx][st == c]

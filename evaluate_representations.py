@@ -160,6 +160,8 @@ def layer_metrics(Z: np.ndarray, states: np.ndarray, thetas: np.ndarray | None, 
         nr = levina_bickel(gaussian_null(P, rng), ks, n_boot=0, seed=seed)
         res["lb"] = {str(k): {"mle": r.mle[k], "ci": list(r.mle_ci[k]), "mg": r.mg[k], "null_gaussian": nr.mle[k]}
                      for k in ks}
+    if n_clusters < 1:  # a series without labels: the geometry only, no label-based metrics
+        return res
     km = KMeans(n_clusters, n_init=4, random_state=seed).fit_predict(Z)
     res["kmeans_ari"] = float(adjusted_rand_score(states, km))
     res["kmeans_nmi"] = float(normalized_mutual_info_score(states, km))
@@ -207,11 +209,14 @@ def plot_umap_grid(embs: dict, states_by_layer: dict, lb30: dict, n_states: int,
     from plotting import state_colors
     cols = np.array(state_colors(n_states))
     n = len(embs)
+
+    def colour(name, E):  # by circle, or by position along the series without labels
+        return cols[states_by_layer[name]] if n_states else np.arange(len(E))
     nc = min(n, 3)
     nr = int(np.ceil(n / nc))
     fig, axes = plt.subplots(nr, nc, figsize=(4.2 * nc, 4.2 * nr), squeeze=False)
     for ax, (name, E) in zip(axes.ravel(), embs.items()):
-        ax.scatter(E[:, 0], E[:, 1], c=cols[states_by_layer[name]], s=1.5, rasterized=True)
+        ax.scatter(E[:, 0], E[:, 1], c=colour(name, E), s=1.5, rasterized=True, cmap="viridis")
         lb = lb30.get(name)
         ax.set_title(f"layer {name}" + (f"   LB(k=30) = {lb:.2f}" if lb is not None else ""))
         ax.set_xticks([])
@@ -247,12 +252,17 @@ def plot_depth(results: dict, control: dict | None, ks, path: str, title: str) -
         ax.set_title("Intrinsic dimension (dotted: Gaussian null)")
         ax.legend(fontsize=7, loc="best")
     ax = axes[1]
+    labelled = "kmeans_ari" in results[names[0]]
     for key, lab in (("kmeans_ari", "k-means ARI"), ("kmeans_nmi", "k-means NMI"), ("silhouette", "silhouette (true circles)")):
+        if not labelled:
+            break
         line, = ax.plot(x, [results[n][key] for n in names], marker="o", label=lab)
         if control:
             ax.plot(x, [control[n][key] for n in names], ls="--", color=line.get_color(), lw=1)
-    ax.set_title("Circle separation" + (" (dashed: random init)" if control else ""))
-    ax.legend(fontsize=8)
+    ax.set_title("Circle separation" + (" (dashed: random init)" if control else "") if labelled
+                 else "Circle separation: the series has no labels")
+    if labelled:
+        ax.legend(fontsize=8)
     ax = axes[2]
     if "probe_state_acc" in results[names[0]]:
         for key, lab in (("probe_state_acc", "circle accuracy"), ("probe_phase_r2", "phase R^2 (cos, sin)")):
@@ -300,7 +310,8 @@ def markdown_table(results: dict, ks) -> str:
             cells += [f"{r['lb'][str(k)]['mle']:.2f} [{r['lb'][str(k)]['ci'][0]:.2f}, {r['lb'][str(k)]['ci'][1]:.2f}]"
                       for k in ks]
             cells.append(f"{r['lb'].get('30', r['lb'][str(ks[0])])['null_gaussian']:.2f}")
-        cells += [f"{r['kmeans_ari']:.3f}", f"{r['kmeans_nmi']:.3f}", f"{r['silhouette']:.3f}",
+        cells += [f"{r.get('kmeans_ari', float('nan')):.3f}", f"{r.get('kmeans_nmi', float('nan')):.3f}",
+                  f"{r.get('silhouette', float('nan')):.3f}",
                   f"{r.get('probe_state_acc', float('nan')):.3f}", f"{r.get('probe_phase_r2', float('nan')):.3f}"]
         cells += [f"{r.get(k, float('nan')):.3f}" for k in beliefs]
         lines.append("| " + " | ".join(cells) + " |")
@@ -436,6 +447,8 @@ def run(args) -> int:
     print(f"{ckpt['model_type']} from {ckpt['path']}; layers {', '.join(layers)}; windows of {window} keeping "
           f"{'steps after a ' + str(context) + '-step warm-up' if causal else str(context) + ' steps of context on each side'}")
 
+    if not series.has_labels:
+        print("note: the series has no labels: k-means, silhouette and the circle and phase probes are skipped")
     import oracle
     try:
         chain = oracle.Chain.from_series(series)
@@ -477,7 +490,8 @@ def run(args) -> int:
                                    random_state=args.seed).fit_transform(P)
         written.append(plot_umap_grid(embs, {n: states[sel] for n in embs}, lb30, series.n_states,
                                       os.path.join(plots_dir, "representation_umap.png"),
-                                      f"{ckpt['model_type']} {run_name}: representations coloured by circle"))
+                                      f"{ckpt['model_type']} {run_name}: representations coloured by "
+                                      + ("circle" if series.has_labels else "position in the series")))
         np.savez(os.path.join(out_dir, "umap_embeddings.npz"), states=states[sel], **{f"layer_{n}": e for n, e in embs.items()})
     written.append(plot_depth(results, control, args.k, os.path.join(plots_dir, "representation_metrics.png"),
                               f"{ckpt['model_type']} {run_name}: geometry across depth"))

@@ -453,7 +453,7 @@ def run_generate(args) -> int:
         report["process"] = {"generated": oracle.process_statistics(chain, gen, dm, ds_)}
         if known >= 2:
             report["process"]["true_continuation"] = oracle.process_statistics(chain, truth, dm, ds_)
-    if "planes" in series.extra and "radii" in series.extra:
+    if series.has_labels and "planes" in series.extra and "radii" in series.extra:
         decoded = nearest_circle(gen, series.extra["planes"], series.extra["radii"])
         if known:
             report["decoded_matches_true_circle"] = float(np.mean(decoded[:known] ==
@@ -586,14 +586,14 @@ def run_gates(args) -> int:
         plt.close(fig)
         written.append(p)
     states_cat = np.concatenate([s for _, s in traces_all])
+    circles = np.unique(states_cat) if series.has_labels else []  # no labels: overall means only
     for li in range(n):
         d = np.concatenate([tr[li]["delta"][0].float().cpu().numpy().T for tr, _ in traces_all])  # (T, D)
         summary["mean_delta"].append(float(d.mean()))
-        summary["mean_delta_by_circle"].append(
-            {int(c): float(d[states_cat == c].mean()) for c in np.unique(states_cat)})
+        summary["mean_delta_by_circle"].append({int(c): float(d[states_cat == c].mean()) for c in circles})
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(np.arange(1, n + 1), summary["mean_delta"], "ko-", label="all steps")
-    for c in np.unique(states_cat):
+    for c in circles:
         ax.plot(np.arange(1, n + 1), [m[int(c)] for m in summary["mean_delta_by_circle"]], lw=0.8, alpha=0.7,
                 label=f"circle {c}")
     ax.set_xlabel("layer")
@@ -611,7 +611,8 @@ def run_gates(args) -> int:
         from plotting import state_colors
         rng = np.random.default_rng(args.seed)
         sel = rng.choice(len(states_cat), size=min(args.umap_points, len(states_cat)), replace=False)
-        cols = np.array(state_colors(series.n_states))
+        # coloured by circle, or by recorded step for a series without labels
+        colour = np.array(state_colors(series.n_states))[states_cat[sel]] if series.has_labels else np.argsort(sel)
         fig, axes = plt.subplots(4, n, figsize=(2.6 * n, 10.5), squeeze=False)
         for c, name in enumerate(("delta", "z", "B", "C")):
             for li in range(n):
@@ -619,14 +620,15 @@ def run_gates(args) -> int:
                 sig = np.concatenate([act(tr[li][name][0]).float().cpu().numpy().T for tr, _ in traces_all])[sel]
                 emb = umap.UMAP(n_neighbors=30, min_dist=0.1, n_jobs=1, random_state=args.seed).fit_transform(sig)
                 ax = axes[c, li]
-                ax.scatter(emb[:, 0], emb[:, 1], c=cols[states_cat[sel]], s=1)
+                ax.scatter(emb[:, 0], emb[:, 1], c=colour, s=1, cmap="viridis")
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if c == 0:
                     ax.set_title(f"layer {li + 1}")
                 if li == 0:
                     ax.set_ylabel("silu(z)" if name == "z" else name)
-        fig.suptitle("UMAP of each gate signal across time steps, coloured by circle")
+        fig.suptitle("UMAP of each gate signal across time steps, coloured by "
+                     + ("circle" if series.has_labels else "recorded step"))
         fig.tight_layout()
         p = os.path.join(plots_dir, "gates_umap.png")
         fig.savefig(p, dpi=90)

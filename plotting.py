@@ -19,8 +19,13 @@ def state_colors(n: int):
 
 def draw_state_strip(ax, states: np.ndarray, n_states: int, mask: np.ndarray | None = None,
                      extent_x: tuple[float, float] | None = None) -> None:
-    """Coloured strip of circle labels; masked steps (if given) drawn grey."""
+    """Coloured strip of circle labels; masked steps (if given) drawn grey. n_states 0 (a series
+    without labels) leaves the strip empty."""
     from matplotlib.colors import ListedColormap
+    if n_states == 0:
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no labels", ha="center", va="center", transform=ax.transAxes, fontsize=8, color="0.4")
+        return
     cols = state_colors(n_states) + [(0.6, 0.6, 0.6, 1.0)]
     s = states.copy()
     if mask is not None:

@@ -7,7 +7,7 @@ import pytest
 
 import cliargs
 
-COMMANDS = ["markov_circles_timeseries", "masked_model_gpu", "mamba_next", "estimate_dimension",
+COMMANDS = ["markov_circles_timeseries", "dataset", "masked_model_gpu", "mamba_next", "estimate_dimension",
             "evaluate_representations", "oracle",
             "terrain.embeddings", "terrain.layers", "terrain.modulate", "terrain.project", "terrain.weights",
             "terrain.wordnet",
