@@ -276,3 +276,14 @@ def test_runs_against_a_loop():
         else:
             want.append([v, 1])
     assert [list(t) for t in zip(lab, length)] == want
+
+
+def test_windows_that_do_not_fit_give_one_line(tmp_path, capsys):
+    write_data(tmp_path / "d")
+    assert oracle.main(["--data-dir", str(tmp_path / "d"), "--seq-len", "50000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seq-len" in err[0]
+    assert oracle.main(["--data-dir", str(tmp_path / "d"), "--task", "next", "--seq-len", "100",
+                        "--eval-warmup", "100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--eval-warmup" in err[0]
