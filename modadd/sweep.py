@@ -25,6 +25,7 @@ import argparse
 import importlib
 import json
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -46,19 +47,33 @@ def parse_seeds(text: str) -> list[int]:
     return sorted(set(out))
 
 
-def _call(cmd: list[str], log: str) -> tuple[int, float]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def _call(cmd: list[str], log: str, env: dict | None = None) -> tuple[int, float]:
+    env = dict(os.environ, **(env or {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}))
     t = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     return rc, time.perf_counter() - t
 
 
-def run_parallel(jobs: list[tuple[str, list[str], str]], n: int) -> dict[str, int]:
-    """jobs: (name, command, log path) -> {name: return code}, printing as they finish."""
+def run_parallel(jobs: list[tuple[str, list[str], str]], n: int, gpus: list[str] = ()) -> dict[str, int]:
+    """jobs: (name, command, log path) -> {name: return code}, printing as they finish. Each of
+    the n slots owns GPU gpus[slot % len(gpus)] (sweep.slot_env), so processes running at once
+    are spread over the GPUs instead of all landing on GPU 0."""
+    from sweep import slot_env
     rcs = {}
+    slots: queue.Queue = queue.Queue()
+    for k in range(max(1, n)):
+        slots.put(k)
+
+    def one(cmd, log):
+        slot = slots.get()
+        try:
+            return _call(cmd, log, slot_env(slot, list(gpus), 1))
+        finally:
+            slots.put(slot)
+
     with ThreadPoolExecutor(max_workers=max(1, n)) as ex:
-        futs = {ex.submit(_call, cmd, log): (name, log) for name, cmd, log in jobs}
+        futs = {ex.submit(one, cmd, log): (name, log) for name, cmd, log in jobs}
         for fut, (name, log) in futs.items():
             rc, sec = fut.result()
             rcs[name] = rc
@@ -124,6 +139,9 @@ def build_parser() -> Parser:
     p.add_argument("--together", type=at_least(0), default=0,
                    help="train this many seeds at a time in one process as one vmapped network (modadd.ensemble; "
                         "what keeps a GPU busy); 0: one process per seed")
+    p.add_argument("--gpus", default="auto",
+                   help="GPUs to spread the --jobs processes over, one per running process (auto: those visible; "
+                        "0: none; N: the first N). For grids of configurations use python sweep.py")
     p.add_argument("--no-plot", action="store_true", help="stages write JSON only (no matplotlib needed)")
     p.add_argument("--force-stages", action="store_true",
                    help="rerun every chosen stage (with --force) even where its outputs are complete, e.g. after "
@@ -164,6 +182,8 @@ def main(argv=None) -> int:
     check_passed_flags(train_args, args.sae_args.split() if "sae" in stages else [])
     os.makedirs(args.root, exist_ok=True)
     py = sys.executable
+    from sweep import visible_gpus
+    gpus = visible_gpus(args.gpus) if args.together == 0 else []
     dirs = {s: os.path.join(args.root, f"s{s}") for s in seeds}
     todo = [s for s in seeds if not os.path.exists(os.path.join(dirs[s], "model.pt"))]
     print(f"training {len(todo)} of {len(seeds)} seeds ({args.jobs} at once): modadd.train {' '.join(train_args)}")
@@ -175,7 +195,7 @@ def main(argv=None) -> int:
         rcs = train_together(train_args, todo, dirs, args.together)
     else:
         rcs = run_parallel([(f"seed {s}", [py, "-m", "modadd.train", *train_args, "--seed", str(s), "--out-dir",
-                                           dirs[s], "--force"], dirs[s] + ".train.log") for s in todo], args.jobs)
+                                           dirs[s], "--force"], dirs[s] + ".train.log") for s in todo], args.jobs, gpus)
     ok = [dirs[s] for s in seeds if os.path.exists(os.path.join(dirs[s], "model.pt"))]
     trained = {dirs[s] for s in todo} & set(ok)
     models = {d: os.path.join(d, "model.pt") for d in ok}
@@ -193,7 +213,7 @@ def main(argv=None) -> int:
                   os.path.join(d, f"{stage}.log")) for d in ok if d not in skip]
     if jobs:
         print(f"per-seed stages: {len(jobs)} run(s)")
-        failed += sum(rc != 0 for rc in run_parallel(jobs, args.jobs).values())
+        failed += sum(rc != 0 for rc in run_parallel(jobs, args.jobs, gpus).values())
     for stage in (s for s in stages if s in ALL_RUNS):
         if ok:
             paths = stage_outputs(stage, args.root, plots)

@@ -8,7 +8,7 @@ import pytest
 import cliargs
 
 COMMANDS = ["markov_circles_timeseries", "dataset", "masked_model_gpu", "mamba_next", "estimate_dimension",
-            "evaluate_representations", "oracle",
+            "evaluate_representations", "oracle", "sweep",
             "terrain.embeddings", "terrain.layers", "terrain.modulate", "terrain.project", "terrain.weights",
             "terrain.wordnet",
             "modadd.alignment", "modadd.bubbling", "modadd.forgetting", "modadd.report", "modadd.sae", "modadd.sweep",
@@ -73,7 +73,7 @@ def test_shared_modules_import_no_script():
     at import time, and terrain.weights gets T5's buckets from the shared module."""
     import subprocess
     import sys
-    code = ("import sys, training, dataset, oracle, plotting, positions, cliargs, terrain.weights; "
+    code = ("import sys, training, dataset, oracle, plotting, positions, cliargs, sweep, terrain.weights; "
             "bad = [m for m in ('masked_model_gpu', 'mamba_next', 'markov_circles_timeseries', "
             "'evaluate_representations', 'estimate_dimension') if m in sys.modules]; print(bad)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -14,7 +14,8 @@ def top_level_parsers():
     import markov_circles_timeseries
     import masked_model_gpu
     import oracle
-    return {"markov_circles_timeseries": markov_circles_timeseries.build_parser(),
+    import sweep
+    return {"sweep": sweep.build_parser(), "markov_circles_timeseries": markov_circles_timeseries.build_parser(),
             "masked_model_gpu": masked_model_gpu.build_parser(), "mamba_next": mamba_next.build_parser(),
             "estimate_dimension": estimate_dimension.build_parser(),
             "evaluate_representations": evaluate_representations.build_parser(), "oracle": oracle.build_parser()}
