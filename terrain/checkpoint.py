@@ -198,3 +198,14 @@ def embedding_matrix(name: str | None) -> tuple[np.ndarray, object]:
     if not refs:
         raise TerrainError(f"{name} has no token embedding matrix (a vision model?)")
     return refs[0].load(src), config
+
+
+def output_head(name: str | None) -> tuple[np.ndarray, bool]:
+    """(output head (vocab, d) as float32, tied). When the checkpoint holds no separate head
+    (lm_head), the head is the input embedding (tied weights, or an encoder saved without a
+    head): that matrix is returned with tied True."""
+    src, config, _ = open_source(name)
+    refs = [r for r in plan(src.entries, config).refs if r.role == "unembedding"]
+    if not refs:
+        return embedding_matrix(name)[0], True
+    return refs[0].load(src), False

@@ -11,7 +11,12 @@ structure), and the exact CV of Gaussian simplices in d dimensions. The digit ma
 the single-token digits "0".."9", the Spearman correlation of |i - j| with their cosine
 (permutation p-value) and adjacent against non-adjacent cosine. Semantic categories:
 single-token members only; mean within-category cosine against random sets of the same
-size from the vocabulary (lift and z).
+size from the vocabulary (lift and z); the special tokens (padding, [CLS], end of sequence,
+T5's <extra_id_N> sentinels) as a group of their own; the cosine between category centroids
+beside random sets of the same sizes. Euclidean distances of random pairs beside the cosines
+(nulls: same RMS, same covariance). The output head against the input embedding (the same
+matrix when tied): per-token cosine, spectra, Procrustes R^2 and linear CKA, each beside a
+shuffled token correspondence.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from cliargs import SEED, Parser, at_least
 
 from terrain import metrics as M
 from terrain.cli import save_figure
-from terrain.checkpoint import embedding_matrix
+from terrain.checkpoint import embedding_matrix, output_head
 from terrain.models import DEFAULT_MODEL, resolve_model_name
 
 # Small hand-made categories; members that are not single tokens are dropped and counted.
@@ -109,6 +114,10 @@ def probe(name: str | None, seed: int = 0, n_simplices: int = 4000) -> dict:
                          "null_same_covariance": M.coefficient_of_variation(
                              M.sample_simplex_volumes(gauss_cov, 4, n_simplices, rng)),
                          "null_isotropic_exact": M.gaussian_volume_cv(4, d)}
+    extra = np.random.default_rng([seed, 1])   # the later statistics: the earlier ones keep their draws
+    res["cosines"]["null_same_covariance"] = M.cosine_stats(gauss_cov, rng=extra)
+    res["distances"] = {**M.distance_stats(E, rng=extra), "null": M.distance_stats(R, rng=extra),
+                        "null_same_covariance": M.distance_stats(gauss_cov, rng=extra)}
     tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
     digits = single_token_ids(tok, [str(i) for i in range(10)])
     if len(digits) == 10:
@@ -119,12 +128,35 @@ def probe(name: str | None, seed: int = 0, n_simplices: int = 4000) -> dict:
     pool = np.array(sorted({i for t, i in vocab.items() if t.lstrip("\u2581\u0120").isalpha()
                             and t.lstrip("\u2581\u0120").islower() and len(t.lstrip("\u2581\u0120")) > 2}))
     res["categories"] = {}
+    groups = {}
     for cat, words in CATEGORIES.items():
         ids = single_token_ids(tok, words.split())
         if len(ids) >= 4:
+            groups[cat] = np.array(list(ids.values()))
             res["categories"][cat] = {**category_lift(E, list(ids.values()), pool, rng=rng),
                                       "dropped": len(words.split()) - len(ids)}
+    special = special_token_ids(tok, n)
+    if len(special) >= 2:
+        res["special_tokens"] = {"tokens": [tok.convert_ids_to_tokens(int(i)) for i in special],
+                                 **category_lift(E, list(special), np.arange(n), rng=extra),
+                                 "norm_mean": float(norms[special].mean()), "vocabulary_norm_mean": float(norms.mean()),
+                                 "cos_to_vocabulary_mean": float((M.unit(E[special]) @ M.unit(E).mean(0)).mean())}
+        groups["special"] = special
+    if len(groups) >= 2:
+        res["centroids"] = M.centroid_similarity(E, groups, pool, rng=extra)
+    H, tied = output_head(name)
+    res["head"] = {"tied": tied, **(M.space_alignment(E, H.astype(np.float64), rng=extra) if H.shape == E.shape
+                                     else {"skipped": f"head {list(H.shape)} and embedding {list(E.shape)} differ"})}
     return res
+
+
+def special_token_ids(tokenizer, vocab_size: int) -> np.ndarray:
+    """The tokenizer's special tokens (padding, end of sequence, [CLS], ...) and T5's sentinels
+    <extra_id_N>, as rows of an embedding with vocab_size rows."""
+    import re
+    ids = set(tokenizer.all_special_ids)
+    ids |= {i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"<extra_id_\d+>", t)}
+    return np.array(sorted(i for i in ids if 0 <= i < vocab_size), dtype=int)
 
 
 def format_summary(res: dict) -> str:
@@ -146,12 +178,31 @@ def format_summary(res: dict) -> str:
     for cat, r in res["categories"].items():
         lines.append(f"  {cat:10s} n={r['n']:2d}: within cos {r['within_cos']:.3f} vs random {r['random_mean']:.3f} "
                      f"(lift {r['lift']:+.3f}, z {r['z']:.1f})")
+    dd = res["distances"]
+    lines.append(f"  pair distance {dd['mean']:.3f} +- {dd['std']:.3f} (std/mean {dd['relative_std']:.3f}) "
+                 f"[same RMS {dd['null']['mean']:.3f}, {dd['null']['relative_std']:.3f}; same covariance "
+                 f"{dd['null_same_covariance']['mean']:.3f}, {dd['null_same_covariance']['relative_std']:.3f}]")
+    if "special_tokens" in res:
+        sp = res["special_tokens"]
+        lines.append(f"  special tokens n={sp['n']}: within cos {sp['within_cos']:.3f} vs random {sp['random_mean']:.3f} "
+                     f"(z {sp['z']:.1f}); norm {sp['norm_mean']:.3f} vs vocabulary {sp['vocabulary_norm_mean']:.3f}")
+    if "centroids" in res:
+        c = res["centroids"]
+        lines.append(f"  category centroids: mean cosine between categories {c['mean_off_diagonal']:.3f} "
+                     f"[random sets {c['null_mean_off_diagonal']:.3f}]")
+    h = res["head"]
+    if "procrustes_r2" in h:
+        lines.append(f"  output head ({'tied' if h['tied'] else 'untied'}): per-token cos {h['row_cosine']['mean']:.3f} "
+                     f"[shuffled {h['row_cosine']['null_shuffled_mean']:.3f}], Procrustes R^2 {h['procrustes_r2']:.3f} "
+                     f"[{h['null_procrustes_r2']:.3f}], CKA {h['cka']:.3f} [{h['null_cka']:.3f}], PR "
+                     f"{h['participation_ratio'][0]:.1f} / {h['participation_ratio'][1]:.1f}")
     return "\n".join(lines)
 
 
 def plot(res: dict, path: str) -> str:
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.4))
+    axes = axes.ravel()
     s = res["spectrum"]
     ax = axes[0]
     ax.loglog(np.arange(1, len(s["eigenvalues"]) + 1), s["eigenvalues"], label="embeddings")
@@ -183,6 +234,37 @@ def plot(res: dict, path: str) -> str:
     ax.set_xticks([0, 1, 2])
     ax.set_xticklabels(["embeddings", "Gaussian,\nsame cov.", "isotropic\n(exact)"])
     ax.set_title("4-simplex volume CV")
+    ax = axes[4]
+    for key, lab, col in (("", "embeddings", "C0"), ("null_same_covariance", "Gaussian, same cov.", "grey"),
+                          ("null", "Gaussian, same RMS", "lightgrey")):
+        h = res["distances"][key] if key else res["distances"]
+        e = np.array(h["histogram"]["edges"])
+        ax.stairs(np.array(h["histogram"]["counts"]) / np.sum(h["histogram"]["counts"]), e, label=lab, color=col)
+    ax.set_title("Euclidean distance of random token pairs")
+    ax.set_xlabel("distance")
+    ax.legend(fontsize=7)
+    ax = axes[5]
+    if "centroids" in res:
+        c = res["centroids"]
+        im = ax.imshow(np.array(c["matrix"]), cmap="viridis")
+        ax.set_xticks(range(len(c["names"])))
+        ax.set_xticklabels(c["names"], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(c["names"])))
+        ax.set_yticklabels(c["names"], fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        ax.set_title(f"Category centroid cosines (random sets: {c['null_mean_off_diagonal']:.2f})")
+    ax = axes[6]
+    h = res["head"]
+    if "procrustes_r2" in h:
+        vals = [h["row_cosine"]["mean"], h["procrustes_r2"], h["cka"]]
+        nulls = [h["row_cosine"]["null_shuffled_mean"], h["null_procrustes_r2"], h["null_cka"]]
+        ax.bar(np.arange(3) - 0.2, vals, 0.4, label="input embedding vs output head")
+        ax.bar(np.arange(3) + 0.2, nulls, 0.4, color="grey", label="tokens shuffled")
+        ax.set_xticks(range(3))
+        ax.set_xticklabels(["per-token cos", "Procrustes R^2", "linear CKA"])
+        ax.set_title(f"Output head ({'tied' if h['tied'] else 'untied'})")
+        ax.legend(fontsize=7)
+    axes[7].axis("off")
     fig.suptitle(f"Embedding geometry of {res['model']}")
     return save_figure(fig, path, dpi=100)
 

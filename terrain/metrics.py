@@ -6,8 +6,8 @@ Spectra (of singular values sigma; "variance" means sigma^2):
 Simplex volumes (k-simplices of k+1 points; k = 4 is the "pentachoron"):
     cayley_menger_volume, gram_volume (batched, float64), sample_simplex_volumes,
     coefficient_of_variation (+ bootstrap CI), gaussian_volume_cv (exact null)
-Cosines and sparsity:
-    cosine_stats, sparsity, hoyer
+Cosines, distances, groups and sparsity:
+    cosine_stats, distance_stats, centroid_similarity, space_alignment, sparsity, hoyer
 Nulls:
     random_like (a Gaussian matrix of the same shape and RMS), with_null (a statistic beside
     its value on such matrices), so every number can be read against chance.
@@ -155,19 +155,97 @@ def unit(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
+def random_pairs(n: int, n_pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (i, j) of n_pairs random pairs of distinct rows out of n."""
+    i = rng.integers(0, n, n_pairs)
+    j = rng.integers(0, n - 1, n_pairs)
+    return i, j + (j >= i)
+
+
 def cosine_stats(X: np.ndarray, n_pairs: int = 20000, rng: np.random.Generator | None = None) -> dict:
     """Cosines of random distinct row pairs: mean, std, mean |cos|; anisotropy = squared norm of
     the mean unit vector (the expected cosine of two random rows, 0 for an isotropic cloud)."""
     rng = rng or np.random.default_rng(0)
     X = np.asarray(X, dtype=np.float64)
     U = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
-    i = rng.integers(0, len(U), n_pairs)
-    j = rng.integers(0, len(U) - 1, n_pairs)
-    j = j + (j >= i)  # distinct pairs
+    i, j = random_pairs(len(U), n_pairs, rng)
     c = np.sum(U[i] * U[j], axis=1)
     mu = U.mean(0)
     return {"mean": float(c.mean()), "std": float(c.std()), "mean_abs": float(np.abs(c).mean()),
             "anisotropy": float(mu @ mu)}
+
+
+def distance_stats(X: np.ndarray, n_pairs: int = 20000, rng: np.random.Generator | None = None,
+                   bins: int = 40) -> dict:
+    """Euclidean distances of random distinct row pairs: mean, std, relative spread std/mean
+    (how concentrated distances are), 5/50/95% quantiles and a histogram. With the same rng
+    state as cosine_stats it draws the same pairs, so on unit rows d^2 = 2 - 2 cos pair by pair."""
+    rng = rng or np.random.default_rng(0)
+    X = np.asarray(X, dtype=np.float64)
+    i, j = random_pairs(len(X), n_pairs, rng)
+    d = np.linalg.norm(X[i] - X[j], axis=1)
+    counts, edges = np.histogram(d, bins=bins)
+    return {"mean": float(d.mean()), "std": float(d.std()), "relative_std": float(d.std() / d.mean()),
+            "q05": float(np.quantile(d, 0.05)), "median": float(np.median(d)), "q95": float(np.quantile(d, 0.95)),
+            "mean_squared": float(np.mean(d ** 2)), "histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
+
+
+def centroid_similarity(X: np.ndarray, groups: dict[str, np.ndarray], pool: np.ndarray, n_null: int = 200,
+                        rng: np.random.Generator | None = None) -> dict:
+    """Cosine between the centroids (mean unit vector) of every two groups of rows, beside a
+    null of random sets of the same sizes drawn from `pool`: per cell the null's mean and std
+    and z = (value - null mean) / null std. The diagonal is 1 by definition."""
+    rng = rng or np.random.default_rng(0)
+    U = unit(np.asarray(X, dtype=np.float64))
+    names = list(groups)
+    sizes = [len(groups[n]) for n in names]
+
+    def cos_matrix(sets):
+        C = np.stack([U[np.asarray(s)].mean(0) for s in sets])
+        C = C / np.linalg.norm(C, axis=1, keepdims=True)
+        return C @ C.T
+
+    value = cos_matrix([groups[n] for n in names])
+    null = np.stack([cos_matrix([rng.choice(pool, size=k, replace=False) for k in sizes]) for _ in range(n_null)])
+    mean, std = null.mean(0), null.std(0)
+    z = np.where(std > 0, (value - mean) / np.where(std > 0, std, 1), 0.0)
+    off = ~np.eye(len(names), dtype=bool)
+    return {"names": names, "sizes": sizes, "matrix": value.tolist(), "null_mean": mean.tolist(),
+            "null_std": std.tolist(), "z": z.tolist(), "mean_off_diagonal": float(value[off].mean()),
+            "null_mean_off_diagonal": float(mean[off].mean())}
+
+
+def space_alignment(A: np.ndarray, B: np.ndarray, n_null: int = 5, rng: np.random.Generator | None = None) -> dict:
+    """How alike two representations of the same rows are (e.g. a model's input embedding and
+    its output head): per-row cosine, the participation ratio of each spectrum, orthogonal
+    Procrustes R^2 (after centring and scaling to unit norm: 1 when B is a rotation of A) and
+    linear CKA, each beside a null with the row correspondence shuffled."""
+    rng = rng or np.random.default_rng(0)
+    A = np.asarray(A, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
+    if A.shape != B.shape:
+        raise ValueError(f"the two spaces differ in shape: {A.shape} vs {B.shape}")
+    row_cos = np.sum(unit(A) * unit(B), axis=1)
+    Ac, Bc = A - A.mean(0), B - B.mean(0)
+    Ac, Bc = Ac / np.linalg.norm(Ac), Bc / np.linalg.norm(Bc)
+    GA, GB = Ac.T @ Ac, Bc.T @ Bc
+
+    def procrustes_cka(Bp):
+        M = Ac.T @ Bp
+        return (float(2 * np.linalg.svd(M, compute_uv=False).sum() - 1),
+                float(np.sum(M ** 2) / (np.linalg.norm(GA) * np.linalg.norm(GB))))
+
+    r2, cka = procrustes_cka(Bc)
+    nulls = [procrustes_cka(Bc[rng.permutation(len(Bc))]) for _ in range(n_null)]
+    shuffled_cos = np.sum(unit(A) * unit(B)[rng.permutation(len(B))], axis=1)
+    return {"identical": bool(np.array_equal(A, B)),
+            "row_cosine": {"mean": float(row_cos.mean()), "q05": float(np.quantile(row_cos, 0.05)),
+                           "median": float(np.median(row_cos)), "q95": float(np.quantile(row_cos, 0.95)),
+                           "null_shuffled_mean": float(shuffled_cos.mean())},
+            "participation_ratio": [participation_ratio(np.linalg.eigvalsh(GA)),
+                                    participation_ratio(np.linalg.eigvalsh(GB))],
+            "procrustes_r2": r2, "null_procrustes_r2": float(np.mean([n[0] for n in nulls])),
+            "cka": cka, "null_cka": float(np.mean([n[1] for n in nulls]))}
 
 
 def hoyer(w: np.ndarray) -> float:

@@ -109,3 +109,50 @@ def test_null_separates_structure_from_chance():
     assert structured["value"] < 4 < structured["null_mean"] and structured["z"] < -10
     R = random_like(low, rng)
     assert R.shape == low.shape and np.sqrt(np.mean(R ** 2)) == pytest.approx(np.sqrt(np.mean(low ** 2)), rel=0.02)
+
+
+def test_distances_and_cosines_of_unit_rows_agree_pair_by_pair():
+    from terrain.metrics import distance_stats
+    X = np.random.default_rng(1).standard_normal((400, 16)) + 0.5
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    c = cosine_stats(X, n_pairs=5000, rng=np.random.default_rng(7))
+    d = distance_stats(X, n_pairs=5000, rng=np.random.default_rng(7))      # the same pairs
+    assert d["mean_squared"] == pytest.approx(2 - 2 * c["mean"], rel=1e-12)
+    assert sum(d["histogram"]["counts"]) == 5000 and d["q05"] <= d["median"] <= d["q95"]
+    # isotropic Gaussian in D dimensions: squared distance has mean 2D
+    G = np.random.default_rng(2).standard_normal((3000, 50))
+    assert distance_stats(G, 20000)["mean_squared"] == pytest.approx(100, rel=0.02)
+
+
+def test_centroid_similarity_recovers_planted_centre_angles():
+    from terrain.metrics import centroid_similarity
+    rng = np.random.default_rng(0)
+    d = 40
+    e = np.eye(d)
+    centres = np.stack([e[0], 0.5 * e[0] + math.sqrt(0.75) * e[1], e[2]])    # cosines 0.5, 0, 0
+    pool = rng.standard_normal((2000, d))
+    X = np.concatenate([pool] + [c + 1e-4 * rng.standard_normal((12, d)) for c in centres])
+    groups = {f"g{k}": 2000 + 12 * k + np.arange(12) for k in range(3)}
+    res = centroid_similarity(X, groups, np.arange(2000), n_null=100, rng=rng)
+    M = np.array(res["matrix"])
+    np.testing.assert_allclose(M, centres @ centres.T, atol=1e-3)
+    assert res["null_mean_off_diagonal"] == pytest.approx(0, abs=0.05)
+    assert np.array(res["z"])[0, 1] > 2          # null sd ~ 1/sqrt(d) = 0.16
+
+
+def test_space_alignment_tied_rotated_and_shuffled():
+    from terrain.metrics import space_alignment
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((600, 12)) @ np.diag(np.linspace(3, 0.2, 12))
+    tied = space_alignment(A, A.copy(), rng=rng)
+    assert tied["identical"] and tied["row_cosine"]["mean"] == pytest.approx(1)
+    assert tied["procrustes_r2"] == pytest.approx(1) and tied["cka"] == pytest.approx(1)
+    Q = np.linalg.qr(rng.standard_normal((12, 12)))[0]
+    rot = space_alignment(A, A @ Q, rng=rng)        # a rotation: different rows, the same space
+    assert not rot["identical"] and rot["row_cosine"]["mean"] < 0.9
+    assert rot["procrustes_r2"] == pytest.approx(1) and rot["cka"] == pytest.approx(1)
+    assert rot["null_procrustes_r2"] < 0.3 and rot["null_cka"] < 0.3
+    pr = participation_ratio(np.linspace(3, 0.2, 12) ** 2)
+    assert rot["participation_ratio"][1] == pytest.approx(pr, rel=0.15)
+    with pytest.raises(ValueError):
+        space_alignment(A, A[:, :5])

@@ -1,5 +1,6 @@
 """terrain.embeddings and terrain.layers: planted structure, then the real MiniLM."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -49,9 +50,41 @@ def test_minilm_probes(tmp_path, capsys):
     assert res["digits"]["spearman_gap_cos"] < -0.5  # MiniLM orders its digits
     assert res["categories"]["colours"]["z"] > 5
     assert res["simplex_cv"]["null_isotropic_exact"] == pytest.approx(0.0722, abs=0.001)
+    assert res["head"]["tied"] and res["head"]["identical"] and res["head"]["procrustes_r2"] == pytest.approx(1)
     assert layers_main(["--out-dir", str(tmp_path)]) == 0
     lay = json.loads((tmp_path / "layers_minilm.json").read_text())
     assert len(lay["states"]) == 7 and all(s["after_layer_norm"] for s in lay["states"])  # BERT is post-LN
     assert (tmp_path / "layers_minilm.png").exists() and (tmp_path / "embeddings_minilm.png").exists()
     assert layers_main(["--sentences-file", str(tmp_path / "none.txt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_untied_output_head_and_special_tokens(tmp_path):
+    """A tiny Qwen2 with an untied head: the probe reads lm_head from the checkpoint and its
+    per-token cosine with the embedding matches one computed from the model; MiniLM's own
+    special tokens form their group; a tied model reads as identical."""
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    from terrain.models import minilm_path
+    torch.manual_seed(0)
+    cfg = tf.Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=30522, tie_word_embeddings=False)
+    model = tf.Qwen2ForCausalLM(cfg)
+    folder = tmp_path / "qwen2"
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(os.path.join(minilm_path(), f), folder / f)
+    assert embeddings_main(["--model", str(folder), "--n-simplices", "200", "--out-dir", str(tmp_path)]) == 0
+    res = json.loads(next(tmp_path.glob("embeddings_*.json")).read_text())
+    E = model.get_input_embeddings().weight.detach().double()
+    H = model.lm_head.weight.detach().double()
+    cos = torch.nn.functional.cosine_similarity(E, H, dim=1).mean().item()
+    assert not res["head"]["tied"] and not res["head"]["identical"]
+    assert res["head"]["row_cosine"]["mean"] == pytest.approx(cos, abs=1e-6)
+    assert set(res["special_tokens"]["tokens"]) == {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
+    assert "special" in res["centroids"]["names"] and len(res["centroids"]["matrix"]) == len(res["centroids"]["names"])
+    assert res["distances"]["mean"] > 0 and res["cosines"]["null_same_covariance"]["anisotropy"] >= 0
+
