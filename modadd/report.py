@@ -18,7 +18,8 @@ Figures (mean or median over seeds with their spread):
                            every rho beside its baselines
   fig6_sae_ablation        accuracy drop from ablating the chosen SAE latents vs random ones
 Statistics: per seed the median over commutator pairs (with its 95% bootstrap interval over
-pairs in report.json), then the mean over seeds with a 95% bootstrap interval over seeds. Writes report.json and report.md (the verdict table) too.
+pairs in report.json), then the mean over seeds with a 95% Student-t interval over seeds,
+the same summary as python sweep.py aggregate gives (sweep.seed_ci). Writes report.json and report.md (the verdict table) too.
 Earlier outputs in --out-dir stop it unless --force, which first removes every file it can
 write there (also figures this run's data would not give, so none of another run survives).
 """
@@ -36,7 +37,8 @@ import numpy as np
 
 from cliargs import Parser
 from modadd.figures import save, subplots
-from modadd.stats import boot_ci, median_ci
+from modadd.stats import median_ci
+from sweep import seed_ci   # the over-seed interval of sweep.py's aggregation (95% Student-t)
 
 RHOS = ("final_rho_exec", "final_rho_random", "final_rho_block_matched", "final_rho_exec_blocks",
         "final_rho_random_blocks")
@@ -102,7 +104,7 @@ def commutator_stats(runs: list[dict]) -> dict:
         s["spearman_D_loss"] = spearman(c["D"], loss)
         per_seed.append(s)
     keys = sorted({k for s in per_seed for k in s if k != "ci_over_pairs"})
-    return {"per_seed": per_seed, "summary": {k: boot_ci([s.get(k, np.nan) for s in per_seed]) for k in keys}}
+    return {"per_seed": per_seed, "summary": {k: seed_ci([s.get(k, np.nan) for s in per_seed]) for k in keys}}
 
 
 def band(ax, x, Y, label, color, median=False):
@@ -235,10 +237,10 @@ def sae_stats(sae: list[dict]) -> dict:
         for i, s in enumerate(sae[0]["snapshots"]):
             d = lambda k: [r["snapshots"][i]["kinds"][kind]["drop"][k] for r in sae]  # noqa: E731
             excess = np.array(d("chosen_error_kept")) - np.array(d("random_error_kept"))
-            rows.append({"step": s["step"], "chosen": boot_ci(d("chosen_error_kept")),
-                         "random": boot_ci(d("random_error_kept")), "excess": boot_ci(excess),
-                         "reconstruction": boot_ci(d("reconstruction")),
-                         "fvu": boot_ci([r["snapshots"][i]["kinds"][kind]["quality"]["fvu"] for r in sae])})
+            rows.append({"step": s["step"], "chosen": seed_ci(d("chosen_error_kept")),
+                         "random": seed_ci(d("random_error_kept")), "excess": seed_ci(excess),
+                         "reconstruction": seed_ci(d("reconstruction")),
+                         "fvu": seed_ci([r["snapshots"][i]["kinds"][kind]["quality"]["fvu"] for r in sae])})
         out[kind] = rows
     return out
 
@@ -345,7 +347,7 @@ def build(root: str, out_dir: str, curriculum: str | None = None, mlp: str | Non
     runs = load_root(root)
     os.makedirs(out_dir, exist_ok=True)
     rep = {"root": root, "n_seeds": len(runs), "config": runs[0]["config"], "figures": []}
-    fin = {k: boot_ci([r["metrics"][k][-1] for r in runs]) for k in runs[0]["metrics"] if k.startswith("acc_m")}
+    fin = {k: seed_ci([r["metrics"][k][-1] for r in runs]) for k in runs[0]["metrics"] if k.startswith("acc_m")}
     rep["final_accuracy"] = fin
     geometry = geometry or root
     rep["geometry_from"] = geometry
@@ -359,7 +361,7 @@ def build(root: str, out_dir: str, curriculum: str | None = None, mlp: str | Non
     bub = [r["bubbling"] for r in runs if r["bubbling"]]
     rep["figures"].append(fig2(runs, bub, os.path.join(out_dir, "fig2_entropy_bubbling.png")))
     if bub:
-        rep["bubbling"] = {m: {k: boot_ci([b["per_m"][m]["topk_accuracy"][k] for b in bub])
+        rep["bubbling"] = {m: {k: seed_ci([b["per_m"][m]["topk_accuracy"][k] for b in bub])
                                for k in bub[0]["per_m"][m]["topk_accuracy"]} for m in bub[0]["per_m"]}
     cr = [r for r in runs if "comm" in r]
     if cr:
@@ -381,7 +383,7 @@ def build(root: str, out_dir: str, curriculum: str | None = None, mlp: str | Non
         if m is None:
             raise FileNotFoundError(f"{mlp}/trajectory_pca.json not found (run the sweep's trajectory stage)")
         rep["mlp_trajectory"] = {"summary": m["summary"]}
-        rep["mlp_final_accuracy"] = {k: boot_ci([r["metrics"][k][-1] for r in load_root(mlp)])
+        rep["mlp_final_accuracy"] = {k: seed_ci([r["metrics"][k][-1] for r in load_root(mlp)])
                                      for k in runs[0]["metrics"] if k.startswith("acc_m")}
     rep["verdicts"] = verdicts(rep)
     with open(os.path.join(out_dir, "report.json"), "w") as f:

@@ -22,16 +22,6 @@ def bootstrap(values, stat=np.mean, n_boot: int = 2000, seed: int = 0) -> np.nda
     return stat(v[np.random.default_rng(seed).integers(len(v), size=(n_boot, len(v)))], axis=1)
 
 
-def boot_ci(values, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean of per-seed values with a 95% bootstrap interval over seeds."""
-    v = finite(values)
-    if len(v) == 0:
-        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    means = bootstrap(v, np.mean, n_boot, seed)
-    return {"mean": float(v.mean()), "lo": float(np.quantile(means, 0.025)), "hi": float(np.quantile(means, 0.975)),
-            "n": int(len(v))}
-
-
 def median_ci(values, n_boot: int = 2000, seed: int = 0) -> list[float]:
     """95% bootstrap interval of the median (e.g. over one seed's commutator pairs)."""
     if len(finite(values)) < 2:

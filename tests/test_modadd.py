@@ -457,6 +457,9 @@ def test_sweep_and_report(tmp_path):
     medians = [np.median([float(r["D"]) for r in csv.DictReader(open(tmp_path / "code" / f"s{s}" / "commutators.csv"))])
                for s in (0, 1)]
     assert np.isclose(rep["commutators"]["summary"]["D"]["mean"], np.mean(medians))
+    from scipy import stats     # over seeds: the Student-t interval of sweep.py's aggregation
+    lo, hi = stats.t.interval(0.95, 1, loc=np.mean(medians), scale=stats.sem(medians))
+    assert np.allclose([rep["commutators"]["summary"]["D"]["lo"], rep["commutators"]["summary"]["D"]["hi"]], [lo, hi])
     findings = {v["finding"] for v in rep["verdicts"]}
     assert {"attention trajectories collapse to 2-3 dimensions", "strict curriculum forgets small m",
             "commutators are negligible inside the execution subspace"} <= findings
