@@ -14,8 +14,11 @@ the anchors) to the narrower width. Maps: orthogonal Procrustes (with one global
 least squares (ridge --ridge), and the same Procrustes fit on shuffled correspondences
 (the control every number needs). Scores on held-out tokens: per-token cosine to the true
 target, the rank of the true target among all held-out targets (top-1, top-10, median),
-relational (RSA) correlation of pairwise cosines, the digit structure, and the spectrum of
-the residual beside that of the target.
+relational (RSA) correlation of pairwise cosines, the digit structure, the spectrum of
+the residual beside that of the target, the best- and worst-aligned held-out tokens with
+their cosines, and the CV of 4-simplex volumes of the same held-out simplices, native and
+projected (with the Spearman correlation of their volumes), beside a Gaussian of the
+native covariance and the exact isotropic CV.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import numpy as np
 
 from cliargs import SEED, Parser, at_least, non_negative
 from terrain.cli import save_figure
-from terrain.metrics import unit
+from terrain.metrics import bootstrap_ci, coefficient_of_variation, gaussian_volume_cv, gram_volume, unit
 from terrain.checkpoint import embedding_matrix
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
 
@@ -174,8 +177,29 @@ def digit_comparison(Pd: np.ndarray, Yd: np.ndarray) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
+def extreme_tokens(cos: np.ndarray, tokens: list[str], n: int) -> dict:
+    """The n held-out tokens the map aligns best and worst, with their cosines."""
+    order = np.argsort(cos)
+    return {"best_tokens": [[tokens[i], float(cos[i])] for i in order[::-1][:n]],
+            "worst_tokens": [[tokens[i], float(cos[i])] for i in order[:n]]}
+
+
+def simplex_cv(X: np.ndarray, simplices: np.ndarray, rng: np.random.Generator) -> dict:
+    """CV of the volumes of the given 4-simplices (rows of X, 5 indices each), its 95% bootstrap
+    interval, and the exact CV of isotropic Gaussian simplices in X's dimension."""
+    vol = gram_volume(X[simplices])
+    return {"cv": coefficient_of_variation(vol), "ci": list(bootstrap_ci(vol, n_boot=300, rng=rng)),
+            "null_isotropic_exact": gaussian_volume_cv(4, X.shape[1])}
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+    return float(spearmanr(a, b).statistic)
+
+
 def align(X: np.ndarray, Y: np.ndarray, tokens: list[str], n_anchors: int = 10000, n_test: int = 5000,
-          n_rsa: int = 1000, ridge: float = 1e-3, seed: int = 0) -> dict:
+          n_rsa: int = 1000, ridge: float = 1e-3, seed: int = 0, n_simplices: int = 2000,
+          n_extreme: int = 15) -> dict:
     """Fit and score the maps from rows of X to rows of Y (row k of both is tokens[k])."""
     rng = np.random.default_rng(seed)
     digits = [tokens.index(str(d)) for d in range(10) if str(d) in tokens]
@@ -200,12 +224,21 @@ def align(X: np.ndarray, Y: np.ndarray, tokens: list[str], n_anchors: int = 1000
     maps = fit_maps(Xc[anchors], Yc[anchors], rng, ridge)
     res = {"n_shared": len(tokens), "n_anchors": int(len(anchors)), "n_test": int(len(test)), "width": k,
            "pca": pca, "methods": {}}
+    vol_rng = np.random.default_rng([seed, 1])     # the same simplices for the native and every projected space
+    simplices = np.stack([vol_rng.choice(len(test), 5, replace=False) for _ in range(n_simplices)])
+    res["native_simplex_cv"] = simplex_cv(Yc[test], simplices, vol_rng)
+    gauss = vol_rng.multivariate_normal(np.zeros(k), np.cov(Yc[test], rowvar=False), size=len(test), method="eigh")
+    res["native_simplex_cv"]["null_same_covariance"] = simplex_cv(gauss, simplices, vol_rng)["cv"]
+    native_volumes = gram_volume(Yc[test][simplices])
     for m, W in maps.items():
         P = Xc @ W
         r = score(P[test], Yc[test], n_rsa, rng)
         r["anchor_cosine_mean"] = float(np.mean(np.sum(unit(P[anchors]) * unit(Yc[anchors]), 1)))
         if len(digits) == 10:
             r["digits"] = digit_comparison(P[digits], Yc[digits])
+        r.update(extreme_tokens(np.array(r["cosines"]), [tokens[t] for t in test], n_extreme))
+        r["simplex_cv"] = simplex_cv(P[test], simplices, vol_rng)
+        r["simplex_cv"]["spearman_with_native"] = spearman(gram_volume(P[test][simplices]), native_volumes)
         res["methods"][m] = r
     lam_t = np.linalg.eigvalsh(np.cov(Yc[test], rowvar=False))[::-1]
     res["target_eigenvalues"] = lam_t.tolist()
@@ -233,6 +266,15 @@ def format_summary(res: dict) -> str:
         d = r.get("digits", {}).get("structure_pearson", float("nan"))
         lines.append(f"  {m:17s} {r['cosine_mean']:8.3f} {r['cosine_median']:7.3f} {r['top1']:6.3f} {r['top10']:6.3f} "
                      f"{r['median_rank']:8.0f} {r['rsa']['pearson']:6.3f} {d:8.3f} {r['anchor_cosine_mean']:10.3f}")
+    nat = res["native_simplex_cv"]
+    lines.append(f"  4-simplex volume CV of held-out points: native {nat['cv']:.3f} [{nat['ci'][0]:.3f}, "
+                 f"{nat['ci'][1]:.3f}] (Gaussian, same covariance {nat['null_same_covariance']:.3f}; isotropic "
+                 f"{nat['null_isotropic_exact']:.3f}); projected " + ", ".join(
+                     f"{m} {r['simplex_cv']['cv']:.3f} (Spearman with native volumes "
+                     f"{r['simplex_cv']['spearman_with_native']:.2f})" for m, r in res["methods"].items()))
+    r = res["methods"]["procrustes"]
+    lines.append("  procrustes, best aligned: " + ", ".join(f"{t} {c:.2f}" for t, c in r["best_tokens"][:8]))
+    lines.append("  procrustes, worst aligned: " + ", ".join(f"{t} {c:.2f}" for t, c in r["worst_tokens"][:8]))
     return "\n".join(lines)
 
 
