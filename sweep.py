@@ -656,11 +656,12 @@ def aggregate(root: str, spec: dict, jobs: list[Job], baseline: str | None = Non
     return out
 
 
-def fmt(s: dict, digits: int = 4) -> str:
+def fmt(s: dict, digits: int = 4, of: int | None = None) -> str:
+    """mean [lo, hi] (n k, or n k of N when only k of N seeds have a value, e.g. reached a threshold)."""
     if s["n"] == 0:
-        return "-"
+        return "-" if of is None else f"- (n 0 of {of})"
     g = lambda x: f"{x:.{digits}g}"  # noqa: E731
-    return f"{g(s['mean'])} [{g(s['lo'])}, {g(s['hi'])}]" + (f" (n {s['n']})" if s["n"] else "")
+    return f"{g(s['mean'])} [{g(s['lo'])}, {g(s['hi'])}] (n {s['n']}" + (f" of {of})" if of and of != s["n"] else ")")
 
 
 def markdown(agg: dict) -> str:
@@ -670,8 +671,8 @@ def markdown(agg: dict) -> str:
              f"[95% t interval] (n seeds)", "", "| metric | " + " | ".join(configs) + " |",
              "|---|" + "---|" * len(configs)]
     for k in metrics:
-        lines.append(f"| {k} | " + " | ".join(fmt(agg["configs"][c]["metrics"][k]) if k in agg["configs"][c]["metrics"]
-                                              else "-" for c in configs) + " |")
+        lines.append(f"| {k} | " + " | ".join(fmt(agg["configs"][c]["metrics"][k], of=len(agg["configs"][c]["seeds"]))
+                                              if k in agg["configs"][c]["metrics"] else "-" for c in configs) + " |")
     for c, diffs in agg["paired"].items():
         lines += ["", f"paired on the same seeds: {c} - {agg['baseline']}", "",
                   "| metric | difference [95% CI] | seeds larger | p (paired t) |", "|---|---|---|---|"]

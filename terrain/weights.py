@@ -14,7 +14,8 @@ shapes (which give about 0.5). MLP neurons: importance = ||input row|| x ||outpu
 Across layers, per role: overlap of the top-r singular subspaces on the residual-stream
 side (input side of q, k, v, mlp_in; output side of o, mlp_out), invariant to permutations
 of heads and neurons, chance = r/d; and the raw cosine of the flattened matrices.
-LayerNorm scales: mean, spread, extremes. T5 relative bias: per-head profiles against
+LayerNorm scales: mean, spread, extremes. A parameter census per stack and role (every
+tensor of the checkpoint counted once). T5 relative bias: per-head profiles against
 signed distance (buckets decoded), classified local / global / mixed.
 Writes weights_<model>.json and weights_<model>.png per model, and with several models a
 comparison figure and table.
@@ -223,6 +224,27 @@ def _rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(key.encode())])
 
 
+def census(entries: dict[str, tuple], config=None) -> dict:
+    """Parameter counts of a checkpoint per stack and role, from tensor names and shapes alone:
+    every tensor is counted once (tied weights are stored once), packed q/k/v as "qkv", known
+    parameters the battery skips (biases, norms, positions) as "other", and names no rule knows
+    as "unclassified"."""
+    from terrain.models import classify
+    table: dict = defaultdict(lambda: defaultdict(int))
+    for name, shape in entries.items():
+        role, stack, _ = classify(name)
+        table[stack][{None: "unclassified", "aux": "other"}.get(role, role)] += int(np.prod(shape)) if shape else 1
+    by_role: dict = defaultdict(int)
+    for roles in table.values():
+        for r, n in roles.items():
+            by_role[r] += n
+    total = sum(by_role.values())
+    return {"total": total, "by_stack": {s: sum(r.values()) for s, r in table.items()},
+            "by_role": dict(sorted(by_role.items(), key=lambda kv: -kv[1])),
+            "by_stack_role": {s: dict(r) for s, r in table.items()},
+            "share_by_role": {r: n / total for r, n in by_role.items()} if total else {}}
+
+
 def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int = 32, device: str = "cpu",
             null: str = "auto", source=None, config=None, show_progress: bool = True) -> dict:
     """The weight battery of one model, streamed: matrices are read one at a time from the
@@ -240,7 +262,8 @@ def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int 
                  "heads": lays["*"].__dict__, "layouts": {k: v.__dict__ for k, v in lays.items()},
                  "source": kind, "null_method": null, "matrices": {}, "heads_by_layer": {}, "neurons": {},
                  "cross_layer": {}, "norms": {}, "t5_bias": {}, "unclassified": pl.unclassified, "notes": pl.notes,
-                 "n_params_analysed": int(sum(np.prod(r.shape) for r in used))}
+                 "n_params_analysed": int(sum(np.prod(r.shape) for r in used)),
+                 "census": census(source.entries, config)}
     subspaces = defaultdict(list)  # (stack, role) -> [(layer, U)]
     bar = progress(None, desc=f"weights {res['model'][-40:]}", total=len(used)) if show_progress else None
     for (stack, _), refs in _groups(used):
@@ -352,6 +375,10 @@ def format_summary(res: dict) -> str:
         adj = np.mean([ov[i, i + 1] for i in range(len(ov) - 1)])
         lines.append(f"cross-layer {key}: adjacent top-{cl['r']} {cl['side']}put-subspace overlap {adj:.3f} "
                      f"[chance {cl['chance_overlap']:.3f}]")
+    c = res.get("census")
+    if c:
+        lines.append(f"parameters: {c['total']:,} (" + ", ".join(f"{s} {n:,}" for s, n in c["by_stack"].items())
+                     + "); by role " + ", ".join(f"{r} {100 * c['share_by_role'][r]:.1f}%" for r in c["by_role"]))
     for stack, b in res["t5_bias"].items():
         from collections import Counter
         lines.append(f"T5 relative bias ({stack}): " + ", ".join(f"{k} {v}" for k, v in Counter(b["classes"]).items()))

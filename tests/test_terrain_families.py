@@ -65,6 +65,13 @@ def test_weight_battery(family, folders, tmp_path):
     assert res["source"] == "safetensors" and not res["unclassified"] and res["heads_by_layer"]
     for key, h in res["heads_by_layer"].items():
         assert all(0 <= p <= 1 for p in h["positive_share"]), key
+    # the census counts every stored tensor once: transformers' own parameter count (tied weights once)
+    import transformers as tf
+    model = tf.AutoModel.from_pretrained(folders(family))
+    c = res["census"]
+    assert c["total"] == model.num_parameters() + sum(b.numel() for n, b in model.named_buffers()
+                                                      if n in model.state_dict())
+    assert sum(c["by_stack"].values()) == c["total"] and c["by_role"].get("unclassified", 0) == 0
 
 
 @pytest.mark.parametrize("family", TEXT + ["clip"])
