@@ -112,3 +112,32 @@ def test_wordnet_alignment(family, folders, tmp_path):
     assert wordnet.main(["--model", folders(family), "--seeds", "1", "--n-items", "60", "--n-pairs", "500",
                          "--n-simplices", "50", "--n-perm", "10", "--max-items", "120", "--dtype", "bfloat16",
                          "--out-dir", str(tmp_path)]) == 0
+
+
+def test_t5_decoder_states_against_the_encoder(folders, tmp_path):
+    """The decoder reads the same text teacher-forced; its CKA with the encoder, recomputed here
+    from transformers' own hidden states through centred n x n Gram matrices (HSIC), matches."""
+    import numpy as np
+    import transformers as tf
+
+    from terrain.layers import SENTENCES
+    folder = folders("t5v11")
+    assert layers.main(["--model", folder, "--out-dir", str(tmp_path)]) == 0
+    res = json.loads(next(tmp_path.glob("layers_*.json")).read_text())
+    assert len(res["states"]) == 3 and len(res["decoder_states"]) == 3 and len(res["encoder_vs_decoder"]) == 3
+    model = tf.T5Model.from_pretrained(folder)
+    tok = tf.AutoTokenizer.from_pretrained(folder)
+    enc = tok(SENTENCES, return_tensors="pt", padding=True)
+    dec_in = torch.cat([torch.zeros_like(enc["input_ids"][:, :1]), enc["input_ids"][:, :-1]], 1)
+    with torch.no_grad():
+        out = model(**enc, decoder_input_ids=dec_in, decoder_attention_mask=enc["attention_mask"],
+                    output_hidden_states=True)
+    keep = enc["attention_mask"].bool().numpy().ravel()
+    flat = lambda h: h.numpy().reshape(-1, h.shape[-1])[keep].astype(np.float64)  # noqa: E731
+    X, Y = flat(out.encoder_hidden_states[2]), flat(out.decoder_hidden_states[2])
+    H = np.eye(len(X)) - 1 / len(X)
+    K, L = H @ X @ X.T @ H, H @ Y @ Y.T @ H
+    cka = np.sum(K * L) / (np.linalg.norm(K) * np.linalg.norm(L))
+    assert res["encoder_vs_decoder"][2]["same_depth"]["cka"] == pytest.approx(cka, rel=1e-4)
+    assert layers.main(["--model", folder, "--encoder-only", "--out-dir", str(tmp_path / "e")]) == 0
+    assert "decoder_states" not in json.loads(next((tmp_path / "e").glob("layers_*.json")).read_text())
