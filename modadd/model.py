@@ -11,6 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+MODEL_TYPE = "modadd_transformer"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -87,6 +90,12 @@ class ModAddTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, keep: dict | None = None) -> torch.Tensor:
         return self.finish(self.residual(tokens, 0, keep), 0, keep)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "ModAddTransformer":
+        """The model of an export folder (model.safetensors + config.json, from modadd.train --export)."""
+        from training import load_exported
+        return load_exported(path, MODEL_TYPE, cls, ModelConfig)
 
     def attention_matrices(self) -> dict[str, torch.Tensor]:
         return {f"L{i}.{n}": getattr(b.attn, n).weight for i, b in enumerate(self.blocks)

@@ -75,6 +75,12 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=SEED, default=0, help="seed of the initialisation and the data stream")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when torch sees one)")
     p.add_argument("--out-dir", default=None, help="default runs/modadd_<preset>_s<seed>")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="also write the final model as DIR/model.safetensors + DIR/config.json (loads without "
+                        "running code: ModAddTransformer.from_pretrained(DIR)); with --from-run, export that run "
+                        "instead of training")
+    p.add_argument("--from-run", default=None, metavar="RUN",
+                   help="with --export: export the model.pt of this finished run folder; nothing is trained")
     p.add_argument("--force", action="store_true",
                    help="train into an --out-dir that already holds a run (its files and the stages' outputs "
                         "there are removed first)")
@@ -341,8 +347,31 @@ def stage_outputs(out_dir: str) -> list[str]:
     return [p for s in STAGES for p in importlib.import_module(f"modadd.{s}").outputs(out_dir)]
 
 
+def export(model, config: dict, out_dir: str, force: bool) -> list[str]:
+    """The model as safetensors + config.json; the task's configuration goes with it."""
+    from dataclasses import asdict
+
+    from training import export_model
+    from modadd.model import MODEL_TYPE
+    return export_model(model, MODEL_TYPE, asdict(model.cfg), out_dir, force, data=config)
+
+
 def main(argv=None) -> int:
+    from training import TrainingError, check_export_target
     args = build_parser().parse_args(argv)
+    if args.from_run and not args.export:
+        print("error: --from-run exports a run: give --export DIR too", file=sys.stderr)
+        return 2
+    try:
+        check_export_target(args.export, args.force)
+        if args.from_run:
+            from modadd.runs import load_run
+            model, _, config = load_run(args.from_run)
+            print("wrote " + ", ".join(export(model, config, args.export, args.force)))
+            return 0
+    except (TrainingError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cfg = resolve(args)
     problem = check(cfg)
     if problem:
@@ -370,6 +399,8 @@ def main(argv=None) -> int:
     print("held-out accuracy by m: " + ", ".join(f"m={m}: {f[f'acc_m{m}']:.3f}"
                                                  for m in range(cfg["m_min"], cfg["m_max"] + 1)))
     print(f"wrote {out}/config.json, metrics.csv, commutators.csv, snapshots.npz, model.pt")
+    if args.export:
+        print("wrote " + ", ".join(export(res["model"], res["config"], args.export, True)))
     return 0
 
 

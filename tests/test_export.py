@@ -63,3 +63,26 @@ def test_from_pretrained_refuses_another_model_and_missing_files(small_data_dir,
         mamba_next.MambaNext.from_pretrained(str(exp))
     with pytest.raises(TrainingError, match="not found"):
         masked_model_gpu.MaskedTransformer.from_pretrained(str(tmp_path / "nothing"))
+
+
+def test_modadd_export_at_training_and_from_a_run(tmp_path, capsys):
+    from modadd import train
+    from modadd.model import ModAddTransformer
+    from modadd.runs import load_run
+    run, exp = tmp_path / "run", tmp_path / "exp"
+    tiny = ["--T", "8", "--C", "3", "--m-max", "2", "--n-layers", "2", "--d-model", "16", "--n-heads", "2",
+            "--steps", "20", "--snapshot-every", "10", "--eval-every", "10", "--eval-size", "32", "--mlp"]
+    assert train.main([*tiny, "--out-dir", str(run), "--export", str(exp)]) == 0
+    model, task, _ = load_run(str(run))
+    again = ModAddTransformer.from_pretrained(str(exp))
+    tokens = torch.randint(0, task.vocab_size, (16, task.T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), again.eval()(tokens))
+    assert json.loads((exp / "config.json").read_text())["data"]["C"] == 3
+    # an existing export is refused before any work; --from-run exports a finished run
+    assert train.main(["--from-run", str(run), "--export", str(exp)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert train.main(["--from-run", str(run), "--export", str(exp), "--force"]) == 0
+    assert train.main(["--from-run", str(run)]) == 2
+    with pytest.raises(Exception, match="not a"):
+        masked_model_gpu.MaskedTransformer.from_pretrained(str(exp))
