@@ -27,6 +27,8 @@ among items, and the Procrustes rotation replaced by a random one.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import math
 import sys
 
@@ -68,6 +70,7 @@ class HookedModulator(nn.Module):
         super().__init__()
         self._ids = None
         self._handles = []
+        self._where = None
 
     def transform(self, h: torch.Tensor, k: int) -> torch.Tensor:
         raise NotImplementedError
@@ -75,8 +78,30 @@ class HookedModulator(nn.Module):
     def n_slots(self) -> int:
         raise NotImplementedError
 
+    @contextmanager
+    def attached(self, model, layers: list[int]):
+        """The modulator inside `model` for the block's duration, removed after (also on errors)."""
+        self.attach(model, layers)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    @contextmanager
+    def suspended(self):
+        """The model as it is without the modulator for the block's duration (e.g. to generate the
+        unmodulated reference), then the modulator back where it was."""
+        where = self._where
+        self.detach()
+        try:
+            yield
+        finally:
+            if where is not None:
+                self.attach(*where)
+
     def attach(self, model, layers: list[int]):
-        """Register the hooks on `model` (an encoder) before each block in `layers`."""
+        """Register the hooks on `model` (an encoder) before each block in `layers` (see also
+        attached() and suspended(), which undo it when their block ends)."""
         self.detach()
         blocks = encoder_blocks(model)
         if len(layers) != self.n_slots() or any(not 0 <= i < len(blocks) for i in layers):
@@ -95,6 +120,7 @@ class HookedModulator(nn.Module):
                 kwargs["hidden_states"] = self.transform(kwargs["hidden_states"], k)
                 return args, kwargs
             self._handles.append(blocks[i].register_forward_pre_hook(hook, with_kwargs=True))
+        self._where = (model, list(layers))
         return self
 
     def detach(self) -> None:
@@ -102,6 +128,7 @@ class HookedModulator(nn.Module):
             h.remove()
         self._handles = []
         self._ids = None
+        self._where = None
 
 
 class LerpModulator(HookedModulator):
@@ -438,13 +465,8 @@ def compare_generations(c, which: np.ndarray, max_new_tokens: int = 8) -> list[d
         enc = {k: full[k] for k in ("input_ids", "attention_mask")}
         with torch.no_grad():
             mod_ids = c.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-            handles, c.mod._handles = c.mod._handles, []
-            try:
-                for h in handles:
-                    h.remove()
+            with c.mod.suspended():
                 orig_ids = c.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-            finally:
-                c.mod.attach(c.encoder, c.layers)
         out.append({"definition": c.items[i]["definition"], "lemma": c.items[i]["lemma"],
                     "original": c.tok.decode(orig_ids[0], skip_special_tokens=True),
                     "modulated": c.tok.decode(mod_ids[0], skip_special_tokens=True)})

@@ -174,3 +174,23 @@ def test_training_seq2seq_uses_shifted_labels(tmp_path):
         dec_in = torch.cat([torch.full((1, 1), cfg.decoder_start_token_id), lab[:, :-1]], 1)
         logits = model(**enc, decoder_input_ids=dec_in).logits
     assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits[0], lab[0])), rel=1e-5)
+
+
+def test_attached_and_suspended_restore_the_model(minilm):
+    """attached() removes the hooks when its block ends, even on an error; suspended() gives the
+    bare model's exact states inside and the modulated ones again after."""
+    model, _ = minilm
+    ids = torch.tensor([[101, 2000, 2001, 5000, 3000, 102]])
+    ref = run(model, ids)
+    mod, _ = modulator_for(model, [1, 3])
+    mod.detach()
+    mod.set_alpha(0.4)
+    with pytest.raises(RuntimeError):
+        with mod.attached(model, [1, 3]):
+            modulated = run(model, ids)[-1]
+            assert not torch.allclose(modulated, ref[-1])
+            with mod.suspended():
+                assert all(torch.equal(a, b) for a, b in zip(run(model, ids), ref))
+            assert torch.equal(run(model, ids)[-1], modulated)
+            raise RuntimeError("leave the block early")
+    assert all(torch.equal(a, b) for a, b in zip(run(model, ids), ref))
