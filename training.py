@@ -397,6 +397,7 @@ def fit(*, model: torch.nn.Module, train_model: torch.nn.Module, optimizer, sche
     t_start = time.perf_counter()
     deadline = t_start + 60 * time_budget_min if time_budget_min else None
     first_epoch = state.epoch
+    state.stopped_early = ""   # a resumed run that had stopped early starts this process's budget afresh
     for epoch in range(state.epoch, epochs):
         train_set.set_epoch(epoch)
         model.train()

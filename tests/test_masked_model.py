@@ -264,3 +264,15 @@ def test_resume_uses_or_refuses_every_flag_it_is_given(small_data_dir, tmp_path,
     assert main(["--resume", str(run / "last.pt"), "--lr", str(lr), "--epochs", "2", "--out-dir", str(run),
                  "--force"]) == 0
     assert len((run / "training_log.csv").read_text().splitlines()) == 3  # --epochs applied: one more epoch
+
+
+def test_a_run_stopped_early_resumes_to_its_last_epoch(small_data_dir, tmp_path):
+    """A run stopped inside an epoch by its time budget and resumed with a larger budget trains to
+    --epochs: the earlier stop is not carried over into the resumed process."""
+    run = tmp_path / "run"
+    assert main(["--data-dir", small_data_dir, "--out-dir", str(run), "--epochs", "3", "--time-budget", "1e-5",
+                 *TINY]) == 0                                   # stops inside epoch 1
+    assert len((run / "training_log.csv").read_text().splitlines()) == 2
+    assert main(["--resume", str(run / "last.pt"), "--time-budget", "60"]) == 0   # the old stop is not carried over
+    assert len((run / "training_log.csv").read_text().splitlines()) == 4
+    assert json.loads((run / "metrics.json").read_text())["stopped_early"] == ""
