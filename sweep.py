@@ -54,6 +54,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 from cliargs import Parser, at_least
@@ -362,7 +363,7 @@ def run_job(root: str, index: int, env: dict | None = None) -> dict:
                 continue
             lock = FileLock(os.path.join(root, "status", "locks", slug(step.shared) + ".lock"), wait=True) \
                 if step.shared else None
-            with lock or _nothing():
+            with lock or nullcontext():
                 if step.shared and step_done(root, job, step):   # made by another job while we waited
                     out["skipped"].append(step.name)
                     continue
@@ -385,14 +386,6 @@ def run_job(root: str, index: int, env: dict | None = None) -> dict:
                 out["ran"].append(step.name)
     out["seconds"] = time.perf_counter() - t0
     return out
-
-
-class _nothing:
-    def __enter__(self):
-        return True
-
-    def __exit__(self, *exc):
-        return False
 
 
 def job_done(root: str, job: Job) -> bool:

@@ -32,19 +32,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cliargs import Parser, at_least
+from sweep import parse_seeds   # one seed-list parser for both launchers
 
 PER_RUN = ("bubbling", "sae")
 ALL_RUNS = ("trajectory", "alignment")
-
-
-def parse_seeds(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        if not a.strip().isdigit() or (b and not b.strip().isdigit()):
-            raise ValueError(f"--seeds {text!r}: give seeds as 0-19 or 0,3,5")
-        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    return sorted(set(out))
 
 
 def _call(cmd: list[str], log: str, env: dict | None = None) -> tuple[int, float]:
