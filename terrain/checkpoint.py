@@ -77,6 +77,10 @@ class SafetensorsWeights:
             self.dtypes[name] = dt
             self._where[name] = (shard, start + a, b - a)
 
+    def integer_names(self) -> set[str]:
+        """Tensors of integer or boolean type: buffers such as position ids, not parameters."""
+        return {n for n, dt in self.dtypes.items() if dt == "BOOL" or dt[0] in "IU"}
+
     def read(self, name: str) -> np.ndarray:
         """The tensor as float32 (bfloat16 and float16 convert exactly)."""
         return self.read_rows(name, 0, self.entries[name][0] if self.entries[name] else 1)
@@ -125,6 +129,9 @@ class ModuleWeights:
     def __init__(self, module):
         self._params = dict(module.named_parameters())
         self.entries = {n: tuple(p.shape) for n, p in self._params.items()}
+
+    def integer_names(self) -> set[str]:
+        return {n for n, p in self._params.items() if not (p.is_floating_point() or p.is_complex())}
 
     def read(self, name: str) -> np.ndarray:
         return self._params[name].detach().float().cpu().numpy()

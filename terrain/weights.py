@@ -224,14 +224,18 @@ def _rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(key.encode())])
 
 
-def census(entries: dict[str, tuple], config=None) -> dict:
+def census(entries: dict[str, tuple], config=None, skip=()) -> dict:
     """Parameter counts of a checkpoint per stack and role, from tensor names and shapes alone:
     every tensor is counted once (tied weights are stored once), packed q/k/v as "qkv", known
     parameters the battery skips (biases, norms, positions) as "other", and names no rule knows
-    as "unclassified"."""
+    as "unclassified". `skip`: tensors that are not parameters (integer buffers such as
+    position ids, which some checkpoints store), left out."""
     from terrain.models import classify
     table: dict = defaultdict(lambda: defaultdict(int))
+    skip = set(skip)
     for name, shape in entries.items():
+        if name in skip:
+            continue
         role, stack, _ = classify(name)
         table[stack][{None: "unclassified", "aux": "other"}.get(role, role)] += int(np.prod(shape)) if shape else 1
     by_role: dict = defaultdict(int)
@@ -263,7 +267,7 @@ def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int 
                  "source": kind, "null_method": null, "matrices": {}, "heads_by_layer": {}, "neurons": {},
                  "cross_layer": {}, "norms": {}, "t5_bias": {}, "unclassified": pl.unclassified, "notes": pl.notes,
                  "n_params_analysed": int(sum(np.prod(r.shape) for r in used)),
-                 "census": census(source.entries, config)}
+                 "census": census(source.entries, config, getattr(source, "integer_names", set)())}
     subspaces = defaultdict(list)  # (stack, role) -> [(layer, U)]
     bar = progress(None, desc=f"weights {res['model'][-40:]}", total=len(used)) if show_progress else None
     for (stack, _), refs in _groups(used):
