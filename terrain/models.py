@@ -109,7 +109,7 @@ def load_model(name: str | None = None, dtype: str | None = None, device: str = 
 
     part: 'model' (AutoModel), 'encoder' (only the encoder of an encoder-decoder such as T5: the
     decoder's weights are never read), 'seq2seq' (an encoder-decoder with its language-model
-    head; AutoModel for other models).
+    head; AutoModel for other models), 'lm' (as 'seq2seq', and a causal LM with its head).
     dtype: float32 / bfloat16 / float16 (default: float32). device: cpu or cuda; on cuda with
     accelerate installed the weights are placed with device_map='auto', which spills what does not
     fit on the GPU to the CPU. 'open_clip:ARCH/PRETRAINED' loads an open_clip model when
@@ -131,8 +131,10 @@ def load_model(name: str | None = None, dtype: str | None = None, device: str = 
             raise TerrainError(f"encoder-only loading is implemented for {', '.join(T5_FAMILY)}, "
                                f"not {config.model_type}")
         cls = tf.T5EncoderModel
-    elif part == "seq2seq" and getattr(config, "is_encoder_decoder", False):
+    elif part in ("seq2seq", "lm") and getattr(config, "is_encoder_decoder", False):
         cls = tf.AutoModelForSeq2SeqLM
+    elif part == "lm" and is_causal_lm(config):
+        cls = tf.AutoModelForCausalLM
     kw = {"dtype": getattr(torch, dtype or "float32")}
     use_map = device.startswith("cuda") and _has_accelerate()
     if use_map:
@@ -144,6 +146,11 @@ def load_model(name: str | None = None, dtype: str | None = None, device: str = 
     if not use_map:
         model = model.to(device)
     return model.eval(), config
+
+
+def is_causal_lm(config) -> bool:
+    """A decoder-only model saved with a language-model head (by its recorded architectures)."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or [])
 
 
 def _has_accelerate() -> bool:

@@ -49,8 +49,10 @@ DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2, NAMED_ALPHA, 0.5)
 
 
 def encoder_blocks(model) -> nn.ModuleList:
-    """The list of encoder blocks of a BERT-style or T5-style model."""
-    for path in ("encoder.layer", "encoder.block", "block", "encoder.layers", "layers"):
+    """The list of blocks of a BERT-style or T5-style encoder, or of a causal LM (Llama/Qwen-style
+    `model.layers`, GPT-2-style `transformer.h`)."""
+    for path in ("encoder.layer", "encoder.block", "block", "encoder.layers", "layers", "model.layers",
+                 "model.language_model.layers", "transformer.h"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -255,10 +257,11 @@ def split_items(n: int, n_anchors: int, n_eval: int, seed: int) -> tuple[np.ndar
 
 def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors: int, n_eval: int, seed: int,
             n_train: int = 0, lm_head: bool = False, geometry: bool = True, dtype: str = "float32",
-            device: str = "cpu"):
+            device: str = "cpu", generate: bool = False):
     """Model (frozen), items split into anchors / evaluation / training and, with `geometry`,
     the WordNet geometry of anchors, evaluation and (n_train) training items (Procrustes and
-    random rotation) with an unattached LERP modulator."""
+    random rotation) with an unattached LERP modulator. lm_head: an encoder-decoder with its
+    head (the encoder alone otherwise); generate: also a causal LM with its head."""
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
@@ -266,7 +269,7 @@ def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors:
     from terrain.wordnet import encode_texts, load_wordnet, match_items
     wn = load_wordnet()
     # loaded once: with the language-model head when it is trained through, else the encoder alone
-    model, config = load_model(name, dtype, device, part="seq2seq" if lm_head else "encoder")
+    model, config = load_model(name, dtype, device, part="lm" if generate else "seq2seq" if lm_head else "encoder")
     dev = model_device(model)
     encoder = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
     for p in model.parameters():
@@ -366,11 +369,23 @@ def seq2seq_loss(c, batch: np.ndarray):
 def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int = 64, alpha: float = 0.01,
           epochs: int = 3, n_train: int = 2000, batch_size: int = 32, lr: float = 1e-3, tau: float = 0.05,
           n_anchors: int = 2000, n_eval: int = 800, seed: int = 0, progress: bool = True,
-          kind: str = "lerp", dtype: str = "float32", device: str = "cpu") -> dict:
+          kind: str = "lerp", dtype: str = "float32", device: str = "cpu", talk: dict | None = None,
+          grad_scale: float | None = None, early_stop: dict | None = None) -> dict:
     """Train a modulator with the model frozen. lerp: geometric rows (anchors and training
     items), projection and alphas; evaluation items keep their WordNet placement (their rows
     get no gradient). field: the simplex experts' deformation, gate and validity heads and
-    the per-layer, per-expert alphas (terrain/field.py)."""
+    the per-layer, per-expert alphas (terrain/field.py). Encoder-decoders then answer held-out
+    definitions (or talk["prompts"]) with and without the trained modulator (terrain/talk.py;
+    talk's other keys: max_new_tokens, temperature, top_p, seed).
+
+    The field modulator's two optional safeguards from the notebook:
+    - grad_scale S: the deformation and validity heads learn at S x lr, the alphas at 0.5 x lr,
+      the gates at lr, and the gradient norm is clipped to 1;
+    - early_stop {"band": (lo, hi) or None, "drift": d, "patience": p, "every": k, "n_monitor": m}:
+      every k steps the 4-simplex CV (full dimension) of the modulated states of m anchor
+      definitions (items neither trained on nor evaluated) is measured; training stops when it
+      has been outside the band for p checks in a row. The band is (lo, hi), or the unmodulated
+      monitor CV +- d."""
     from tqdm import tqdm
     c = prepare(name, layers, geo_dim, n_anchors, n_eval, seed, n_train=n_train, lm_head=True,
                 geometry=kind != "field", dtype=dtype, device=device)
@@ -390,11 +405,23 @@ def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int
         c.mod.geo.weight.register_hook(lambda g: g * (1 - frozen))
         params = [c.mod.geo.weight, c.mod.proj.weight, c.mod.alpha_logit]
         eval_rows_before = c.mod.geo.weight[torch.as_tensor(c.tid[c.evals], device=c.device)].detach().clone()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if kind == "field" and grad_scale is not None:
+        opt = torch.optim.AdamW(field_param_groups(c.mod, lr, grad_scale), lr=lr, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    monitor = None
+    if early_stop is not None:
+        from terrain.field import cv_health
+        es = {"patience": 5, "every": 10, "n_monitor": 200, "band": None, "drift": 0.05, **early_stop}
+        mon_defs = [c.items[i]["definition"] for i in c.anchors[:es["n_monitor"]]]
+        cv0 = cv_health(c.encode(mon_defs))["cv"]
+        band = tuple(es["band"]) if es["band"] is not None else (cv0 - es["drift"], cv0 + es["drift"])
+        monitor = {**es, "band": list(band), "unmodulated_cv": cv0, "checks": [], "stopped_at_step": None}
     checksum = sum(float(p.double().sum()) for p in c.model.parameters())
     res = {"model": name or DEFAULT_MODEL, "modulator": kind, "objective": "seq2seq" if c.seq2seq else "contrastive",
            "n_parameters": sum(p.numel() for p in params), "layers": c.layers, "geo_dim": geo_dim, "n_train": len(c.train), "n_eval": len(c.evals),
-           "n_anchors": len(c.anchors), "unmodulated": relational_scores(base, c.S_eval, None), "epochs": []}
+           "n_anchors": len(c.anchors), "unmodulated": relational_scores(base, c.S_eval, None), "epochs": [],
+           "grad_scale": grad_scale, "steps": 0}
     c.mod.attach(c.encoder, c.layers)
     try:
         res["before_training"] = relational_scores(c.encode(), c.S_eval, base)
@@ -409,12 +436,21 @@ def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int
                 loss = seq2seq_loss(c, batch) if c.seq2seq else contrastive_loss(c, batch, tau)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if kind == "field" and grad_scale is not None:
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 losses.append(float(loss.detach()))
+                res["steps"] += 1
+                if monitor is not None and res["steps"] % monitor["every"] == 0 and cv_drifted(c, monitor, res["steps"]):
+                    break
             with torch.no_grad():
                 scores = relational_scores(c.encode(), c.S_eval, base)
             res["epochs"].append({"epoch": ep + 1, "loss": float(np.mean(losses)), "loss_first_batch": losses[0],
-                                  "alpha": c.mod.alpha.detach().tolist(), **scores})
+                                  "steps": res["steps"], "alpha": c.mod.alpha.detach().tolist(), **scores})
+            if monitor is not None and monitor["stopped_at_step"] is not None:
+                break
+        if monitor is not None:
+            res["early_stop"] = monitor
         if kind == "field":
             res.update(field_controls(c, base))
             res["control_name"], res["control"] = ("fresh experts at the trained alphas",
@@ -434,10 +470,40 @@ def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int
             res["control_name"], res["control"] = "trained rows shuffled", res["after_training_shuffled_rows"]
         res["model_unchanged"] = sum(float(p.double().sum()) for p in c.model.parameters()) == checksum
         if c.seq2seq:
-            res["generations"] = compare_generations(c, c.evals[:4])
+            from terrain.talk import converse, summarise
+            talk = dict(talk or {})
+            prompts = talk.pop("prompts", None) or ["summarize: " + c.items[i]["definition"] for i in c.evals[:4]]
+            res["generations"] = converse(c.model, c.tok, c.mod, prompts, [("trained", None, None)],
+                                          progress=False, **{"max_new_tokens": 8, **talk})
+            res["generation_summary"] = summarise(res["generations"])
     finally:
         c.mod.detach()
     return res
+
+
+def field_param_groups(mod, lr: float, grad_scale: float) -> list[dict]:
+    """The notebook's learning rates for the field modulator: deformation and validity heads
+    (the geometric parameters) at grad_scale x lr, the alphas at 0.5 x lr, the gates at lr."""
+    geometric = [p for e in mod.experts for p in (*e.to_deform.parameters(), *e.validity.parameters())]
+    gates = [p for e in mod.experts for p in e.gate.parameters()]
+    return [{"params": geometric, "lr": lr * grad_scale, "name": "geometric"},
+            {"params": [mod.alpha_logit], "lr": lr * 0.5, "name": "alpha"},
+            {"params": gates, "lr": lr, "name": "gates"}]
+
+
+def cv_drifted(c, monitor: dict, step: int) -> bool:
+    """One CV check of the early-stopping monitor (see train); True when training should stop."""
+    from terrain.field import cv_health
+    defs = [c.items[i]["definition"] for i in c.anchors[:monitor["n_monitor"]]]
+    with torch.no_grad():
+        cv = cv_health(c.encode(defs), seed=step)["cv"]
+    lo, hi = monitor["band"]
+    monitor["checks"].append({"step": step, "cv": cv, "in_band": bool(lo <= cv <= hi)})
+    recent = monitor["checks"][-monitor["patience"]:]
+    if len(recent) == monitor["patience"] and not any(r["in_band"] for r in recent):
+        monitor["stopped_at_step"] = step
+        return True
+    return False
 
 
 def field_controls(c, base: np.ndarray) -> dict:
@@ -454,22 +520,6 @@ def field_controls(c, base: np.ndarray) -> dict:
             m.reset_parameters()
     out["after_training_fresh_experts"] = relational_scores(c.encode(), c.S_eval, base)
     c.mod.load_state_dict(trained)
-    return out
-
-
-def compare_generations(c, which: np.ndarray, max_new_tokens: int = 8) -> list[dict]:
-    """Original against modulated generations for a few held-out definitions."""
-    out = []
-    for i in which:
-        full = c.tok(["summarize: " + c.items[i]["definition"]], return_tensors="pt").to(c.device)
-        enc = {k: full[k] for k in ("input_ids", "attention_mask")}
-        with torch.no_grad():
-            mod_ids = c.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-            with c.mod.suspended():
-                orig_ids = c.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        out.append({"definition": c.items[i]["definition"], "lemma": c.items[i]["lemma"],
-                    "original": c.tok.decode(orig_ids[0], skip_special_tokens=True),
-                    "modulated": c.tok.decode(mod_ids[0], skip_special_tokens=True)})
     return out
 
 
@@ -497,14 +547,26 @@ def format_training(res: dict) -> str:
     if "cv_health" in res:
         lines.append(f"  simplex CV (full dimension): modulated {res['cv_health']['cv']:.3f}, unmodulated "
                      f"{res['cv_health_unmodulated']['cv']:.3f}, Gaussian {res['cv_health']['gaussian_cv']:.3f}")
-    for g in res.get("generations", []):
-        lines.append(f"  [{g['lemma']}] original: {g['original']!r}  modulated: {g['modulated']!r}")
+    if res.get("grad_scale") is not None:
+        lines.append(f"  safeguards: geometric heads at {res['grad_scale']:g} x lr, alphas at 0.5 x lr, gradient norm "
+                     f"clipped to 1")
+    if "early_stop" in res:
+        es = res["early_stop"]
+        where = (f"stopped at step {es['stopped_at_step']} of the run" if es["stopped_at_step"] is not None
+                 else f"never stopped ({res['steps']} steps)")
+        lines.append(f"  early stopping: CV band [{es['band'][0]:.3f}, {es['band'][1]:.3f}] (unmodulated "
+                     f"{es['unmodulated_cv']:.3f}), {len(es['checks'])} checks every {es['every']} steps, patience "
+                     f"{es['patience']}: {where}")
+    if "generations" in res:
+        from terrain.talk import format_answers, summary_table
+        lines += format_answers(res["generations"]) + summary_table(res["generation_summary"])
     return "\n".join(lines)
 
 
 def plot_training(res: dict, path: str) -> str:
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    es = res.get("early_stop")
+    fig, ax = plt.subplots(1, 4 if es else 3, figsize=(20 if es else 15, 4.2))
     ep = [e["epoch"] for e in res["epochs"]]
     ax[0].plot(ep, [e["loss"] for e in res["epochs"]], "o-")
     ax[0].set_title(f"{res['objective']} loss")
@@ -519,8 +581,17 @@ def plot_training(res: dict, path: str) -> str:
     ax[2].axhline(res["control"]["wup_pearson"], color="grey", ls="--", label=res["control_name"])
     ax[2].set_title("held-out Pearson(Wu-Palmer, cosine)")
     ax[2].legend(fontsize=8)
-    for a in ax:
+    for a in ax[:3]:
         a.set_xlabel("epoch")
+    if es:
+        ax[3].plot([k["step"] for k in es["checks"]], [k["cv"] for k in es["checks"]], "o-", ms=3, label="modulated")
+        ax[3].axhspan(*es["band"], color="tab:green", alpha=0.15, label="band")
+        ax[3].axhline(es["unmodulated_cv"], color="k", ls=":", label="unmodulated")
+        if es["stopped_at_step"] is not None:
+            ax[3].axvline(es["stopped_at_step"], color="tab:red", label="stopped")
+        ax[3].set_xlabel("optimizer step")
+        ax[3].set_title(f"4-simplex CV of {es['n_monitor']} monitor definitions")
+        ax[3].legend(fontsize=8)
     fig.suptitle(f"{res['model']}: modulator training")
     return save_figure(fig, path)
 
@@ -592,11 +663,41 @@ def build_parser() -> Parser:
     t.add_argument("--batch-size", type=at_least(1), default=32, help="items per optimizer step")
     t.add_argument("--lr", type=positive(), default=1e-3, help="AdamW learning rate")
     t.add_argument("--tau", type=positive(), default=0.05, help="contrastive temperature (encoder-only models)")
+    t.add_argument("--grad-scale", type=positive(), default=None, metavar="S",
+                   help="field only, the notebook's safeguards: deformation and validity heads at S x --lr (it used "
+                        "0.1), alphas at 0.5 x --lr, gradient norm clipped to 1 (default: off)")
+    t.add_argument("--early-stop-band", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="stop when the 4-simplex CV of the monitor definitions leaves [LO, HI] for --patience checks "
+                        "(the notebook's band: 0.16 0.26)")
+    t.add_argument("--early-stop-drift", type=positive(), default=None, metavar="D",
+                   help="as --early-stop-band, with the band the unmodulated monitor CV +- D")
+    t.add_argument("--patience", type=at_least(1), default=5, help="CV checks out of band in a row before stopping")
+    t.add_argument("--cv-every", type=at_least(1), default=10, help="optimizer steps between CV checks")
+    t.add_argument("--cv-monitor", type=at_least(5), default=200,
+                   help="anchor definitions the CV is measured on (never training or held-out items)")
+    g = p.add_argument_group(
+        "talking (--talk): answers of the unmodulated and the modulated model side by side, scored by their "
+        "log-likelihood under the unmodulated model, distinct-1/2 and the edit distance to the unmodulated answer; "
+        "needs a T5-style or causal language model (terrain/talk.py). With --train: the trained modulator talks")
+    g.add_argument("--talk", action="store_true",
+                   help="talk at each --alphas with the WordNet rows and with the rows shuffled (the control)")
+    g.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a prompt, verbatim (repeatable; T5 wants a task prefix such as 'summarize: ')")
+    g.add_argument("--prompts-file", metavar="FILE", help="one prompt per line, after any --prompt")
+    g.add_argument("--n-prompts", type=at_least(1), default=6,
+                   help="without prompts: this many held-out definitions (never anchors)")
+    g.add_argument("--max-new-tokens", type=at_least(1), default=32, help="tokens generated per answer")
+    g.add_argument("--temperature", type=between(0, 10), default=0.0,
+                   help="0 = greedy; above 0 samples, and the unmodulated model answers twice (the null)")
+    g.add_argument("--top-p", type=between(0, 1, open_lo=True), default=0.9, help="nucleus sampling mass")
+    g.add_argument("--sample-seed", type=SEED, default=0,
+                   help="sampling seed; the modulated and unmodulated answers to a prompt share it")
     return p
 
 
 def main(argv=None) -> int:
     from terrain.cli import resolve_device, run_for_models
+    from terrain.talk import read_prompts
     p = build_parser()
     args = p.parse_args(argv)
     if args.geo_dim >= args.anchors and not (args.train and args.modulator == "field"):
@@ -612,17 +713,48 @@ def main(argv=None) -> int:
         p.error(f"--layers {args.layers!r}: block indices count from 0")
     if layers is not None and len(set(layers)) != len(layers):
         p.error(f"--layers {args.layers!r}: a block is named twice")
+    if args.early_stop_band and args.early_stop_drift:
+        p.error("give --early-stop-band or --early-stop-drift, not both")
+    if args.early_stop_band and not args.early_stop_band[0] < args.early_stop_band[1]:
+        p.error(f"--early-stop-band {args.early_stop_band[0]:g} {args.early_stop_band[1]:g}: LO must be below HI")
+    early = args.early_stop_band or args.early_stop_drift
+    if (early or args.grad_scale) and not args.train:
+        p.error("--grad-scale and --early-stop-* go with --train")
+    if args.grad_scale and args.modulator != "field":
+        p.error("--grad-scale is the field modulator's safeguard: add --modulator field")
+    if early and args.cv_monitor > args.anchors:
+        p.error(f"--cv-monitor {args.cv_monitor} exceeds --anchors {args.anchors}")
+    early_stop = {"band": args.early_stop_band, "drift": args.early_stop_drift, "patience": args.patience,
+                  "every": args.cv_every, "n_monitor": args.cv_monitor} if early else None
+    talking = args.prompt or args.prompts_file or args.temperature or args.max_new_tokens != 32
+    if talking and not (args.talk or args.train):
+        p.error("--prompt, --prompts-file, --temperature and --max-new-tokens go with --talk (or --train)")
     try:
         device = resolve_device(args.device)
+        prompts = read_prompts(args.prompt, args.prompts_file)
     except TerrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    talk_opts = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                 "seed": args.sample_seed, "prompts": prompts}
+    if args.talk and not args.train:
+        from terrain import talk as T
+        code, _, written = run_for_models(
+            args.model, args.out_dir, "modulate_talk",
+            lambda n: T.talk(n, prompts, args.n_prompts, layers, args.geo_dim, args.alphas, args.anchors,
+                             args.eval_items, args.seed, args.max_new_tokens, args.temperature, args.top_p,
+                             args.sample_seed, dtype=args.dtype, device=device),
+            T.format_summary, T.plot, force=args.force)
+        if written:
+            print("wrote " + ", ".join(written))
+        return code
     if args.train:
         code, _, written = run_for_models(
             args.model, args.out_dir, f"modulate_train_{args.modulator}",
             lambda n: train(n, layers, args.geo_dim, args.alpha, args.epochs, args.train_items, args.batch_size,
                             args.lr, args.tau, args.anchors, args.eval_items, args.seed, kind=args.modulator,
-                            dtype=args.dtype, device=device),
+                            dtype=args.dtype, device=device, talk=talk_opts if talking or args.talk else None,
+                            grad_scale=args.grad_scale, early_stop=early_stop),
             format_training, plot_training, force=args.force)
         if written:
             print("wrote " + ", ".join(written))

@@ -60,10 +60,30 @@ def load_wordnet():
 
 # ----------------------------------------------------------------------------- items
 
+_ITEMS: dict = {}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's class, vocabulary and behaviour on a probe (case, accents, spaces)."""
+    import hashlib
+    h = hashlib.sha1(type(tokenizer).__name__.encode())
+    h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr(tokenizer(["Dog CAT", " naïve  x-ray"], add_special_tokens=False)["input_ids"]).encode())
+    return h.hexdigest()
+
+
 def match_items(wn, tokenizer, policy: str = "most-frequent", min_definition: int = 10) -> list[dict]:
-    """WordNet items whose lemma is a single token, one per token id (see the module doc)."""
+    """WordNet items whose lemma is a single token, one per token id (see the module doc).
+    Remembered per WordNet reader, tokenizer (by its fingerprint) and policy within a process."""
     if policy not in POLICIES:
         raise TerrainError(f"unknown sense policy {policy!r}; choose from {', '.join(POLICIES)}")
+    key = (id(wn), tokenizer_fingerprint(tokenizer), policy, min_definition)
+    if key not in _ITEMS:
+        _ITEMS[key] = (wn, _match_items(wn, tokenizer, policy, min_definition))  # wn kept: its id stays unique
+    return [dict(it) for it in _ITEMS[key][1]]
+
+
+def _match_items(wn, tokenizer, policy: str, min_definition: int) -> list[dict]:
     names = sorted(n for n in wn.all_lemma_names() if "_" not in n)
     ids = tokenizer([n for n in names], add_special_tokens=False)["input_ids"]
     single = {n: t[0] for n, t in zip(names, ids) if len(t) == 1}

@@ -285,3 +285,28 @@ def test_modadd_sweep_spreads_its_processes_over_gpus(tmp_path):
     assert set(run_parallel(jobs, 2, ["4", "7"]).values()) == {0}
     seen = sorted((tmp_path / f"j{i}.log").read_text().split()[0] for i in range(4))
     assert seen == ["4", "4", "7", "7"] and (tmp_path / "j0.log").read_text().split()[1] == "1"
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "scripts", "sweeps"))))
+def test_shipped_specs_plan(name):
+    spec = sweep.load_spec(os.path.join(REPO, "scripts", "sweeps", name))
+    jobs = sweep.plan(spec)
+    assert len(jobs) == len(sweep.configurations(spec)) * len(sweep.parse_seeds(spec["seeds"]))
+
+
+def test_terrain_train_metrics_script(tmp_path):
+    """scripts/terrain_train_metrics.py: the last epoch's held-out numbers against the unmodulated
+    model and the control, as the commands line reads them."""
+    res = {"epochs": [{"epoch": 1, "wup_pearson": 0.25, "loss": 2.0, "near_minus_far": 0.1, "preservation": 0.99},
+                      {"epoch": 2, "wup_pearson": 0.30, "loss": 1.5, "near_minus_far": 0.2, "preservation": 0.98}],
+           "unmodulated": {"wup_pearson": 0.2}, "control": {"wup_pearson": 0.22}, "steps": 40,
+           "cv_health": {"cv": 0.33}, "early_stop": {"stopped_at_step": 40}}
+    (tmp_path / "modulate_train_field_x.json").write_text(json.dumps(res))
+    script = os.path.join(REPO, "scripts", "terrain_train_metrics.py")
+    assert subprocess.run([sys.executable, script, str(tmp_path)]).returncode == 0
+    scalars, curves = sweep.commands_metrics(str(tmp_path), {})
+    assert scalars["heldout_gain"] == pytest.approx(0.1) and scalars["gain_over_control"] == pytest.approx(0.08)
+    assert scalars["steps"] == 40 and scalars["stopped_early"] == 1.0 and scalars["cv_modulated"] == 0.33
+    assert curves["pearson_per_epoch"] == {"1": 0.25, "2": 0.30}
+    (tmp_path / "modulate_train_lerp_x.json").write_text(json.dumps(res))
+    assert subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True).returncode == 2

@@ -109,3 +109,71 @@ def test_training_the_field_modulator():
     assert np.asarray(res["epochs"][0]["alpha"]).shape == (2, 3)
     assert res["n_parameters"] == FD.parameter_count(384, 2)
     assert res["cv_health"]["gaussian_cv"] == pytest.approx(M.gaussian_volume_cv(4, 384))
+
+
+def test_grad_scale_groups_move_each_part_at_its_rate():
+    """Adam's first step moves every parameter with a nonzero gradient by about its group's lr:
+    the deformation and validity heads by S x lr, the alphas by lr / 2, the gates by lr; every
+    parameter is in exactly one group."""
+    from terrain import modulate as MD
+    torch.manual_seed(0)
+    mod = FD.FieldModulator(16, 2, alpha=0.2)
+    groups = MD.field_param_groups(mod, lr=1e-2, grad_scale=0.1)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(mod.parameters()))
+    before = {id(p): p.detach().clone() for p in mod.parameters()}
+    opt = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.0)
+    h = torch.randn(4, 5, 16)
+    (mod.transform(h, 0).square().sum() + mod.transform(h, 1).sum()).backward()
+    opt.step()
+    want = {"geometric": 1e-3, "alpha": 5e-3, "gates": 1e-2}
+    for g in groups:
+        moved = torch.cat([(p.detach() - before[id(p)]).abs().flatten() for p in g["params"]])
+        grads = torch.cat([p.grad.abs().flatten() for p in g["params"]])
+        big = moved[grads > 1e-6]
+        assert len(big) > 0
+        np.testing.assert_allclose(big.numpy(), want[g["name"]], rtol=0.05)
+
+
+def test_cv_monitor_stops_after_patience_checks_out_of_band():
+    """Planted: the monitor set is Gaussian, whose CV is known; a band that excludes it stops
+    after exactly `patience` checks, a band around it never stops."""
+    from types import SimpleNamespace
+
+    from terrain import modulate as MD
+    X = np.random.default_rng(0).standard_normal((300, 24))
+    c = SimpleNamespace(items=[{"definition": str(i)} for i in range(300)], anchors=np.arange(300),
+                        encode=lambda texts: X[[int(t) for t in texts]])
+    g = M.gaussian_volume_cv(4, 24)
+    out = {"band": [g + 0.2, g + 0.3], "patience": 3, "n_monitor": 300, "checks": [], "stopped_at_step": None}
+    assert [MD.cv_drifted(c, out, s) for s in (10, 20, 30)] == [False, False, True]
+    assert out["stopped_at_step"] == 30 and not any(k["in_band"] for k in out["checks"])
+    inside = {**out, "band": [g - 0.1, g + 0.1], "checks": [], "stopped_at_step": None}
+    assert not any(MD.cv_drifted(c, inside, s) for s in range(1, 8))
+    assert all(k["in_band"] for k in inside["checks"])
+
+
+def test_training_stops_early_and_with_the_safeguards():
+    from terrain import modulate as MD
+    res = MD.train(None, layers=[1, 4], epochs=2, n_train=64, batch_size=16, lr=1e-2, alpha=0.1,
+                   n_anchors=100, n_eval=40, progress=False, kind="field", grad_scale=0.1,
+                   early_stop={"band": (0.0, 0.01), "patience": 2, "every": 1, "n_monitor": 50})
+    es = res["early_stop"]
+    assert es["stopped_at_step"] == 2 and res["steps"] == 2 and len(es["checks"]) == 2
+    assert len(res["epochs"]) == 1 and res["epochs"][0]["steps"] == 2     # stopped inside the first epoch
+    assert res["grad_scale"] == 0.1 and res["model_unchanged"]
+    assert es["unmodulated_cv"] > 0.01                                    # the band excluded it from the start
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train", "--grad-scale", "0.1"], "--modulator field"),
+    (["--grad-scale", "0.1", "--modulator", "field"], "go with --train"),
+    (["--train", "--early-stop-band", "0.3", "0.2"], "LO must be below HI"),
+    (["--train", "--early-stop-band", "0.1", "0.2", "--early-stop-drift", "0.05"], "not both"),
+    (["--train", "--early-stop-drift", "0.05", "--cv-monitor", "500", "--anchors", "100"], "exceeds --anchors"),
+])
+def test_safeguard_flags_refuse_bad_combinations(argv, message, capsys):
+    from terrain.modulate import main
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err

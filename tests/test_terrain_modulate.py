@@ -164,7 +164,9 @@ def test_training_seq2seq_uses_shifted_labels(tmp_path):
     res = MD.train(str(tmp_path / "t5"), geo_dim=4, alpha=0.1, epochs=1, n_train=32, batch_size=16, lr=1e-2,
                    n_anchors=100, n_eval=40, progress=False)
     assert res["objective"] == "seq2seq" and res["eval_rows_unchanged"] and res["model_unchanged"]
-    assert len(res["generations"]) == 4 and all("original" in g and "modulated" in g for g in res["generations"])
+    assert len(res["generations"]) == 4
+    assert all([a["condition"] for a in g["answers"]] == ["unmodulated", "trained"] for g in res["generations"])
+    assert {r["condition"] for r in res["generation_summary"]} == {"unmodulated", "trained"}
     # the loss equals a hand-shifted teacher-forced cross-entropy
     model = tf.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5").eval()
     enc = {k: v for k, v in tok(["summarize: a small dog"], return_tensors="pt").items() if k != "token_type_ids"}

@@ -165,6 +165,29 @@ def test_sense_policies(wordnet):
         W.match_items(fake, tok, "random")
 
 
+def test_matched_items_are_remembered_per_tokenizer(wordnet):
+    """A second call with the same reader, tokenizer and policy reads WordNet no more and gives
+    equal (copied) items; a tokenizer that splits differently is matched afresh."""
+    from transformers import AutoTokenizer
+
+    from terrain.models import resolve_model_name
+    tok = AutoTokenizer.from_pretrained(resolve_model_name(None), local_files_only=True)
+    fake = TinyWordNet(wordnet, ["run.n.01", "bank.n.01", "dog.n.01", "chase.v.01"])
+    calls = []
+    real_synsets = fake.synsets
+    fake.synsets = lambda name, pos=None: calls.append(name) or real_synsets(name, pos)
+    first = W.match_items(fake, tok, "noun")
+    n_calls = len(calls)
+    assert n_calls > 0 and [it["lemma"] for it in first] and "dog" in [it["lemma"] for it in first]
+    first[0]["lemma"] = "changed by the caller"
+    again = W.match_items(fake, tok, "noun")
+    assert len(calls) == n_calls and again[0]["lemma"] != "changed by the caller"
+    cased = AutoTokenizer.from_pretrained(resolve_model_name(None), local_files_only=True, do_lower_case=False)
+    assert W.tokenizer_fingerprint(cased) != W.tokenizer_fingerprint(tok)
+    W.match_items(fake, cased, "noun")
+    assert len(calls) > n_calls
+
+
 def test_encoder_decoder_gets_prefix_and_encoder_only():
     import torch
     import transformers as tf
