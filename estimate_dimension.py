@@ -300,7 +300,8 @@ def run_data(args) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, "dimension_vs_k")
     written = write_rows(base, rows)
-    written.append(plot_dimension_vs_k(rows, base + ".png", f"Levina-Bickel dimension of the {what}"))
+    if not args.no_plot:
+        written.append(plot_dimension_vs_k(rows, base + ".png", f"Levina-Bickel dimension of the {what}"))
     print("wrote " + ", ".join(written))
     return 0
 
@@ -331,6 +332,9 @@ def run_demo(args) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, "levina_bickel_demo")
     written = write_rows(base, rows)
+    if args.no_plot:
+        print("wrote " + ", ".join(written))
+        return 0
     fig, axes = plt.subplots(1, len(noises) + 1, figsize=(4 * (len(noises) + 1), 4))
     for ax, X, (name, _) in zip(axes, clouds, rows):
         ax.scatter(X[:, 0], X[:, 1], s=1)
@@ -369,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=0, help="seed of the subsample and the bootstrap")
     p.add_argument("--out-dir", default="plots", help="where the table, JSON/CSV and figure go")
     p.add_argument("--force", action="store_true", help="replace the table, JSON/CSV and figure of an earlier run")
+    p.add_argument("--no-plot", action="store_true", help="the table and JSON/CSV only, no figure")
     p.add_argument("--demo", action="store_true", help="run the noisy-circle demo instead")
     p.add_argument("--demo-points", type=at_least(3), default=2000, help="points on the demo's noisy circle")
     return p

@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pca", type=at_least(1), default=None, help="PCA to N dimensions before UMAP and kNN")
     p.add_argument("--no-lb", action="store_true", help="skip Levina-Bickel (the slowest metric)")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP grid")
+    p.add_argument("--no-plot", action="store_true",
+                   help="numbers only (JSON/CSV, and the UMAP coordinates unless --no-umap), no figures")
     p.add_argument("--control", action="store_true", help="also analyse the same architecture at random init")
     p.add_argument("--probe-train-frac", type=between(0, 1, open_lo=True, open_hi=True), default=0.7,
                    help="probes train on this early share of the series")
@@ -488,13 +490,15 @@ def run(args) -> int:
                 P = PCA(args.pca, random_state=args.seed).fit_transform(P)
             embs[name] = umap.UMAP(n_neighbors=args.umap_neighbors, min_dist=0.1, n_jobs=1,
                                    random_state=args.seed).fit_transform(P)
-        written.append(plot_umap_grid(embs, {n: states[sel] for n in embs}, lb30, series.n_states,
-                                      os.path.join(plots_dir, "representation_umap.png"),
-                                      f"{ckpt['model_type']} {run_name}: representations coloured by "
-                                      + ("circle" if series.has_labels else "position in the series")))
+        if not args.no_plot:
+            written.append(plot_umap_grid(embs, {n: states[sel] for n in embs}, lb30, series.n_states,
+                                          os.path.join(plots_dir, "representation_umap.png"),
+                                          f"{ckpt['model_type']} {run_name}: representations coloured by "
+                                          + ("circle" if series.has_labels else "position in the series")))
         np.savez(os.path.join(out_dir, "umap_embeddings.npz"), states=states[sel], **{f"layer_{n}": e for n, e in embs.items()})
-    written.append(plot_depth(results, control, args.k, os.path.join(plots_dir, "representation_metrics.png"),
-                              f"{ckpt['model_type']} {run_name}: geometry across depth"))
+    if not args.no_plot:
+        written.append(plot_depth(results, control, args.k, os.path.join(plots_dir, "representation_metrics.png"),
+                                  f"{ckpt['model_type']} {run_name}: geometry across depth"))
     js = os.path.join(out_dir, "representation_metrics.json")
     with open(js, "w") as f:
         json.dump({"checkpoint": ckpt["path"], "data_dir": data_dir, "window": window, "context": context,

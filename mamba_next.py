@@ -470,41 +470,43 @@ def run_generate(args) -> int:
     np.save(os.path.join(out_dir, f"{tag}.npy"), gen)
     with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
         json.dump(report, f, indent=2)
-    fig, axes = plt.subplots(5, 1, figsize=(13, 9), sharex=True,
-                             gridspec_kw={"height_ratios": [1, 1, 5, 5, 3], "hspace": 0.12})
-    n_states = series.n_states
-    if known:
-        draw_state_strip(axes[0], series.states[start + args.seed_len:end], n_states, extent_x=(0, known))
-    axes[0].set_xlim(0, args.gen_len)
-    axes[0].set_ylabel("true", rotation=0, ha="right")
-    if decoded is not None:
-        draw_state_strip(axes[1], decoded, n_states)
-    axes[1].set_ylabel("decoded", rotation=0, ha="right")
-    lim = np.percentile(np.abs(truth if known else gen), 99)
-    padded = np.full_like(gen, np.nan)
-    padded[:known] = truth
-    axes[2].imshow(padded.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    axes[2].set_ylabel("true continuation")
-    axes[3].imshow(gen.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    axes[3].set_ylabel("generated")
-    axes[4].plot(err, lw=0.8, label="generated")
-    if ref is not None:
-        axes[4].plot(((ref[:known] - truth) ** 2).mean(1), lw=0.8, color="tab:red", alpha=0.8,
-                     label="oracle forecast from the same seed")
-    if series.noise_var:
-        axes[4].axhline(series.noise_var, color="k", ls="--", lw=1, label="noise floor")
-    if kind != "none":
-        for t in range(args.gen_len):
-            if pert.active(t) and not pert.active(t - 1):
-                axes[4].axvspan(t, t + pert.duration, color="red", alpha=0.15)
-    axes[4].set_ylabel("sq. error")
-    axes[4].legend(loc="upper right", fontsize=8)
-    axes[4].set_xlabel("generated step")
-    axes[0].set_title(f"Generation from a {args.seed_len}-step held-out seed at step {start} "
-                      f"(temperature {args.temperature}, perturbation: {kind})")
-    p = os.path.join(plots_dir, f"{tag}.png")
-    fig.savefig(p, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    p = None
+    if not args.no_plot:
+        fig, axes = plt.subplots(5, 1, figsize=(13, 9), sharex=True,
+                                 gridspec_kw={"height_ratios": [1, 1, 5, 5, 3], "hspace": 0.12})
+        n_states = series.n_states
+        if known:
+            draw_state_strip(axes[0], series.states[start + args.seed_len:end], n_states, extent_x=(0, known))
+        axes[0].set_xlim(0, args.gen_len)
+        axes[0].set_ylabel("true", rotation=0, ha="right")
+        if decoded is not None:
+            draw_state_strip(axes[1], decoded, n_states)
+        axes[1].set_ylabel("decoded", rotation=0, ha="right")
+        lim = np.percentile(np.abs(truth if known else gen), 99)
+        padded = np.full_like(gen, np.nan)
+        padded[:known] = truth
+        axes[2].imshow(padded.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        axes[2].set_ylabel("true continuation")
+        axes[3].imshow(gen.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        axes[3].set_ylabel("generated")
+        axes[4].plot(err, lw=0.8, label="generated")
+        if ref is not None:
+            axes[4].plot(((ref[:known] - truth) ** 2).mean(1), lw=0.8, color="tab:red", alpha=0.8,
+                         label="oracle forecast from the same seed")
+        if series.noise_var:
+            axes[4].axhline(series.noise_var, color="k", ls="--", lw=1, label="noise floor")
+        if kind != "none":
+            for t in range(args.gen_len):
+                if pert.active(t) and not pert.active(t - 1):
+                    axes[4].axvspan(t, t + pert.duration, color="red", alpha=0.15)
+        axes[4].set_ylabel("sq. error")
+        axes[4].legend(loc="upper right", fontsize=8)
+        axes[4].set_xlabel("generated step")
+        axes[0].set_title(f"Generation from a {args.seed_len}-step held-out seed at step {start} "
+                          f"(temperature {args.temperature}, perturbation: {kind})")
+        p = os.path.join(plots_dir, f"{tag}.png")
+        fig.savefig(p, dpi=100, bbox_inches="tight")
+        plt.close(fig)
     orc = (f"; oracle forecast {report['oracle_mse_first_16']:.2f}" if "oracle_mse_first_16" in report else "")
     print(f"generated {args.gen_len} steps in {secs:.2f} s ({args.gen_len / secs:.0f} steps/s); "
           f"MSE first 16: {report.get('mse_first_16', float('nan')):.2f} (noise floor {series.noise_var}{orc})")
@@ -512,11 +514,30 @@ def run_generate(args) -> int:
         print(f"{name:17s} decoded by the oracle: {st['n_visits']} visits, dwell KS {_fmt(st['dwell_ks'])}, "
               f"transition TV {_fmt(st['transition_tv'])}, occupancy TV {st['occupancy_tv']:.2f}, "
               f"angular speed x{_fmt(st['angular_speed_ratio_median'])} of the true")
-    print(f"wrote {out_dir}/{tag}.npy, {tag}.json, {p}")
+    print(f"wrote {out_dir}/{tag}.npy, {tag}.json" + (f", {p}" if p else ""))
     return 0
 
 
 # ----------------------------------------------------------------------------- gates
+
+def plot_mean_delta(summary: dict, circles, n: int, plots_dir: str) -> list[str]:
+    """Mean step size delta per layer, over all recorded steps and per circle."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(np.arange(1, n + 1), summary["mean_delta"], "ko-", label="all steps")
+    for c in circles:
+        ax.plot(np.arange(1, n + 1), [m[int(c)] for m in summary["mean_delta_by_circle"]], lw=0.8, alpha=0.7,
+                label=f"circle {c}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean delta (softplus(dt))")
+    ax.set_title("Mean step size delta per layer")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    p = os.path.join(plots_dir, "gates_mean_delta.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return [p]
+
 
 def run_gates(args) -> int:
     import matplotlib
@@ -550,6 +571,8 @@ def run_gates(args) -> int:
     if args.sample is not None:  # that window, recorded and drawn (first), and no other drawn
         idx = np.concatenate(([args.sample], idx[idx != args.sample]))
         plotted = {args.sample}
+    if args.no_plot:
+        plotted = set()
     layers = [args.layer - 1] if args.layer is not None else list(range(n))
     written = []
     summary = {"mean_delta": [], "mean_delta_by_circle": []}
@@ -591,21 +614,9 @@ def run_gates(args) -> int:
         d = np.concatenate([tr[li]["delta"][0].float().cpu().numpy().T for tr, _ in traces_all])  # (T, D)
         summary["mean_delta"].append(float(d.mean()))
         summary["mean_delta_by_circle"].append({int(c): float(d[states_cat == c].mean()) for c in circles})
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(np.arange(1, n + 1), summary["mean_delta"], "ko-", label="all steps")
-    for c in circles:
-        ax.plot(np.arange(1, n + 1), [m[int(c)] for m in summary["mean_delta_by_circle"]], lw=0.8, alpha=0.7,
-                label=f"circle {c}")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean delta (softplus(dt))")
-    ax.set_title("Mean step size delta per layer")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    p = os.path.join(plots_dir, "gates_mean_delta.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(p)
-    if args.umap:
+    if not args.no_plot:
+        written += plot_mean_delta(summary, circles, n, plots_dir)
+    if args.umap and not args.no_plot:
         import umap
 
         from plotting import state_colors
@@ -648,9 +659,10 @@ def run_gates(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from cliargs import SEED, Parser, at_least, between, non_negative
     from training import add_training_arguments
-    p = Parser(description="Causal Mamba next-step model: train, generate, gates.")
+    p = Parser(description="Causal Mamba next-step model: train, eval CKPT (the same as train --eval CKPT), "
+                           "generate, gates.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train (or --eval a checkpoint)")
+    t = sub.add_parser("train", help="train (or --eval a checkpoint; `eval CKPT [flags]` says the same)")
     add_training_arguments(t, seq_len=512, stride=128, batch_size=32, lr=1e-3, warmup_epochs=20, epochs=100)
     g = t.add_argument_group("model")
     g.add_argument("--d-model", type=at_least(1), default=128, help="width of the residual stream")
@@ -676,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out-dir", default=None, help="numbers and arrays (default <run folder>/" + name + ")")
         s.add_argument("--force", action="store_true", help="replace this command's earlier outputs (removed first)")
         s.add_argument("--plots-dir", default=None, help="figures (default: --out-dir)")
+        s.add_argument("--no-plot", action="store_true", help="the numbers and arrays only, no figures")
         if name == "generate":
             s.add_argument("--seed-len", type=at_least(1), default=64, help="steps of true data before generating")
             s.add_argument("--gen-len", type=at_least(1), default=512, help="steps to generate")
@@ -706,9 +719,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from training import TrainingError, command_argv, eval_main, given_flags, train_main
+    try:
+        argv = command_argv(argv, subcommands=True)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
-    from training import TrainingError, eval_main, given_flags, train_main
     try:
         if args.command == "generate":
             if args.perturb_hidden and args.perturb_output:

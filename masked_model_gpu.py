@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     from training import add_training_arguments
     from cliargs import Parser, at_least, between, positive
     p = Parser(
-        description="Train or evaluate the masked-patch transformer on a circles dataset.",
+        description="Train or evaluate the masked-patch transformer on a circles dataset: "
+                    "python masked_model_gpu.py [train] [flags] | eval CKPT [flags] (the same as --eval CKPT).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_training_arguments(p, seq_len=512, stride=128, batch_size=128, lr=1e-3, warmup_epochs=20, epochs=100)
     g = p.add_argument_group("masks")
@@ -328,9 +329,14 @@ def load_model(ckpt: dict) -> MaskedTransformer:
 
 
 def main(argv=None) -> int:
+    from training import TrainingError, command_argv, eval_main, given_flags, train_main
+    try:
+        argv = command_argv(argv, subcommands=False)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
-    from training import TrainingError, eval_main, given_flags, train_main
     try:
         if args.eval:
             return eval_main(args, spec(), ModelConfig, given_flags(build_parser, argv))

@@ -223,10 +223,18 @@ def floor_note(mse: float, floor: float | None, oracle: float | None = None) -> 
     return f"{mse:.4f} (noise floor {floor:.3f}, {100 * (mse / floor - 1):+.1f}%{ref})"
 
 
+def ratio_known(value: float, oracle: float | None) -> bool:
+    """Whether value / oracle means something: an oracle error of (almost) zero, as on a window
+    of a single circle whose phase the oracle has pinned, gives a ratio of no use."""
+    return bool(oracle) and oracle > 1e-4 * abs(value)
+
+
 def signal_note(signal_mse: float | None, oracle_signal: float | None) -> str:
     """'signal MSE 0.41 = 6.2x the oracle's 0.066' (empty without a noise-free signal)."""
     if signal_mse is None:
         return ""
+    if oracle_signal is not None and not ratio_known(signal_mse, oracle_signal):
+        return f"signal MSE {signal_mse:.4f} (the oracle's is {oracle_signal:.1e}: no ratio)"
     if not oracle_signal:
         return f"signal MSE {signal_mse:.4f}"
     return f"signal MSE {signal_mse:.4f} = {signal_mse / oracle_signal:.2f}x the oracle's {oracle_signal:.4f}"
@@ -260,8 +268,8 @@ def reference_metrics(prefix: str, scores: dict, ref: dict | None) -> dict:
         out[f"{prefix}_oracle_mse"] = ref["oracle_mse"]
         osig = ref.get("oracle_signal_mse")
         out[f"{prefix}_oracle_signal_mse"] = osig
-        out[f"{prefix}_signal_over_oracle"] = (scores["signal_mse"] / osig
-                                               if scores["signal_mse"] is not None and osig else None)
+        out[f"{prefix}_signal_over_oracle"] = (scores["signal_mse"] / osig if scores["signal_mse"] is not None
+                                               and ratio_known(scores["signal_mse"], osig) else None)
     return out
 
 
@@ -450,7 +458,8 @@ def fit(*, model: torch.nn.Module, train_model: torch.nn.Module, optimizer, sche
             if extra_checkpoint:
                 save_checkpoint(extra_checkpoint, payload)
         osig = (oracle or {}).get("oracle_signal_mse")
-        sig = (f"  signal {scores['signal_mse']:.3f}" + (f" ({scores['signal_mse'] / osig:.1f}x oracle)" if osig else "")
+        sig = (f"  signal {scores['signal_mse']:.3f}"
+               + (f" ({scores['signal_mse'] / osig:.1f}x oracle)" if ratio_known(scores["signal_mse"], osig) else "")
                if scores["signal_mse"] is not None else "")
         tqdm.write(f"epoch {epoch + 1:4d}  train {total / max(count, 1):.4f}  "
                    f"val {floor_note(val, noise_floor)}{sig}{'  *' if improved else ''}  "
@@ -575,7 +584,22 @@ def load_exported(path: str, model_type: str, build: Callable, config_cls) -> to
 
 # flags a resumed run takes from the command line; every other flag it was given must equal the checkpoint's
 RESUME_MAY_CHANGE = ("epochs", "time_budget", "stop_after", "device", "num_workers", "no_compile", "compile",
-                     "no_amp", "plots_dir", "force", "export")
+                     "no_amp", "plots_dir", "no_plot", "force", "export")
+
+
+def command_argv(argv, subcommands: bool) -> list[str]:
+    """Both model scripts take `train [flags]` and `eval CKPT [flags]` (= `--eval CKPT`) as their
+    first words. Without subcommands (masked_model_gpu.py) the word `train` may be left out, so
+    the original code's invocations keep working; with them (mamba_next.py, whose other
+    commands are generate and gates) `eval CKPT` becomes `train --eval CKPT`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        if len(argv) < 2 or argv[1].startswith("-"):
+            raise TrainingError("eval needs the checkpoint first: eval CKPT [flags]")
+        argv = (["train"] if subcommands else []) + ["--eval", argv[1]] + argv[2:]
+    elif argv[:1] == ["train"] and not subcommands:
+        argv = argv[1:]
+    return argv
 
 
 def given_flags(build_parser: Callable[[], argparse.ArgumentParser], argv) -> set[str]:
@@ -756,11 +780,13 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     model.load_state_dict(best["model"])
     scores = score_splits(spec, model, (val_loader, test_loader), device, amp, floor, ref,
                           f"best epoch {state.best_epoch}: ")
-    import matplotlib
-    matplotlib.use("Agg")
-    written = [plot_loss_curve(log.read(), floor, os.path.join(plots_dir, "training_loss.png"), spec.plot_title(cfg),
-                               ref.get("val"))]
-    written += spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
+    written = []
+    if not args.no_plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        written = [plot_loss_curve(log.read(), floor, os.path.join(plots_dir, "training_loss.png"),
+                                   spec.plot_title(cfg), ref.get("val"))]
+        written += spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
     test = scores["test_mse"]
     metrics = {"best_epoch": state.best_epoch, "epochs_run": state.epoch, **scores,
                "noise_floor": floor, "test_over_floor": test / floor if floor else None, "n_parameters": n_params,
@@ -773,7 +799,8 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     if args.export:
         written += export_model(model, spec.model_type, asdict(cfg), args.export, args.force, data_args)
     release_run_lock(out_dir)
-    print(f"wrote {out_dir}/best.pt, last.pt, training_log.csv, metrics.json; figures " + ", ".join(written))
+    print(f"wrote {out_dir}/best.pt, last.pt, training_log.csv, metrics.json"
+          + ("; " + ", ".join(written) if written else ""))
     return 0
 
 
@@ -819,9 +846,11 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     scores = score_splits(spec, model, (val_loader, test_loader), device, amp, floor, ref)
     plots_dir = args.plots_dir or os.path.join(os.path.dirname(ckpt["path"]), "plots")
     os.makedirs(plots_dir, exist_ok=True)
-    import matplotlib
-    matplotlib.use("Agg")
-    paths = spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
+    paths = []
+    if not args.no_plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        paths = spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
     if args.export:
         paths += export_model(model, spec.model_type, ckpt["model_config"], args.export, args.force, data_args)
     res: dict[str, Any] = {"checkpoint": ckpt["path"], **scores, "noise_floor": floor}
@@ -868,6 +897,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, seq_len: int, stride: 
     g = p.add_argument_group("outputs")
     g.add_argument("--out-dir", default=None, help="run folder (default runs/<model>_<variant>)")
     g.add_argument("--plots-dir", default=None, help="figures (default <out-dir>/plots)")
+    g.add_argument("--no-plot", action="store_true", help="write the numbers and checkpoints only, no figures")
     g.add_argument("--checkpoint", default=None, help="also write the best checkpoint to this path")
     g.add_argument("--resume", default=None, help="resume from a last.pt (or its run folder)")
     g.add_argument("--eval", default=None, metavar="CKPT", help="evaluate a checkpoint and redraw its figures")

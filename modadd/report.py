@@ -342,8 +342,12 @@ def load_root(root: str) -> list[dict]:
 
 
 def build(root: str, out_dir: str, curriculum: str | None = None, mlp: str | None = None,
-          geometry: str | None = None) -> dict:
+          geometry: str | None = None, plot: bool = True) -> dict:
     from modadd import forgetting, trajectory
+
+    def figure(draw, *a):  # the figure's path, or nothing with plot=False
+        if plot:
+            rep["figures"].append(draw(*a))
     runs = load_root(root)
     os.makedirs(out_dir, exist_ok=True)
     rep = {"root": root, "n_seeds": len(runs), "config": runs[0]["config"], "figures": []}
@@ -354,30 +358,30 @@ def build(root: str, out_dir: str, curriculum: str | None = None, mlp: str | Non
     tp = load_json(os.path.join(geometry, "trajectory_pca.json"))
     if tp:
         rep["trajectory"] = {"summary": tp["summary"]}
-        rep["figures"].append(trajectory.plot(tp, os.path.join(out_dir, "fig1_intrinsic_dim.png")))
+        figure(trajectory.plot, tp, os.path.join(out_dir, "fig1_intrinsic_dim.png"))
     al = load_json(os.path.join(geometry, "alignment.json"))
     if al:
         rep["alignment"] = {"summary": al["summary"], "random_subspace_overlap": al["random_subspace_overlap"]}
     bub = [r["bubbling"] for r in runs if r["bubbling"]]
-    rep["figures"].append(fig2(runs, bub, os.path.join(out_dir, "fig2_entropy_bubbling.png")))
+    figure(fig2, runs, bub, os.path.join(out_dir, "fig2_entropy_bubbling.png"))
     if bub:
         rep["bubbling"] = {m: {k: seed_ci([b["per_m"][m]["topk_accuracy"][k] for b in bub])
                                for k in bub[0]["per_m"][m]["topk_accuracy"]} for m in bub[0]["per_m"]}
     cr = [r for r in runs if "comm" in r]
     if cr:
         rep["commutators"] = commutator_stats(cr)
-        rep["figures"].append(fig3(cr, os.path.join(out_dir, "fig3_commutator_raw.png")))
+        figure(fig3, cr, os.path.join(out_dir, "fig3_commutator_raw.png"))
         if "final_rho_exec" in cr[0]["comm"]:
-            rep["figures"].append(fig4(cr, os.path.join(out_dir, "fig4_comm_ratio.png")))
-            rep["figures"].append(fig5(cr, rep["commutators"], os.path.join(out_dir, "fig5_comm_decomposition.png")))
+            figure(fig4, cr, os.path.join(out_dir, "fig4_comm_ratio.png"))
+            figure(fig5, cr, rep["commutators"], os.path.join(out_dir, "fig5_comm_decomposition.png"))
     sae = [r["sae"] for r in runs if r["sae"]]
     if sae:
         rep["sae"] = sae_stats(sae)
-        rep["figures"].append(fig6(sae, os.path.join(out_dir, "fig6_sae_ablation.png")))
+        figure(fig6, sae, os.path.join(out_dir, "fig6_sae_ablation.png"))
     if curriculum:
         f = forgetting.analyse(seed_dirs(curriculum), [r["dir"] for r in runs])
         rep["forgetting"] = {"summary": f["summary"], "runs": f["runs"]}
-        rep["figures"].append(forgetting.plot(f, os.path.join(out_dir, "forgetting.png")))
+        figure(forgetting.plot, f, os.path.join(out_dir, "forgetting.png"))
     if mlp:
         m = load_json(os.path.join(mlp, "trajectory_pca.json"))
         if m is None:
@@ -419,6 +423,7 @@ def build_parser() -> Parser:
                         "of the same configuration whose snapshots are at hand")
     p.add_argument("--out-dir", default="plots/modadd", help="where the report, its JSON and figures go")
     p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
+    p.add_argument("--no-plot", action="store_true", help="the report and its JSON only, no figures")
     return p
 
 
@@ -427,7 +432,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         claim_outputs(outputs(args.out_dir), args.force)
-        rep = build(args.root, args.out_dir, args.curriculum, args.mlp, args.geometry)
+        rep = build(args.root, args.out_dir, args.curriculum, args.mlp, args.geometry, plot=not args.no_plot)
     except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

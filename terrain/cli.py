@@ -25,8 +25,10 @@ OUTPUT_SUFFIXES = (".json", ".png", "_stability.csv")  # what a stage writes per
 
 
 def add_force_flag(p) -> None:
+    """--force and --no-plot: what every terrain stage takes about its outputs."""
     p.add_argument("--force", action="store_true",
                    help="replace this stage's earlier outputs for these models (without it, existing ones stop the run)")
+    p.add_argument("--no-plot", action="store_true", help="write the numbers (JSON/CSV) only, no figures")
 
 
 def claim_outputs(bases: list[str], force: bool) -> None:
@@ -42,9 +44,9 @@ def claim_outputs(bases: list[str], force: bool) -> None:
 
 def run_for_models(models: list[str], out_dir: str, prefix: str, compute: Callable[[str], dict],
                    summarize: Callable[[dict], str], plot: Callable[[dict, str], str],
-                   force: bool = False) -> tuple[int, list, list]:
+                   force: bool = False, no_plot: bool = False) -> tuple[int, list, list]:
     """Returns (exit code, results, written paths); a TerrainError stops with one line on stderr.
-    Earlier outputs of the same stage and models stop the run unless force."""
+    Earlier outputs of the same stage and models stop the run unless force; no_plot: no figures."""
     import matplotlib
     matplotlib.use("Agg")
     results, written = [], []
@@ -58,7 +60,7 @@ def run_for_models(models: list[str], out_dir: str, prefix: str, compute: Callab
             base = os.path.join(out_dir, f"{prefix}_{model_tag(name)}")
             with open(base + ".json", "w") as f:
                 json.dump(res, f)
-            written += [base + ".json", plot(res, base + ".png")]
+            written += [base + ".json"] + ([] if no_plot else [plot(res, base + ".png")])
     except TerrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2, results, written

@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     code, _, written = run_for_models(args.model, args.out_dir, "embeddings",
                                       lambda n: probe(n, args.seed, args.n_simplices), format_summary, plot,
-                                      force=args.force)
+                                      force=args.force, no_plot=args.no_plot)
     if written:
         print("wrote " + ", ".join(written))
     return code

@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     code, _, written = run_for_models(args.model, args.out_dir, "layers",
                                       lambda n: evolution(n, sentences, args.seed, args.dtype, resolve_device(args.device),
                                                                          args.encoder_only),
-                                      format_summary, plot, force=args.force)
+                                      format_summary, plot, force=args.force, no_plot=args.no_plot)
     if written:
         print("wrote " + ", ".join(written))
     return code

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cliargs import SEED, Parser, at_least, between, positive
+from cliargs import SEED, Parser, at_least, between, non_negative, positive
 
 from terrain import metrics as M
 from terrain.cli import save_figure
@@ -666,7 +666,7 @@ def build_parser() -> Parser:
     t.add_argument("--grad-scale", type=positive(), default=None, metavar="S",
                    help="field only, the notebook's safeguards: deformation and validity heads at S x --lr (it used "
                         "0.1), alphas at 0.5 x --lr, gradient norm clipped to 1 (default: off)")
-    t.add_argument("--early-stop-band", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+    t.add_argument("--early-stop-band", type=non_negative(), nargs=2, metavar=("LO", "HI"), default=None,
                    help="stop when the 4-simplex CV of the monitor definitions leaves [LO, HI] for --patience checks "
                         "(the notebook's band: 0.16 0.26)")
     t.add_argument("--early-stop-drift", type=positive(), default=None, metavar="D",
@@ -744,7 +744,7 @@ def main(argv=None) -> int:
             lambda n: T.talk(n, prompts, args.n_prompts, layers, args.geo_dim, args.alphas, args.anchors,
                              args.eval_items, args.seed, args.max_new_tokens, args.temperature, args.top_p,
                              args.sample_seed, dtype=args.dtype, device=device),
-            T.format_summary, T.plot, force=args.force)
+            T.format_summary, T.plot, force=args.force, no_plot=args.no_plot)
         if written:
             print("wrote " + ", ".join(written))
         return code
@@ -755,7 +755,7 @@ def main(argv=None) -> int:
                             args.lr, args.tau, args.anchors, args.eval_items, args.seed, kind=args.modulator,
                             dtype=args.dtype, device=device, talk=talk_opts if talking or args.talk else None,
                             grad_scale=args.grad_scale, early_stop=early_stop),
-            format_training, plot_training, force=args.force)
+            format_training, plot_training, force=args.force, no_plot=args.no_plot)
         if written:
             print("wrote " + ", ".join(written))
         return code
@@ -763,7 +763,7 @@ def main(argv=None) -> int:
         args.model, args.out_dir, "modulate",
         lambda n: sweep(n, layers, args.geo_dim, args.alphas, args.anchors, args.eval_items, args.seed,
                         dtype=args.dtype, device=device),
-        format_summary, plot, force=args.force)
+        format_summary, plot, force=args.force, no_plot=args.no_plot)
     if written:
         print("wrote " + ", ".join(written))
     return code

@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     with open(base + ".json", "w") as f:
         json.dump(res, f)
-    print(f"wrote {base}.json, {plot(res, base + '.png')}")
+    print(f"wrote {base}.json" + ("" if args.no_plot else f", {plot(res, base + '.png')}"))
     return 0
 
 

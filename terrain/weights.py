@@ -524,8 +524,8 @@ def main(argv=None) -> int:
         return res
 
     code, results, written = run_for_models(args.model, args.out_dir, "weights", compute, format_summary, plot_model,
-                                            force=args.force)
-    if code == 0 and len(results) > 1:
+                                            force=args.force, no_plot=args.no_plot)
+    if code == 0 and len(results) > 1 and not args.no_plot:
         written.append(plot_comparison(results, os.path.join(args.out_dir, "weights_comparison.png")))
     if written:
         print("wrote " + ", ".join(written))

@@ -516,7 +516,7 @@ def main(argv=None) -> int:
                        resolve_device(args.device), dtype=args.dtype)
 
     code, results, written = run_for_models(args.model, args.out_dir, "wordnet", compute, format_summary, plot,
-                                            force=args.force)
+                                            force=args.force, no_plot=args.no_plot)
     for res in results:
         written += write_tables(res, os.path.join(args.out_dir, f"wordnet_{model_tag(res['model'])}"))
     if written:

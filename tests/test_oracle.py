@@ -287,3 +287,16 @@ def test_windows_that_do_not_fit_give_one_line(tmp_path, capsys):
                         "--eval-warmup", "100"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--eval-warmup" in err[0]
+
+
+def test_ratio_to_an_oracle_of_zero_error_is_not_reported():
+    """A validation block inside one dwell lets the oracle pin the signal (error ~1e-17): the
+    model's signal MSE over it would be a meaningless 1e17, so neither the log nor metrics.json
+    gives a ratio there; a real oracle error gives the plain quotient."""
+    from training import reference_metrics, signal_note
+    assert signal_note(0.5, 0.1) == "signal MSE 0.5000 = 5.00x the oracle's 0.1000"
+    assert "no ratio" in signal_note(24.7, 1.6e-14) and "x the oracle" not in signal_note(24.7, 1.6e-14)
+    ref = {"oracle_mse": 8.0, "oracle_signal_mse": 1.6e-14}
+    assert reference_metrics("val", {"signal_mse": 24.7}, ref)["val_signal_over_oracle"] is None
+    ref["oracle_signal_mse"] = 0.2
+    assert reference_metrics("val", {"signal_mse": 0.5}, ref)["val_signal_over_oracle"] == pytest.approx(2.5)
