@@ -202,7 +202,7 @@ def test_tiny_keeps_the_structure():
     assert "--d-model" in argv and argv.count("--seq-len") == 1
 
 
-@pytest.mark.slow   # about 4 min on 2 cores: python -m pytest -m slow tests/test_seed_commands.py
+@pytest.mark.slow   # about 3 min on 2 cores: python -m pytest -m slow tests/test_seed_commands.py
 @pytest.mark.parametrize("seed_doc, original, here", SEED_COMMANDS, ids=[c[1][7:60] for c in SEED_COMMANDS])
 def test_seed_command_runs(seed_doc, original, here, workspace, tmp_path, monkeypatch):
     import shutil
