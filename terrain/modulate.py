@@ -391,6 +391,9 @@ def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int
                 geometry=kind != "field", dtype=dtype, device=device)
     if len(c.train) < batch_size:
         raise TerrainError(f"only {len(c.train)} training items for batches of {batch_size}")
+    if talk is not None and not c.seq2seq:
+        raise TerrainError(f"{name or DEFAULT_MODEL}: --train with --talk needs an encoder-decoder (T5 family); "
+                           f"talk to other models with --talk alone")
     torch.manual_seed(seed)
     base = c.encode()
     if kind == "field":

@@ -143,5 +143,9 @@ def test_command_line(tiny, tmp_path, capsys):
 def test_encoder_only_model_cannot_talk(tiny):
     with pytest.raises(TerrainError, match="generates text"):
         T.talk(None, geo_dim=4, alphas=(0.1,), n_anchors=100, n_eval=40, progress=False)
+    from terrain.modulate import train
+    with pytest.raises(TerrainError, match="encoder-decoder"):      # refused before any training step
+        train(None, geo_dim=4, epochs=1, n_train=16, batch_size=16, n_anchors=100, n_eval=40, progress=False,
+              talk={"prompts": ["a dog"]})
     T.require_generative(tiny["t5"])
     T.require_generative(tiny["llama"])
