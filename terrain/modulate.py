@@ -391,6 +391,9 @@ def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int
                 geometry=kind != "field", dtype=dtype, device=device)
     if len(c.train) < batch_size:
         raise TerrainError(f"only {len(c.train)} training items for batches of {batch_size}")
+    if kind != "field" and (grad_scale is not None or early_stop is not None):
+        raise TerrainError("the gradient scaling and the CV early stopping are the field modulator's safeguards "
+                           "(the LERP modulator trains the anchors' rows the monitor would read)")
     if talk is not None and not c.seq2seq:
         raise TerrainError(f"{name or DEFAULT_MODEL}: --train with --talk needs an encoder-decoder (T5 family); "
                            f"talk to other models with --talk alone")
@@ -723,15 +726,16 @@ def main(argv=None) -> int:
     early = args.early_stop_band or args.early_stop_drift
     if (early or args.grad_scale) and not args.train:
         p.error("--grad-scale and --early-stop-* go with --train")
-    if args.grad_scale and args.modulator != "field":
-        p.error("--grad-scale is the field modulator's safeguard: add --modulator field")
+    if (args.grad_scale or early) and args.modulator != "field":
+        p.error("--grad-scale and --early-stop-* are the field modulator's safeguards: add --modulator field")
     if early and args.cv_monitor > args.anchors:
         p.error(f"--cv-monitor {args.cv_monitor} exceeds --anchors {args.anchors}")
     early_stop = {"band": args.early_stop_band, "drift": args.early_stop_drift, "patience": args.patience,
                   "every": args.cv_every, "n_monitor": args.cv_monitor} if early else None
     talking = args.prompt or args.prompts_file or args.temperature or args.max_new_tokens != 32
-    if talking and not (args.talk or args.train):
-        p.error("--prompt, --prompts-file, --temperature and --max-new-tokens go with --talk (or --train)")
+    if (talking or args.top_p != 0.9 or args.sample_seed or args.n_prompts != 6) and not (args.talk or args.train):
+        p.error("--prompt, --prompts-file, --n-prompts, --max-new-tokens, --temperature, --top-p and --sample-seed "
+                "go with --talk (or --train)")
     try:
         device = resolve_device(args.device)
         prompts = read_prompts(args.prompt, args.prompts_file)

@@ -170,7 +170,10 @@ def test_training_stops_early_and_with_the_safeguards():
     (["--grad-scale", "0.1", "--modulator", "field"], "go with --train"),
     (["--train", "--early-stop-band", "0.3", "0.2"], "LO must be below HI"),
     (["--train", "--early-stop-band", "0.1", "0.2", "--early-stop-drift", "0.05"], "not both"),
-    (["--train", "--early-stop-drift", "0.05", "--cv-monitor", "500", "--anchors", "100"], "exceeds --anchors"),
+    (["--train", "--modulator", "field", "--early-stop-drift", "0.05", "--cv-monitor", "500", "--anchors", "100"],
+     "exceeds --anchors"),
+    (["--train", "--early-stop-drift", "0.05"], "--modulator field"),
+    (["--top-p", "0.5"], "go with --talk"),
 ])
 def test_safeguard_flags_refuse_bad_combinations(argv, message, capsys):
     from terrain.modulate import main
