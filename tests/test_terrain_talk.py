@@ -179,3 +179,32 @@ def test_encoder_only_model_cannot_talk(tiny):
               talk={"prompts": ["a dog"]})
     T.require_generative(tiny["t5"])
     T.require_generative(tiny["llama"])
+
+
+def test_gpt2_blocks_are_found_and_modulated():
+    """GPT-2-style causal LMs keep their blocks in transformer.h: the LERP hooks land there, alpha 0
+    leaves the logits bit for bit, alpha 0.5 changes them, and cached generation equals a loop
+    that reruns the whole sequence."""
+    import transformers as tf
+
+    from terrain.modulate import LerpModulator, encoder_blocks
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=32,
+                                             bos_token_id=0, eos_token_id=0)).eval()
+    assert encoder_blocks(model) is model.transformer.h
+    mod = LerpModulator(50, 16, 2, geo_dim=4)
+    mod.set_vectors(np.arange(5, 30), np.random.default_rng(0).standard_normal((25, 4)))
+    ids = torch.tensor([[5, 6, 7, 40, 8]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with mod.attached(model, [0, 1]):
+            mod.set_alpha(0.0)
+            assert torch.equal(model(input_ids=ids).logits, ref)
+            mod.set_alpha(0.5)
+            assert not torch.allclose(model(input_ids=ids).logits, ref)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)[0].tolist()
+            seq = ids[0].tolist()
+            for _ in range(6):
+                seq.append(int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+    assert out == seq
