@@ -233,10 +233,10 @@ def signal_note(signal_mse: float | None, oracle_signal: float | None) -> str:
     """'signal MSE 0.41 = 6.2x the oracle's 0.066' (empty without a noise-free signal)."""
     if signal_mse is None:
         return ""
-    if oracle_signal is not None and not ratio_known(signal_mse, oracle_signal):
-        return f"signal MSE {signal_mse:.4f} (the oracle's is {oracle_signal:.1e}: no ratio)"
-    if not oracle_signal:
+    if oracle_signal is None:
         return f"signal MSE {signal_mse:.4f}"
+    if not ratio_known(signal_mse, oracle_signal):
+        return f"signal MSE {signal_mse:.4f} (the oracle's is {oracle_signal:.1e}: no ratio)"
     return f"signal MSE {signal_mse:.4f} = {signal_mse / oracle_signal:.2f}x the oracle's {oracle_signal:.4f}"
 
 

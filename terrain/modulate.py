@@ -411,16 +411,12 @@ def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int
         c.mod.geo.weight.register_hook(lambda g: g * (1 - frozen))
         params = [c.mod.geo.weight, c.mod.proj.weight, c.mod.alpha_logit]
         eval_rows_before = c.mod.geo.weight[torch.as_tensor(c.tid[c.evals], device=c.device)].detach().clone()
-    if kind == "field" and grad_scale is not None:
-        opt = torch.optim.AdamW(field_param_groups(c.mod, lr, grad_scale), lr=lr, weight_decay=0.0)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    groups = field_param_groups(c.mod, lr, grad_scale) if grad_scale is not None else params  # field only
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     monitor = None
     if early_stop is not None:
-        from terrain.field import cv_health
         es = {"patience": 5, "every": 10, "n_monitor": 200, "band": None, "drift": 0.05, **early_stop}
-        mon_defs = [c.items[i]["definition"] for i in c.anchors[:es["n_monitor"]]]
-        cv0 = cv_health(c.encode(mon_defs))["cv"]
+        cv0 = monitor_cv(c, es["n_monitor"], seed=0)
         band = tuple(es["band"]) if es["band"] is not None else (cv0 - es["drift"], cv0 + es["drift"])
         monitor = {**es, "band": list(band), "unmodulated_cv": cv0, "checks": [], "stopped_at_step": None}
     checksum = sum(float(p.double().sum()) for p in c.model.parameters())
@@ -442,7 +438,7 @@ def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int
                 loss = seq2seq_loss(c, batch) if c.seq2seq else contrastive_loss(c, batch, tau)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if kind == "field" and grad_scale is not None:
+                if grad_scale is not None:
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 losses.append(float(loss.detach()))
@@ -497,12 +493,17 @@ def field_param_groups(mod, lr: float, grad_scale: float) -> list[dict]:
             {"params": gates, "lr": lr, "name": "gates"}]
 
 
+def monitor_cv(c, n_monitor: int, seed: int) -> float:
+    """Full-dimensional 4-simplex CV of the (modulated, if attached) states of the first n_monitor
+    anchor definitions: the early-stopping monitor's measurement."""
+    from terrain.field import cv_health
+    with torch.no_grad():
+        return cv_health(c.encode([c.items[i]["definition"] for i in c.anchors[:n_monitor]]), seed=seed)["cv"]
+
+
 def cv_drifted(c, monitor: dict, step: int) -> bool:
     """One CV check of the early-stopping monitor (see train); True when training should stop."""
-    from terrain.field import cv_health
-    defs = [c.items[i]["definition"] for i in c.anchors[:monitor["n_monitor"]]]
-    with torch.no_grad():
-        cv = cv_health(c.encode(defs), seed=step)["cv"]
+    cv = monitor_cv(c, monitor["n_monitor"], seed=step)
     lo, hi = monitor["band"]
     monitor["checks"].append({"step": step, "cv": cv, "in_band": bool(lo <= cv <= hi)})
     recent = monitor["checks"][-monitor["patience"]:]
@@ -746,31 +747,28 @@ def main(argv=None) -> int:
                  "seed": args.sample_seed, "prompts": prompts}
     if args.talk and not args.train:
         from terrain import talk as T
-        code, _, written = run_for_models(
-            args.model, args.out_dir, "modulate_talk",
-            lambda n: T.talk(n, prompts, args.n_prompts, layers, args.geo_dim, args.alphas, args.anchors,
-                             args.eval_items, args.seed, args.max_new_tokens, args.temperature, args.top_p,
-                             args.sample_seed, dtype=args.dtype, device=device),
-            T.format_summary, T.plot, force=args.force, no_plot=args.no_plot)
-        if written:
-            print("wrote " + ", ".join(written))
-        return code
-    if args.train:
-        code, _, written = run_for_models(
-            args.model, args.out_dir, f"modulate_train_{args.modulator}",
-            lambda n: train(n, layers, args.geo_dim, args.alpha, args.epochs, args.train_items, args.batch_size,
-                            args.lr, args.tau, args.anchors, args.eval_items, args.seed, kind=args.modulator,
-                            dtype=args.dtype, device=device, talk=talk_opts if talking or args.talk else None,
-                            grad_scale=args.grad_scale, early_stop=early_stop),
-            format_training, plot_training, force=args.force, no_plot=args.no_plot)
-        if written:
-            print("wrote " + ", ".join(written))
-        return code
-    code, _, written = run_for_models(
-        args.model, args.out_dir, "modulate",
-        lambda n: sweep(n, layers, args.geo_dim, args.alphas, args.anchors, args.eval_items, args.seed,
-                        dtype=args.dtype, device=device),
-        format_summary, plot, force=args.force, no_plot=args.no_plot)
+        prefix, present, draw = "modulate_talk", T.format_summary, T.plot
+
+        def compute(n):
+            return T.talk(n, prompts, args.n_prompts, layers, args.geo_dim, args.alphas, args.anchors,
+                          args.eval_items, args.seed, args.max_new_tokens, args.temperature, args.top_p,
+                          args.sample_seed, dtype=args.dtype, device=device)
+    elif args.train:
+        prefix, present, draw = f"modulate_train_{args.modulator}", format_training, plot_training
+
+        def compute(n):
+            return train(n, layers, args.geo_dim, args.alpha, args.epochs, args.train_items, args.batch_size,
+                         args.lr, args.tau, args.anchors, args.eval_items, args.seed, kind=args.modulator,
+                         dtype=args.dtype, device=device, talk=talk_opts if talking or args.talk else None,
+                         grad_scale=args.grad_scale, early_stop=early_stop)
+    else:
+        prefix, present, draw = "modulate", format_summary, plot
+
+        def compute(n):
+            return sweep(n, layers, args.geo_dim, args.alphas, args.anchors, args.eval_items, args.seed,
+                         dtype=args.dtype, device=device)
+    code, _, written = run_for_models(args.model, args.out_dir, prefix, compute, present, draw, force=args.force,
+                                      no_plot=args.no_plot)
     if written:
         print("wrote " + ", ".join(written))
     return code

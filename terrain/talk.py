@@ -68,10 +68,8 @@ def generate(model, tok, enc: dict, max_new_tokens: int, temperature: float, top
     with torch.no_grad():
         out = model.generate(**enc, **kw)[0].tolist()
     new = out[1:] if is_seq2seq(model) else out[enc["input_ids"].shape[1]:]
-    stop = {t for t in (model.generation_config.eos_token_id, tok.eos_token_id, tok.pad_token_id)
-            if isinstance(t, int)}
     eos = model.generation_config.eos_token_id
-    stop |= set(eos) if isinstance(eos, list) else set()
+    stop = {*(eos if isinstance(eos, list) else [eos]), tok.eos_token_id, tok.pad_token_id} - {None}
     for i, t in enumerate(new):
         if t in stop:
             return new[:i]
