@@ -375,8 +375,8 @@ def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int
     items), projection and alphas; evaluation items keep their WordNet placement (their rows
     get no gradient). field: the simplex experts' deformation, gate and validity heads and
     the per-layer, per-expert alphas (terrain/field.py). Encoder-decoders then answer held-out
-    definitions (or talk["prompts"]) with and without the trained modulator (terrain/talk.py;
-    talk's other keys: max_new_tokens, temperature, top_p, seed).
+    definitions (talk["n_prompts"], default 4, or talk["prompts"]) with and without the trained
+    modulator (terrain/talk.py; talk's other keys: max_new_tokens, temperature, top_p, seed).
 
     The field modulator's two optional safeguards from the notebook:
     - grad_scale S: the deformation and validity heads learn at S x lr, the alphas at 0.5 x lr,
@@ -474,7 +474,9 @@ def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int
         if c.seq2seq:
             from terrain.talk import converse, summarise
             talk = dict(talk or {})
-            prompts = talk.pop("prompts", None) or ["summarize: " + c.items[i]["definition"] for i in c.evals[:4]]
+            n_prompts = talk.pop("n_prompts", 4)
+            prompts = talk.pop("prompts", None) or ["summarize: " + c.items[i]["definition"]
+                                                    for i in c.evals[:n_prompts]]
             res["generations"] = converse(c.model, c.tok, c.mod, prompts, [("trained", None, None)],
                                           progress=False, **{"max_new_tokens": 8, **talk})
             res["generation_summary"] = summarise(res["generations"])
@@ -733,8 +735,9 @@ def main(argv=None) -> int:
         p.error(f"--cv-monitor {args.cv_monitor} exceeds --anchors {args.anchors}")
     early_stop = {"band": args.early_stop_band, "drift": args.early_stop_drift, "patience": args.patience,
                   "every": args.cv_every, "n_monitor": args.cv_monitor} if early else None
-    talking = args.prompt or args.prompts_file or args.temperature or args.max_new_tokens != 32
-    if (talking or args.top_p != 0.9 or args.sample_seed or args.n_prompts != 6) and not (args.talk or args.train):
+    talking = (args.prompt or args.prompts_file or args.temperature or args.max_new_tokens != 32
+               or args.top_p != 0.9 or args.sample_seed or args.n_prompts != 6)
+    if talking and not (args.talk or args.train):
         p.error("--prompt, --prompts-file, --n-prompts, --max-new-tokens, --temperature, --top-p and --sample-seed "
                 "go with --talk (or --train)")
     try:
@@ -744,7 +747,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     talk_opts = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                 "seed": args.sample_seed, "prompts": prompts}
+                 "seed": args.sample_seed, "prompts": prompts, "n_prompts": args.n_prompts}
     if args.talk and not args.train:
         from terrain import talk as T
         prefix, present, draw = "modulate_talk", T.format_summary, T.plot

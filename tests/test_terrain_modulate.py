@@ -167,6 +167,13 @@ def test_training_seq2seq_uses_shifted_labels(tmp_path):
     assert len(res["generations"]) == 4
     assert all([a["condition"] for a in g["answers"]] == ["unmodulated", "trained"] for g in res["generations"])
     assert {r["condition"] for r in res["generation_summary"]} == {"unmodulated", "trained"}
+    # talk options reach the trained model's answers: how many held-out prompts, sampling (with its null)
+    sampled = MD.train(str(tmp_path / "t5"), geo_dim=4, alpha=0.1, epochs=1, n_train=16, batch_size=16, lr=1e-2,
+                       n_anchors=100, n_eval=40, progress=False,
+                       talk={"n_prompts": 2, "temperature": 1.0, "top_p": 0.5, "max_new_tokens": 3, "seed": 1})
+    assert len(sampled["generations"]) == 2
+    assert {r["condition"] for r in sampled["generation_summary"]} == {"unmodulated", "unmodulated, another seed",
+                                                                       "trained"}
     # the loss equals a hand-shifted teacher-forced cross-entropy
     model = tf.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5").eval()
     enc = {k: v for k, v in tok(["summarize: a small dog"], return_tensors="pt").items() if k != "token_type_ids"}
