@@ -20,7 +20,8 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) markov_circles_timeseries.py --n-steps 20000 --out-dir $(DEMO_DATA) --plots-dir plots/demo --force
-	$(PY) estimate_dimension.py --data-dir $(DEMO_DATA) --points 10000 --out-dir plots/demo --force
+	$(PY) estimate_dimension.py --data-dir $(DEMO_DATA) --points 10000 --out-dir runs/demo_dimension \
+	    --plots-dir plots/demo --force
 	$(PY) masked_model_gpu.py --data-dir $(DEMO_DATA) --out-dir $(DEMO_RUN) --plots-dir plots/demo \
 	    --pos-encoding rope $(RECIPE) --force
 	$(PY) evaluate_representations.py --checkpoint $(DEMO_RUN)/best.pt --plots-dir plots/demo --control --force

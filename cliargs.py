@@ -1,5 +1,5 @@
-"""Command-line conventions shared by every script: one-line errors and numeric flags that
-declare their valid range.
+"""Command-line conventions shared by every script: one-line errors, numeric flags that
+declare their valid range, and one meaning for the output flags.
 
 ``Parser`` is an argparse.ArgumentParser whose errors are one line on stderr ("error:
 argument --d-model: must be an integer >= 1, got 0; see --help") with exit status 2,
@@ -10,11 +10,16 @@ the tests read to check that every numeric flag of every command declares one.
     p = Parser(description=...)
     p.add_argument("--epochs", type=at_least(1), default=100)
     p.add_argument("--mask-ratio", type=between(0, 1, open_lo=True, open_hi=True), default=0.15)
+
+Outputs, the same in every command (``add_output_flags``): ``--out-dir`` holds the numbers
+(JSON/CSV, arrays; checkpoints for training), ``--plots-dir`` the figures, by default
+``plots/<name>`` (``default_plots_dir``), and ``--no-plot`` draws nothing.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 
@@ -117,6 +122,44 @@ def any_number(kind: type = float) -> Bounded:
 
 
 SEED = at_least(0)  # numpy's SeedSequence refuses negative seeds
+
+
+PLOTS_ROOT = "plots"  # figures go below it by default; the environment variable PLOTS_ROOT moves it
+RUNS_ROOT = "runs"
+PLOTS_HELP = ("where the figures go (default plots/<name>, <name> being the --out-dir's path below runs/, "
+              "else below the current folder, else its last folder name: runs/a/gates -> plots/a/gates, "
+              "data -> plots/data)")
+NO_PLOT_HELP = "write the numbers only: no figures"
+
+
+def _below(path: str, root: str) -> str | None:
+    rel = os.path.relpath(path, os.path.abspath(root))
+    return None if rel == "." or rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
+def default_plots_dir(out_dir: str) -> str:
+    """The one default of --plots-dir: plots/<name>, where <name> is out_dir's path below runs/
+    (runs/bert/generate -> plots/bert/generate), else below the current folder (data -> plots/data),
+    else its last folder name (/tmp/x/run1 -> plots/run1). An out_dir inside plots/ holds its figures too.
+    The environment variable PLOTS_ROOT, when set, replaces plots/ (the tests point it at a tmp folder)."""
+    root = os.environ.get("PLOTS_ROOT") or PLOTS_ROOT
+    out = os.path.abspath(out_dir)
+    name = _below(out, root) or _below(out, RUNS_ROOT) or _below(out, os.curdir) or os.path.basename(out)
+    return os.path.join(root, name)
+
+
+def add_output_flags(p: argparse.ArgumentParser, out_default, out_help: str, figures: bool = True) -> None:
+    """--out-dir (numbers) and, for a command that draws, --plots-dir and --no-plot, worded alike everywhere."""
+    p.add_argument("--out-dir", default=out_default, help=out_help)
+    if figures:
+        p.add_argument("--plots-dir", default=None, help=PLOTS_HELP)
+        p.add_argument("--no-plot", action="store_true", help=NO_PLOT_HELP)
+
+
+def plots_dir(args, out_dir: str | None = None) -> str:
+    """The figures folder of a parsed command: --plots-dir, else the default for its --out-dir
+    (or for out_dir, when the command computes its output folder)."""
+    return args.plots_dir or default_plots_dir(out_dir or args.out_dir)
 
 
 def numeric_actions(parser: argparse.ArgumentParser):

@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cliargs import SEED, Parser, add_output_flags, at_least, plots_dir
+from plotting import save_figure
+
 DEFAULT_KS = (10, 30, 100)
 
 
@@ -252,24 +255,24 @@ def plot_dimension_vs_k(rows: list[tuple[str, LBResult]], path: str, title: str,
     ax.set_ylabel("Levina-Bickel dimension")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
-def claim(base: str, force: bool) -> None:
-    """base.{json,csv,png} of an earlier run stop this one unless force, which removes them first."""
-    old = [base + s for s in (".json", ".csv", ".png") if os.path.exists(base + s)]
-    if old and not force:
+def claim(args, name: str) -> tuple[str, str]:
+    """<out-dir>/<name>.{json,csv} and <plots-dir>/<name>.png of an earlier run stop this one unless
+    --force, which removes them first. Returns (numbers base, figure path)."""
+    base, figure = os.path.join(args.out_dir, name), os.path.join(plots_dir(args), name + ".png")
+    old = [p for p in (base + ".json", base + ".csv", figure) if os.path.exists(p)]
+    if old and not args.force:
         raise ValueError(f"{old[0]} exists; pass --force to replace it or choose another --out-dir")
     for path in old:
         os.remove(path)
+    return base, figure
 
 
 def run_data(args) -> int:
     from dataset import load_series
-    claim(os.path.join(args.out_dir, "dimension_vs_k"), args.force)
+    base, figure = claim(args, "dimension_vs_k")
     series = load_series(args.data_dir)
     X = series.signal if args.signal else series.X
     rng = np.random.default_rng(args.seed)
@@ -298,10 +301,10 @@ def run_data(args) -> int:
     print("MacKay-Ghahramani (inverse-mean) estimate, all points: "
           + ", ".join(f"k={k}: {rows[0][1].mg[k]:.2f}" for k in ks))
     os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, "dimension_vs_k")
     written = write_rows(base, rows)
     if not args.no_plot:
-        written.append(plot_dimension_vs_k(rows, base + ".png", f"Levina-Bickel dimension of the {what}"))
+        os.makedirs(os.path.dirname(figure), exist_ok=True)
+        written.append(plot_dimension_vs_k(rows, figure, f"Levina-Bickel dimension of the {what}"))
     print("wrote " + ", ".join(written))
     return 0
 
@@ -317,7 +320,7 @@ def demo_circle(n: int, noise: float, rng: np.random.Generator, ambient: int = 2
 def run_demo(args) -> int:
     """A noisy circle: near 2 at small k (the noise is 2-D), 1 at larger k (the curve)."""
     import matplotlib.pyplot as plt
-    claim(os.path.join(args.out_dir, "levina_bickel_demo"), args.force)
+    base, figure = claim(args, "levina_bickel_demo")
     rng = np.random.default_rng(args.seed)
     ks = [5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200]
     noises = [0.0, 0.01, 0.05, 0.1]
@@ -330,7 +333,6 @@ def run_demo(args) -> int:
     print(f"Noisy unit circle, {args.demo_points} points: Levina-Bickel dimension vs k")
     print(format_markdown(rows, [10, 30, 100]))
     os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, "levina_bickel_demo")
     written = write_rows(base, rows)
     if args.no_plot:
         print("wrote " + ", ".join(written))
@@ -348,16 +350,13 @@ def run_demo(args) -> int:
     ax.set_xlabel("k")
     ax.set_ylabel("LB dimension")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(base + ".png", dpi=100)
-    plt.close(fig)
-    written.append(base + ".png")
+    os.makedirs(os.path.dirname(figure), exist_ok=True)
+    written.append(save_figure(fig, figure, dpi=100))
     print("wrote " + ", ".join(written))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cliargs import SEED, Parser, at_least
     p = Parser(
         description="Levina-Bickel intrinsic dimension of a circles dataset (all points and per "
                     "circle) or of a noisy-circle demo.")
@@ -371,9 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=at_least(0), default=200, help="bootstrap resamples for the CIs (0: none)")
     p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu or cuda (torch kNN on GPU)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the subsample and the bootstrap")
-    p.add_argument("--out-dir", default="plots", help="where the table, JSON/CSV and figure go")
+    add_output_flags(p, "runs/dimension", "where the table's numbers (JSON/CSV) go")
     p.add_argument("--force", action="store_true", help="replace the table, JSON/CSV and figure of an earlier run")
-    p.add_argument("--no-plot", action="store_true", help="the table and JSON/CSV only, no figure")
     p.add_argument("--demo", action="store_true", help="run the noisy-circle demo instead")
     p.add_argument("--demo-points", type=at_least(3), default=2000, help="points on the demo's noisy circle")
     return p

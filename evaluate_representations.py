@@ -41,6 +41,9 @@ import time
 import numpy as np
 import torch
 
+import cliargs
+from cliargs import SEED, Parser, add_output_flags, at_least, between
+
 # model_type in a checkpoint -> (module, loader function returning an nn.Module with
 # layer_names and forward(x, return_hidden=True) -> (output, [representations]))
 MODEL_LOADERS = {
@@ -341,7 +344,6 @@ def write_csv(path: str, results: dict, ks, tag: str = "trained") -> None:
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
-    from cliargs import SEED, Parser, at_least, between
     p = Parser(description="Per-layer representation geometry of a trained checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt (or its run folder)")
     p.add_argument("--data-dir", default=None, help="data folder (default: the one the model was trained on)")
@@ -359,16 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pca", type=at_least(1), default=None, help="PCA to N dimensions before UMAP and kNN")
     p.add_argument("--no-lb", action="store_true", help="skip Levina-Bickel (the slowest metric)")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP grid")
-    p.add_argument("--no-plot", action="store_true",
-                   help="numbers only (JSON/CSV, and the UMAP coordinates unless --no-umap), no figures")
     p.add_argument("--control", action="store_true", help="also analyse the same architecture at random init")
     p.add_argument("--probe-train-frac", type=between(0, 1, open_lo=True, open_hi=True), default=0.7,
                    help="probes train on this early share of the series")
     p.add_argument("--batch-size", type=at_least(1), default=32, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu or cuda")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the sampled positions, nulls and UMAP")
-    p.add_argument("--out-dir", default=None, help="JSON/CSV (default <run folder>/representations)")
-    p.add_argument("--plots-dir", default=None, help="figures (default plots/<run name>)")
+    add_output_flags(p, None, "JSON/CSV and the UMAP coordinates (default <run folder>/representations)")
     p.add_argument("--force", action="store_true",
                    help="replace the outputs of an earlier analysis in --out-dir / --plots-dir (removed first)")
     return p
@@ -441,11 +440,12 @@ def run(args) -> int:
     context = args.context if args.context is not None else window // 4
     run_name = os.path.basename(os.path.dirname(os.path.abspath(ckpt["path"])))
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "representations")
-    plots_dir = args.plots_dir or os.path.join("plots", run_name)
+    plots_dir = cliargs.plots_dir(args, out_dir)
     claim_outputs([os.path.join(out_dir, f) for f in OUT_FILES] + [os.path.join(plots_dir, f) for f in PLOT_FILES],
                   args.force)
     os.makedirs(out_dir, exist_ok=True)
-    os.makedirs(plots_dir, exist_ok=True)
+    if not args.no_plot:
+        os.makedirs(plots_dir, exist_ok=True)
     print(f"{ckpt['model_type']} from {ckpt['path']}; layers {', '.join(layers)}; windows of {window} keeping "
           f"{'steps after a ' + str(context) + '-step warm-up' if causal else str(context) + ' steps of context on each side'}")
 

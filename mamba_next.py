@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cliargs
+from cliargs import SEED, Parser, add_output_flags, at_least, between, non_negative
 from selective_scan import MambaBlock
 
 MODEL_TYPE = "mamba_next"
@@ -461,12 +463,13 @@ def run_generate(args) -> int:
     else:
         decoded = None
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "generate")
-    plots_dir = args.plots_dir or out_dir
+    plots_dir = cliargs.plots_dir(args, out_dir)
     tag = f"gen_{kind}" if kind != "none" else "gen"
     claim_outputs([os.path.join(out_dir, f"{tag}.npy"), os.path.join(out_dir, f"{tag}.json"),
                    os.path.join(plots_dir, f"{tag}.png")], args.force)
     os.makedirs(out_dir, exist_ok=True)
-    os.makedirs(plots_dir, exist_ok=True)
+    if not args.no_plot:
+        os.makedirs(plots_dir, exist_ok=True)
     np.save(os.path.join(out_dir, f"{tag}.npy"), gen)
     with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -554,12 +557,13 @@ def run_gates(args) -> int:
     check_data_matches(ckpt["model_config"], series, ckpt["path"])
     ds = datasets_for(series, ckpt["data"])
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "gates")
-    plots_dir = args.plots_dir or out_dir
+    plots_dir = cliargs.plots_dir(args, out_dir)
     earlier = [os.path.join(plots_dir, f) for f in (os.listdir(plots_dir) if os.path.isdir(plots_dir) else [])
                if f.startswith("gates_") and f.endswith(".png")]
     claim_outputs(earlier + [os.path.join(out_dir, "gates_summary.json")], args.force)
     os.makedirs(out_dir, exist_ok=True)
-    os.makedirs(plots_dir, exist_ok=True)
+    if not args.no_plot:
+        os.makedirs(plots_dir, exist_ok=True)
     val = ds["val"]
     n = model.cfg.n_layers
     if args.layer is not None and args.layer > n:
@@ -657,7 +661,6 @@ def run_gates(args) -> int:
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from cliargs import SEED, Parser, at_least, between, non_negative
     from training import add_training_arguments
     p = Parser(description="Causal Mamba next-step model: train, eval CKPT (the same as train --eval CKPT), "
                            "generate, gates.")
@@ -685,10 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--data-dir", default=None, help="default: the data the model was trained on")
         s.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu or cuda")
         s.add_argument("--seed", type=SEED, default=0, help="seed of the sampling noise and perturbations")
-        s.add_argument("--out-dir", default=None, help="numbers and arrays (default <run folder>/" + name + ")")
+        add_output_flags(s, None, "numbers and arrays (default <run folder>/" + name + ")")
         s.add_argument("--force", action="store_true", help="replace this command's earlier outputs (removed first)")
-        s.add_argument("--plots-dir", default=None, help="figures (default: --out-dir)")
-        s.add_argument("--no-plot", action="store_true", help="the numbers and arrays only, no figures")
         if name == "generate":
             s.add_argument("--seed-len", type=at_least(1), default=64, help="steps of true data before generating")
             s.add_argument("--gen-len", type=at_least(1), default=512, help="steps to generate")

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from cliargs import SEED, Parser, add_output_flags, at_least, non_negative, plots_dir, positive
 from plotting import draw_state_strip, state_colors  # noqa: F401 (also re-exported for old imports)
 
 FORMAT_VERSION = 1
@@ -346,7 +347,6 @@ def umap_raw(data, cfg, plots_dir, rng, n_points, n_neighbors) -> tuple[dict, np
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from cliargs import SEED, Parser, at_least, non_negative, positive
     p = Parser(
         description="Generate the Markov-switching circles time series (data.npz + config.json) "
                     "and its figures.")
@@ -367,10 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dwell-std", type=non_negative(), default=100.0, help="std of the time on a circle")
     p.add_argument("--n-shortcuts", type=at_least(0), default=1, help="long-range transitions per circle")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the geometry, transitions and noise")
-    p.add_argument("--out-dir", default="data", help="where data.npz and config.json go")
-    p.add_argument("--plots-dir", default="plots", help="where the figures go")
+    add_output_flags(p, "data", "the data folder: data.npz, config.json and the figures' numbers (JSON)")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP of the raw data (faster)")
-    p.add_argument("--no-plot", "--no-plots", dest="no_plots", action="store_true", help="write the data only")
     p.add_argument("--umap-points", type=at_least(10), default=5000, help="points in the raw-data UMAP")
     p.add_argument("--umap-neighbors", type=at_least(2), default=30, help="UMAP's n_neighbors")
     p.add_argument("--force", action="store_true", help="overwrite an existing data.npz in --out-dir")
@@ -416,30 +414,30 @@ def main(argv=None) -> int:
     print(format_table(stats))
     print(f"generated {cfg.n_steps} steps in {t_gen:.2f} s; wrote {target} and "
           f"{os.path.join(args.out_dir, 'config.json')}")
-    if args.no_plots:
+    sp = os.path.join(args.out_dir, "circles_summary.json")
+    with open(sp, "w") as f:
+        json.dump(stats, f, indent=2)
+    if args.no_plot:
         return 0
 
     import matplotlib
     matplotlib.use("Agg")
-    os.makedirs(args.plots_dir, exist_ok=True)
+    figures = plots_dir(args)
+    os.makedirs(figures, exist_ok=True)
     rng = rng_streams(cfg.seed)["plots"]
-    written = plot_sample_windows(data, cfg, args.plots_dir, rng)
+    written = plot_sample_windows(data, cfg, figures, rng)
     emb = idx = None
     if not args.no_umap:
-        result, emb, idx, p = umap_raw(data, cfg, args.plots_dir, rng, args.umap_points, args.umap_neighbors)
+        result, emb, idx, p = umap_raw(data, cfg, figures, rng, args.umap_points, args.umap_neighbors)
         written.append(p)
         for k, v in result["lb_umap_2d"].items():
             print(f"Levina-Bickel of the 2-D UMAP, k={k}: {v['mle']:.2f} "
                   f"[{v['mle_ci'][0]:.2f}, {v['mle_ci'][1]:.2f}]")
-        jp = os.path.join(args.plots_dir, f"umap_subspace_{cfg.subspace_dim or cfg.ambient_dim}.json")
+        jp = os.path.join(args.out_dir, f"umap_subspace_{cfg.subspace_dim or cfg.ambient_dim}.json")
         with open(jp, "w") as f:
             json.dump(result, f, indent=2)
         written.append(jp)
-    written.append(plot_overview(data, cfg, stats, args.plots_dir, emb, idx))
-    sp = os.path.join(args.plots_dir, "circles_summary.json")
-    with open(sp, "w") as f:
-        json.dump(stats, f, indent=2)
-    written.append(sp)
+    written.append(plot_overview(data, cfg, stats, figures, emb, idx))
     print("wrote " + ", ".join(written))
     return 0
 

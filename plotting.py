@@ -34,3 +34,20 @@ def draw_state_strip(ax, states: np.ndarray, n_states: int, mask: np.ndarray | N
     ax.imshow(s[None, :], aspect="auto", cmap=ListedColormap(cols), vmin=-0.5, vmax=n_states + 0.5,
               interpolation="nearest", extent=(x0, x1, 0, 1))
     ax.set_yticks([])
+
+
+def save_figure(fig, path: str, dpi: int = 120, tight: bool = True, bbox_inches: str | None = None) -> str:
+    """The one way every command writes a figure: lay it out, write it atomically (a kill leaves the
+    earlier file or none, never half a PNG), close it; returns the path."""
+    import os
+
+    import matplotlib.pyplot as plt
+    if tight:
+        fig.tight_layout()
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
+    fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return path
+

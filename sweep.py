@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
-from cliargs import Parser, at_least
+from cliargs import Parser, add_output_flags, at_least, default_plots_dir
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = "sweep.json"
@@ -481,7 +481,8 @@ def run_submitit(root: str, indices: list[int], args, cluster: str) -> list[dict
         agg = submitit_executor(root, cluster, args, name + "-aggregate")
         agg.update_parameters(timeout_min=30, gpus_per_node=0, cpus_per_task=1,
                               slurm_additional_parameters={"dependency": f"afterany:{array[0].job_id.split('_')[0]}"})
-        agg_job = agg.submit(me.aggregate_root, root, None, None, True, not args.no_plot)
+        figures = os.path.abspath(args.plots_dir or default_plots_dir(os.path.join(root, "aggregate")))
+        agg_job = agg.submit(me.aggregate_root, root, None, figures, True, not args.no_plot)
         write_json(os.path.join(root, "submitted.json"), {"array": [j.job_id for j in array],
                                                           "aggregate": agg_job.job_id})
         print(f"aggregation job {agg_job.job_id} runs after the array (afterany); "
@@ -717,7 +718,7 @@ def aggregate_root(root: str, out_dir: str | None = None, plots_dir: str | None 
     root = os.path.abspath(root)
     m, jobs = load_manifest(root)
     out_dir = out_dir or os.path.join(root, "aggregate")
-    plots_dir = plots_dir or os.path.join("plots", "sweeps", os.path.basename(root))
+    plots_dir = plots_dir or default_plots_dir(out_dir)
     paths = aggregate_outputs(out_dir)
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not force:
@@ -758,7 +759,8 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     r = sub.add_parser("run", help="plan the jobs of a spec and run (or submit) those not finished")
     r.add_argument("spec", help="the sweep's JSON spec (see python sweep.py --help)")
-    r.add_argument("--out-dir", default=None, help="the sweep's folder (default runs/sweeps/<spec file name>)")
+    add_output_flags(r, None, "the sweep's folder: its jobs' runs and the aggregation's numbers in ROOT/aggregate "
+                              "(default runs/sweeps/<spec file name>)")
     r.add_argument("--executor", choices=("local", "submitit-local", "slurm"), default="local",
                    help="local: a process pool here; slurm: a job array through submitit; submitit-local: "
                         "submitit's local executor (to try a SLURM setup on one machine)")
@@ -775,15 +777,12 @@ def build_parser() -> Parser:
     r.add_argument("--cpus-per-job", type=at_least(1), default=None, help="slurm/submitit: CPU cores per job")
     r.add_argument("--mem-gb", type=at_least(1), default=None, help="slurm/submitit: memory per job (GB)")
     r.add_argument("--dry-run", action="store_true", help="write the manifest and list the jobs; run nothing")
-    r.add_argument("--no-plot", action="store_true", help="aggregate without figures")
     r.add_argument("--force", action="store_true",
                    help="rerun the steps a job finished with another command than the spec now gives")
     a = sub.add_parser("aggregate", help="summaries over seeds and paired comparisons of a sweep's finished jobs")
     a.add_argument("root", help="the sweep's folder")
     a.add_argument("--baseline", default=None, help="configuration the others are compared with (default the first)")
-    a.add_argument("--out-dir", default=None, help="summary files (default ROOT/aggregate)")
-    a.add_argument("--plots-dir", default=None, help="figures (default plots/sweeps/<root name>)")
-    a.add_argument("--no-plot", action="store_true", help="numbers only")
+    add_output_flags(a, None, "summary files (default ROOT/aggregate)")
     a.add_argument("--force", action="store_true", help="replace an earlier aggregation in --out-dir")
     s = sub.add_parser("status", help="which jobs and steps of a sweep have finished")
     s.add_argument("root", help="the sweep's folder")
@@ -841,7 +840,7 @@ def cmd_run(args) -> int:
         if results is None:
             return 0
     failed = [r for r in results if r["status"] == "failed"]
-    agg = aggregate_root(root, force=True, plot=not args.no_plot)
+    agg = aggregate_root(root, plots_dir=args.plots_dir, force=True, plot=not args.no_plot)
     print(f"aggregated {agg['jobs']['done']} finished job(s): {', '.join(agg['files'] + agg['figures'])}")
     return 1 if failed else 0
 

@@ -22,6 +22,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+import cliargs
+from cliargs import SEED, at_least, between, non_negative, positive
+
 
 class TrainingError(RuntimeError):
     """A problem the user can fix (bad input, incompatible checkpoint, diverged run)."""
@@ -691,8 +694,9 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
         ds = spec.datasets(series, data_args)
     except ValueError as e:
         raise TrainingError(str(e)) from e
-    plots_dir = args.plots_dir or os.path.join(out_dir, "plots")
-    os.makedirs(plots_dir, exist_ok=True)
+    plots_dir = cliargs.plots_dir(args, out_dir)
+    if not args.no_plot:
+        os.makedirs(plots_dir, exist_ok=True)
 
     seed_everything(args.seed)
     model = spec.build(cfg).to(device)
@@ -827,6 +831,8 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     from dataset import load_series
     ckpt = load_checkpoint(args.eval, spec.model_type)
     check_export_target(args.export, args.force)
+    out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "eval")
+    claim_outputs([os.path.join(out_dir, "eval_metrics.json")], args.force)
     device = resolve_device(args.device)
     data_args = dict(ckpt["data"])
     if "data_dir" in given:
@@ -844,19 +850,20 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     print(f"checkpoint {ckpt['path']} (epoch {ckpt['epoch']}; {spec.describe(model, model.cfg)})")
     ref = oracle_reference(series, ds, spec.task)
     scores = score_splits(spec, model, (val_loader, test_loader), device, amp, floor, ref)
-    plots_dir = args.plots_dir or os.path.join(os.path.dirname(ckpt["path"]), "plots")
-    os.makedirs(plots_dir, exist_ok=True)
+    plots_dir = cliargs.plots_dir(args, out_dir)
+    os.makedirs(out_dir, exist_ok=True)
     paths = []
     if not args.no_plot:
         import matplotlib
         matplotlib.use("Agg")
+        os.makedirs(plots_dir, exist_ok=True)
         paths = spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
     if args.export:
         paths += export_model(model, spec.model_type, ckpt["model_config"], args.export, args.force, data_args)
     res: dict[str, Any] = {"checkpoint": ckpt["path"], **scores, "noise_floor": floor}
     if spec.final_metrics:
         res.update(spec.final_metrics(model, (val_loader, test_loader), device, amp))
-    jp = os.path.join(plots_dir, "eval_metrics.json")
+    jp = os.path.join(out_dir, "eval_metrics.json")
     with open(jp, "w") as f:
         json.dump(res, f, indent=2)
     print("wrote " + ", ".join(paths + [jp]))
@@ -866,7 +873,6 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
 def add_training_arguments(p: argparse.ArgumentParser, *, seq_len: int, stride: int, batch_size: int, lr: float,
                            warmup_epochs: float, epochs: int) -> None:
     """The flags every sequence-model script shares (data split, optimisation, outputs)."""
-    from cliargs import SEED, at_least, between, non_negative, positive
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default="data", help="folder with data.npz + config.json")
     g.add_argument("--seq-len", type=at_least(2), default=seq_len, help="window length (steps)")
@@ -895,9 +901,8 @@ def add_training_arguments(p: argparse.ArgumentParser, *, seq_len: int, stride: 
                    help="stop (resumably) after this many epochs of this invocation")
     g.add_argument("--seed", type=SEED, default=0, help="seed of the initialisation, masks and batch order")
     g = p.add_argument_group("outputs")
-    g.add_argument("--out-dir", default=None, help="run folder (default runs/<model>_<variant>)")
-    g.add_argument("--plots-dir", default=None, help="figures (default <out-dir>/plots)")
-    g.add_argument("--no-plot", action="store_true", help="write the numbers and checkpoints only, no figures")
+    cliargs.add_output_flags(g, None, "the run folder: checkpoints, log, metrics (default runs/<model>_<variant>); "
+                                      "with --eval, where eval_metrics.json goes (default <run folder>/eval)")
     g.add_argument("--checkpoint", default=None, help="also write the best checkpoint to this path")
     g.add_argument("--resume", default=None, help="resume from a last.pt (or its run folder)")
     g.add_argument("--eval", default=None, metavar="CKPT", help="evaluate a checkpoint and redraw its figures")

@@ -18,8 +18,8 @@ directions and not the shape every random walk has.
   seeds    the same block in two runs (needs several runs; with different initialisations
            a weight-space overlap near the null is expected even when the dimension agrees)
 
-Writes alignment.json and alignment.png in the first run's folder (or --out-dir); earlier ones
-stop it unless --force (which removes them first).
+Writes alignment.json in the first run's folder (or --out-dir) and alignment.png in --plots-dir
+(default plots/<that folder's name>); earlier ones stop it unless --force (which removes them first).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 
-from cliargs import SEED, Parser, at_least
+from cliargs import SEED, Parser, add_output_flags, at_least
 from modadd.figures import emit, save, stage_files, subplots
 from modadd.geometry import execution_basis, random_walk_like
 from modadd.runs import MATS, load_snapshots
@@ -38,9 +38,9 @@ from modadd.stats import mean_std
 NAME = "alignment"
 
 
-def outputs(out_dir: str, plots: bool = True) -> list[str]:
-    """Every file this stage writes in out_dir (plots False: those of a --no-plot run)."""
-    return stage_files(out_dir, NAME, plots)
+def outputs(out_dir: str, plots: bool = True, plots_dir: str | None = None) -> list[str]:
+    """Every file this stage writes for out_dir (plots False: those of a --no-plot run)."""
+    return stage_files(out_dir, NAME, plots, plots_dir)
 
 
 def overlap(U1: np.ndarray, U2: np.ndarray) -> float:
@@ -186,8 +186,7 @@ def build_parser() -> Parser:
                    help="consecutive time windows (at least 2: windows are compared with each other)")
     p.add_argument("--n-null", type=at_least(1), default=3, help="random walks per block")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the random-walk null")
-    p.add_argument("--out-dir", default=None, help="where alignment.json/.png go (default: the first run)")
-    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no figure, no matplotlib)")
+    add_output_flags(p, None, "where alignment.json goes (default: the first run)")
     p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
     return p
 
@@ -197,12 +196,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out_dir or args.runs[0]
     try:
-        claim_outputs(outputs(out), args.force)
+        claim_outputs(outputs(out, plots_dir=args.plots_dir), args.force)
         res = analyse(args.runs, args.k, args.windows, args.n_null, args.seed)
     except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return emit(res, out, NAME, format_table, plot, args.no_plot)
+    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir)
 
 
 if __name__ == "__main__":

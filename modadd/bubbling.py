@@ -7,8 +7,8 @@ From a run folder (model.pt, metrics.csv): per m on fresh held-out examples, the
 row's entropy per layer (beside log T, the entropy of uniform attention), the mass on its
 top 1, 2 and 4 keys, and accuracy with attention restricted to the top-k keys of every row
 (k = 1, 2, 4, 8, all) in every layer. A figure shows the read-out entropy over training
-(metrics.csv) and the top-k accuracy. Writes bubbling.{json,png} in the run folder; earlier
-ones stop it unless --force (which removes them first).
+(metrics.csv) and the top-k accuracy. Writes bubbling.json in the run folder (or --out-dir)
+and bubbling.png in --plots-dir (default plots/<run name>); earlier ones stop it unless --force.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from cliargs import SEED, Parser, at_least
+from cliargs import SEED, Parser, add_output_flags, at_least
 from modadd.figures import emit, save, stage_files, subplots
 from modadd.model import accuracy, set_topk
 from modadd.runs import load_run
@@ -28,9 +28,9 @@ from modadd.task import sample
 NAME = "bubbling"
 
 
-def outputs(out_dir: str, plots: bool = True) -> list[str]:
-    """Every file this stage writes in out_dir (plots False: those of a --no-plot run)."""
-    return stage_files(out_dir, NAME, plots)
+def outputs(out_dir: str, plots: bool = True, plots_dir: str | None = None) -> list[str]:
+    """Every file this stage writes for out_dir (plots False: those of a --no-plot run)."""
+    return stage_files(out_dir, NAME, plots, plots_dir)
 
 
 def analyse(run_dir: str, n: int = 2000, ks=(1, 2, 4, 8), seed: int = 7) -> dict:
@@ -98,7 +98,7 @@ def build_parser() -> Parser:
     p.add_argument("--n", type=at_least(1), default=2000, help="held-out examples per m")
     p.add_argument("--seed", type=SEED, default=0,
                    help="seed of the evaluated examples (the recorded results used 7)")
-    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no figure, no matplotlib)")
+    add_output_flags(p, None, "where bubbling.json goes (default: the run folder)")
     p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
     return p
 
@@ -106,13 +106,14 @@ def build_parser() -> Parser:
 def main(argv=None) -> int:
     from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
+    out = args.out_dir or args.run
     try:
-        claim_outputs(outputs(args.run), args.force)
+        claim_outputs(outputs(out, plots_dir=args.plots_dir), args.force)
         res = analyse(args.run, args.n, seed=args.seed)
     except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return emit(res, args.run, NAME, format_table, plot, args.no_plot)
+    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,17 @@
-"""Figure and output helpers shared by the modadd stages (headless matplotlib)."""
+"""Figure and output helpers shared by the modadd stages (headless matplotlib).
+
+A stage writes its numbers, <name>.json, into its --out-dir (a run folder by default) and its
+figure, <name>.png, into its --plots-dir (default plots/<name of the out-dir>, cliargs' one rule).
+"""
 from __future__ import annotations
+
+import json
+import os
+
+from cliargs import default_plots_dir
+from plotting import save_figure
+
+save = save_figure  # the stages' figure writer: one for the whole project
 
 
 def subplots(ncols: int, figsize=(13, 4.2)):
@@ -9,33 +21,24 @@ def subplots(ncols: int, figsize=(13, 4.2)):
     return plt.subplots(1, ncols, figsize=figsize)
 
 
-def save(fig, path: str, dpi: int = 120) -> str:
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+def stage_files(out_dir: str, name: str, plots: bool = True, plots_dir: str | None = None) -> list[str]:
+    """What emit writes for a stage called name: <name>.json in out_dir and, with plots, <name>.png
+    in plots_dir (default: the default --plots-dir of out_dir). A stage claims the full list (plots
+    True) whatever its --no-plot, so a rerun without figures leaves no figure of an earlier run behind."""
+    figure = os.path.join(plots_dir or default_plots_dir(out_dir), name + ".png")
+    return [os.path.join(out_dir, name + ".json")] + ([figure] if plots else [])
 
 
-def stage_files(out_dir: str, name: str, plots: bool = True) -> list[str]:
-    """What emit writes for a stage called name: <name>.json and, with plots, <name>.png in
-    out_dir. A stage claims the full list (plots True) whatever its --no-plot, so a rerun
-    without figures leaves no figure of an earlier run behind."""
-    import os
-    return [os.path.join(out_dir, name + ext) for ext in (".json", ".png") if plots or ext == ".json"]
-
-
-def emit(res: dict, out_dir: str, name: str, table, plot, no_plot: bool = False) -> int:
-    """The end of every stage's main: print the table, write <name>.json and, unless
-    no_plot, <name>.png in out_dir. Returns the exit status 0."""
-    import json
-    import os
+def emit(res: dict, out_dir: str, name: str, table, plot, no_plot: bool = False, plots_dir: str | None = None) -> int:
+    """The end of every stage's main: print the table, write <name>.json in out_dir and, unless
+    no_plot, <name>.png in plots_dir (default: out_dir's default). Returns the exit status 0."""
     print(table(res))
+    path, figure = stage_files(out_dir, name, True, plots_dir)
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, name + ".json")
     with open(path, "w") as f:
         json.dump(res, f)
     print(f"wrote {path}")
     if not no_plot:
-        print(f"wrote {plot(res, os.path.join(out_dir, name + '.png'))}")
+        os.makedirs(os.path.dirname(figure), exist_ok=True)
+        print(f"wrote {plot(res, figure)}")
     return 0

@@ -7,8 +7,8 @@ throughout). For every m: held-out accuracy at the end of its own stage, its bes
 the rest of training, at the end of training, and the forgetting = end of own stage -
 end of training (mean and std over runs). Mixed-schedule runs of the same length given as
 --control show whether the capacity to solve all m at once is there. Writes
-forgetting.json and forgetting.png in the first run's folder (or --out-dir); earlier ones stop
-it unless --force (which removes them first).
+forgetting.json in the first run's folder (or --out-dir) and forgetting.png in --plots-dir (default
+plots/<that folder's name>); earlier ones stop it unless --force (which removes them first).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from cliargs import Parser
+from cliargs import Parser, add_output_flags
 from modadd.figures import emit, save, stage_files, subplots
 from modadd.runs import load_config
 from modadd.stats import mean_std
@@ -27,9 +27,9 @@ from modadd.stats import mean_std
 NAME = "forgetting"
 
 
-def outputs(out_dir: str, plots: bool = True) -> list[str]:
-    """Every file this stage writes in out_dir (plots False: those of a --no-plot run)."""
-    return stage_files(out_dir, NAME, plots)
+def outputs(out_dir: str, plots: bool = True, plots_dir: str | None = None) -> list[str]:
+    """Every file this stage writes for out_dir (plots False: those of a --no-plot run)."""
+    return stage_files(out_dir, NAME, plots, plots_dir)
 
 
 def load_metrics(run_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -124,8 +124,7 @@ def build_parser() -> Parser:
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("runs", nargs="+", help="curriculum run folders")
     p.add_argument("--control", nargs="*", default=[], help="mixed-schedule run folders of the same length")
-    p.add_argument("--out-dir", default=None, help="where forgetting.json/.png go (default: the first run)")
-    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no figure, no matplotlib)")
+    add_output_flags(p, None, "where forgetting.json goes (default: the first run)")
     p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
     return p
 
@@ -135,12 +134,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out_dir or args.runs[0]
     try:
-        claim_outputs(outputs(out), args.force)
+        claim_outputs(outputs(out, plots_dir=args.plots_dir), args.force)
         res = analyse(args.runs, args.control)
     except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return emit(res, out, NAME, format_table, plot, args.no_plot)
+    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir)
 
 
 if __name__ == "__main__":

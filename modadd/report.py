@@ -1,6 +1,6 @@
 """Multi-seed figures 1-6 and a verdict on each finding against its null.
 
-    python -m modadd.report runs/code [--curriculum runs/cur --mlp runs/mlp] [--out-dir plots/modadd]
+    python -m modadd.report runs/code [--curriculum runs/cur --mlp runs/mlp] [--out-dir runs/modadd_report]
 
 ROOT is a folder written by python -m modadd.sweep: seed runs in ROOT/s<seed> (metrics.csv,
 commutators.csv, bubbling.json, sae.json) and trajectory_pca.json, alignment.json over all
@@ -19,9 +19,10 @@ Figures (mean or median over seeds with their spread):
   fig6_sae_ablation        accuracy drop from ablating the chosen SAE latents vs random ones
 Statistics: per seed the median over commutator pairs (with its 95% bootstrap interval over
 pairs in report.json), then the mean over seeds with a 95% Student-t interval over seeds,
-the same summary as python sweep.py aggregate gives (sweep.seed_ci). Writes report.json and report.md (the verdict table) too.
-Earlier outputs in --out-dir stop it unless --force, which first removes every file it can
-write there (also figures this run's data would not give, so none of another run survives).
+the same summary as python sweep.py aggregate gives (sweep.seed_ci). Writes report.json and
+report.md (the verdict table) into --out-dir, the figures into --plots-dir (default
+plots/modadd_report). Earlier outputs stop it unless --force, which first removes every file it
+can write (also figures this run's data would not give, so none of another run survives).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import sys
 
 import numpy as np
 
-from cliargs import Parser
+from cliargs import Parser, add_output_flags, default_plots_dir
 from modadd.figures import save, subplots
 from modadd.stats import median_ci
 from sweep import seed_ci   # the over-seed interval of sweep.py's aggregation (95% Student-t)
@@ -46,10 +47,12 @@ FIGURES = ("fig1_intrinsic_dim", "fig2_entropy_bubbling", "fig3_commutator_raw",
            "fig5_comm_decomposition", "fig6_sae_ablation", "forgetting")    # <name>.png, as far as the data allow
 
 
-def outputs(out_dir: str) -> list[str]:
-    """Every file this command can write in out_dir, whichever figures the data allow."""
+def outputs(out_dir: str, plots_dir: str | None = None) -> list[str]:
+    """Every file this command can write (numbers in out_dir, figures in plots_dir or out_dir's
+    default figures folder), whichever figures the data allow."""
+    figures = plots_dir or default_plots_dir(out_dir)
     return ([os.path.join(out_dir, f) for f in ("report.json", "report.md")]
-            + [os.path.join(out_dir, f + ".png") for f in FIGURES])
+            + [os.path.join(figures, f + ".png") for f in FIGURES])
 
 
 def read_csv(path: str) -> dict[str, np.ndarray]:
@@ -342,12 +345,14 @@ def load_root(root: str) -> list[dict]:
 
 
 def build(root: str, out_dir: str, curriculum: str | None = None, mlp: str | None = None,
-          geometry: str | None = None, plot: bool = True) -> dict:
+          geometry: str | None = None, plot: bool = True, plots_dir: str | None = None) -> dict:
     from modadd import forgetting, trajectory
+    figures = plots_dir or default_plots_dir(out_dir)
 
-    def figure(draw, *a):  # the figure's path, or nothing with plot=False
+    def figure(draw, *a):  # draws into the figures folder; nothing with plot=False
         if plot:
-            rep["figures"].append(draw(*a))
+            os.makedirs(figures, exist_ok=True)
+            rep["figures"].append(draw(*a[:-1], os.path.join(figures, a[-1])))
     runs = load_root(root)
     os.makedirs(out_dir, exist_ok=True)
     rep = {"root": root, "n_seeds": len(runs), "config": runs[0]["config"], "figures": []}
@@ -358,30 +363,30 @@ def build(root: str, out_dir: str, curriculum: str | None = None, mlp: str | Non
     tp = load_json(os.path.join(geometry, "trajectory_pca.json"))
     if tp:
         rep["trajectory"] = {"summary": tp["summary"]}
-        figure(trajectory.plot, tp, os.path.join(out_dir, "fig1_intrinsic_dim.png"))
+        figure(trajectory.plot, tp, "fig1_intrinsic_dim.png")
     al = load_json(os.path.join(geometry, "alignment.json"))
     if al:
         rep["alignment"] = {"summary": al["summary"], "random_subspace_overlap": al["random_subspace_overlap"]}
     bub = [r["bubbling"] for r in runs if r["bubbling"]]
-    figure(fig2, runs, bub, os.path.join(out_dir, "fig2_entropy_bubbling.png"))
+    figure(fig2, runs, bub, "fig2_entropy_bubbling.png")
     if bub:
         rep["bubbling"] = {m: {k: seed_ci([b["per_m"][m]["topk_accuracy"][k] for b in bub])
                                for k in bub[0]["per_m"][m]["topk_accuracy"]} for m in bub[0]["per_m"]}
     cr = [r for r in runs if "comm" in r]
     if cr:
         rep["commutators"] = commutator_stats(cr)
-        figure(fig3, cr, os.path.join(out_dir, "fig3_commutator_raw.png"))
+        figure(fig3, cr, "fig3_commutator_raw.png")
         if "final_rho_exec" in cr[0]["comm"]:
-            figure(fig4, cr, os.path.join(out_dir, "fig4_comm_ratio.png"))
-            figure(fig5, cr, rep["commutators"], os.path.join(out_dir, "fig5_comm_decomposition.png"))
+            figure(fig4, cr, "fig4_comm_ratio.png")
+            figure(fig5, cr, rep["commutators"], "fig5_comm_decomposition.png")
     sae = [r["sae"] for r in runs if r["sae"]]
     if sae:
         rep["sae"] = sae_stats(sae)
-        figure(fig6, sae, os.path.join(out_dir, "fig6_sae_ablation.png"))
+        figure(fig6, sae, "fig6_sae_ablation.png")
     if curriculum:
         f = forgetting.analyse(seed_dirs(curriculum), [r["dir"] for r in runs])
         rep["forgetting"] = {"summary": f["summary"], "runs": f["runs"]}
-        figure(forgetting.plot, f, os.path.join(out_dir, "forgetting.png"))
+        figure(forgetting.plot, f, "forgetting.png")
     if mlp:
         m = load_json(os.path.join(mlp, "trajectory_pca.json"))
         if m is None:
@@ -421,9 +426,8 @@ def build_parser() -> Parser:
     p.add_argument("--geometry", default=None,
                    help="folder with trajectory_pca.json and alignment.json (default ROOT), e.g. from other runs "
                         "of the same configuration whose snapshots are at hand")
-    p.add_argument("--out-dir", default="plots/modadd", help="where the report, its JSON and figures go")
+    add_output_flags(p, "runs/modadd_report", "where report.json and report.md go")
     p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
-    p.add_argument("--no-plot", action="store_true", help="the report and its JSON only, no figures")
     return p
 
 
@@ -431,8 +435,9 @@ def main(argv=None) -> int:
     from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
     try:
-        claim_outputs(outputs(args.out_dir), args.force)
-        rep = build(args.root, args.out_dir, args.curriculum, args.mlp, args.geometry, plot=not args.no_plot)
+        claim_outputs(outputs(args.out_dir, args.plots_dir), args.force)
+        rep = build(args.root, args.out_dir, args.curriculum, args.mlp, args.geometry, plot=not args.no_plot,
+                    plots_dir=args.plots_dir)
     except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

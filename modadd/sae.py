@@ -19,8 +19,8 @@ on held-out sequences per m that neither the SAEs nor the selection saw:
   ablated (error kept) / random (error kept): only the latents' contribution removed,
                    x - (z - z_ablated) W_dec, so the SAE's error does not mask the effect
 The effect of the chosen latents is the accuracy drop from the reconstruction beside the
-drop for random latents. Writes sae.json and sae.png in the run folder (or --out-dir); earlier
-ones stop it unless --force (which removes them first).
+drop for random latents. Writes sae.json in the run folder (or --out-dir) and sae.png in
+--plots-dir (default plots/<run name>); earlier ones stop it unless --force (which removes them first).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cliargs import SEED, Parser, at_least, non_negative
+from cliargs import SEED, Parser, add_output_flags, at_least, non_negative
 from modadd.figures import emit, save, stage_files, subplots
 from modadd.runs import load_config, model_at, snapshot_steps
 from modadd.task import sample
@@ -42,9 +42,9 @@ VARIABLES = ("m", "marker", "marked_value", "value_token", "position")
 NAME = "sae"
 
 
-def outputs(out_dir: str, plots: bool = True) -> list[str]:
-    """Every file this stage writes in out_dir (plots False: those of a --no-plot run)."""
-    return stage_files(out_dir, NAME, plots)
+def outputs(out_dir: str, plots: bool = True, plots_dir: str | None = None) -> list[str]:
+    """Every file this stage writes for out_dir (plots False: those of a --no-plot run)."""
+    return stage_files(out_dir, NAME, plots, plots_dir)
 
 
 class SAE(nn.Module):
@@ -305,8 +305,7 @@ def build_parser() -> Parser:
     p.add_argument("--n-eval", type=at_least(1), default=1000, help="held-out sequences per m for the ablations")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the SAE initialisation and data")
     p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu or cuda")
-    p.add_argument("--out-dir", default=None, help="where sae.json/.png go (default: the run folder)")
-    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no figure, no matplotlib)")
+    add_output_flags(p, None, "where sae.json goes (default: the run folder)")
     p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
     return p
 
@@ -348,14 +347,14 @@ def main(argv=None) -> int:
         return 2
     out = args.out_dir or args.run
     try:
-        claim_outputs(outputs(out), args.force)
+        claim_outputs(outputs(out, plots_dir=args.plots_dir), args.force)
         res = analyse(args.run, args.layer, parse_fractions(args.at), tuple(args.kinds.split(",")), args.variable,
                       args.n_select, args.n_random, args.n_latents, args.k, args.l1, args.sae_steps, args.n_train,
                       args.n_eval, args.seed, device=args.device)
     except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return emit(res, out, NAME, format_table, plot, args.no_plot)
+    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """Many seeds of one configuration, trained side by side, then analysed together.
 
-    python -m modadd.sweep --seeds 0-19 --jobs 10 --root runs/code -- --preset code
-    python -m modadd.sweep --seeds 0-4 --root runs/cur --stages trajectory -- --preset code --schedule curriculum
-    python -m modadd.sweep --seeds 0-19 --together 20 --root runs/code -- --preset code --device cuda
+    python -m modadd.sweep --seeds 0-19 --jobs 10 --out-dir runs/code -- --preset code
+    python -m modadd.sweep --seeds 0-4 --out-dir runs/cur --stages trajectory -- --preset code --schedule curriculum
+    python -m modadd.sweep --seeds 0-19 --together 20 --out-dir runs/code -- --preset code --device cuda
 
 Everything after `--` goes to python -m modadd.train (each seed gets --seed and
 --out-dir ROOT/s<seed>). Seeds run as --jobs parallel processes with one CPU thread each,
 or with --together N as one vmapped network of N seeds in this process (meant for a GPU,
 where separate processes time-slice the device). Seeds already trained are skipped. Then
 the stages run: per seed bubbling and sae (in parallel), over all seeds trajectory and
-alignment (written to ROOT). A seed that fails is reported and left out of the stages.
+alignment (numbers written to ROOT, the --out-dir, also spelled --root; figures to --plots-dir,
+each seed's in a folder of its own). A seed that fails is reported and left out of the stages.
 
 Run again on the same ROOT, a sweep picks up where it stopped. A per-seed stage is skipped
 (one line names the runs) when the seed was not trained by this sweep and the stage's outputs
@@ -31,7 +32,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cliargs import Parser, at_least
+from cliargs import NO_PLOT_HELP, Parser, at_least, default_plots_dir
 from sweep import parse_seeds   # one seed-list parser for both launchers
 
 PER_RUN = ("bubbling", "sae")
@@ -72,9 +73,10 @@ def run_parallel(jobs: list[tuple[str, list[str], str]], n: int, gpus: list[str]
     return rcs
 
 
-def stage_outputs(stage: str, out_dir: str, plots: bool) -> list[str]:
-    """The files a run of the stage writes in out_dir (its module's outputs(); the JSON first)."""
-    return importlib.import_module(f"modadd.{stage}").outputs(out_dir, plots)
+def stage_outputs(stage: str, out_dir: str, plots: bool, plots_dir: str) -> list[str]:
+    """The files a run of the stage writes for out_dir, its figure in plots_dir (its module's
+    outputs(); the JSON first)."""
+    return importlib.import_module(f"modadd.{stage}").outputs(out_dir, plots, plots_dir)
 
 
 def is_done(paths: list[str], models: list[str]) -> bool:
@@ -122,7 +124,11 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m modadd.sweep", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--seeds", default="0-4", help="e.g. 0-19 or 0,2,5")
-    p.add_argument("--root", required=True, help="folder for the seeds' runs (ROOT/s<seed>) and joint results")
+    p.add_argument("--out-dir", "--root", dest="root", required=True,
+                   help="the sweep's folder: the seeds' runs (ROOT/s<seed>) and the joint stages' numbers")
+    p.add_argument("--plots-dir", default=None, help="where the stages' figures go: the joint stages' here, each "
+                   "seed's in <this>/s<seed> (default plots/<name>, <name> being the --out-dir's path below runs/, "
+                   "else below the current folder, else its last folder name)")
     p.add_argument("--jobs", type=at_least(1), default=2, help="processes at once")
     p.add_argument("--stages", default=",".join(PER_RUN + ALL_RUNS),
                    help=f"comma list of {', '.join(PER_RUN + ALL_RUNS)}, or none")
@@ -133,7 +139,7 @@ def build_parser() -> Parser:
     p.add_argument("--gpus", default="auto",
                    help="GPUs to spread the --jobs processes over, one per running process (auto: those visible; "
                         "0: none; N: the first N). For grids of configurations use python sweep.py")
-    p.add_argument("--no-plot", action="store_true", help="stages write JSON only (no matplotlib needed)")
+    p.add_argument("--no-plot", action="store_true", help=NO_PLOT_HELP + " (the stages write JSON only)")
     p.add_argument("--force-stages", action="store_true",
                    help="rerun every chosen stage (with --force) even where its outputs are complete, e.g. after "
                         "changing --sae-args")
@@ -191,30 +197,32 @@ def main(argv=None) -> int:
     trained = {dirs[s] for s in todo} & set(ok)
     models = {d: os.path.join(d, "model.pt") for d in ok}
     plots = not args.no_plot
+    figures = args.plots_dir or default_plots_dir(args.root)
+    figures_of = {d: os.path.join(figures, os.path.basename(d)) for d in ok}
     failed = sum(rc != 0 for rc in rcs.values())
     jobs = []
     for stage in (s for s in stages if s in PER_RUN):
         extra = (args.sae_args.split() if stage == "sae" else []) + (["--no-plot"] if args.no_plot else [])
         skip = [d for d in ok if not args.force_stages and d not in trained
-                and is_done(stage_outputs(stage, d, plots), [models[d]])]
+                and is_done(stage_outputs(stage, d, plots, figures_of[d]), [models[d]])]
         if skip:
             print(f"{stage}: skipped on {len(skip)} run(s) whose outputs are complete and newer than their model "
                   f"(--force-stages reruns them): {', '.join(os.path.basename(d) for d in skip)}")
-        jobs += [(f"{stage} {d}", [py, "-m", f"modadd.{stage}", d, *extra, "--force"],
+        jobs += [(f"{stage} {d}", [py, "-m", f"modadd.{stage}", d, *extra, "--plots-dir", figures_of[d], "--force"],
                   os.path.join(d, f"{stage}.log")) for d in ok if d not in skip]
     if jobs:
         print(f"per-seed stages: {len(jobs)} run(s)")
         failed += sum(rc != 0 for rc in run_parallel(jobs, args.jobs, gpus).values())
     for stage in (s for s in stages if s in ALL_RUNS):
         if ok:
-            paths = stage_outputs(stage, args.root, plots)
+            paths = stage_outputs(stage, args.root, plots, figures)
             if (not args.force_stages and not trained and is_done(paths, list(models.values()))
                     and covers(paths[0], ok)):
                 print(f"{stage}: skipped, {paths[0]} is complete for these {len(ok)} runs and newer than their "
                       f"models (--force-stages reruns it)")
                 continue
             print(f"{stage} over {len(ok)} runs")
-            rc, _ = _call([py, "-m", f"modadd.{stage}", *ok, "--out-dir", args.root,
+            rc, _ = _call([py, "-m", f"modadd.{stage}", *ok, "--out-dir", args.root, "--plots-dir", figures,
                            *(["--no-plot"] if args.no_plot else []), "--force"],
                           os.path.join(args.root, f"{stage}.log"))
             failed += rc != 0

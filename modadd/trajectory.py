@@ -5,9 +5,9 @@
 For every layer and matrix (W_Q, W_K, W_V, W_O) of each run: r90 (principal components for
 90% of the trajectory's variance) and the effective rank, beside the same numbers for
 random walks with the run's step sizes in random directions. With several runs (seeds), the
-table gives the mean and standard deviation over runs. Writes trajectory_pca.json and
-trajectory_pca.png in the first run's folder (or --out-dir); earlier ones stop it unless
---force (which removes them first).
+table gives the mean and standard deviation over runs. Writes trajectory_pca.json in
+the first run's folder (or --out-dir) and trajectory_pca.png in --plots-dir (default plots/<that
+folder's name>); earlier ones stop it unless --force (which removes them first).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from cliargs import SEED, Parser, at_least
+from cliargs import SEED, Parser, add_output_flags, at_least
 from modadd.figures import emit, save, stage_files, subplots
 from modadd.geometry import trajectory_pca
 from modadd.runs import MATS, load_snapshots
@@ -24,9 +24,9 @@ from modadd.stats import mean_std
 NAME = "trajectory_pca"
 
 
-def outputs(out_dir: str, plots: bool = True) -> list[str]:
-    """Every file this stage writes in out_dir (plots False: those of a --no-plot run)."""
-    return stage_files(out_dir, NAME, plots)
+def outputs(out_dir: str, plots: bool = True, plots_dir: str | None = None) -> list[str]:
+    """Every file this stage writes for out_dir (plots False: those of a --no-plot run)."""
+    return stage_files(out_dir, NAME, plots, plots_dir)
 
 
 def analyse(run_dirs: list[str], n_null: int = 20, seed: int = 0) -> dict:
@@ -79,8 +79,7 @@ def build_parser() -> Parser:
     p.add_argument("runs", nargs="+", help="run folders written by python -m modadd.train")
     p.add_argument("--n-null", type=at_least(1), default=20, help="random walks per block")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the random-walk null")
-    p.add_argument("--out-dir", default=None, help="where trajectory_pca.json/.png go (default: the first run)")
-    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no figure, no matplotlib)")
+    add_output_flags(p, None, "where trajectory_pca.json goes (default: the first run)")
     p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
     return p
 
@@ -90,12 +89,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out_dir or args.runs[0]
     try:
-        claim_outputs(outputs(out), args.force)
+        claim_outputs(outputs(out, plots_dir=args.plots_dir), args.force)
         res = analyse(args.runs, args.n_null, args.seed)
     except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return emit(res, out, NAME, format_table, plot, args.no_plot)
+    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir)
 
 
 if __name__ == "__main__":

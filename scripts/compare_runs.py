@@ -1,9 +1,10 @@
 """Overlay the validation curves of several runs and tabulate their best and test MSE.
 
-    python scripts/compare_runs.py runs/demo_rope runs/demo_t5 runs/demo_sinusoidal --out plots/demo/compare
+    python scripts/compare_runs.py runs/demo_rope runs/demo_t5 runs/demo_sinusoidal --name pos_encoding_comparison
 
-Writes <out>.png (validation MSE per epoch, noise floor dashed), <out>.csv and <out>.md; runs
-that recorded the oracle (oracle.py) add its test MSE, the model's signal MSE and their ratio.
+Writes <name>.csv and <name>.md into --out-dir and <name>.png (validation MSE per epoch, noise
+floor dashed) into --plots-dir; runs that recorded the oracle (oracle.py) add its test MSE, the
+model's signal MSE and their ratio. Earlier outputs of the same name stop it unless --force.
 """
 import argparse
 import csv
@@ -29,16 +30,24 @@ def first_epoch_below(rows, level):
 
 def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from cliargs import Parser, non_negative
+    from cliargs import Parser, add_output_flags, non_negative, plots_dir
+    from plotting import save_figure
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders with training_log.csv and metrics.json")
-    p.add_argument("--out", default="plots/compare_runs", help="output path without extension")
+    add_output_flags(p, "runs/compare_runs", "where <name>.csv and <name>.md go")
+    p.add_argument("--name", default="compare_runs", help="file name of the outputs, without extension")
+    p.add_argument("--force", action="store_true", help="replace earlier outputs of the same name")
     p.add_argument("--within", type=non_negative(), default=0.10, help="report the first epoch with val <= (1+x) floor")
     args = p.parse_args(argv)
+    base = os.path.join(args.out_dir, args.name)
+    figure = os.path.join(plots_dir(args), args.name + ".png")
+    old = [f for f in (base + ".csv", base + ".md", figure) if os.path.exists(f)]
+    if old and not args.force:
+        print(f"error: {old[0]} exists; pass --force to replace it or choose another --name", file=sys.stderr)
+        return 2
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     table = []
     floor = None
@@ -68,9 +77,13 @@ def main(argv=None):
     ax.set_ylabel("validation MSE")
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=110)
-    with open(args.out + ".csv", "w", newline="") as f:
+    written = []
+    if not args.no_plot:
+        os.makedirs(os.path.dirname(figure), exist_ok=True)
+        written.append(save_figure(fig, figure, dpi=110))
+    plt.close(fig)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(base + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(table[0]))
         w.writeheader()
         w.writerows(table)
@@ -78,10 +91,10 @@ def main(argv=None):
     md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for t in table:
         md.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in t.values()) + " |")
-    with open(args.out + ".md", "w") as f:
+    with open(base + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
-    print(f"wrote {args.out}.png, .csv, .md")
+    print("wrote " + ", ".join(written + [base + ".csv", base + ".md"]))
     return 0
 
 

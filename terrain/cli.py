@@ -7,6 +7,7 @@ import re
 import sys
 from typing import Callable
 
+import cliargs
 from terrain.models import DEFAULT_MODEL, TerrainError
 
 
@@ -21,59 +22,64 @@ def model_tag(name: str | None) -> str:
     return f"{safe[-50:]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
-OUTPUT_SUFFIXES = (".json", ".png", "_stability.csv")  # what a stage writes per model
+NUMBER_SUFFIXES = (".json", "_stability.csv")  # what a stage writes per model into --out-dir
+FIGURE_SUFFIX = ".png"                          # ... and into --plots-dir
+OUT_DIR = "runs/terrain"                        # the stages' --out-dir; figures default to plots/terrain
 
 
-def add_force_flag(p) -> None:
-    """--force and --no-plot: what every terrain stage takes about its outputs."""
+def add_output_flags(p) -> None:
+    """--out-dir, --plots-dir, --no-plot and --force: what every terrain stage takes about its outputs."""
+    cliargs.add_output_flags(p, OUT_DIR, "where the numbers (JSON/CSV) go")
     p.add_argument("--force", action="store_true",
                    help="replace this stage's earlier outputs for these models (without it, existing ones stop the run)")
-    p.add_argument("--no-plot", action="store_true", help="write the numbers (JSON/CSV) only, no figures")
 
 
-def claim_outputs(bases: list[str], force: bool) -> None:
-    """Refuse when a stage's outputs for these models exist already; with force, remove them first
-    (so no stale file survives beside the new ones)."""
-    existing = [b + s for b in bases for s in OUTPUT_SUFFIXES if os.path.exists(b + s)]
-    if existing and not force:
+def stage_paths(args, name: str) -> tuple[str, str]:
+    """(numbers base in --out-dir, figure path in --plots-dir) of one stage's output called name."""
+    return os.path.join(args.out_dir, name), os.path.join(cliargs.plots_dir(args), name + FIGURE_SUFFIX)
+
+
+def claim_outputs(args, names: list[str]) -> None:
+    """Refuse when a stage's outputs called names exist already (numbers or figures); with --force,
+    remove them first (so no stale file survives beside the new ones)."""
+    existing = []
+    for name in names:
+        base, figure = stage_paths(args, name)
+        existing += [p for p in [base + s for s in NUMBER_SUFFIXES] + [figure] if os.path.exists(p)]
+    if existing and not args.force:
         raise TerrainError(f"{existing[0]} exists ({len(existing)} earlier output file(s)); pass --force to "
-                           f"replace them or choose another --out-dir")
+                           f"replace them or choose another --out-dir / --plots-dir")
     for path in existing:
         os.remove(path)
 
 
-def run_for_models(models: list[str], out_dir: str, prefix: str, compute: Callable[[str], dict],
-                   summarize: Callable[[dict], str], plot: Callable[[dict, str], str],
-                   force: bool = False, no_plot: bool = False) -> tuple[int, list, list]:
-    """Returns (exit code, results, written paths); a TerrainError stops with one line on stderr.
-    Earlier outputs of the same stage and models stop the run unless force; no_plot: no figures."""
+def run_for_models(args, prefix: str, compute: Callable[[str], dict], summarize: Callable[[dict], str],
+                   plot: Callable[[dict, str], str]) -> tuple[int, list, list]:
+    """For each of args.model: compute, print the summary, write <prefix>_<model>.json into --out-dir
+    and, unless --no-plot, the figure into --plots-dir. Returns (exit code, results, written paths);
+    a TerrainError stops with one line on stderr. Earlier outputs stop the run unless --force."""
     import matplotlib
     matplotlib.use("Agg")
     results, written = [], []
     try:
-        claim_outputs([os.path.join(out_dir, f"{prefix}_{model_tag(n)}") for n in dict.fromkeys(models)], force)
-        os.makedirs(out_dir, exist_ok=True)
-        for name in models:
-            res = compute(name)
+        names = [f"{prefix}_{model_tag(n)}" for n in dict.fromkeys(args.model)]
+        claim_outputs(args, names)
+        os.makedirs(args.out_dir, exist_ok=True)
+        for model in args.model:
+            res = compute(model)
             results.append(res)
             print(summarize(res))
-            base = os.path.join(out_dir, f"{prefix}_{model_tag(name)}")
+            base, figure = stage_paths(args, f"{prefix}_{model_tag(model)}")
             with open(base + ".json", "w") as f:
                 json.dump(res, f)
-            written += [base + ".json"] + ([] if no_plot else [plot(res, base + ".png")])
+            written.append(base + ".json")
+            if not args.no_plot:
+                os.makedirs(os.path.dirname(figure), exist_ok=True)
+                written.append(plot(res, figure))
     except TerrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2, results, written
     return 0, results, written
-
-
-def save_figure(fig, path: str, dpi: int = 120) -> str:
-    """tight_layout, write, close; returns the path."""
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
 
 
 def add_device_flag(p) -> None:

@@ -1,7 +1,7 @@
 """Embedding-matrix probes of a pretrained model, each beside a null.
 
     python -m terrain.embeddings                       # offline MiniLM
-    python -m terrain.embeddings --model t5-small --out-dir plots/terrain
+    python -m terrain.embeddings --model t5-small --out-dir runs/terrain
 
 Row norms, the cosine distribution of random token pairs, the eigenspectrum of the centred
 matrix and its participation ratio, and the coefficient of variation of 4-simplex
@@ -27,7 +27,7 @@ import numpy as np
 from cliargs import SEED, Parser, at_least
 
 from terrain import metrics as M
-from terrain.cli import save_figure
+from plotting import save_figure
 from terrain.checkpoint import embedding_matrix, output_head
 from terrain.models import DEFAULT_MODEL, resolve_model_name
 
@@ -270,24 +270,22 @@ def plot(res: dict, path: str) -> str:
 
 
 def build_parser() -> Parser:
-    from terrain.cli import add_force_flag
+    from terrain.cli import add_output_flags
     p = Parser(prog="python -m terrain.embeddings", description="Embedding-matrix geometry beside nulls.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
                    help="model names or local folders (see terrain/models.py; default: the offline MiniLM)")
     p.add_argument("--n-simplices", type=at_least(2), default=4000,
                    help="4-simplices sampled for the volume CV (a spread needs at least 2)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the sampled items and the nulls")
-    p.add_argument("--out-dir", default="plots/terrain", help="where the numbers (JSON/CSV) and figures go")
-    add_force_flag(p)
+    add_output_flags(p)
     return p
 
 
 def main(argv=None) -> int:
     from terrain.cli import run_for_models
     args = build_parser().parse_args(argv)
-    code, _, written = run_for_models(args.model, args.out_dir, "embeddings",
-                                      lambda n: probe(n, args.seed, args.n_simplices), format_summary, plot,
-                                      force=args.force, no_plot=args.no_plot)
+    code, _, written = run_for_models(args, "embeddings", lambda n: probe(n, args.seed, args.n_simplices),
+                                      format_summary, plot)
     if written:
         print("wrote " + ", ".join(written))
     return code

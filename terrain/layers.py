@@ -28,7 +28,7 @@ import torch
 from cliargs import SEED, Parser
 
 from terrain import metrics as M
-from terrain.cli import save_figure
+from plotting import save_figure
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
 
 SENTENCES = [
@@ -173,7 +173,7 @@ def plot(res: dict, path: str) -> str:
 
 
 def build_parser() -> Parser:
-    from terrain.cli import add_force_flag, add_model_flags
+    from terrain.cli import add_model_flags, add_output_flags
     p = Parser(prog="python -m terrain.layers",
                description="Hidden-state norms and cosines through the layers of a text model.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
@@ -183,8 +183,7 @@ def build_parser() -> Parser:
     p.add_argument("--encoder-only", action="store_true",
                    help="an encoder-decoder's decoder is neither read nor run (half the memory; no decoder "
                         "states, no encoder-decoder comparison)")
-    p.add_argument("--out-dir", default="plots/terrain", help="where the numbers (JSON/CSV) and figures go")
-    add_force_flag(p)
+    add_output_flags(p)
     add_model_flags(p)
     return p
 
@@ -198,10 +197,10 @@ def main(argv=None) -> int:
             print(f"error: {args.sentences_file} not found", file=sys.stderr)
             return 2
         sentences = [s.strip() for s in open(args.sentences_file) if s.strip()]
-    code, _, written = run_for_models(args.model, args.out_dir, "layers",
+    code, _, written = run_for_models(args, "layers",
                                       lambda n: evolution(n, sentences, args.seed, args.dtype, resolve_device(args.device),
                                                                          args.encoder_only),
-                                      format_summary, plot, force=args.force, no_plot=args.no_plot)
+                                      format_summary, plot)
     if written:
         print("wrote " + ", ".join(written))
     return code

@@ -39,7 +39,7 @@ import torch.nn as nn
 from cliargs import SEED, Parser, at_least, between, non_negative, positive
 
 from terrain import metrics as M
-from terrain.cli import save_figure
+from plotting import save_figure
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
 from terrain.project import procrustes, token_states
 from terrain.taxonomy import Taxonomy
@@ -644,7 +644,7 @@ def plot(res: dict, path: str) -> str:
 
 
 def build_parser() -> Parser:
-    from terrain.cli import add_force_flag, add_model_flags
+    from terrain.cli import add_model_flags, add_output_flags
     p = Parser(prog="python -m terrain.modulate",
                description="LERP residual modulator initialised from WordNet: alpha sweep on held-out items with "
                            "shuffled and random-rotation controls.")
@@ -658,8 +658,7 @@ def build_parser() -> Parser:
     p.add_argument("--eval-items", type=at_least(5), default=800,
                    help="held-out items scored (a 4-simplex needs 5)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the sampled items and the nulls")
-    p.add_argument("--out-dir", default="plots/terrain", help="where the numbers (JSON/CSV) and figures go")
-    add_force_flag(p)
+    add_output_flags(p)
     add_model_flags(p)
     t = p.add_argument_group("training (--train): the model frozen; geometric rows, projection and alphas learn")
     t.add_argument("--train", action="store_true", help="train instead of the alpha sweep")
@@ -770,8 +769,7 @@ def main(argv=None) -> int:
         def compute(n):
             return sweep(n, layers, args.geo_dim, args.alphas, args.anchors, args.eval_items, args.seed,
                          dtype=args.dtype, device=device)
-    code, _, written = run_for_models(args.model, args.out_dir, prefix, compute, present, draw, force=args.force,
-                                      no_plot=args.no_plot)
+    code, _, written = run_for_models(args, prefix, compute, present, draw)
     if written:
         print("wrote " + ", ".join(written))
     return code

@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 from cliargs import SEED, Parser, at_least, non_negative
-from terrain.cli import save_figure
+from plotting import save_figure
 from terrain.metrics import bootstrap_ci, coefficient_of_variation, gaussian_volume_cv, gram_volume, unit
 from terrain.checkpoint import embedding_matrix
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
@@ -309,7 +309,7 @@ def plot(res: dict, path: str) -> str:
 
 
 def build_parser() -> Parser:
-    from terrain.cli import add_force_flag, add_model_flags
+    from terrain.cli import add_model_flags, add_output_flags
     p = Parser(prog="python -m terrain.project",
                description="Align one model's token space to another's (Procrustes, least squares, shuffled "
                            "control) and score it on held-out tokens.")
@@ -322,8 +322,7 @@ def build_parser() -> Parser:
     p.add_argument("--ridge", type=non_negative(), default=1e-3,
                    help="least-squares ridge, relative to the mean variance (0: plain least squares)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the sampled items and the nulls")
-    p.add_argument("--out-dir", default="plots/terrain", help="where the numbers (JSON/CSV) and figures go")
-    add_force_flag(p)
+    add_output_flags(p)
     add_model_flags(p)
     return p
 
@@ -332,11 +331,12 @@ def main(argv=None) -> int:
     import json
     import os
 
-    from terrain.cli import claim_outputs, model_tag, resolve_device
+    from terrain.cli import claim_outputs, model_tag, resolve_device, stage_paths
     args = build_parser().parse_args(argv)
-    base = os.path.join(args.out_dir, f"project_{model_tag(args.source)}_to_{model_tag(args.target)}")
+    name = f"project_{model_tag(args.source)}_to_{model_tag(args.target)}"
+    base, figure = stage_paths(args, name)
     try:
-        claim_outputs([base], args.force)
+        claim_outputs(args, [name])
         res = project(args.source, args.target, args.anchors, args.test, args.rsa_tokens, args.ridge, args.seed,
                       dtype=args.dtype, device=resolve_device(args.device))
     except TerrainError as e:
@@ -346,7 +346,9 @@ def main(argv=None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     with open(base + ".json", "w") as f:
         json.dump(res, f)
-    print(f"wrote {base}.json" + ("" if args.no_plot else f", {plot(res, base + '.png')}"))
+    if not args.no_plot:
+        os.makedirs(os.path.dirname(figure), exist_ok=True)
+    print(f"wrote {base}.json" + ("" if args.no_plot else f", {plot(res, figure)}"))
     return 0
 
 

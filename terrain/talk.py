@@ -232,7 +232,7 @@ def summary_table(rows: list[dict]) -> list[str]:
 def plot(res: dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
-    from terrain.cli import save_figure
+    from plotting import save_figure
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
     keys = (("loglik_unmodulated", "mean log-likelihood under the unmodulated model"),
             ("edit_fraction", "token edit distance to the unmodulated answer"), ("distinct_2", "distinct-2"))

@@ -1,7 +1,7 @@
 """Weight battery: the geometry of a pretrained transformer's matrices, each beside its null.
 
     python -m terrain.weights                                  # offline MiniLM
-    python -m terrain.weights --model t5-small google/t5-v1_1-xxl --out-dir plots/terrain
+    python -m terrain.weights --model t5-small google/t5-v1_1-xxl --out-dir runs/terrain
 
 Per matrix (q, k, v, o, mlp_in, mlp_gate, mlp_out, cross-attention): spectra (stable rank,
 participation ratio of sigma^2, entropy effective rank, components for 90% of the sigma^2
@@ -26,7 +26,6 @@ from head_dim-sized products, and analytic nulls for large matrices (terrain/lin
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import defaultdict
@@ -36,7 +35,8 @@ import numpy as np
 from cliargs import SEED, Parser, at_least
 from terrain import linalg as LA
 from terrain import metrics as M
-from terrain.cli import add_device_flag, progress, resolve_device, save_figure
+from plotting import save_figure
+from terrain.cli import add_device_flag, progress, resolve_device
 from terrain.checkpoint import open_source
 from terrain.models import DEFAULT_MODEL, TerrainError, Weight, by_role, head_layouts, plan
 
@@ -489,7 +489,7 @@ def plot_comparison(results: list[dict], path: str) -> str:
 
 
 def build_parser() -> Parser:
-    from terrain.cli import add_force_flag
+    from terrain.cli import add_output_flags
     p = Parser(prog="python -m terrain.weights",
                description="Weight geometry of pretrained transformers, beside random nulls.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
@@ -502,13 +502,12 @@ def build_parser() -> Parser:
     p.add_argument("--overlap-rank", type=at_least(1), default=32, help="r of the cross-layer subspace overlap")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the null draws")
     add_device_flag(p)
-    p.add_argument("--out-dir", default="plots/terrain", help="figures and JSON")
-    add_force_flag(p)
+    add_output_flags(p)
     return p
 
 
 def main(argv=None) -> int:
-    from terrain.cli import run_for_models
+    from terrain.cli import run_for_models, stage_paths
     args = build_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -523,10 +522,9 @@ def main(argv=None) -> int:
         res["device"] = device
         return res
 
-    code, results, written = run_for_models(args.model, args.out_dir, "weights", compute, format_summary, plot_model,
-                                            force=args.force, no_plot=args.no_plot)
+    code, results, written = run_for_models(args, "weights", compute, format_summary, plot_model)
     if code == 0 and len(results) > 1 and not args.no_plot:
-        written.append(plot_comparison(results, os.path.join(args.out_dir, "weights_comparison.png")))
+        written.append(plot_comparison(results, stage_paths(args, "weights_comparison")[1]))
     if written:
         print("wrote " + ", ".join(written))
     return code

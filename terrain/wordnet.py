@@ -35,7 +35,7 @@ from cliargs import Parser, any_number, at_least
 from terrain import metrics as M
 from terrain.embeddings import category_lift
 from terrain.metrics import unit
-from terrain.cli import save_figure
+from plotting import save_figure
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
 from terrain.taxonomy import Taxonomy
 
@@ -475,7 +475,7 @@ def write_tables(res: dict, base: str) -> list[str]:
 
 
 def build_parser() -> Parser:
-    from terrain.cli import add_force_flag, add_model_flags
+    from terrain.cli import add_model_flags, add_output_flags
     p = Parser(prog="python -m terrain.wordnet",
                description="WordNet relational alignment of static and contextual representations, with multi-seed "
                            "stability.")
@@ -500,8 +500,7 @@ def build_parser() -> Parser:
                    help="use at most this many matched items (default: all)")
     p.add_argument("--batch-size", type=at_least(1), default=64, help="definitions encoded per forward pass")
     add_model_flags(p)
-    p.add_argument("--out-dir", default="plots/terrain", help="where the numbers (JSON/CSV) and figures go")
-    add_force_flag(p)
+    add_output_flags(p)
     return p
 
 
@@ -515,8 +514,7 @@ def main(argv=None) -> int:
                        args.n_simplices, args.n_perm, args.simulate_root, args.max_items, args.batch_size,
                        resolve_device(args.device), dtype=args.dtype)
 
-    code, results, written = run_for_models(args.model, args.out_dir, "wordnet", compute, format_summary, plot,
-                                            force=args.force, no_plot=args.no_plot)
+    code, results, written = run_for_models(args, "wordnet", compute, format_summary, plot)
     for res in results:
         written += write_tables(res, os.path.join(args.out_dir, f"wordnet_{model_tag(res['model'])}"))
     if written:

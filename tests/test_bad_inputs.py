@@ -50,7 +50,7 @@ def cases(w):
                                               "not an object"),
         "mamba: config.json not an object": (mamba, ["train", "--data-dir", w["listcfg"], "--out-dir", out,
                                                      *MAMBA_TINY], "not an object"),
-        "generator: config.json not an object": (gen, ["--n-steps", "3000", "--out-dir", w["listcfg"], "--no-plots"],
+        "generator: config.json not an object": (gen, ["--n-steps", "3000", "--out-dir", w["listcfg"], "--no-plot"],
                                                  "--force"),
         "masked: --n-heads 0": (masked, ["--data-dir", w["data"], "--out-dir", out, *MASKED_TINY, "--n-heads", "0"],
                                 "--n-heads"),
@@ -123,6 +123,6 @@ def test_generator_config_that_is_not_json(world, tmp_path, capsys):
     shutil.copytree(world["data"], tmp_path / "d")
     (tmp_path / "d" / "config.json").write_text("not json {")
     before = (tmp_path / "d" / "data.npz").read_bytes()
-    assert gen(["--n-steps", "3000", "--out-dir", str(tmp_path / "d"), "--no-plots"]) == 2
+    assert gen(["--n-steps", "3000", "--out-dir", str(tmp_path / "d"), "--no-plot"]) == 2
     assert "--force" in capsys.readouterr().err
     assert (tmp_path / "d" / "data.npz").read_bytes() == before  # the folder is left as it was

@@ -101,22 +101,72 @@ def test_every_command_that_draws_takes_no_plot():
     assert lacking == []
 
 
-def test_no_plot_writes_numbers_and_no_figure(tmp_path, small_data_dir):
-    """--no-plot on a terrain stage, the dimension demo and a training run: the numbers are
-    written, no PNG anywhere under the output folders."""
-    from terrain.cli import run_for_models
-    code, _, written = run_for_models(["x"], str(tmp_path / "t"), "stage", lambda n: {"model": n, "v": 1},
-                                      lambda r: "", lambda r, p: open(p, "w").write("png") and p, no_plot=True)
-    assert code == 0 and [os.path.basename(w) for w in written] == ["stage_x.json"]
+def test_output_flags_are_worded_alike_everywhere():
+    """Every command that draws takes --out-dir (numbers), --plots-dir (figures, one default rule)
+    and --no-plot, with the shared wording; none shows a computed default as None."""
+    odd = []
+    for m in COMMANDS:
+        for name, p in leaf_parsers(importlib.import_module(m).build_parser(), m):
+            if name in NO_FIGURES:
+                continue
+            acts = {o: a for a in p._actions for o in a.option_strings}
+            if "--out-dir" not in acts or "--plots-dir" not in acts:
+                odd.append((name, "lacks --out-dir or --plots-dir"))
+            elif "default plots/<name>, <name> being the --out-dir's path below runs/" not in acts["--plots-dir"].help \
+                    or acts["--plots-dir"].default is not None:
+                odd.append((name, "--plots-dir worded differently"))
+            elif not acts["--no-plot"].help.startswith(cliargs.NO_PLOT_HELP):
+                odd.append((name, "--no-plot worded differently"))
+    assert odd == []
+
+
+def test_default_plots_dir_follows_one_rule(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PLOTS_ROOT")
+    j = os.path.join
+    assert cliargs.default_plots_dir("runs/bert_rope") == j("plots", "bert_rope")
+    assert cliargs.default_plots_dir(j("runs", "a", "gates")) == j("plots", "a", "gates")
+    assert cliargs.default_plots_dir(str(tmp_path / "runs" / "a")) == j("plots", "a")  # absolute, below runs/
+    assert cliargs.default_plots_dir("data") == j("plots", "data")                     # below the current folder
+    assert cliargs.default_plots_dir(j("plots", "terrain")) == j("plots", "terrain")   # already in plots/
+    assert cliargs.default_plots_dir("/elsewhere/x/run1") == j("plots", "run1")        # outside: its name
+    monkeypatch.setenv("PLOTS_ROOT", "/figs")
+    assert cliargs.default_plots_dir("runs/a") == j("/figs", "a")
+
+
+def test_numbers_go_to_out_dir_and_figures_to_plots_dir(tmp_path, small_data_dir, plots_below_tmp):
+    """A terrain stage, the dimension demo and a training run: with --plots-dir P the numbers are
+    in --out-dir and no figure is; P holds figures only; with --no-plot there is no PNG anywhere."""
+    from types import SimpleNamespace
+
     from estimate_dimension import main as dim
-    assert dim(["--demo", "--demo-points", "400", "--n-boot", "10", "--out-dir", str(tmp_path / "d"),
-                "--no-plot"]) == 0
     from masked_model_gpu import main as masked
-    assert masked(["--data-dir", small_data_dir, "--epochs", "1", "--seq-len", "64", "--stride", "64",
-                   "--d-model", "16", "--n-heads", "2", "--d-ff", "32", "--n-layers", "1",
-                   "--out-dir", str(tmp_path / "run"), "--no-plot"]) == 0
-    assert os.path.exists(tmp_path / "run" / "metrics.json") and os.listdir(tmp_path / "d")
-    assert [p for p in tmp_path.rglob("*.png")] == []
+    from terrain.cli import run_for_models
+    tiny = ["--data-dir", small_data_dir, "--epochs", "1", "--seq-len", "64", "--stride", "64", "--d-model", "16",
+            "--n-heads", "2", "--d-ff", "32", "--n-layers", "1"]
+
+    def stage(out, plots, no_plot):
+        args = SimpleNamespace(model=["x"], out_dir=str(out), plots_dir=plots and str(plots), no_plot=no_plot,
+                               force=False)
+        return run_for_models(args, "stage", lambda n: {"model": n, "v": 1}, lambda r: "",
+                              lambda r, p: open(p, "w").write("png") and p)[0]
+
+    for kind, figures in (("drawn", ["--plots-dir"]), ("bare", ["--no-plot"])):
+        out, plots = tmp_path / kind / "out", tmp_path / kind / "plots"
+        flags = figures + ([str(plots)] if kind == "drawn" else [])
+        assert stage(out / "t", plots / "t" if kind == "drawn" else None, kind == "bare") == 0
+        assert dim(["--demo", "--demo-points", "400", "--n-boot", "10", "--out-dir", str(out / "d"),
+                    *[f.replace(str(plots), str(plots / "d")) for f in flags]]) == 0
+        assert masked([*tiny, "--out-dir", str(out / "run"), *[f.replace(str(plots), str(plots / "run"))
+                                                                 for f in flags]]) == 0
+        assert {p.name for p in (out / "t").iterdir()} == {"stage_x.json"}
+        assert {p.suffix for p in (out / "d").iterdir()} == {".json", ".csv"}
+        assert (out / "run" / "metrics.json").exists() and not list(out.rglob("*.png"))
+        if kind == "drawn":
+            for sub in ("t", "d", "run"):
+                assert {p.suffix for p in (plots / sub).iterdir()} == {".png"}, sub
+        else:  # nothing drawn, neither here nor in the default figures folder
+            assert not list((tmp_path / kind).rglob("*.png")) and not plots_below_tmp.exists()
 
 
 def test_both_model_scripts_take_train_and_eval_words(tmp_path, small_data_dir, capsys):
@@ -135,13 +185,13 @@ def test_both_model_scripts_take_train_and_eval_words(tmp_path, small_data_dir, 
         assert script.main(words + tiny + extra + ["--out-dir", str(run)]) == 0
         ckpt = str(run / "best.pt")
         first = ["train"] if script is mamba_next else []
-        assert script.main(first + ["--eval", ckpt, "--plots-dir", str(tmp_path / "a"), "--no-plot"]) == 0
-        assert script.main(["eval", ckpt, "--plots-dir", str(tmp_path / "b"), "--no-plot"]) == 0
+        assert script.main(first + ["--eval", ckpt, "--out-dir", str(tmp_path / "a"), "--no-plot"]) == 0
+        assert script.main(["eval", ckpt, "--out-dir", str(tmp_path / "b"), "--no-plot"]) == 0
         a, b = (json.loads((tmp_path / d / "eval_metrics.json").read_text()) for d in "ab")
         assert a == b and a["checkpoint"] == ckpt
         for d in "ab":
             (tmp_path / d / "eval_metrics.json").unlink()
-        assert script.main(["eval", "--plots-dir", str(tmp_path)]) == 2
+        assert script.main(["eval", "--out-dir", str(tmp_path)]) == 2
         assert "eval CKPT" in capsys.readouterr().err
     assert masked_model_gpu.main(["train", *tiny, "--n-heads", "2", "--d-ff", "32", "--out-dir",
                                   str(tmp_path / "worded")]) == 0

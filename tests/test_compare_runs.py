@@ -27,12 +27,17 @@ def test_table_and_first_epoch_within_ten_percent(tmp_path, capsys):
     fake_run(tmp_path / "fast", [20, 9.0, 8.5, 8.7], 8.4, test_signal_mse=0.5, test_oracle_mse=8.1,
              test_signal_over_oracle=5.0)
     fake_run(tmp_path / "slow", [20, 15, 10, 9.5], 9.6)
-    out = tmp_path / "cmp"
-    assert compare_runs.main([str(tmp_path / "fast"), str(tmp_path / "slow"), "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(str(out) + ".csv")))
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    argv = [str(tmp_path / "fast"), str(tmp_path / "slow"), "--out-dir", str(out), "--plots-dir", str(figs),
+            "--name", "cmp"]
+    assert compare_runs.main(argv) == 0
+    rows = list(csv.DictReader(open(out / "cmp.csv")))
     assert rows[0]["first_epoch_val_within_10pct"] == "3"  # 8.5 <= 8.8 first at epoch 3
     assert rows[1]["first_epoch_val_within_10pct"] == ""  # never within 10%
     assert abs(float(rows[0]["test_over_floor_pct"]) - 5.0) < 1e-9
     assert rows[0]["test_signal_over_oracle"] == "5.0" and rows[1]["test_signal_over_oracle"] == ""
-    assert (tmp_path / "cmp.png").exists()
-    assert compare_runs.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert os.listdir(figs) == ["cmp.png"] and sorted(os.listdir(out)) == ["cmp.csv", "cmp.md"]
+    before = (out / "cmp.csv").read_text()
+    assert compare_runs.main(argv) == 2 and (out / "cmp.csv").read_text() == before   # nothing overwritten
+    assert compare_runs.main(argv + ["--force"]) == 0
+    assert compare_runs.main([str(tmp_path / "missing"), "--out-dir", str(out)]) == 2

@@ -1,4 +1,6 @@
 """Levina-Bickel against analytic dimensions and against scikit-dimension."""
+import os
+
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
@@ -109,12 +111,14 @@ def test_bad_input():
         knn_distances(np.zeros(10), 3)
 
 
-def test_cli_on_data_and_demo(small_data_dir, tmp_path, capsys):
+def test_cli_on_data_and_demo(small_data_dir, tmp_path, plots_below_tmp, capsys):
     assert main(["--data-dir", small_data_dir, "--points", "3000", "--n-boot", "20",
                  "--k", "10", "30", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| all |" in out and "circle 0" in out
-    assert (tmp_path / "dimension_vs_k.json").exists() and (tmp_path / "dimension_vs_k.png").exists()
+    # numbers in --out-dir, the figure in the default --plots-dir plots/<out-dir's name>
+    assert (tmp_path / "dimension_vs_k.json").exists() and not (tmp_path / "dimension_vs_k.png").exists()
+    assert os.listdir(plots_below_tmp / tmp_path.name) == ["dimension_vs_k.png"]
     assert main(["--demo", "--demo-points", "800", "--n-boot", "10", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "levina_bickel_demo.csv").exists()
     assert main(["--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "m")]) == 2

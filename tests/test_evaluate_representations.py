@@ -155,7 +155,7 @@ def test_cli_end_to_end(tiny_checkpoint, small_data_dir, tmp_path, capsys):
 
 def test_cli_bad_input(tiny_checkpoint, tmp_path, capsys):
     from markov_circles_timeseries import main as gen
-    gen(["--n-steps", "5000", "--ambient-dim", "8", "--out-dir", str(tmp_path / "d8"), "--no-plots"])
+    gen(["--n-steps", "5000", "--ambient-dim", "8", "--out-dir", str(tmp_path / "d8"), "--no-plot"])
     assert main(["--checkpoint", tiny_checkpoint, "--data-dir", str(tmp_path / "d8"), "--no-umap"]) == 2
     assert "8-D" in capsys.readouterr().err
     assert main(["--checkpoint", tiny_checkpoint, "--layers", "input,7", "--no-umap"]) == 2

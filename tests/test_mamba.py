@@ -161,7 +161,7 @@ def test_gate_lr_factor_zero_freezes_exactly(small_data_dir, tmp_path, capsys):
             assert not T.equal(v, init[k])
 
 
-def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, capsys):
+def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, plots_below_tmp, capsys):
     run = tmp_path / "run"
     assert main(["train", "--data-dir", small_data_dir, "--out-dir", str(run), "--epochs", "2",
                  "--max-horizon", "4", *TINY]) == 0
@@ -171,7 +171,8 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, capsys):
     assert metrics["val_oracle_mse"] <= metrics["val_mse"]
     assert metrics["val_oracle_signal_mse"] < metrics["val_signal_mse"] == pytest.approx(
         metrics["val_signal_mse_by_horizon"]["1"])
-    assert (run / "plots" / "mamba_prediction_0.png").exists()
+    assert (plots_below_tmp / "run" / "mamba_prediction_0.png").exists()  # plots/<run folder name>
+    assert not list(run.glob("**/*.png"))
     assert main(["generate", "--checkpoint", str(run / "best.pt"), "--gen-len", "40", "--seed-len", "16",
                  "--perturb-hidden", "--perturb-interval", "10", "--perturb-duration", "2"]) == 0
     gen = np.load(run / "generate" / "gen_hidden.npy")
@@ -187,7 +188,7 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, capsys):
     best = str(run / "best.pt")
     assert main(["gates", "--checkpoint", best, "--layer", "2", "--sample", "1", "--samples", "3",
                  "--out-dir", str(tmp_path / "g2")]) == 0
-    drawn = sorted(p.name for p in (tmp_path / "g2").glob("gates_sample_*.png"))
+    drawn = sorted(p.name for p in (plots_below_tmp / "g2").glob("gates_sample_*.png"))
     assert drawn == ["gates_sample_1_layer2.png"]
     assert main(["gates", "--checkpoint", best, "--layer", "3", "--out-dir", str(tmp_path / "g3")]) == 2
     assert "layers 1..2" in capsys.readouterr().err
@@ -211,10 +212,10 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, capsys):
     assert main(gen_args + ["--force"]) == 0
     assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "2", "--plot-samples", "1"]) == 2
     assert (run / "gates" / "gates_summary.json").read_text() == json.dumps(summary, indent=2)
-    (run / "gates" / "gates_sample_7.png").write_bytes(b"old")
+    (plots_below_tmp / "gates" / "gates_sample_7.png").write_bytes(b"old")
     assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "2", "--plot-samples", "1",
                  "--force"]) == 0
-    assert not (run / "gates" / "gates_sample_7.png").exists()
+    assert not (plots_below_tmp / "gates" / "gates_sample_7.png").exists()
     capsys.readouterr()
     assert main(["train", "--eval", str(run / "best.pt"), "--data-dir", small_data_dir]) == 0
     assert "test MSE" in capsys.readouterr().out
@@ -272,6 +273,6 @@ def test_resume_and_eval_score_with_the_runs_own_warmup(small_data_dir, tmp_path
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
     assert mb["test_mse"] == pytest.approx(ma["test_mse"], rel=1e-6) and mb["best_epoch"] == ma["best_epoch"]
     capsys.readouterr()
-    assert main(["train", "--eval", str(b / "best.pt"), "--plots-dir", str(tmp_path / "ev")]) == 0
+    assert main(["train", "--eval", str(b / "best.pt"), "--out-dir", str(tmp_path / "ev")]) == 0
     ev = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
     assert ev["val_mse"] == pytest.approx(mb["val_mse"], rel=1e-5) and ev["val_mse"] > 1.0

@@ -104,20 +104,21 @@ def test_cli_writes_data_and_refuses_silent_overwrite(tmp_path, capsys):
             assert key in f.files
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["n_steps"] == 3000 and cfg["noise_var"] == pytest.approx(2.83 ** 2)
-    for name in ("sample_window_0.png", "sample_window_2.png", "overview.png", "circles_summary.json"):
-        assert (plots / name).exists()
+    assert sorted(os.listdir(plots)) == ["overview.png", "sample_window_0.png", "sample_window_1.png",
+                                         "sample_window_2.png"]  # figures only; their numbers beside the data
+    assert json.loads((out / "circles_summary.json").read_text())["n_visits"] > 0
     before = (out / "data.npz").read_bytes()
-    assert main(["--n-steps", "4000", "--no-plots", "--out-dir", str(out)]) == 2
+    assert main(["--n-steps", "4000", "--no-plot", "--out-dir", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (out / "data.npz").read_bytes() == before
-    assert main(["--n-steps", "4000", "--no-plots", "--out-dir", str(out), "--force"]) == 0
+    assert main(["--n-steps", "4000", "--no-plot", "--out-dir", str(out), "--force"]) == 0
 
 
 def test_cli_rejects_bad_subspace(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # below 2: refused while parsing
-        main(["--subspace-dim", "1", "--out-dir", str(tmp_path), "--no-plots"])
+        main(["--subspace-dim", "1", "--out-dir", str(tmp_path), "--no-plot"])
     assert e.value.code == 2 and "--subspace-dim" in capsys.readouterr().err
     # above the ambient dimension: refused by the configuration check
-    assert main(["--subspace-dim", "25", "--out-dir", str(tmp_path), "--no-plots"]) == 2
+    assert main(["--subspace-dim", "25", "--out-dir", str(tmp_path), "--no-plot"]) == 2
     assert "--subspace-dim" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "data.npz")

@@ -137,7 +137,7 @@ TINY = ["--seq-len", "64", "--stride", "32", "--batch-size", "16", "--d-model", 
         "--n-layers", "1", "--d-ff", "32", "--warmup-epochs", "0.5", "--lr", "3e-3", "--mask-patch-size", "4"]
 
 
-def test_training_resume_and_eval(small_data_dir, tmp_path, capsys):
+def test_training_resume_and_eval(small_data_dir, tmp_path, plots_below_tmp, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["--data-dir", small_data_dir, "--out-dir", str(a), "--epochs", "3", "--pos-encoding", "t5",
                  *TINY]) == 0
@@ -155,8 +155,10 @@ def test_training_resume_and_eval(small_data_dir, tmp_path, capsys):
     # a model's signal MSE and data MSE differ by the noise on the scored steps (E = noise var)
     assert abs(metrics["val_mse"] - metrics["val_signal_mse"] - 2.83 ** 2) < 1.5
     assert "oracle on the val windows" in capsys.readouterr().out
-    for f in ("best.pt", "last.pt", "plots/training_loss.png", "plots/bert_prediction_0.png"):
+    for f in ("best.pt", "last.pt"):
         assert (a / f).exists()
+    for f in ("training_loss.png", "bert_prediction_0.png"):  # figures in plots/<run folder name>
+        assert (plots_below_tmp / a.name / f).exists()
     ckpt = torch.load(a / "last.pt", weights_only=True)
     for key in ("model_config", "data", "data_config", "optimizer", "scheduler", "rng", "epoch"):
         assert key in ckpt
@@ -170,11 +172,18 @@ def test_training_resume_and_eval(small_data_dir, tmp_path, capsys):
     val = lambda r: [float(x.split(",")[5]) for x in r[1:]]  # noqa: E731
     assert val(rows_a) == pytest.approx(val(rows_b), rel=1e-6)
     capsys.readouterr()
-    assert main(["--eval", str(a / "best.pt"), "--data-dir", small_data_dir, "--plots-dir", str(tmp_path / "ev")]) == 0
+    ev, figs = tmp_path / "ev", tmp_path / "ev_figures"
+    assert main(["--eval", str(a / "best.pt"), "--data-dir", small_data_dir, "--out-dir", str(ev),
+                 "--plots-dir", str(figs)]) == 0
     out = capsys.readouterr().out
     assert "test MSE" in out and "noise floor" in out
-    assert json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())["val_mse"] == pytest.approx(
-        metrics["val_mse"], rel=1e-5)
+    assert json.loads((ev / "eval_metrics.json").read_text())["val_mse"] == pytest.approx(metrics["val_mse"], rel=1e-5)
+    assert os.listdir(ev) == ["eval_metrics.json"] and all(f.endswith(".png") for f in os.listdir(figs))
+    # a second evaluation into the same folder refuses, nothing lost; --force replaces
+    assert main(["--eval", str(a / "best.pt"), "--data-dir", small_data_dir, "--out-dir", str(ev), "--no-plot"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["--eval", str(a / "best.pt"), "--data-dir", small_data_dir, "--out-dir", str(ev), "--no-plot",
+                 "--force"]) == 0
 
 
 def test_training_reduces_the_loss(small_data_dir, tmp_path):
@@ -197,7 +206,7 @@ def test_bad_input_gives_one_clear_error(small_data_dir, tmp_path, capsys):
     # data of another feature dimension
     from markov_circles_timeseries import main as gen
     other = tmp_path / "d12"
-    gen(["--n-steps", "6000", "--ambient-dim", "12", "--out-dir", str(other), "--no-plots"])
+    gen(["--n-steps", "6000", "--ambient-dim", "12", "--out-dir", str(other), "--no-plot"])
     assert main(["--eval", str(run / "best.pt"), "--data-dir", str(other)]) == 2
     assert "12-D" in capsys.readouterr().err
     # a checkpoint of another model

@@ -3,6 +3,7 @@ quadratic loss and its eta^2 scaling, r90 on planted trajectories, the random-su
 measurement that leaves training unchanged, and a tiny end-to-end run."""
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -448,12 +449,13 @@ def test_sweep_and_report(tmp_path):
     assert sweep(["--seeds", "0-1", "--root", root, "--", "--seed", "3"]) == 2
     assert sweep(["--seeds", "0", "--together", "1", "--root", cur, "--stages", "none", "--", *tiny,
                   "--schedule", "curriculum"]) == 0
-    out = tmp_path / "plots"
-    assert report([root, "--curriculum", cur, "--out-dir", str(out)]) == 0
+    out, figs = tmp_path / "report", tmp_path / "figures"
+    assert report([root, "--curriculum", cur, "--out-dir", str(out), "--plots-dir", str(figs)]) == 0
     rep = json.load(open(out / "report.json"))
-    for f in ("fig1_intrinsic_dim", "fig2_entropy_bubbling", "fig3_commutator_raw", "fig4_comm_ratio",
-              "fig5_comm_decomposition", "forgetting"):
-        assert (out / f"{f}.png").exists(), f
+    assert sorted(os.listdir(figs)) == [f"{f}.png" for f in ("fig1_intrinsic_dim", "fig2_entropy_bubbling",
+                                                             "fig3_commutator_raw", "fig4_comm_ratio",
+                                                             "fig5_comm_decomposition", "forgetting")]
+    assert sorted(os.listdir(out)) == ["report.json", "report.md"]
     medians = [np.median([float(r["D"]) for r in csv.DictReader(open(tmp_path / "code" / f"s{s}" / "commutators.csv"))])
                for s in (0, 1)]
     assert np.isclose(rep["commutators"]["summary"]["D"]["mean"], np.mean(medians))

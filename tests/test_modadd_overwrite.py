@@ -86,58 +86,66 @@ def stage_case(stage, root, tmp_path):
 
 @pytest.mark.parametrize("stage", ["bubbling", "sae", "trajectory", "alignment", "forgetting", "report"])
 def test_stage_refuses_to_overwrite_and_force_replaces(stage, root, tmp_path, capsys):
+    """Numbers go to the stage's folder, figures to --plots-dir; both count as its outputs."""
     import importlib
     mod = importlib.import_module(f"modadd.{stage}")
     names, argv, folder, has_no_plot = stage_case(stage, root, tmp_path)
+    figs = tmp_path / "figs"
+    argv = argv + ["--plots-dir", str(figs)]
     folder.mkdir(parents=True, exist_ok=True)
-    assert sorted(mod.outputs(str(folder))) == sorted(str(folder / n) for n in names)
+    declared = {os.path.relpath(p, tmp_path) for p in mod.outputs(str(folder), plots_dir=str(figs))}
+    where = {n: (figs if n.endswith(".png") else folder) / n for n in names}
+    assert declared == {os.path.relpath(p, tmp_path) for p in where.values()}
 
-    before = files(folder)
+    before = files(tmp_path)
     assert mod.main(argv) == 0
-    first = files(folder)
+    first = files(tmp_path)
     written = set(first) - set(before)
-    assert written and written <= set(names), written - set(names)       # everything it wrote is declared
+    assert written and written <= declared, written - declared           # everything it wrote is declared
     assert all(first[k] == v for k, v in before.items())                 # and nothing else was touched
 
     capsys.readouterr()
     assert mod.main(argv) == 2                                           # the same call again
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--force" in err and err.startswith("error: "), err
-    assert files(folder) == first                                        # byte-identical, nothing written
+    assert files(tmp_path) == first                                      # byte-identical, nothing written
 
     if has_no_plot:                      # a rerun without figures must not leave the earlier figure behind
         stale = next(n for n in written if n.endswith(".png"))
         again = argv + ["--no-plot", "--force"]
     else:                                # a figure this run's data do not give (no sae.json here)
-        stale = "fig6_sae_ablation.png"
+        stale = os.path.relpath(where["fig6_sae_ablation.png"], tmp_path)
         assert stale not in written
-        (folder / stale).write_bytes(b"stale figure of another run")
+        (tmp_path / stale).write_bytes(b"stale figure of another run")
         again = argv + ["--force"]
-    assert (folder / stale).exists()
+    assert (tmp_path / stale).exists()
     assert mod.main(again) == 0
-    after = files(folder)
+    after = files(tmp_path)
     assert stale not in after
     assert all(after[k] == v for k, v in before.items())                 # inputs untouched
-    assert set(after) - set(before) <= set(names) and any(n.endswith(".json") for n in set(after) - set(before))
+    assert set(after) - set(before) <= declared and any(n.endswith(".json") for n in set(after) - set(before))
 
 
-def test_train_force_removes_the_replaced_runs_files_and_stage_outputs(root):
-    """Every stage's outputs in the run folder and the old run's commutators.csv (which a run
-    without commutators does not write) are gone once the run is replaced."""
+def test_train_force_removes_the_replaced_runs_files_and_stage_outputs(root, plots_below_tmp):
+    """Every stage's outputs of the run (numbers in the run folder, figures in its default figures
+    folder plots/<run name>) and the old run's commutators.csv (which a run without commutators
+    does not write) are gone once the run is replaced."""
     from modadd.train import main, stage_outputs
-    run = root / "s0"
-    names = {"bubbling.json", "bubbling.png", "trajectory_pca.json", "trajectory_pca.png", "alignment.json",
-             "alignment.png", "sae.json", "sae.png", "forgetting.json", "forgetting.png"}
-    assert sorted(stage_outputs(str(run))) == sorted(str(run / n) for n in names)
-    for n in names:
-        (run / n).write_text("of the old model")
+    run, figs = root / "s0", plots_below_tmp / "s0"
+    stages = ("bubbling", "trajectory_pca", "alignment", "sae", "forgetting")
+    names = {f"{n}.json" for n in stages}
+    expected = [str(run / f"{n}.json") for n in stages] + [str(figs / f"{n}.png") for n in stages]
+    assert sorted(stage_outputs(str(run))) == sorted(expected)
+    figs.mkdir(parents=True)
+    for p in expected:
+        open(p, "w").write("of the old model")
     assert (run / "commutators.csv").exists()
     short = ["--steps", "8", "--d-model", "16", "--n-heads", "2", "--n-layers", "2", "--snapshot-every", "4",
              "--eval-size", "16", "--batch-size", "8", "--commutator-every", "0", "--out-dir", str(run)]
     assert main(short) == 2                                              # a run is there
     assert main(short + ["--force"]) == 0
     left = set(os.listdir(run))
-    assert not (left & names) and "commutators.csv" not in left
+    assert not (left & names) and "commutators.csv" not in left and not os.listdir(figs)
     assert {"config.json", "metrics.csv", "snapshots.npz", "model.pt"} <= left
     assert json.load(open(run / "config.json"))["steps"] == 8
 

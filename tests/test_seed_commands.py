@@ -80,7 +80,7 @@ SEED_COMMANDS = [
      "python mamba_next.py gates --checkpoint model_next.pt --umap"),
     ("003", "python train.py", "python -m modadd.train --preset code"),
     ("003", "python experiment_full.py",
-     "python -m modadd.sweep --seeds 0-19 --root runs/code -- --preset code && python -m modadd.report runs/code"),
+     "python -m modadd.sweep --seeds 0-19 --out-dir runs/code -- --preset code && python -m modadd.report runs/code"),
     ("003", "python analysis_subspace.py", "python -m modadd.trajectory runs/code/s0"),
     ("003", "python analysis_alignment.py", "python -m modadd.alignment runs/code/s0 runs/code/s1"),
 ]
@@ -177,7 +177,7 @@ def workspace(tmp_path_factory, repo_on_path):
         run("python masked_model_gpu.py --epochs 500 --n-layers 7 --no-plot")
         run("python mamba_next.py train --d-state 32 --seq-len 1024 --stride 256 --no-compile --no-train-eval "
             "--checkpoint model_next.pt --no-plot")
-        run("python -m modadd.sweep --seeds 0-1 --root runs/code --stages none --no-plot -- --preset code")
+        run("python -m modadd.sweep --seeds 0-1 --out-dir runs/code --stages none --no-plot -- --preset code")
     finally:
         os.chdir(cwd)
     return base

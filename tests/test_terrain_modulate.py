@@ -122,7 +122,7 @@ def test_split_is_disjoint():
 
 def test_sweep_on_minilm(tmp_path):
     assert MD.main(["--layers", "0,3", "--geo-dim", "16", "--alphas", "0", "0.3", "--anchors", "300",
-                    "--eval-items", "150", "--out-dir", str(tmp_path)]) == 0
+                    "--eval-items", "150", "--out-dir", str(tmp_path), "--plots-dir", str(tmp_path)]) == 0
     res = json.load(open(tmp_path / "modulate_minilm.json"))
     zero = [r for r in res["rows"] if r["alpha"] == 0]
     assert len(zero) == 3

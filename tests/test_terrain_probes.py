@@ -44,14 +44,14 @@ def test_pairwise_cosine_and_shuffle():
 
 
 def test_minilm_probes(tmp_path, capsys):
-    assert embeddings_main(["--out-dir", str(tmp_path), "--n-simplices", "800"]) == 0
+    assert embeddings_main(["--out-dir", str(tmp_path), "--n-simplices", "800", "--plots-dir", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "embeddings_minilm.json").read_text())
     assert res["shape"] == [30522, 384]
     assert res["digits"]["spearman_gap_cos"] < -0.5  # MiniLM orders its digits
     assert res["categories"]["colours"]["z"] > 5
     assert res["simplex_cv"]["null_isotropic_exact"] == pytest.approx(0.0722, abs=0.001)
     assert res["head"]["tied"] and res["head"]["identical"] and res["head"]["procrustes_r2"] == pytest.approx(1)
-    assert layers_main(["--out-dir", str(tmp_path)]) == 0
+    assert layers_main(["--out-dir", str(tmp_path), "--plots-dir", str(tmp_path)]) == 0
     lay = json.loads((tmp_path / "layers_minilm.json").read_text())
     assert len(lay["states"]) == 7 and all(s["after_layer_norm"] for s in lay["states"])  # BERT is post-LN
     assert (tmp_path / "layers_minilm.png").exists() and (tmp_path / "embeddings_minilm.png").exists()

@@ -226,7 +226,7 @@ def test_output_names_never_collide():
     assert model_tag("org/model") == model_tag("org/model")  # stable
 
 
-def test_stage_outputs_are_not_overwritten_without_force(tiny_llama_shards, tmp_path, capsys):
+def test_stage_outputs_are_not_overwritten_without_force(tiny_llama_shards, tmp_path, plots_below_tmp, capsys):
     folder = tiny_llama_shards[0]
     assert main(["--model", folder, "--n-null", "1", "--out-dir", str(tmp_path)]) == 0
     js = next(tmp_path.glob("weights_*.json"))
@@ -236,7 +236,7 @@ def test_stage_outputs_are_not_overwritten_without_force(tiny_llama_shards, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--force" in err[0]
     assert js.read_text() == "{\"mine\": 1}"  # untouched
-    png = js.with_suffix(".png")
+    png = plots_below_tmp / tmp_path.name / (js.stem + ".png")  # the default figures folder
     png.unlink()
     csv = tmp_path / (js.stem + "_stability.csv")  # a stale file of the same stage and model
     csv.write_text("stale")

@@ -147,7 +147,7 @@ def test_modulated_generation_with_a_cache_equals_a_full_recompute(tiny, family)
     assert changed >= 1
 
 
-def test_command_line(tiny, tmp_path, capsys):
+def test_command_line(tiny, tmp_path, plots_below_tmp, capsys):
     from terrain.modulate import main
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("summarize: a river\n\nsummarize: a mountain\n")
@@ -156,8 +156,9 @@ def test_command_line(tiny, tmp_path, capsys):
             "--alphas", "0.1", "--geo-dim", "4", "--anchors", "100", "--eval-items", "40", "--max-new-tokens", "4",
             "--temperature", "0.8", "--out-dir", str(out)]
     assert main(argv) == 0
-    files = sorted(p.name for p in out.iterdir())
-    assert len(files) == 2 and files[0].startswith("modulate_talk_") and files[0].endswith(".json")
+    files = sorted(p.name for p in out.iterdir())          # the numbers; the figure in plots/out
+    assert len(files) == 1 and files[0].startswith("modulate_talk_") and files[0].endswith(".json")
+    assert [p.name for p in (plots_below_tmp / "out").iterdir()] == [files[0][:-5] + ".png"]
     res = json.loads((out / files[0]).read_text())
     assert [c["prompt"] for c in res["conversations"]] == ["summarize: a bird", "summarize: a river",
                                                           "summarize: a mountain"]

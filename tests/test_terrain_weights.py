@@ -85,7 +85,8 @@ def test_battery_on_a_tiny_gated_t5(tiny_t5):
 
 
 def test_cli_two_models_and_missing(tiny_t5, tmp_path, capsys):
-    assert main(["--model", tiny_t5, tiny_t5, "--n-null", "1", "--out-dir", str(tmp_path)]) == 0
+    assert main(["--model", tiny_t5, tiny_t5, "--n-null", "1", "--out-dir", str(tmp_path), "--plots-dir",
+                 str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "stable rank" in out and "T5 relative bias (encoder)" in out
     assert (tmp_path / "weights_comparison.png").exists()

@@ -214,7 +214,7 @@ def test_encoder_decoder_gets_prefix_and_encoder_only():
 def minilm_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("wordnet")
     code = W.main(["--max-items", "400", "--seeds", "3", "--n-items", "300", "--n-pairs", "20000",
-                   "--n-simplices", "200", "--n-perm", "50", "--out-dir", str(out)])
+                   "--n-simplices", "200", "--n-perm", "50", "--out-dir", str(out), "--plots-dir", str(out)])
     assert code == 0
     return json.load(open(out / "wordnet_minilm.json")), out
 

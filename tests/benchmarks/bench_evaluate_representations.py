@@ -18,7 +18,7 @@ from training import save_checkpoint
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")
-        markov_circles_timeseries.main(["--n-steps", "200000", "--out-dir", data, "--no-plots"])
+        markov_circles_timeseries.main(["--n-steps", "200000", "--out-dir", data, "--no-plot"])
         cfg = ModelConfig(n_layers=7)
         model = MaskedTransformer(cfg)
         from dataclasses import asdict

@@ -20,7 +20,7 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")
-        markov_circles_timeseries.main(["--n-steps", "200000", "--out-dir", data, "--no-plots"])
+        markov_circles_timeseries.main(["--n-steps", "200000", "--out-dir", data, "--no-plot"])
         series = load_series(data)
         common = dict(data_dir=data, seq_len=1024, stride=64, val_frac=0.1, test_frac=0.1, seed=0)
         t = time.perf_counter()
