@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cliargs import SEED, Parser, add_output_flags, at_least, plots_dir
+import statsutil
 from plotting import save_figure
 
 DEFAULT_KS = (10, 30, 100)
@@ -189,17 +190,15 @@ def lb_summary(dist: np.ndarray, ks, *, n_boot: int = 200, ci: float = 0.95, unb
     corr = _correction(ks, unbiased)
     mle, mg = _aggregate(inv, corr)
     n = len(inv)
-    rng = np.random.default_rng(seed)
-    boot_mle = np.empty((n_boot, len(ks)))
-    boot_mg = np.empty((n_boot, len(ks)))
-    for b in range(n_boot):
-        boot_mle[b], boot_mg[b] = _aggregate(inv[rng.integers(0, n, n)], corr)
-    lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
+    boot = statsutil.bootstrap(inv, lambda s: np.concatenate(_aggregate(s, corr)), n_boot,
+                               np.random.default_rng(seed))
+    bands = statsutil.percentile_interval(boot, ci) if n_boot else None
+    boot_mle, boot_mg = range(len(ks)), range(len(ks), 2 * len(ks))
 
-    def band(a, i):
-        if n_boot == 0:
+    def band(cols, i):
+        if bands is None:
             return (float("nan"), float("nan"))
-        return (float(np.percentile(a[:, i], lo)), float(np.percentile(a[:, i], hi)))
+        return (float(bands[0][cols[i]]), float(bands[1][cols[i]]))
 
     return LBResult(
         ks=ks, inv_estimates=inv,

@@ -43,6 +43,7 @@ import torch
 
 import cliargs
 from cliargs import SEED, Parser, add_output_flags, at_least, between
+from statsutil import gaussian_null
 
 # model_type in a checkpoint -> (module, loader function returning an nn.Module with
 # layer_names and forward(x, return_hidden=True) -> (output, [representations]))
@@ -135,13 +136,6 @@ def extract(model, X: np.ndarray, positions: np.ndarray, layer_idx: list[int], w
 
 
 # ----------------------------------------------------------------------------- metrics
-
-def gaussian_null(Z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A Gaussian sample with the mean and covariance of Z (same n)."""
-    mu = Z.mean(0)
-    cov = np.cov(Z, rowvar=False)
-    return rng.multivariate_normal(mu, np.atleast_2d(cov), size=len(Z), method="eigh")
-
 
 def layer_metrics(Z: np.ndarray, states: np.ndarray, thetas: np.ndarray | None, pos: np.ndarray,
                   lb_idx: np.ndarray, ks, n_clusters: int, probe_split: int, gap: int,

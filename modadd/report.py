@@ -39,6 +39,7 @@ import numpy as np
 from cliargs import Parser, add_output_flags, default_plots_dir
 from modadd.figures import save, subplots
 from modadd.stats import median_ci
+from statsutil import spearman
 from sweep import seed_ci   # the over-seed interval of sweep.py's aggregation (95% Student-t)
 
 RHOS = ("final_rho_exec", "final_rho_random", "final_rho_block_matched", "final_rho_exec_blocks",
@@ -79,10 +80,10 @@ def load_json(path: str) -> dict | None:
         return json.load(f)
 
 
-def spearman(a, b) -> float:
-    from scipy.stats import spearmanr
+def finite_spearman(a, b) -> float:
+    """Spearman's rho over the pairs where both are finite (nan with 3 or fewer)."""
     ok = np.isfinite(a) & np.isfinite(b)
-    return float(spearmanr(a[ok], b[ok]).statistic) if ok.sum() > 3 else float("nan")
+    return spearman(a[ok], b[ok]) if ok.sum() > 3 else float("nan")
 
 
 def commutator_stats(runs: list[dict]) -> dict:
@@ -103,8 +104,8 @@ def commutator_stats(runs: list[dict]) -> dict:
         s["ci_over_pairs"] = {k: median_ci(v) for k, v in series.items()}
         # loss change around each measurement: does a commutator spike go with a loss jump?
         loss = np.interp(c["step"], M["step"][1:], M["train_loss"][1:])
-        s["spearman_D_loss_change"] = spearman(c["D"][1:], np.abs(np.diff(loss)))
-        s["spearman_D_loss"] = spearman(c["D"], loss)
+        s["spearman_D_loss_change"] = finite_spearman(c["D"][1:], np.abs(np.diff(loss)))
+        s["spearman_D_loss"] = finite_spearman(c["D"], loss)
         per_seed.append(s)
     keys = sorted({k for s in per_seed for k in s if k != "ci_over_pairs"})
     return {"per_seed": per_seed, "summary": {k: seed_ci([s.get(k, np.nan) for s in per_seed]) for k in keys}}

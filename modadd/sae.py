@@ -37,6 +37,7 @@ from modadd.figures import emit, save, stage_files, subplots
 from modadd.runs import load_config, model_at, snapshot_steps
 from modadd.task import sample
 from modadd.train import pick_device
+from statsutil import pearson
 
 VARIABLES = ("m", "marker", "marked_value", "value_token", "position")
 NAME = "sae"
@@ -126,12 +127,7 @@ def task_variables(tokens: torch.Tensor, m: torch.Tensor, task) -> dict[str, np.
 
 def correlations(Z: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Pearson r of every column of Z with v (0 where either is constant)."""
-    Zc = Z - Z.mean(0)
-    vc = v - v.mean()
-    den = np.sqrt((Zc ** 2).sum(0) * (vc ** 2).sum())
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (Zc * vc[:, None]).sum(0) / den
-    return np.where(den > 0, r, 0.0)
+    return np.nan_to_num(pearson(Z, v), nan=0.0)
 
 
 def substituted_logits(model, sae: SAE, layer: int, x: torch.Tensor, drop: list[int] | None,

@@ -28,6 +28,7 @@ from cliargs import SEED, Parser, at_least
 
 from terrain import metrics as M
 from plotting import save_figure
+from statsutil import gaussian_null, spearman
 from terrain.checkpoint import embedding_matrix, output_head
 from terrain.models import DEFAULT_MODEL, resolve_model_name
 
@@ -59,17 +60,16 @@ def single_token_ids(tokenizer, words: list[str]) -> dict[str, int]:
 def digit_structure(V: np.ndarray, n_perm: int = 2000, rng: np.random.Generator | None = None) -> dict:
     """V (10, d) for digits 0..9: Spearman(|i - j|, cos) over pairs with a permutation p-value
     (digit labels shuffled), and mean cosine of adjacent against non-adjacent pairs."""
-    from scipy.stats import spearmanr
     rng = rng or np.random.default_rng(0)
     U = V / np.linalg.norm(V, axis=1, keepdims=True)
     C = U @ U.T
     i, j = np.triu_indices(len(V), 1)
     gap = np.abs(i - j)
-    rho = spearmanr(gap, C[i, j]).statistic
+    rho = spearman(gap, C[i, j])
     null = np.empty(n_perm)
     for b in range(n_perm):
         p = rng.permutation(len(V))
-        null[b] = spearmanr(gap, C[p][:, p][i, j]).statistic
+        null[b] = spearman(gap, C[p][:, p][i, j])
     return {"spearman_gap_cos": float(rho), "p_value": float((1 + np.sum(null <= rho)) / (1 + n_perm)),
             "null_mean": float(null.mean()), "adjacent_cos": float(C[i, j][gap == 1].mean()),
             "nonadjacent_cos": float(C[i, j][gap > 1].mean()), "cosine_matrix": C.tolist()}
@@ -108,7 +108,7 @@ def probe(name: str | None, seed: int = 0, n_simplices: int = 4000) -> dict:
     res["spectrum"] = {"participation_ratio": M.participation_ratio(lam), "null_participation_ratio":
                        M.participation_ratio(lam_r), "eigenvalues": lam.tolist(), "null_eigenvalues": lam_r.tolist()}
     vol = M.sample_simplex_volumes(E, 4, n_simplices, rng)
-    gauss_cov = rng.multivariate_normal(E.mean(0), np.cov(E, rowvar=False), size=min(n, 20000), method="eigh")
+    gauss_cov = gaussian_null(E, rng, size=min(n, 20000))
     res["simplex_cv"] = {"k": 4, "cv": M.coefficient_of_variation(vol),
                          "ci": list(M.bootstrap_ci(vol, n_boot=300, rng=rng)),
                          "null_same_covariance": M.coefficient_of_variation(

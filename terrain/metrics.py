@@ -18,6 +18,8 @@ import math
 from typing import Callable
 
 import numpy as np
+
+import statsutil
 from scipy.special import gammaln
 
 VARIANCE_LEVELS = (0.8, 0.9, 0.95, 0.99)
@@ -126,10 +128,8 @@ def coefficient_of_variation(v: np.ndarray) -> float:
 
 def bootstrap_ci(v: np.ndarray, stat: Callable = coefficient_of_variation, n_boot: int = 1000,
                  ci: float = 0.95, rng: np.random.Generator | None = None) -> tuple[float, float]:
-    rng = rng or np.random.default_rng(0)
-    v = np.asarray(v)
-    b = np.array([stat(v[rng.integers(0, len(v), len(v))]) for _ in range(n_boot)])
-    return float(np.percentile(b, 100 * (1 - ci) / 2)), float(np.percentile(b, 100 * (1 + ci) / 2))
+    """statsutil's percentile bootstrap, with the coefficient of variation as the default statistic."""
+    return statsutil.bootstrap_ci(v, stat, n_boot, ci, rng)
 
 
 def gaussian_volume_cv(k: int, d: int) -> float:

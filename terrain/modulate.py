@@ -40,6 +40,7 @@ from cliargs import SEED, Parser, at_least, between, non_negative, positive
 
 from terrain import metrics as M
 from plotting import save_figure
+from statsutil import pearson, spearman
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
 from terrain.project import procrustes, token_states
 from terrain.taxonomy import Taxonomy
@@ -228,15 +229,14 @@ def rotated_geometry(co: dict, R: np.ndarray) -> dict:
 
 def relational_scores(C: np.ndarray, S: dict, base: np.ndarray | None) -> dict:
     """C: (n, d) pooled states of the evaluation items; S: their WordNet matrices."""
-    from scipy.stats import spearmanr
     U = M.unit(C)
     i, j = np.triu_indices(len(C), 1)
     cos = (U @ U.T)[i, j]
     w = S["wup"][i, j]
     ok = np.isfinite(w)
     dist = S["distance"][i, j]
-    out = {"wup_pearson": float(np.corrcoef(w[ok], cos[ok])[0, 1]),
-           "wup_spearman": float(spearmanr(w[ok], cos[ok]).statistic),
+    out = {"wup_pearson": pearson(w[ok], cos[ok]),
+           "wup_spearman": spearman(w[ok], cos[ok]),
            "near_minus_far": float(cos[dist <= 3].mean() - cos[dist >= 10].mean()),
            "simplex_cv": M.coefficient_of_variation(M.sample_simplex_volumes(C.astype(np.float64), 4, 2000,
                                                                              np.random.default_rng(0)))}

@@ -28,6 +28,7 @@ import numpy as np
 
 from cliargs import SEED, Parser, at_least, non_negative
 from plotting import save_figure
+from statsutil import pearson, spearman
 from terrain.metrics import bootstrap_ci, coefficient_of_variation, gaussian_volume_cv, gram_volume, unit
 from terrain.checkpoint import embedding_matrix
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
@@ -144,10 +145,9 @@ def retrieval(P: np.ndarray, Y: np.ndarray, block: int = 2048) -> np.ndarray:
 
 
 def rsa(P: np.ndarray, Y: np.ndarray) -> dict:
-    from scipy.stats import spearmanr
     i, j = np.triu_indices(len(P), 1)
     a, b = (unit(P) @ unit(P).T)[i, j], (unit(Y) @ unit(Y).T)[i, j]
-    return {"pearson": float(np.corrcoef(a, b)[0, 1]), "spearman": float(spearmanr(a, b).statistic),
+    return {"pearson": pearson(a, b), "spearman": spearman(a, b),
             "mean_abs_diff": float(np.mean(np.abs(a - b)))}
 
 
@@ -190,11 +190,6 @@ def simplex_cv(X: np.ndarray, simplices: np.ndarray, rng: np.random.Generator) -
     vol = gram_volume(X[simplices])
     return {"cv": coefficient_of_variation(vol), "ci": list(bootstrap_ci(vol, n_boot=300, rng=rng)),
             "null_isotropic_exact": gaussian_volume_cv(4, X.shape[1])}
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-    return float(spearmanr(a, b).statistic)
 
 
 def align(X: np.ndarray, Y: np.ndarray, tokens: list[str], n_anchors: int = 10000, n_test: int = 5000,

@@ -30,12 +30,14 @@ import sys
 import time
 
 import numpy as np
+from scipy.stats import rankdata
 
 from cliargs import Parser, any_number, at_least
 from terrain import metrics as M
 from terrain.embeddings import category_lift
 from terrain.metrics import unit
 from plotting import save_figure
+from statsutil import gaussian_null, pearson, spearman
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
 from terrain.taxonomy import Taxonomy
 
@@ -164,17 +166,6 @@ def encode_texts(model, tokenizer, config, texts: list[str], layer: int = -1, po
 
 # ----------------------------------------------------------------------------- statistics
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x = x - x.mean()
-    y = y - y.mean()
-    return float((x @ y) / np.sqrt((x @ x) * (y @ y)))
-
-
-def rank(x: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-    return rankdata(x)
-
-
 def mantel(sim: np.ndarray, C: np.ndarray, pi: np.ndarray, pj: np.ndarray, n_perm: int,
            rng: np.random.Generator) -> dict:
     """Permutation test of corr(sim, C[pi, pj]) with the item labels of C shuffled.
@@ -182,9 +173,9 @@ def mantel(sim: np.ndarray, C: np.ndarray, pi: np.ndarray, pj: np.ndarray, n_per
     n = len(C)
     iu = np.triu_indices(n, 1)
     R = np.zeros_like(C)
-    R[iu] = rank(C[iu])
+    R[iu] = rankdata(C[iu])
     R = R + R.T
-    rs = rank(sim)
+    rs = rankdata(sim)
     obs = {"pearson": pearson(sim, C[pi, pj]), "spearman": pearson(rs, R[pi, pj])}
     null = {k: np.empty(n_perm) for k in obs}
     for b in range(n_perm):
@@ -269,7 +260,7 @@ def seed_battery(seed: int, tax: Taxonomy, X: dict[str, np.ndarray], lexnames: n
         res[f"{s}_defined_pairs"] = int(ok.sum())
         for r in REPS:
             res[f"{s}_{r}_pearson"] = pearson(v[ok], cos[r][ok])
-            res[f"{s}_{r}_spearman"] = pearson(rank(v[ok]), rank(cos[r][ok]))
+            res[f"{s}_{r}_spearman"] = spearman(v[ok], cos[r][ok])
             if n_perm:
                 res[f"{s}_{r}_mantel"] = mantel(v[ok], C[r], pi[ok], pj[ok], n_perm, rng)
     dist = S["distance"][pi, pj]
@@ -304,7 +295,7 @@ def seed_battery(seed: int, tax: Taxonomy, X: dict[str, np.ndarray], lexnames: n
         res["simplex_cv_null_same_covariance"] = {}
         for r in REPS:
             Y = X[r][sample].astype(np.float64)
-            G = rng.multivariate_normal(Y.mean(0), np.cov(Y, rowvar=False), size=len(Y), method="eigh")
+            G = gaussian_null(Y, rng)
             res["simplex_cv_null_same_covariance"][r] = M.coefficient_of_variation(
                 M.sample_simplex_volumes(G, 4, n_simplices, rng))
         sub = rng.choice(len(pi), size=min(20000, len(pi)), replace=False)
