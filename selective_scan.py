@@ -147,10 +147,6 @@ class MambaBlock(nn.Module):
 
     # ------------------------------------------------------------------ recurrent mode
 
-    def empty_state(self, batch: int, device, dtype=torch.float32) -> dict:
-        return {"conv": torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype),
-                "ssm": torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=dtype)}
-
     def step(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         """One time step: x (batch, d_model) -> (batch, d_model); state is updated in place."""
         u, z = self.in_proj(x).chunk(2, dim=-1)

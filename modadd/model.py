@@ -25,6 +25,11 @@ class ModelConfig:
     mlp: bool = False            # False: attention-only
     d_ff: int = 512
 
+    @classmethod
+    def from_dict(cls, c: dict, task) -> "ModelConfig":
+        """The model of a run's configuration, for its TaskConfig (vocabulary, length, classes)."""
+        return cls(task.vocab_size, task.T, task.C, c["d_model"], c["n_heads"], c["n_layers"], c["mlp"], c["d_ff"])
+
 
 class Attention(nn.Module):
     def __init__(self, d: int, h: int):

@@ -24,9 +24,8 @@ def _need(run_dir: str, name: str) -> str:
 
 
 def task_and_model(c: dict) -> tuple[TaskConfig, ModAddTransformer]:
-    task = TaskConfig(c["T"], c["C"], c["n_noise"], c["value_distractors"], c["readout_token"])
-    model = ModAddTransformer(ModelConfig(task.vocab_size, task.T, task.C, c["d_model"], c["n_heads"], c["n_layers"],
-                                          c["mlp"], c["d_ff"]))
+    task = TaskConfig.from_dict(c)
+    model = ModAddTransformer(ModelConfig.from_dict(c, task))
     return task, model
 
 

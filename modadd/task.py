@@ -26,6 +26,11 @@ class TaskConfig:
     value_distractors: bool = True
     readout_token: bool = False
 
+    @classmethod
+    def from_dict(cls, c: dict) -> "TaskConfig":
+        """The task of a run's configuration (config.json or a resolved preset)."""
+        return cls(c["T"], c["C"], c["n_noise"], c["value_distractors"], c["readout_token"])
+
     @property
     def marker(self) -> int:
         return self.C

@@ -107,7 +107,7 @@ def check(cfg: dict) -> str | None:
         return f"--d-model {cfg['d_model']} is not divisible by --n-heads {cfg['n_heads']}"
     if cfg["m_min"] > cfg["m_max"]:
         return f"--m-min {cfg['m_min']} exceeds --m-max {cfg['m_max']}"
-    task = TaskConfig(cfg["T"], cfg["C"], cfg["n_noise"], cfg["value_distractors"], cfg["readout_token"])
+    task = TaskConfig.from_dict(cfg)
     if cfg["m_max"] > task.max_markers():
         return (f"--m-max {cfg['m_max']} is more markers than a sequence of --T {cfg['T']} holds "
                 f"({task.max_markers()}); lower --m-max or raise --T")
@@ -207,12 +207,11 @@ class Recorder:
 
 def setup(cfg: dict) -> tuple[TaskConfig, ModAddTransformer, torch.Generator]:
     """The task, the seed's initial model (on the CPU) and its training-batch stream."""
-    task = TaskConfig(cfg["T"], cfg["C"], cfg["n_noise"], cfg["value_distractors"], cfg["readout_token"])
+    task = TaskConfig.from_dict(cfg)
     if not 1 <= cfg["m_min"] <= cfg["m_max"] <= task.max_markers():
         raise ValueError(f"m range {cfg['m_min']}..{cfg['m_max']} impossible for T = {cfg['T']} "
                          f"(at most {task.max_markers()} markers)")
-    mcfg = ModelConfig(task.vocab_size, task.T, task.C, cfg["d_model"], cfg["n_heads"], cfg["n_layers"], cfg["mlp"],
-                       cfg["d_ff"])
+    mcfg = ModelConfig.from_dict(cfg, task)
     torch.manual_seed(cfg["seed"])                                     # initialisation stream
     model = ModAddTransformer(mcfg)
     return task, model, torch.Generator().manual_seed(10_000 + cfg["seed"])  # training batches (drawn on the CPU)
