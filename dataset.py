@@ -309,6 +309,19 @@ def build_datasets(series: Series, seq_len: int, stride: int, mask_cfg: MaskConf
     return {"train": train, "val": val, "test": test, "splits": splits}
 
 
+TRAIN_EVAL_MASK_STREAM = 7  # the training windows scored each epoch draw their fixed masks from mask_seed + this
+
+
+def train_eval_windows(ds: dict) -> WindowDataset:
+    """As many training windows as the validation block has, evenly spread over the training
+    block, with fixed masks from a stream of their own (none for a model without masks): what
+    a training run scores in eval mode every epoch, beside its training loss."""
+    tr = ds["train"]
+    sub = tr.starts[np.linspace(0, len(tr) - 1, min(len(tr), max(len(ds["val"]), 1))).round().astype(int)]
+    return WindowDataset(tr.X, tr.states, sub, tr.seq_len, tr.mask_cfg, tr.mask_seed + TRAIN_EVAL_MASK_STREAM,
+                         fixed=True, eval_warmup=tr.eval_warmup, signal=tr.signal)
+
+
 def task_datasets(series: Series, data_args: dict, task: str) -> dict:
     """The windows a model of each task is trained and scored on, from its data arguments.
 

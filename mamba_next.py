@@ -36,7 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cliargs
+import oracle
+import training
 from cliargs import SEED, Parser, add_output_flags, at_least, between, non_negative
+from dataset import load_series, task_datasets, time_splits, train_eval_windows
+from plotting import draw_state_strip, state_colors
+from training import (ModelSpec, TrainingError, add_training_arguments, autocast, check_data_matches, claim_outputs,
+                      command_argv, eval_main, given_flags, load_checkpoint, load_exported, plot_prediction_window,
+                      resolve_device, train_main)
 from selective_scan import MambaBlock
 
 MODEL_TYPE = "mamba_next"
@@ -105,7 +112,6 @@ class MambaNext(nn.Module):
     def from_pretrained(cls, path: str) -> "MambaNext":
         """The model of an --export folder (model.safetensors + config.json); its Mamba blocks
         carry mamba_ssm's parameter names."""
-        from training import load_exported
         return load_exported(path, MODEL_TYPE, cls, MambaConfig)
 
     @property
@@ -169,7 +175,6 @@ def multi_horizon_loss(preds: list, x: torch.Tensor, horizons: list) -> torch.Te
 # ----------------------------------------------------------------------------- training spec
 
 def batch_loss(model, batch, device, amp):
-    from training import autocast
     x = batch[0].to(device, non_blocking=True)
     with autocast(device, amp):
         preds = model(x, all_horizons=True)
@@ -184,7 +189,6 @@ def model_cfg(model) -> MambaConfig:
 def horizon_mse(model, loader, device, amp, warmup: int) -> tuple[dict, dict | None]:
     """Per-horizon MSE of x[t + h] for positions t >= warmup - 1 in each window, against the
     data and (when the data folder has the noise-free series; else None) against the signal."""
-    from training import autocast
     model.eval()
     hs = model_cfg(model).horizons
     ds = loader.dataset
@@ -214,7 +218,6 @@ def horizon_mse(model, loader, device, amp, warmup: int) -> tuple[dict, dict | N
 def make_spec():
     """The model spec. Evaluation takes its warm-up from the windows it scores (set by
     datasets_for from the run's own data arguments), never from the parser's defaults."""
-    from training import ModelSpec
 
     def evaluate(model, loader, device, amp):
         by_h, sig = horizon_mse(model, loader, device, amp, loader.dataset.eval_warmup)
@@ -240,13 +243,14 @@ def make_spec():
         run_name=lambda a: f"h{a.max_horizon}" + ("_gate0" if a.gate_lr_factor == 0 else "")
         + ("_freezeA" if a.freeze_A else ""),
         final_metrics=final_metrics, plot_title=lambda c: f"Mamba next-step model ({c.n_layers} layers)",
-        task="next")
+        task="next", train_eval_windows=train_eval_windows,
+        loss_labels=("train loss (next-step MSE over the horizons, dropout on)",
+                     "train next-step MSE (eval mode, after the warm-up)", "validation next-step MSE (after the warm-up)"))
 
 
 def datasets_for(series, data_args: dict):
     """Windows without masks; evaluation windows overlap by the warm-up so each scored step
     (after the warm-up) is scored once."""
-    from dataset import task_datasets
     return task_datasets(series, data_args, "next")
 
 
@@ -288,8 +292,7 @@ def config_from_args(args, in_dim: int) -> MambaConfig:
 
 def load_model(ckpt: dict) -> MambaNext:
     """The model of a checkpoint written by this script (used by evaluate_representations.py)."""
-    from training import load_model as load
-    return load(ckpt, make_spec(), MambaConfig)
+    return training.load_model(ckpt, make_spec(), MambaConfig)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -305,7 +308,6 @@ def nearest_circle(points: np.ndarray, planes: np.ndarray, radii: np.ndarray) ->
 @torch.no_grad()
 def plot_predictions(model, dataset, device, plots_dir, n_states, amp=False, n_windows=3) -> list[str]:
     """Per held-out window: state strip, truth, next-step prediction, squared error."""
-    from training import autocast, plot_prediction_window
     model.eval()
     paths = []
     for j, i in enumerate(np.linspace(0, len(dataset) - 1, n_windows).round().astype(int)):
@@ -392,9 +394,6 @@ def run_generate(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dataset import load_series, time_splits
-    from plotting import draw_state_strip
-    from training import TrainingError, check_data_matches, claim_outputs, load_checkpoint, resolve_device
     ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
     device = resolve_device(args.device)
     model = load_model(ckpt).to(device)
@@ -434,7 +433,6 @@ def run_generate(args) -> int:
               "temperature": args.temperature, "perturbation": pert.__dict__ | {"layers": list(layers)},
               "seconds": secs, "steps_per_second": args.gen_len / secs,
               "noise_floor": series.noise_var}
-    import oracle
     try:
         chain = oracle.Chain.from_series(series)
     except oracle.OracleError as e:
@@ -547,9 +545,6 @@ def run_gates(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dataset import load_series
-    from plotting import draw_state_strip
-    from training import TrainingError, check_data_matches, claim_outputs, load_checkpoint, resolve_device
     ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
     device = resolve_device(args.device)
     model = load_model(ckpt).to(device).eval()
@@ -623,7 +618,6 @@ def run_gates(args) -> int:
     if args.umap and not args.no_plot:
         import umap
 
-        from plotting import state_colors
         rng = np.random.default_rng(args.seed)
         sel = rng.choice(len(states_cat), size=min(args.umap_points, len(states_cat)), replace=False)
         # coloured by circle, or by recorded step for a series without labels
@@ -661,7 +655,6 @@ def run_gates(args) -> int:
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from training import add_training_arguments
     p = Parser(description="Causal Mamba next-step model: train, eval CKPT (the same as train --eval CKPT), "
                            "generate, gates.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -720,7 +713,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from training import TrainingError, command_argv, eval_main, given_flags, train_main
     try:
         argv = command_argv(argv, subcommands=True)
     except TrainingError as e:

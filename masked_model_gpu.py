@@ -35,7 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import training
+from cliargs import Parser, at_least, between, positive
+from dataset import task_datasets, train_eval_windows
 from positions import t5_relative_bucket  # noqa: F401 (re-exported)
+from training import (ModelSpec, TrainingError, add_training_arguments, autocast, command_argv, decay_groups,
+                      eval_main, given_flags, load_exported, plot_prediction_window, train_main)
 
 MODEL_TYPE = "masked_transformer"
 POS_ENCODINGS = ("sinusoidal", "t5", "rope")
@@ -149,7 +154,6 @@ class MaskedTransformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str) -> "MaskedTransformer":
         """The model of an --export folder (model.safetensors + config.json)."""
-        from training import load_exported
         return load_exported(path, MODEL_TYPE, cls, ModelConfig)
 
     @property
@@ -210,7 +214,6 @@ def count_parameters(model: nn.Module) -> int:
 def evaluate_mse(model, loader, device, amp: bool) -> dict:
     """Masked-step MSE against the data ("mse") and, when the data folder has the noise-free
     series, against the signal ("signal_mse", else None)."""
-    from training import autocast
     model.eval()
     ds = loader.dataset
     sse = ssig = 0.0
@@ -233,7 +236,6 @@ def evaluate_mse(model, loader, device, amp: bool) -> dict:
 def plot_predictions(model, dataset, device, plots_dir, n_states, amp=False, n_windows=3,
                      prefix="bert_prediction") -> list[str]:
     """Four rows per window: state strip (masked steps grey), truth, prediction, masked-only error."""
-    from training import autocast, plot_prediction_window
     model.eval()
     paths = []
     idx = np.linspace(0, len(dataset) - 1, n_windows).round().astype(int)
@@ -255,8 +257,6 @@ def plot_predictions(model, dataset, device, plots_dir, n_states, amp=False, n_w
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from training import add_training_arguments
-    from cliargs import Parser, at_least, between, positive
     p = Parser(
         description="Train or evaluate the masked-patch transformer on a circles dataset: "
                     "python masked_model_gpu.py [train] [flags] | eval CKPT [flags] (the same as --eval CKPT).",
@@ -295,12 +295,10 @@ def config_from_args(args, in_dim: int) -> ModelConfig:
 
 
 def datasets_for(series, data_args: dict):
-    from dataset import task_datasets
     return task_datasets(series, data_args, "masked")
 
 
 def batch_loss(model, batch, device, amp):
-    from training import autocast
     x, _, mask = (t.to(device, non_blocking=True) for t in batch)
     with autocast(device, amp):
         pred = model(x, mask)
@@ -309,7 +307,6 @@ def batch_loss(model, batch, device, amp):
 
 
 def spec():
-    from training import ModelSpec, decay_groups
     return ModelSpec(
         model_type=MODEL_TYPE, run_prefix="masked", config_from_args=config_from_args, build=MaskedTransformer,
         datasets=datasets_for,
@@ -319,17 +316,18 @@ def spec():
         batch_loss=batch_loss, evaluate=evaluate_mse, plot_predictions=plot_predictions,
         describe=lambda m, c: f"{c.n_layers} layers, d_model {c.d_model}, {c.pos_encoding} positions",
         run_name=lambda a: a.pos_encoding,
-        plot_title=lambda c: f"Masked model ({c.pos_encoding}, {c.n_layers} layers)")
+        plot_title=lambda c: f"Masked model ({c.pos_encoding}, {c.n_layers} layers)",
+        loss_labels=("train loss (masked MSE, dropout on)", "train MSE (fixed masks, eval mode)",
+                     "validation MSE (fixed masks)"),
+        train_eval_windows=train_eval_windows)
 
 
 def load_model(ckpt: dict) -> MaskedTransformer:
     """The model of a checkpoint written by this script (used by evaluate_representations.py)."""
-    from training import load_model as load
-    return load(ckpt, spec(), ModelConfig)
+    return training.load_model(ckpt, spec(), ModelConfig)
 
 
 def main(argv=None) -> int:
-    from training import TrainingError, command_argv, eval_main, given_flags, train_main
     try:
         argv = command_argv(argv, subcommands=False)
     except TrainingError as e:

@@ -303,9 +303,11 @@ class CSVLog:
 
 
 def plot_loss_curve(rows: list[dict], floor: float | None, path: str, title: str,
-                    oracle: dict | None = None) -> str:
+                    oracle: dict | None = None, labels: tuple = ("train loss", "train MSE (eval mode)",
+                                                                 "validation MSE")) -> str:
     """Loss and validation MSE per epoch beside the noise floor and the oracle's validation MSE;
-    a second panel with the validation signal MSE against the oracle's when the signal is known."""
+    a second panel with the validation signal MSE against the oracle's when the signal is known.
+    labels: the model's words for its training loss, its training-window score and its validation score."""
     import matplotlib.pyplot as plt
 
     def col(name):
@@ -316,10 +318,10 @@ def plot_loss_curve(rows: list[dict], floor: float | None, path: str, title: str
     two = bool(np.isfinite(sig).any())
     fig, axes = plt.subplots(1, 2 if two else 1, figsize=(14 if two else 8, 4.5), squeeze=False)
     ax = axes[0, 0]
-    ax.plot(ep, col("train_loss"), label="train loss (masked MSE, dropout on)", lw=1)
+    ax.plot(ep, col("train_loss"), label=labels[0], lw=1)
     if np.isfinite(col("train_eval_mse")).any():
-        ax.plot(ep, col("train_eval_mse"), label="train MSE (fixed masks, eval mode)", lw=1)
-    ax.plot(ep, col("val_mse"), label="validation MSE (fixed masks)", lw=2)
+        ax.plot(ep, col("train_eval_mse"), label=labels[1], lw=1)
+    ax.plot(ep, col("val_mse"), label=labels[2], lw=2)
     if floor:
         ax.axhline(floor, color="k", ls="--", lw=1, label=f"noise floor {floor:.2f}")
     if oracle and oracle.get("oracle_mse") is not None:
@@ -500,6 +502,8 @@ class ModelSpec:
     final_metrics: Callable | None = None  # (model, loaders, device, amp) -> dict of extra numbers
     plot_title: Callable = lambda cfg: ""
     task: str = "masked"               # what the oracle predicts: masked steps, or the next step
+    loss_labels: tuple = ("train loss", "train MSE (eval mode)", "validation MSE")  # the loss curve's words
+    train_eval_windows: Callable | None = None  # datasets -> fixed training windows scored every epoch
 
 
 def make_loaders(ds: dict, batch_size: int, workers: int, device: torch.device, seed: int):
@@ -664,7 +668,7 @@ def _restore_best(out_dir: str, resume: dict) -> None:
 
 def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     """Train a sequence model end to end: data, model, fit, best-checkpoint test, figures."""
-    from dataset import WindowDataset, load_series
+    from dataset import load_series
 
     device = resolve_device(args.device)
     resume = load_checkpoint(args.resume, spec.model_type) if args.resume else None
@@ -753,13 +757,9 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
             os.remove(old_metrics)
 
     train_eval = None
-    if not args.no_train_eval:
+    if spec.train_eval_windows and not args.no_train_eval:
         from torch.utils.data import DataLoader
-        tr = ds["train"]
-        sub = tr.starts[np.linspace(0, len(tr) - 1, min(len(tr), max(len(ds["val"]), 1))).round().astype(int)]
-        fixed = WindowDataset(tr.X, tr.states, sub, tr.seq_len, tr.mask_cfg, tr.mask_seed + 7, fixed=True,
-                              eval_warmup=tr.eval_warmup, signal=tr.signal)
-        te_loader = DataLoader(fixed, batch_size=args.batch_size)
+        te_loader = DataLoader(spec.train_eval_windows(ds), batch_size=args.batch_size)
         train_eval = lambda m: spec.evaluate(m, te_loader, device, amp)  # noqa: E731
 
     def payload(st: FitState) -> dict:
@@ -789,7 +789,7 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
         import matplotlib
         matplotlib.use("Agg")
         written = [plot_loss_curve(log.read(), floor, os.path.join(plots_dir, "training_loss.png"),
-                                   spec.plot_title(cfg), ref.get("val"))]
+                                   spec.plot_title(cfg), ref.get("val"), spec.loss_labels)]
         written += spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
     test = scores["test_mse"]
     metrics = {"best_epoch": state.best_epoch, "epochs_run": state.epoch, **scores,
