@@ -276,3 +276,28 @@ def test_resume_and_eval_score_with_the_runs_own_warmup(small_data_dir, tmp_path
     assert main(["train", "--eval", str(b / "best.pt"), "--out-dir", str(tmp_path / "ev")]) == 0
     ev = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
     assert ev["val_mse"] == pytest.approx(mb["val_mse"], rel=1e-5) and ev["val_mse"] > 1.0
+
+
+def test_each_model_spec_names_its_own_loss_and_training_windows(small_data_dir):
+    """training.py assumes no masks: the Mamba spec's loss curve speaks of next-step MSE and its
+    training-evaluation windows carry no mask; the masked model's are fixed, drawn from a stream of
+    their own (not the training masks of the same windows)."""
+    import dataset
+    import masked_model_gpu
+    from mamba_next import make_spec
+    nxt, msk = make_spec(), masked_model_gpu.spec()
+    assert not any("mask" in label for label in nxt.loss_labels) and "next-step" in nxt.loss_labels[2]
+    assert all("mask" in label for label in msk.loss_labels)
+    series = dataset.load_series(small_data_dir)
+    common = {"data_dir": small_data_dir, "seq_len": 64, "stride": 32, "val_frac": 0.1, "test_frac": 0.1, "seed": 0}
+    w = nxt.train_eval_windows(nxt.datasets(series, {**common, "eval_warmup": 16}))
+    assert len(w) > 0 and not any(w.mask(i).any() for i in range(len(w)))
+    ds = msk.datasets(series, {**common, "mask_ratio": 0.15, "mask_patch_size": 8, "mask_patch_min": None,
+                               "mask_patch_max": None})
+    w = msk.train_eval_windows(ds)
+    tr = ds["train"]
+    first = {int(s): i for i, s in enumerate(tr.starts)}
+    same = [(w.mask(i), dataset.WindowDataset(tr.X, tr.states, tr.starts, tr.seq_len, tr.mask_cfg, tr.mask_seed,
+                                              fixed=True).mask(first[int(s)])) for i, s in enumerate(w.starts)]
+    assert all(a.any() and np.array_equal(a, w.mask(i)) for i, (a, _) in enumerate(same))   # fixed, non-empty
+    assert sum(not np.array_equal(a, b) for a, b in same) > len(same) // 2                  # its own stream
