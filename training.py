@@ -668,9 +668,57 @@ def _restore_best(out_dir: str, resume: dict) -> None:
 
 def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     """Train a sequence model end to end: data, model, fit, best-checkpoint test, figures."""
-    from dataset import load_series
-
     device = resolve_device(args.device)
+    args, resume, out_dir = _resolve_run(args, spec, given)
+    data = _load_data(args, spec, resume)
+    plots_dir = cliargs.plots_dir(args, out_dir)
+    if not args.no_plot:
+        os.makedirs(plots_dir, exist_ok=True)
+    run = _build_training(args, spec, data, device, resume)
+    _describe(run, data, args, device)
+    ref = oracle_reference(data.series, data.ds, spec.task)
+    log, on_first_checkpoint = _open_run_folder(out_dir, args, resume, run.state)
+    t0 = time.perf_counter()
+    state = fit(model=run.model, train_model=run.train_model, optimizer=run.optimizer, scheduler=run.scheduler,
+                train_set=data.ds["train"], train_loader=run.loaders[0],
+                batch_loss=lambda m, b: spec.batch_loss(m, b, device, run.amp),
+                evaluate=lambda m: spec.evaluate(m, run.loaders[1], device, run.amp), epochs=args.epochs,
+                out_dir=out_dir, checkpoint_payload=lambda st: _checkpoint_payload(run, data, args, st),
+                state=run.state, noise_floor=data.series.noise_var, clip=args.grad_clip,
+                time_budget_min=args.time_budget, train_eval=_train_eval(run, data, args, device), log=log,
+                extra_checkpoint=args.checkpoint, stop_after=args.stop_after, oracle=ref.get("val"),
+                on_first_checkpoint=on_first_checkpoint)
+    return _finish(run, data, args, state, ref, out_dir, plots_dir, log, device, time.perf_counter() - t0)
+
+
+@dataclass
+class RunData:
+    """The data a training run reads: the series, the model config, the data pipeline's arguments
+    and its datasets (train / val / test windows and the splits)."""
+    series: Any
+    cfg: Any
+    data_args: dict
+    ds: dict
+
+
+@dataclass
+class TrainingSetup:
+    """The model and its optimisation, ready to fit (restored from the checkpoint on resume)."""
+    spec: ModelSpec
+    model: torch.nn.Module
+    train_model: torch.nn.Module       # the compiled model where torch.compile is on
+    optimizer: Any
+    scheduler: Any
+    loaders: tuple                     # train, val, test
+    state: FitState
+    amp: bool
+    compiled: bool
+    n_params: int
+
+
+def _resolve_run(args, spec: ModelSpec, given: set[str]):
+    """The run's arguments (merged with the checkpoint's on --resume), the checkpoint and the run
+    folder; refuses a folder that holds a run unless --resume or --force."""
     resume = load_checkpoint(args.resume, spec.model_type) if args.resume else None
     if resume:
         args = _merge_resume(args, resume, given)
@@ -685,6 +733,11 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     elif os.path.exists(os.path.join(out_dir, "last.pt")) and not args.force:
         raise TrainingError(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
                             f"--force to overwrite it, or another --out-dir")
+    return args, resume, out_dir
+
+
+def _load_data(args, spec: ModelSpec, resume: dict | None) -> RunData:
+    from dataset import load_series
     series = load_series(args.data_dir)
     cfg = spec.config_from_args(args, series.dim)
     try:
@@ -698,20 +751,17 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
         ds = spec.datasets(series, data_args)
     except ValueError as e:
         raise TrainingError(str(e)) from e
-    plots_dir = cliargs.plots_dir(args, out_dir)
-    if not args.no_plot:
-        os.makedirs(plots_dir, exist_ok=True)
+    return RunData(series, cfg, data_args, ds)
 
+
+def _build_training(args, spec: ModelSpec, data: RunData, device: torch.device, resume: dict | None) -> TrainingSetup:
     seed_everything(args.seed)
-    model = spec.build(cfg).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
+    model = spec.build(data.cfg).to(device)
     cuda = device.type == "cuda"
-    amp = cuda and not args.no_amp
     compiled = (cuda and not args.no_compile) or getattr(args, "compile", False)
-    train_model = maybe_compile(model, compiled)
     workers = args.num_workers if args.num_workers >= 0 else (4 if cuda else 0)
-    train_loader, val_loader, test_loader = make_loaders(ds, args.batch_size, workers, device, args.seed)
-    steps_per_epoch = len(train_loader)
+    loaders = make_loaders(data.ds, args.batch_size, workers, device, args.seed)
+    steps_per_epoch = len(loaders[0])
     optimizer = torch.optim.AdamW(spec.param_groups(model, args), lr=args.lr, betas=(0.9, 0.98))
     scheduler = warmup_cosine(optimizer, args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch)
     state = FitState()
@@ -721,15 +771,24 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
         scheduler.load_state_dict(resume["scheduler"])
         state = FitState(**resume["fit_state"])
         set_rng_state(resume["rng"])
-        train_loader.generator.set_state(resume["loader_rng"])
-    floor = series.noise_var
-    sp = ds["splits"]
-    print(f"model: {n_params:,} parameters ({spec.describe(model, cfg)}); device {device}, "
-          f"{'BF16 autocast' if amp else 'fp32'}{', torch.compile' if compiled else ''}")
+        loaders[0].generator.set_state(resume["loader_rng"])
+    return TrainingSetup(spec, model, maybe_compile(model, compiled), optimizer, scheduler, loaders, state,
+                         amp=cuda and not args.no_amp, compiled=compiled,
+                         n_params=sum(p.numel() for p in model.parameters()))
+
+
+def _describe(run: TrainingSetup, data: RunData, args, device: torch.device) -> None:
+    sp, series = data.ds["splits"], data.series
+    print(f"model: {run.n_params:,} parameters ({run.spec.describe(run.model, data.cfg)}); device {device}, "
+          f"{'BF16 autocast' if run.amp else 'fp32'}{', torch.compile' if run.compiled else ''}")
     print(f"data: {series.n_steps} steps of {series.dim}-D; train {sp.train}, val {sp.val}, test {sp.test} "
-          f"(gaps {sp.gap}); {len(ds['train'])} training windows of {args.seq_len} (stride {args.stride}), "
-          f"{steps_per_epoch} steps/epoch; noise floor {floor}")
-    ref = oracle_reference(series, ds, spec.task)
+          f"(gaps {sp.gap}); {len(data.ds['train'])} training windows of {args.seq_len} (stride {args.stride}), "
+          f"{len(run.loaders[0])} steps/epoch; noise floor {series.noise_var}")
+
+
+def _open_run_folder(out_dir: str, args, resume: dict | None, state: FitState):
+    """Lock the run folder, clean what a killed run left, and open the log. Returns the log and,
+    when --force replaces an earlier run, what to call once the new run's first last.pt exists."""
     os.makedirs(out_dir, exist_ok=True)
     run_lock(out_dir)  # held until the process ends; a second run into this folder refuses
     if resume:
@@ -755,53 +814,52 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
         old_metrics = os.path.join(out_dir, "metrics.json")
         if os.path.exists(old_metrics):
             os.remove(old_metrics)
+    return log, commit_staged if replacing_run else None
 
-    train_eval = None
-    if spec.train_eval_windows and not args.no_train_eval:
-        from torch.utils.data import DataLoader
-        te_loader = DataLoader(spec.train_eval_windows(ds), batch_size=args.batch_size)
-        train_eval = lambda m: spec.evaluate(m, te_loader, device, amp)  # noqa: E731
 
-    def payload(st: FitState) -> dict:
-        return {"model_type": spec.model_type, "model_config": asdict(cfg), "model": model.state_dict(),
-                "data": data_args, "data_config": series.config, "splits": sp.as_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "fit_state": asdict(st), "epoch": st.epoch, "rng": rng_state(),
-                "loader_rng": train_loader.generator.get_state(), "args": vars(args), "n_parameters": n_params}
+def _train_eval(run: TrainingSetup, data: RunData, args, device: torch.device) -> Callable | None:
+    """The score of the model's own training windows each epoch (the spec's windows), or None."""
+    if not run.spec.train_eval_windows or args.no_train_eval:
+        return None
+    from torch.utils.data import DataLoader
+    loader = DataLoader(run.spec.train_eval_windows(data.ds), batch_size=args.batch_size)
+    return lambda m: run.spec.evaluate(m, loader, device, run.amp)
 
-    t0 = time.perf_counter()
-    state = fit(model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
-                train_set=ds["train"], train_loader=train_loader,
-                batch_loss=lambda m, b: spec.batch_loss(m, b, device, amp),
-                evaluate=lambda m: spec.evaluate(m, val_loader, device, amp), epochs=args.epochs,
-                out_dir=out_dir, checkpoint_payload=payload, state=state, noise_floor=floor,
-                clip=args.grad_clip, time_budget_min=args.time_budget, train_eval=train_eval, log=log,
-                extra_checkpoint=args.checkpoint, stop_after=args.stop_after, oracle=ref.get("val"),
-                on_first_checkpoint=commit_staged if replacing_run else None)
-    train_seconds = time.perf_counter() - t0
 
+def _checkpoint_payload(run: TrainingSetup, data: RunData, args, st: FitState) -> dict:
+    return {"model_type": run.spec.model_type, "model_config": asdict(data.cfg), "model": run.model.state_dict(),
+            "data": data.data_args, "data_config": data.series.config, "splits": data.ds["splits"].as_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "fit_state": asdict(st), "epoch": st.epoch, "rng": rng_state(),
+            "loader_rng": run.loaders[0].generator.get_state(), "args": vars(args), "n_parameters": run.n_params}
+
+
+def _finish(run: TrainingSetup, data: RunData, args, state: FitState, ref: dict, out_dir: str, plots_dir: str,
+            log: CSVLog, device: torch.device, train_seconds: float) -> int:
+    """Score the best checkpoint on validation and test, draw, write metrics.json, export."""
+    spec, model, floor = run.spec, run.model, data.series.noise_var
     best = load_checkpoint(os.path.join(out_dir, "best.pt"), spec.model_type)
     model.load_state_dict(best["model"])
-    scores = score_splits(spec, model, (val_loader, test_loader), device, amp, floor, ref,
-                          f"best epoch {state.best_epoch}: ")
+    scored = run.loaders[1:]
+    scores = score_splits(spec, model, scored, device, run.amp, floor, ref, f"best epoch {state.best_epoch}: ")
     written = []
     if not args.no_plot:
         import matplotlib
         matplotlib.use("Agg")
         written = [plot_loss_curve(log.read(), floor, os.path.join(plots_dir, "training_loss.png"),
-                                   spec.plot_title(cfg), ref.get("val"), spec.loss_labels)]
-        written += spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
+                                   spec.plot_title(data.cfg), ref.get("val"), spec.loss_labels)]
+        written += spec.plot_predictions(model, data.ds["val"], device, plots_dir, data.series.n_states, run.amp)
     test = scores["test_mse"]
     metrics = {"best_epoch": state.best_epoch, "epochs_run": state.epoch, **scores,
-               "noise_floor": floor, "test_over_floor": test / floor if floor else None, "n_parameters": n_params,
+               "noise_floor": floor, "test_over_floor": test / floor if floor else None, "n_parameters": run.n_params,
                "train_seconds": train_seconds, "steps": state.step, "stopped_early": state.stopped_early,
-               "model_config": asdict(cfg)}
+               "model_config": asdict(data.cfg)}
     if spec.final_metrics:
-        metrics.update(spec.final_metrics(model, (val_loader, test_loader), device, amp))
+        metrics.update(spec.final_metrics(model, scored, device, run.amp))
     with replacing(os.path.join(out_dir, "metrics.json")) as tmp, open(tmp, "w") as f:
         json.dump(metrics, f, indent=2)
     if args.export:
-        written += export_model(model, spec.model_type, asdict(cfg), args.export, args.force, data_args)
+        written += export_model(model, spec.model_type, asdict(data.cfg), args.export, args.force, data.data_args)
     release_run_lock(out_dir)
     print(f"wrote {out_dir}/best.pt, last.pt, training_log.csv, metrics.json"
           + ("; " + ", ".join(written) if written else ""))
