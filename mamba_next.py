@@ -15,7 +15,8 @@ when available and a fast pure-PyTorch scan otherwise, so checkpoints move betwe
 train: leak-free time-block splits, validation of the next-step MSE after a warm-up of
 --eval-warmup steps in each window (so every scored step has context), the noise floor
 beside it, best/last checkpoints, logs and figures: the same driver as masked_model_gpu.py.
-generate: O(T) generation from a held-out seed window with the recurrent state carried
+generate: O(T) generation from a held-out prompt window (--prompt-len steps of true data;
+the original code called it the seed, --seed-len) with the recurrent state carried
 step by step, optional Gaussian feedback noise and perturbation bursts of the hidden
 (SSM) state or of the fed-back output.
 gates: per layer, the input-dependent signals delta = softplus(dt_proj(.)), the z gate
@@ -339,18 +340,18 @@ class Perturbation:
 
 
 @torch.no_grad()
-def generate(model: MambaNext, seed_window: torch.Tensor, gen_len: int, temperature: float = 0.0,
+def generate(model: MambaNext, prompt: torch.Tensor, gen_len: int, temperature: float = 0.0,
              perturb: Perturbation = Perturbation(), generator: torch.Generator | None = None) -> np.ndarray:
-    """Generate gen_len steps after seed_window (T0, in_dim) with the recurrent state: O(T).
+    """Generate gen_len steps after prompt (T0, in_dim) with the recurrent state: O(T).
 
     Each generated output is fed back as the next input, plus N(0, temperature^2) noise.
     Hidden perturbations add noise to the SSM state of chosen layers, so it persists
     through the recurrence; output perturbations add noise to the fed-back value.
     """
     model.eval()
-    dev = seed_window.device
-    pred, states = model.prefill(seed_window[None])
-    out = np.empty((gen_len, seed_window.shape[-1]), dtype=np.float32)
+    dev = prompt.device
+    pred, states = model.prefill(prompt[None])
+    out = np.empty((gen_len, prompt.shape[-1]), dtype=np.float32)
 
     def noise(shape):
         return torch.randn(shape, generator=generator, device="cpu").to(dev)
@@ -373,10 +374,10 @@ def generate(model: MambaNext, seed_window: torch.Tensor, gen_len: int, temperat
 
 
 @torch.no_grad()
-def generate_recompute(model: MambaNext, seed_window: torch.Tensor, gen_len: int) -> np.ndarray:
+def generate_recompute(model: MambaNext, prompt: torch.Tensor, gen_len: int) -> np.ndarray:
     """The O(T^2) baseline: rerun the whole sequence for every new step (no noise)."""
     model.eval()
-    seq = seed_window[None]
+    seq = prompt[None]
     out = []
     for _ in range(gen_len):
         nxt = model(seq)[:, -1]
@@ -403,12 +404,12 @@ def run_generate(args) -> int:
     block = sp.test if sp.test[1] > sp.test[0] else sp.val
     if args.from_end and args.start is not None:
         raise TrainingError("give --start or --from-end, not both")
-    start = series.n_steps - args.seed_len if args.from_end else args.start if args.start is not None else block[0]
-    if start < 0 or start + args.seed_len > series.n_steps:
-        raise TrainingError(f"the {args.seed_len}-step seed from step {start} does not fit in the series "
-                            f"({series.n_steps} steps); lower --seed-len or --start")
-    end = start + args.seed_len + args.gen_len
-    known = min(end, series.n_steps) - (start + args.seed_len)  # generated steps with a true continuation
+    start = series.n_steps - args.prompt_len if args.from_end else args.start if args.start is not None else block[0]
+    if start < 0 or start + args.prompt_len > series.n_steps:
+        raise TrainingError(f"the {args.prompt_len}-step prompt from step {start} does not fit in the series "
+                            f"({series.n_steps} steps); lower --prompt-len or --start")
+    end = start + args.prompt_len + args.gen_len
+    known = min(end, series.n_steps) - (start + args.prompt_len)  # generated steps with a true continuation
     if not args.from_end and (start < block[0] or min(end, series.n_steps) > block[1]):
         print(f"note: steps {start}..{min(end, series.n_steps)} are not all inside the held-out block {block}")
     if known < args.gen_len:
@@ -420,15 +421,15 @@ def run_generate(args) -> int:
         raise TrainingError(f"--perturb-layers must name layers 1..{model.cfg.n_layers}")
     kind = "hidden" if args.perturb_hidden else "output" if args.perturb_output else "none"
     pert = Perturbation(kind, layers, args.perturb_interval, args.perturb_duration, args.perturb_scale)
-    seed_window = torch.as_tensor(series.X[start:start + args.seed_len], device=device)
+    prompt = torch.as_tensor(series.X[start:start + args.prompt_len], device=device)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    gen = generate(model, seed_window, args.gen_len, args.temperature, pert, g)
+    gen = generate(model, prompt, args.gen_len, args.temperature, pert, g)
     secs = time.perf_counter() - t0
-    truth = series.X[start + args.seed_len:end]  # only the first `known` steps exist
-    clean = series.signal[start + args.seed_len:end] if series.signal is not None else None
+    truth = series.X[start + args.prompt_len:end]  # only the first `known` steps exist
+    clean = series.signal[start + args.prompt_len:end] if series.signal is not None else None
     err = ((gen[:known] - truth) ** 2).mean(1)
-    report = {"checkpoint": ckpt["path"], "start": start, "seed_len": args.seed_len, "gen_len": args.gen_len,
+    report = {"checkpoint": ckpt["path"], "start": start, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
               "steps_with_truth": known,
               "temperature": args.temperature, "perturbation": pert.__dict__ | {"layers": list(layers)},
               "seconds": secs, "steps_per_second": args.gen_len / secs,
@@ -438,13 +439,13 @@ def run_generate(args) -> int:
     except oracle.OracleError as e:
         chain = None
         print(f"no oracle: {e}")
-    ref = oracle.forecast(chain, series.X[start:start + args.seed_len], args.gen_len) if chain else None
+    ref = oracle.forecast(chain, series.X[start:start + args.prompt_len], args.gen_len) if chain else None
     for n in (1, 8, 16, 64, 256):
         if n <= known:
             report[f"mse_first_{n}"] = float(err[:n].mean())
             if clean is not None:
                 report[f"mse_to_signal_first_{n}"] = float(((gen[:n] - clean[:n]) ** 2).mean())
-            if ref is not None:  # the Bayes-optimal open-loop forecast from the same seed
+            if ref is not None:  # the Bayes-optimal open-loop forecast from the same prompt
                 report[f"oracle_mse_first_{n}"] = float(((ref[:n] - truth[:n]) ** 2).mean())
                 if clean is not None:
                     report[f"oracle_mse_to_signal_first_{n}"] = float(((ref[:n] - clean[:n]) ** 2).mean())
@@ -457,7 +458,7 @@ def run_generate(args) -> int:
         decoded = nearest_circle(gen, series.extra["planes"], series.extra["radii"])
         if known:
             report["decoded_matches_true_circle"] = float(np.mean(decoded[:known] ==
-                                                                  series.states[start + args.seed_len:end]))
+                                                                  series.states[start + args.prompt_len:end]))
     else:
         decoded = None
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "generate")
@@ -477,7 +478,7 @@ def run_generate(args) -> int:
                                  gridspec_kw={"height_ratios": [1, 1, 5, 5, 3], "hspace": 0.12})
         n_states = series.n_states
         if known:
-            draw_state_strip(axes[0], series.states[start + args.seed_len:end], n_states, extent_x=(0, known))
+            draw_state_strip(axes[0], series.states[start + args.prompt_len:end], n_states, extent_x=(0, known))
         axes[0].set_xlim(0, args.gen_len)
         axes[0].set_ylabel("true", rotation=0, ha="right")
         if decoded is not None:
@@ -493,7 +494,7 @@ def run_generate(args) -> int:
         axes[4].plot(err, lw=0.8, label="generated")
         if ref is not None:
             axes[4].plot(((ref[:known] - truth) ** 2).mean(1), lw=0.8, color="tab:red", alpha=0.8,
-                         label="oracle forecast from the same seed")
+                         label="oracle forecast from the same prompt")
         if series.noise_var:
             axes[4].axhline(series.noise_var, color="k", ls="--", lw=1, label="noise floor")
         if kind != "none":
@@ -503,7 +504,7 @@ def run_generate(args) -> int:
         axes[4].set_ylabel("sq. error")
         axes[4].legend(loc="upper right", fontsize=8)
         axes[4].set_xlabel("generated step")
-        axes[0].set_title(f"Generation from a {args.seed_len}-step held-out seed at step {start} "
+        axes[0].set_title(f"Generation from a {args.prompt_len}-step held-out prompt at step {start} "
                           f"(temperature {args.temperature}, perturbation: {kind})")
         p = os.path.join(plots_dir, f"{tag}.png")
         fig.savefig(p, dpi=100, bbox_inches="tight")
@@ -675,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-A", action="store_true", help="freeze A_log and D (fixed dynamics)")
     g.add_argument("--eval-warmup", type=at_least(0), default=None,
                    help="steps of context before scoring in each evaluation window (default seq_len/4)")
-    for name, help_ in (("generate", "generate from a held-out seed window"), ("gates", "plot the gate signals")):
+    for name, help_ in (("generate", "generate from a held-out prompt window"), ("gates", "plot the gate signals")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--checkpoint", required=True, help="a best.pt / last.pt of mamba_next.py train")
         s.add_argument("--data-dir", default=None, help="default: the data the model was trained on")
@@ -684,13 +685,15 @@ def build_parser() -> argparse.ArgumentParser:
         add_output_flags(s, None, "numbers and arrays (default <run folder>/" + name + ")")
         s.add_argument("--force", action="store_true", help="replace this command's earlier outputs (removed first)")
         if name == "generate":
-            s.add_argument("--seed-len", type=at_least(1), default=64, help="steps of true data before generating")
+            s.add_argument("--prompt-len", "--seed-len", dest="prompt_len", type=at_least(1), default=64,
+                           help="steps of true data the model reads before generating (--seed-len: the original "
+                                "code's name)")
             s.add_argument("--gen-len", type=at_least(1), default=512, help="steps to generate")
             s.add_argument("--start", type=at_least(0), default=None,
-                           help="first step of the seed (default: test block start); generation may run past "
+                           help="first step of the prompt (default: test block start); generation may run past "
                                 "the end of the series, and only steps with a true continuation are scored")
             s.add_argument("--from-end", action="store_true",
-                           help="seed with the series' last --seed-len steps: continue the series itself")
+                           help="prompt with the series' last --prompt-len steps: continue the series itself")
             s.add_argument("--temperature", type=non_negative(), default=0.0,
                            help="std of noise added to fed-back outputs")
             s.add_argument("--perturb-hidden", action="store_true", help="bursts of noise in the SSM states")
@@ -724,7 +727,7 @@ def main(argv=None) -> int:
         if args.command == "generate":
             if args.perturb_hidden and args.perturb_output:
                 raise TrainingError("choose one of --perturb-hidden and --perturb-output")
-            for flag in ("gen_len", "seed_len", "perturb_interval"):
+            for flag in ("gen_len", "prompt_len", "perturb_interval"):
                 if getattr(args, flag) < 1:
                     raise TrainingError(f"--{flag.replace('_', '-')} must be at least 1")
             if args.start is not None and args.start < 0:
