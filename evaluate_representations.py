@@ -138,7 +138,7 @@ def extract(model, X: np.ndarray, positions: np.ndarray, layer_idx: list[int], w
 # ----------------------------------------------------------------------------- metrics
 
 def layer_metrics(Z: np.ndarray, states: np.ndarray, thetas: np.ndarray | None, pos: np.ndarray,
-                  lb_idx: np.ndarray, ks, n_clusters: int, probe_split: int, gap: int,
+                  lb_idx: np.ndarray, *, ks, n_clusters: int, probe_split: int, gap: int,
                   rng: np.random.Generator, pca: int | None, lb: bool, seed: int,
                   beliefs: dict | None = None) -> dict:
     from sklearn.cluster import KMeans
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def analyse(model, series, layers, args, device, window, context, causal, rng_seed, desc, chain=None,
+def analyse(model, series, layers, args, device, *, window, context, causal, rng_seed, desc, chain=None,
             known: tuple | None = None):
     """Extract the chosen layers at sampled positions and compute every metric; with the oracle's
     chain, also the belief-state probes (targets from the window each position was read in).
@@ -399,9 +399,9 @@ def analyse(model, series, layers, args, device, window, context, causal, rng_se
     from tqdm.auto import tqdm
     results = {}
     for name, Z in tqdm(list(zip(layers, reps)), desc=f"metrics ({desc})", leave=False, disable=None):
-        results[name] = layer_metrics(Z, states, thetas, pos, lb_idx, args.k, series.n_states, split, window,
-                                      np.random.default_rng(rng_seed + 1), args.pca, not args.no_lb, args.seed,
-                                      beliefs)
+        results[name] = layer_metrics(Z, states, thetas, pos, lb_idx, ks=args.k, n_clusters=series.n_states,
+                                      probe_split=split, gap=window, rng=np.random.default_rng(rng_seed + 1),
+                                      pca=args.pca, lb=not args.no_lb, seed=args.seed, beliefs=beliefs)
     return results, reps, states, t_extract, (pos, beliefs)
 
 
@@ -451,14 +451,14 @@ def run(args) -> int:
     except oracle.OracleError as e:
         chain = None
         print(f"no belief-state probes: {e}")
-    results, reps, states, t_extract, known = analyse(model, series, layers, args, device, window, context, causal,
-                                               args.seed, "trained", chain)
+    geometry = {"window": window, "context": context, "causal": causal, "rng_seed": args.seed, "chain": chain}
+    results, reps, states, t_extract, known = analyse(model, series, layers, args, device, desc="trained",
+                                                      **geometry)
     control = None
     if args.control:
         torch.manual_seed(args.seed)
         fresh = type(model)(model.cfg).to(device)
-        control = analyse(fresh, series, layers, args, device, window, context, causal, args.seed,
-                          "random init", chain, known)[0]
+        control = analyse(fresh, series, layers, args, device, desc="random init", known=known, **geometry)[0]
     t_metrics = time.perf_counter() - t_start
     print(f"Per-layer geometry ({len(states)} positions; LB on {min(args.lb_points, len(states))} points, "
           f"95% bootstrap CI; probes trained on the first {int(100 * args.probe_train_frac)}% of the series):")

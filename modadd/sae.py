@@ -161,7 +161,7 @@ class Substitution:
         return float((self.logits(drop, keep_error).argmax(-1) == y).float().mean())
 
 
-def analyse_snapshot(model, task, c, layer, kinds, variable, n_select, n_random, n_latents, k, l1, sae_steps,
+def analyse_snapshot(model, task, c, layer, *, kinds, variable, n_select, n_random, n_latents, k, l1, sae_steps,
                      n_train, n_eval, seed) -> dict:
     m_lo, m_hi = c["m_min"], c["m_max"]
     dev = next(model.parameters()).device
@@ -218,7 +218,7 @@ def summarise_drops(per_m: dict, base: dict) -> dict:
             "random_error_kept_std": mean(lambda r, b: r["random_error_kept_std"])}
 
 
-def analyse(run_dir: str, layer: int | None = None, at=(0.1, 0.25, 0.5, 1.0), kinds=("topk", "relu"),
+def analyse(run_dir: str, *, layer: int | None = None, at=(0.1, 0.25, 0.5, 1.0), kinds=("topk", "relu"),
             variable: str = "m", n_select: int = 8, n_random: int = 20, n_latents: int = 512, k: int = 8,
             l1: float = 1e-2, sae_steps: int = 3000, n_train: int = 3000, n_eval: int = 1000, seed: int = 0,
             progress: bool = True, device: str = "cpu") -> dict:
@@ -237,8 +237,9 @@ def analyse(run_dir: str, layer: int | None = None, at=(0.1, 0.25, 0.5, 1.0), ki
     for i in tqdm(idx, desc="SAE per snapshot", disable=not progress):
         model, step, task, c = model_at(run_dir, i)
         model.to(pick_device(device))
-        r = analyse_snapshot(model, task, c, layer, kinds, variable, n_select, n_random, n_latents, k, l1, sae_steps,
-                             n_train, n_eval, seed)
+        r = analyse_snapshot(model, task, c, layer, kinds=kinds, variable=variable, n_select=n_select,
+                             n_random=n_random, n_latents=n_latents, k=k, l1=l1, sae_steps=sae_steps,
+                             n_train=n_train, n_eval=n_eval, seed=seed)
         out["snapshots"].append({"step": step, **r})
     return out
 
@@ -344,9 +345,10 @@ def main(argv=None) -> int:
     out = args.out_dir or args.run
     try:
         claim_outputs(outputs(out, plots_dir=args.plots_dir), args.force)
-        res = analyse(args.run, args.layer, parse_fractions(args.at), tuple(args.kinds.split(",")), args.variable,
-                      args.n_select, args.n_random, args.n_latents, args.k, args.l1, args.sae_steps, args.n_train,
-                      args.n_eval, args.seed, device=args.device)
+        res = analyse(args.run, layer=args.layer, at=parse_fractions(args.at), kinds=tuple(args.kinds.split(",")),
+                      variable=args.variable, n_select=args.n_select, n_random=args.n_random,
+                      n_latents=args.n_latents, k=args.k, l1=args.l1, sae_steps=args.sae_steps,
+                      n_train=args.n_train, n_eval=args.n_eval, seed=args.seed, device=args.device)
     except (FileNotFoundError, ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -256,7 +256,7 @@ def split_items(n: int, n_anchors: int, n_eval: int, seed: int) -> tuple[np.ndar
 
 
 def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors: int, n_eval: int, seed: int,
-            n_train: int = 0, lm_head: bool = False, geometry: bool = True, dtype: str = "float32",
+            *, n_train: int = 0, lm_head: bool = False, geometry: bool = True, dtype: str = "float32",
             device: str = "cpu", generate: bool = False):
     """Model (frozen), items split into anchors / evaluation / training and, with `geometry`,
     the WordNet geometry of anchors, evaluation and (n_train) training items (Procrustes and
@@ -313,7 +313,7 @@ def load_geometry(c, init: dict, shuffle: bool = False) -> None:
         c.mod.proj.weight.copy_(torch.as_tensor(init["proj"], dtype=c.mod.proj.weight.dtype))
 
 
-def sweep(name: str | None = None, layers: list[int] | None = None, geo_dim: int = 64,
+def sweep(name: str | None = None, *, layers: list[int] | None = None, geo_dim: int = 64,
           alphas=DEFAULT_ALPHAS, n_anchors: int = 2000, n_eval: int = 800, seed: int = 0,
           progress: bool = True, dtype: str = "float32", device: str = "cpu") -> dict:
     c = prepare(name, layers, geo_dim, n_anchors, n_eval, seed, dtype=dtype, device=device)
@@ -366,7 +366,7 @@ def seq2seq_loss(c, batch: np.ndarray):
     return c.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=lab).loss
 
 
-def train(name: str | None = None, layers: list[int] | None = None, geo_dim: int = 64, alpha: float = 0.01,
+def train(name: str | None = None, *, layers: list[int] | None = None, geo_dim: int = 64, alpha: float = 0.01,
           epochs: int = 3, n_train: int = 2000, batch_size: int = 32, lr: float = 1e-3, tau: float = 0.05,
           n_anchors: int = 2000, n_eval: int = 800, seed: int = 0, progress: bool = True,
           kind: str = "lerp", dtype: str = "float32", device: str = "cpu", talk: dict | None = None,
@@ -752,22 +752,25 @@ def main(argv=None) -> int:
         prefix, present, draw = "modulate_talk", T.format_summary, T.plot
 
         def compute(n):
-            return T.talk(n, prompts, args.n_prompts, layers, args.geo_dim, args.alphas, args.anchors,
-                          args.eval_items, args.seed, args.max_new_tokens, args.temperature, args.top_p,
-                          args.sample_seed, dtype=args.dtype, device=device)
+            return T.talk(n, prompts=prompts, n_prompts=args.n_prompts, layers=layers, geo_dim=args.geo_dim,
+                          alphas=args.alphas, n_anchors=args.anchors, n_eval=args.eval_items, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          sample_seed=args.sample_seed, dtype=args.dtype, device=device)
     elif args.train:
         prefix, present, draw = f"modulate_train_{args.modulator}", format_training, plot_training
 
         def compute(n):
-            return train(n, layers, args.geo_dim, args.alpha, args.epochs, args.train_items, args.batch_size,
-                         args.lr, args.tau, args.anchors, args.eval_items, args.seed, kind=args.modulator,
+            return train(n, layers=layers, geo_dim=args.geo_dim, alpha=args.alpha, epochs=args.epochs,
+                         n_train=args.train_items, batch_size=args.batch_size, lr=args.lr, tau=args.tau,
+                         n_anchors=args.anchors, n_eval=args.eval_items, seed=args.seed, kind=args.modulator,
                          dtype=args.dtype, device=device, talk=talk_opts if talking or args.talk else None,
                          grad_scale=args.grad_scale, early_stop=early_stop)
     else:
         prefix, present, draw = "modulate", format_summary, plot
 
         def compute(n):
-            return sweep(n, layers, args.geo_dim, args.alphas, args.anchors, args.eval_items, args.seed,
+            return sweep(n, layers=layers, geo_dim=args.geo_dim, alphas=args.alphas, n_anchors=args.anchors,
+                         n_eval=args.eval_items, seed=args.seed,
                          dtype=args.dtype, device=device)
     code, _, written = run_for_models(args, prefix, compute, present, draw)
     if written:

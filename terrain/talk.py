@@ -169,7 +169,7 @@ def require_generative(name: str | None) -> None:
                            f"{getattr(config, 'architectures', None)}")
 
 
-def talk(name: str | None = None, prompts: list[str] | None = None, n_prompts: int = 6, layers=None,
+def talk(name: str | None = None, *, prompts: list[str] | None = None, n_prompts: int = 6, layers=None,
          geo_dim: int = 64, alphas=(0.01, 0.05, 0.1, 0.2, 0.5), n_anchors: int = 2000, n_eval: int = 800,
          seed: int = 0, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 0.9,
          sample_seed: int = 0, progress: bool = True, dtype: str = "float32", device: str = "cpu") -> dict:

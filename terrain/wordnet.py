@@ -238,7 +238,7 @@ def lexname_clustering(lexnames: np.ndarray, X: dict[str, np.ndarray], pool: np.
 
 
 def seed_battery(seed: int, tax: Taxonomy, X: dict[str, np.ndarray], lexnames: np.ndarray,
-                 triples: np.ndarray, n_items: int, n_pairs: int, n_simplices: int, simulate_root: bool,
+                 triples: np.ndarray, *, n_items: int, n_pairs: int, n_simplices: int, simulate_root: bool,
                  n_perm: int = 0, detail: bool = False, U: dict[str, np.ndarray] | None = None) -> dict:
     """One seed: sample items and pairs, compare WordNet similarity with cosine. U: the rows of X
     normalised, when the caller has them (computed here otherwise)."""
@@ -319,7 +319,7 @@ def stability(runs: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
-def analyse(name: str | None, policy: str = "most-frequent", layer: int = -1, pooling: str = "mean",
+def analyse(name: str | None, *, policy: str = "most-frequent", layer: int = -1, pooling: str = "mean",
             seeds: int = 50, n_items: int = 2000, n_pairs: int = 200_000, n_simplices: int = 500,
             n_perm: int = 200, simulate_root: bool = False, max_items: int | None = None,
             batch_size: int = 64, device: str = "cpu", progress: bool = True, dtype: str = "float32") -> dict:
@@ -352,7 +352,8 @@ def analyse(name: str | None, policy: str = "most-frequent", layer: int = -1, po
     runs = []
     U = {r: unit(x) for r, x in X.items()}                    # once for all seeds
     for s in tqdm(range(seeds), desc="seeds", disable=not progress, leave=False):
-        runs.append(seed_battery(s, tax, X, lexnames, triples, n_items, n_pairs, n_simplices, simulate_root,
+        runs.append(seed_battery(s, tax, X, lexnames, triples, n_items=n_items, n_pairs=n_pairs,
+                                 n_simplices=n_simplices, simulate_root=simulate_root,
                                  n_perm=n_perm if s == 0 else 0, detail=s == 0, U=U))
     timings["seeds_s"] = time.perf_counter() - t
     pos = {p: int(sum(it["pos"] == p for it in items)) for p in sorted({it["pos"] for it in items})}
@@ -501,9 +502,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def compute(name):
-        return analyse(name, args.sense_policy, args.layer, args.pooling, args.seeds, args.n_items, args.n_pairs,
-                       args.n_simplices, args.n_perm, args.simulate_root, args.max_items, args.batch_size,
-                       resolve_device(args.device), dtype=args.dtype)
+        return analyse(name, policy=args.sense_policy, layer=args.layer, pooling=args.pooling, seeds=args.seeds,
+                       n_items=args.n_items, n_pairs=args.n_pairs, n_simplices=args.n_simplices, n_perm=args.n_perm,
+                       simulate_root=args.simulate_root, max_items=args.max_items, batch_size=args.batch_size,
+                       device=resolve_device(args.device), dtype=args.dtype)
 
     code, results, written = run_for_models(args, "wordnet", compute, format_summary, plot)
     for res in results:

@@ -195,3 +195,34 @@ def test_both_model_scripts_take_train_and_eval_words(tmp_path, small_data_dir, 
         assert "eval CKPT" in capsys.readouterr().err
     assert masked_model_gpu.main(["train", *tiny, "--n-heads", "2", "--d-ff", "32", "--out-dir",
                                   str(tmp_path / "worded")]) == 0
+
+
+def test_no_function_takes_a_long_positional_list():
+    """Calls with many arguments name them: no function of a command or shared module takes more
+    than 10 positional parameters (dataclass constructors aside)."""
+    import dataclasses
+    import inspect
+    shared = ["training", "dataset", "plotting", "statsutil", "cliargs", "positions", "selective_scan", "terrain.cli",
+              "terrain.metrics", "terrain.models", "terrain.talk", "terrain.field", "terrain.linalg", "terrain.taxonomy",
+              "modadd.task", "modadd.model", "modadd.geometry", "modadd.ensemble", "modadd.runs", "modadd.figures"]
+
+    def positional(fn):
+        return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"
+                   for p in inspect.signature(fn).parameters.values())
+    long = []
+    for m in COMMANDS + shared:
+        mod = importlib.import_module(m)
+        for name, obj in vars(mod).items():
+            if inspect.isfunction(obj) and obj.__module__ == mod.__name__ and positional(obj) > 10:
+                long.append(f"{m}.{name}")
+            if inspect.isclass(obj) and obj.__module__ == mod.__name__ and not dataclasses.is_dataclass(obj):
+                long += [f"{m}.{name}.{f}" for f, fn in vars(obj).items() if inspect.isfunction(fn) and positional(fn) > 10]
+    assert long == []
+
+
+def test_the_prompt_window_keeps_the_original_flag_name():
+    import mamba_next
+    p = mamba_next.build_parser()
+    base = ["generate", "--checkpoint", "x.pt"]
+    assert p.parse_args(base + ["--prompt-len", "32"]).prompt_len == 32 == p.parse_args(base + ["--seed-len", "32"]).prompt_len
+    assert p.parse_args(base).prompt_len == 64

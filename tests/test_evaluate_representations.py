@@ -74,8 +74,8 @@ def test_metrics_on_planted_clusters_and_on_noise():
     Z, s, th = planted()
     n = len(Z)
     pos = np.arange(n)
-    res = layer_metrics(Z, s, th, pos, np.arange(n), [10, 30], 5, int(0.6 * n), 10,
-                        np.random.default_rng(0), None, True, 0)
+    res = layer_metrics(Z, s, th, pos, np.arange(n), ks=[10, 30], n_clusters=5, probe_split=int(0.6 * n), gap=10,
+                        rng=np.random.default_rng(0), pca=None, lb=True, seed=0)
     assert res["kmeans_ari"] > 0.99 and res["kmeans_nmi"] > 0.99
     assert res["silhouette"] > 0.8
     assert res["probe_state_acc"] > 0.99
@@ -83,8 +83,8 @@ def test_metrics_on_planted_clusters_and_on_noise():
     # the same mean and covariance without the curves is far from 1-D
     assert res["lb"]["10"]["null_gaussian"] > 3 * res["lb"]["10"]["mle"]
     noise = np.random.default_rng(5).standard_normal(Z.shape)
-    r0 = layer_metrics(noise, s, th, pos, np.arange(n), [10], 5, int(0.6 * n), 10,
-                       np.random.default_rng(0), None, False, 0)
+    r0 = layer_metrics(noise, s, th, pos, np.arange(n), ks=[10], n_clusters=5, probe_split=int(0.6 * n), gap=10,
+                       rng=np.random.default_rng(0), pca=None, lb=False, seed=0)
     assert abs(r0["kmeans_ari"]) < 0.02
     assert r0["probe_state_acc"] < r0["probe_state_chance"] + 0.08
     assert r0["probe_phase_r2"] < 0.05
@@ -101,11 +101,12 @@ def test_belief_probes_find_a_planted_linear_belief_and_not_noise():
     Y = np.concatenate([circle, np.cos(ang)[:, None], np.sin(ang)[:, None], beliefs["next_mean"]], 1)
     Z = Y @ rng.standard_normal((Y.shape[1], 24)) + 0.01 * rng.standard_normal((n, 24))
     s = circle.argmax(1)
-    res = layer_metrics(Z, s, ang, np.arange(n), np.arange(n), [10], C, 2000, 10, rng, None, False, 0, beliefs)
+    kw = {"ks": [10], "n_clusters": C, "probe_split": 2000, "gap": 10, "rng": rng, "pca": None, "lb": False, "seed": 0,
+          "beliefs": beliefs}
+    res = layer_metrics(Z, s, ang, np.arange(n), np.arange(n), **kw)
     for k in ("belief_circle_r2", "belief_phase_r2", "belief_next_r2"):
         assert res[k] > 0.99, k
-    r0 = layer_metrics(rng.standard_normal((n, 24)), s, ang, np.arange(n), np.arange(n), [10], C, 2000, 10, rng,
-                       None, False, 0, beliefs)
+    r0 = layer_metrics(rng.standard_normal((n, 24)), s, ang, np.arange(n), np.arange(n), **kw)
     for k in ("belief_circle_r2", "belief_phase_r2", "belief_next_r2"):
         assert r0[k] < 0.03, k
 
