@@ -41,7 +41,7 @@ import oracle
 import training
 from cliargs import SEED, Parser, add_output_flags, at_least, between, non_negative
 from dataset import load_series, task_datasets, time_splits, train_eval_windows
-from plotting import draw_state_strip, state_colors
+from plotting import draw_state_strip, save_figure, state_colors
 from training import (ModelSpec, TrainingError, add_training_arguments, autocast, check_data_matches, claim_outputs,
                       command_argv, eval_main, given_flags, load_checkpoint, load_exported, plot_prediction_window,
                       resolve_device, train_main)
@@ -391,16 +391,53 @@ def _fmt(v) -> str:
 
 
 def run_generate(args) -> int:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """generate: read the checkpoint and data, choose the prompt window, generate, score against
+    the true continuation and the oracle's forecast, write the arrays, JSON and figure."""
     ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
     device = resolve_device(args.device)
     model = load_model(ckpt).to(device)
     series = load_series(args.data_dir or ckpt["data"]["data_dir"])
     check_data_matches(ckpt["model_config"], series, ckpt["path"])
-    sp = time_splits(series.n_steps, ckpt["data"]["seq_len"], ckpt["data"]["val_frac"], ckpt["data"]["test_frac"])
+    start, end, known = prompt_window(args, series, ckpt["data"])
+    pert = perturbation(args, model.cfg.n_layers)
+    prompt = torch.as_tensor(series.X[start:start + args.prompt_len], device=device)
+    t0 = time.perf_counter()
+    gen = generate(model, prompt, args.gen_len, args.temperature, pert, torch.Generator().manual_seed(args.seed))
+    secs = time.perf_counter() - t0
+    report, ref, decoded = score_generation(args, series, gen, start, end, known)
+    report = {"checkpoint": ckpt["path"], "start": start, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+              "steps_with_truth": known, "temperature": args.temperature,
+              "perturbation": pert.__dict__ | {"layers": list(pert.layers)}, "seconds": secs,
+              "steps_per_second": args.gen_len / secs, "noise_floor": series.noise_var, **report}
+    out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "generate")
+    plots_dir = cliargs.plots_dir(args, out_dir)
+    tag = f"gen_{pert.kind}" if pert.kind != "none" else "gen"
+    claim_outputs([os.path.join(out_dir, f"{tag}.npy"), os.path.join(out_dir, f"{tag}.json"),
+                   os.path.join(plots_dir, f"{tag}.png")], args.force)
+    os.makedirs(out_dir, exist_ok=True)
+    np.save(os.path.join(out_dir, f"{tag}.npy"), gen)
+    with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    p = None
+    if not args.no_plot:
+        os.makedirs(plots_dir, exist_ok=True)
+        p = plot_generation(args, series, gen, ref, decoded, pert, start, end, known,
+                            os.path.join(plots_dir, f"{tag}.png"))
+    orc = (f"; oracle forecast {report['oracle_mse_first_16']:.2f}" if "oracle_mse_first_16" in report else "")
+    print(f"generated {args.gen_len} steps in {secs:.2f} s ({args.gen_len / secs:.0f} steps/s); "
+          f"MSE first 16: {report.get('mse_first_16', float('nan')):.2f} (noise floor {series.noise_var}{orc})")
+    for name, st in report.get("process", {}).items():
+        print(f"{name:17s} decoded by the oracle: {st['n_visits']} visits, dwell KS {_fmt(st['dwell_ks'])}, "
+              f"transition TV {_fmt(st['transition_tv'])}, occupancy TV {st['occupancy_tv']:.2f}, "
+              f"angular speed x{_fmt(st['angular_speed_ratio_median'])} of the true")
+    print(f"wrote {out_dir}/{tag}.npy, {tag}.json" + (f", {p}" if p else ""))
+    return 0
+
+
+def prompt_window(args, series, data: dict) -> tuple[int, int, int]:
+    """(start of the prompt, end of the generation, generated steps with a true continuation):
+    --start, --from-end, or the start of the held-out block (test, else validation)."""
+    sp = time_splits(series.n_steps, data["seq_len"], data["val_frac"], data["test_frac"])
     block = sp.test if sp.test[1] > sp.test[0] else sp.val
     if args.from_end and args.start is not None:
         raise TrainingError("give --start or --from-end, not both")
@@ -409,37 +446,41 @@ def run_generate(args) -> int:
         raise TrainingError(f"the {args.prompt_len}-step prompt from step {start} does not fit in the series "
                             f"({series.n_steps} steps); lower --prompt-len or --start")
     end = start + args.prompt_len + args.gen_len
-    known = min(end, series.n_steps) - (start + args.prompt_len)  # generated steps with a true continuation
+    known = min(end, series.n_steps) - (start + args.prompt_len)
     if not args.from_end and (start < block[0] or min(end, series.n_steps) > block[1]):
         print(f"note: steps {start}..{min(end, series.n_steps)} are not all inside the held-out block {block}")
     if known < args.gen_len:
         print(f"note: the series ends {known} steps into the generation; the other {args.gen_len - known} "
               f"generated steps have no true continuation to compare with")
+    return start, end, known
+
+
+def perturbation(args, n_layers: int) -> Perturbation:
+    """The perturbation bursts the flags ask for (kind none without --perturb-*)."""
     layers = tuple(int(i) - 1 for i in args.perturb_layers.split(",")) if args.perturb_layers else \
-        tuple(range(model.cfg.n_layers))
-    if any(not 0 <= li < model.cfg.n_layers for li in layers):
-        raise TrainingError(f"--perturb-layers must name layers 1..{model.cfg.n_layers}")
+        tuple(range(n_layers))
+    if any(not 0 <= li < n_layers for li in layers):
+        raise TrainingError(f"--perturb-layers must name layers 1..{n_layers}")
     kind = "hidden" if args.perturb_hidden else "output" if args.perturb_output else "none"
-    pert = Perturbation(kind, layers, args.perturb_interval, args.perturb_duration, args.perturb_scale)
-    prompt = torch.as_tensor(series.X[start:start + args.prompt_len], device=device)
-    g = torch.Generator().manual_seed(args.seed)
-    t0 = time.perf_counter()
-    gen = generate(model, prompt, args.gen_len, args.temperature, pert, g)
-    secs = time.perf_counter() - t0
-    truth = series.X[start + args.prompt_len:end]  # only the first `known` steps exist
-    clean = series.signal[start + args.prompt_len:end] if series.signal is not None else None
+    return Perturbation(kind, layers, args.perturb_interval, args.perturb_duration, args.perturb_scale)
+
+
+def score_generation(args, series, gen: np.ndarray, start: int, end: int, known: int):
+    """The generation's MSE against the true continuation and the noise-free signal over its
+    first 1/8/16/64/256 steps, beside the oracle's open-loop forecast from the same prompt; the
+    process statistics of both as the oracle decodes them; how often the nearest circle is the
+    true one. Returns (report, the oracle's forecast or None, the decoded circles or None)."""
+    p0 = start + args.prompt_len
+    truth = series.X[p0:end]  # only the first `known` steps exist
+    clean = series.signal[p0:end] if series.signal is not None else None
     err = ((gen[:known] - truth) ** 2).mean(1)
-    report = {"checkpoint": ckpt["path"], "start": start, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-              "steps_with_truth": known,
-              "temperature": args.temperature, "perturbation": pert.__dict__ | {"layers": list(layers)},
-              "seconds": secs, "steps_per_second": args.gen_len / secs,
-              "noise_floor": series.noise_var}
+    report: dict = {}
     try:
         chain = oracle.Chain.from_series(series)
     except oracle.OracleError as e:
         chain = None
         print(f"no oracle: {e}")
-    ref = oracle.forecast(chain, series.X[start:start + args.prompt_len], args.gen_len) if chain else None
+    ref = oracle.forecast(chain, series.X[start:p0], args.gen_len) if chain else None
     for n in (1, 8, 16, 64, 256):
         if n <= known:
             report[f"mse_first_{n}"] = float(err[:n].mean())
@@ -454,70 +495,57 @@ def run_generate(args) -> int:
         report["process"] = {"generated": oracle.process_statistics(chain, gen, dm, ds_)}
         if known >= 2:
             report["process"]["true_continuation"] = oracle.process_statistics(chain, truth, dm, ds_)
+    decoded = None
     if series.has_labels and "planes" in series.extra and "radii" in series.extra:
         decoded = nearest_circle(gen, series.extra["planes"], series.extra["radii"])
         if known:
-            report["decoded_matches_true_circle"] = float(np.mean(decoded[:known] ==
-                                                                  series.states[start + args.prompt_len:end]))
-    else:
-        decoded = None
-    out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "generate")
-    plots_dir = cliargs.plots_dir(args, out_dir)
-    tag = f"gen_{kind}" if kind != "none" else "gen"
-    claim_outputs([os.path.join(out_dir, f"{tag}.npy"), os.path.join(out_dir, f"{tag}.json"),
-                   os.path.join(plots_dir, f"{tag}.png")], args.force)
-    os.makedirs(out_dir, exist_ok=True)
-    if not args.no_plot:
-        os.makedirs(plots_dir, exist_ok=True)
-    np.save(os.path.join(out_dir, f"{tag}.npy"), gen)
-    with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    p = None
-    if not args.no_plot:
-        fig, axes = plt.subplots(5, 1, figsize=(13, 9), sharex=True,
-                                 gridspec_kw={"height_ratios": [1, 1, 5, 5, 3], "hspace": 0.12})
-        n_states = series.n_states
-        if known:
-            draw_state_strip(axes[0], series.states[start + args.prompt_len:end], n_states, extent_x=(0, known))
-        axes[0].set_xlim(0, args.gen_len)
-        axes[0].set_ylabel("true", rotation=0, ha="right")
-        if decoded is not None:
-            draw_state_strip(axes[1], decoded, n_states)
-        axes[1].set_ylabel("decoded", rotation=0, ha="right")
-        lim = np.percentile(np.abs(truth if known else gen), 99)
-        padded = np.full_like(gen, np.nan)
-        padded[:known] = truth
-        axes[2].imshow(padded.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-        axes[2].set_ylabel("true continuation")
-        axes[3].imshow(gen.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-        axes[3].set_ylabel("generated")
-        axes[4].plot(err, lw=0.8, label="generated")
-        if ref is not None:
-            axes[4].plot(((ref[:known] - truth) ** 2).mean(1), lw=0.8, color="tab:red", alpha=0.8,
-                         label="oracle forecast from the same prompt")
-        if series.noise_var:
-            axes[4].axhline(series.noise_var, color="k", ls="--", lw=1, label="noise floor")
-        if kind != "none":
-            for t in range(args.gen_len):
-                if pert.active(t) and not pert.active(t - 1):
-                    axes[4].axvspan(t, t + pert.duration, color="red", alpha=0.15)
-        axes[4].set_ylabel("sq. error")
-        axes[4].legend(loc="upper right", fontsize=8)
-        axes[4].set_xlabel("generated step")
-        axes[0].set_title(f"Generation from a {args.prompt_len}-step held-out prompt at step {start} "
-                          f"(temperature {args.temperature}, perturbation: {kind})")
-        p = os.path.join(plots_dir, f"{tag}.png")
-        fig.savefig(p, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-    orc = (f"; oracle forecast {report['oracle_mse_first_16']:.2f}" if "oracle_mse_first_16" in report else "")
-    print(f"generated {args.gen_len} steps in {secs:.2f} s ({args.gen_len / secs:.0f} steps/s); "
-          f"MSE first 16: {report.get('mse_first_16', float('nan')):.2f} (noise floor {series.noise_var}{orc})")
-    for name, st in report.get("process", {}).items():
-        print(f"{name:17s} decoded by the oracle: {st['n_visits']} visits, dwell KS {_fmt(st['dwell_ks'])}, "
-              f"transition TV {_fmt(st['transition_tv'])}, occupancy TV {st['occupancy_tv']:.2f}, "
-              f"angular speed x{_fmt(st['angular_speed_ratio_median'])} of the true")
-    print(f"wrote {out_dir}/{tag}.npy, {tag}.json" + (f", {p}" if p else ""))
-    return 0
+            report["decoded_matches_true_circle"] = float(np.mean(decoded[:known] == series.states[p0:end]))
+    return report, ref, decoded
+
+
+def plot_generation(args, series, gen, ref, decoded, pert: Perturbation, start: int, end: int, known: int,
+                    path: str) -> str:
+    """True and decoded state strips, true and generated series, and the error with the
+    perturbation bursts shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    p0 = start + args.prompt_len
+    truth = series.X[p0:end]
+    err = ((gen[:known] - truth) ** 2).mean(1)
+    fig, axes = plt.subplots(5, 1, figsize=(13, 9), sharex=True,
+                             gridspec_kw={"height_ratios": [1, 1, 5, 5, 3], "hspace": 0.12})
+    n_states = series.n_states
+    if known:
+        draw_state_strip(axes[0], series.states[p0:end], n_states, extent_x=(0, known))
+    axes[0].set_xlim(0, args.gen_len)
+    axes[0].set_ylabel("true", rotation=0, ha="right")
+    if decoded is not None:
+        draw_state_strip(axes[1], decoded, n_states)
+    axes[1].set_ylabel("decoded", rotation=0, ha="right")
+    lim = np.percentile(np.abs(truth if known else gen), 99)
+    padded = np.full_like(gen, np.nan)
+    padded[:known] = truth
+    axes[2].imshow(padded.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    axes[2].set_ylabel("true continuation")
+    axes[3].imshow(gen.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    axes[3].set_ylabel("generated")
+    axes[4].plot(err, lw=0.8, label="generated")
+    if ref is not None:
+        axes[4].plot(((ref[:known] - truth) ** 2).mean(1), lw=0.8, color="tab:red", alpha=0.8,
+                     label="oracle forecast from the same prompt")
+    if series.noise_var:
+        axes[4].axhline(series.noise_var, color="k", ls="--", lw=1, label="noise floor")
+    if pert.kind != "none":
+        for t in range(args.gen_len):
+            if pert.active(t) and not pert.active(t - 1):
+                axes[4].axvspan(t, t + pert.duration, color="red", alpha=0.15)
+    axes[4].set_ylabel("sq. error")
+    axes[4].legend(loc="upper right", fontsize=8)
+    axes[4].set_xlabel("generated step")
+    axes[0].set_title(f"Generation from a {args.prompt_len}-step held-out prompt at step {start} "
+                      f"(temperature {args.temperature}, perturbation: {pert.kind})")
+    return save_figure(fig, path, dpi=100, tight=False, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- gates
@@ -534,24 +562,18 @@ def plot_mean_delta(summary: dict, circles, n: int, plots_dir: str) -> list[str]
     ax.set_ylabel("mean delta (softplus(dt))")
     ax.set_title("Mean step size delta per layer")
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    p = os.path.join(plots_dir, "gates_mean_delta.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return [p]
+    return [save_figure(fig, os.path.join(plots_dir, "gates_mean_delta.png"), dpi=110)]
 
 
 def run_gates(args) -> int:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """gates: record every layer's gate signals on held-out windows, draw the chosen windows,
+    summarise the mean step size per layer (and per circle), optionally a UMAP of each signal."""
     ckpt = load_checkpoint(args.checkpoint, MODEL_TYPE)
     device = resolve_device(args.device)
     model = load_model(ckpt).to(device).eval()
     series = load_series(args.data_dir or ckpt["data"]["data_dir"])
     check_data_matches(ckpt["model_config"], series, ckpt["path"])
-    ds = datasets_for(series, ckpt["data"])
+    val = datasets_for(series, ckpt["data"])["val"]
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "gates")
     plots_dir = cliargs.plots_dir(args, out_dir)
     earlier = [os.path.join(plots_dir, f) for f in (os.listdir(plots_dir) if os.path.isdir(plots_dir) else [])
@@ -560,90 +582,32 @@ def run_gates(args) -> int:
     os.makedirs(out_dir, exist_ok=True)
     if not args.no_plot:
         os.makedirs(plots_dir, exist_ok=True)
-    val = ds["val"]
     n = model.cfg.n_layers
-    if args.layer is not None and args.layer > n:
-        raise TrainingError(f"--layer {args.layer}: this model has layers 1..{n}")
-    if args.sample is not None and args.sample >= len(val):
-        raise TrainingError(f"--sample {args.sample}: the validation block has windows 0..{len(val) - 1}")
-    idx = np.linspace(0, len(val) - 1, min(args.samples, len(val))).round().astype(int)
-    plotted = {int(i) for i in idx[:args.plot_samples]}
-    if args.sample is not None:  # that window, recorded and drawn (first), and no other drawn
-        idx = np.concatenate(([args.sample], idx[idx != args.sample]))
-        plotted = {args.sample}
-    if args.no_plot:
-        plotted = set()
+    idx, plotted = gate_windows(args, n, len(val))
     layers = [args.layer - 1] if args.layer is not None else list(range(n))
-    written = []
-    summary = {"mean_delta": [], "mean_delta_by_circle": []}
-    traces_all = []
+    written, traces = [], []
     for j, i in enumerate(idx):
         x, s, _ = val[int(i)]
         trace: list = []
         with torch.no_grad():
             model(torch.as_tensor(x, device=device)[None], trace=trace)
-        traces_all.append((trace, s))
-        if int(i) not in plotted:
-            continue
-        fig, axes = plt.subplots(len(layers), 4, figsize=(18, 2.2 * len(layers) + 1), squeeze=False)
-        for row, li in enumerate(layers):
-            t = trace[li]
-            sig = {"delta": t["delta"][0], "silu(z)": F.silu(t["z"][0]), "B": t["B"][0], "C": t["C"][0]}
-            for c, (name, arr) in enumerate(sig.items()):
-                ax = axes[row, c]
-                a = arr.float().cpu().numpy()
-                ax.imshow(a, aspect="auto", interpolation="nearest",
-                          cmap="viridis" if name in ("delta", "silu(z)") else "RdBu_r")
-                if row == 0:
-                    ax.set_title(name)
-                if c == 0:
-                    ax.set_ylabel(f"layer {li + 1}")
-                ax.set_xticks([])
-        fig.suptitle(f"Gate signals for the held-out window at step {int(val.starts[i])} "
-                     f"(rows: layers; delta, silu(z): channels x time; B, C: states x time)")
-        strip = fig.add_axes([0.125, 0.01, 0.775, 0.015])
-        draw_state_strip(strip, s, series.n_states)
-        p = os.path.join(plots_dir, f"gates_sample_{int(i) if args.sample is not None else j}"
-                                    f"{'' if args.layer is None else f'_layer{args.layer}'}.png")
-        fig.savefig(p, dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        written.append(p)
-    states_cat = np.concatenate([s for _, s in traces_all])
+        traces.append((trace, s))
+        if int(i) in plotted:
+            name = (f"gates_sample_{int(i) if args.sample is not None else j}"
+                    f"{'' if args.layer is None else f'_layer{args.layer}'}.png")
+            written.append(plot_gate_window(trace, s, layers, int(val.starts[i]), series.n_states,
+                                            os.path.join(plots_dir, name)))
+    states_cat = np.concatenate([s for _, s in traces])
     circles = np.unique(states_cat) if series.has_labels else []  # no labels: overall means only
+    summary = {"mean_delta": [], "mean_delta_by_circle": []}
     for li in range(n):
-        d = np.concatenate([tr[li]["delta"][0].float().cpu().numpy().T for tr, _ in traces_all])  # (T, D)
+        d = np.concatenate([tr[li]["delta"][0].float().cpu().numpy().T for tr, _ in traces])  # (T, D)
         summary["mean_delta"].append(float(d.mean()))
         summary["mean_delta_by_circle"].append({int(c): float(d[states_cat == c].mean()) for c in circles})
     if not args.no_plot:
         written += plot_mean_delta(summary, circles, n, plots_dir)
     if args.umap and not args.no_plot:
-        import umap
-
-        rng = np.random.default_rng(args.seed)
-        sel = rng.choice(len(states_cat), size=min(args.umap_points, len(states_cat)), replace=False)
-        # coloured by circle, or by recorded step for a series without labels
-        colour = np.array(state_colors(series.n_states))[states_cat[sel]] if series.has_labels else np.argsort(sel)
-        fig, axes = plt.subplots(4, n, figsize=(2.6 * n, 10.5), squeeze=False)
-        for c, name in enumerate(("delta", "z", "B", "C")):
-            for li in range(n):
-                act = F.silu if name == "z" else (lambda t: t)  # the gate acts as silu(z)
-                sig = np.concatenate([act(tr[li][name][0]).float().cpu().numpy().T for tr, _ in traces_all])[sel]
-                emb = umap.UMAP(n_neighbors=30, min_dist=0.1, n_jobs=1, random_state=args.seed).fit_transform(sig)
-                ax = axes[c, li]
-                ax.scatter(emb[:, 0], emb[:, 1], c=colour, s=1, cmap="viridis")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c == 0:
-                    ax.set_title(f"layer {li + 1}")
-                if li == 0:
-                    ax.set_ylabel("silu(z)" if name == "z" else name)
-        fig.suptitle("UMAP of each gate signal across time steps, coloured by "
-                     + ("circle" if series.has_labels else "recorded step"))
-        fig.tight_layout()
-        p = os.path.join(plots_dir, "gates_umap.png")
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        written.append(p)
+        written.append(plot_gate_umap(args, traces, states_cat, series, n, os.path.join(plots_dir, "gates_umap.png")))
     jp = os.path.join(out_dir, "gates_summary.json")
     with open(jp, "w") as f:
         json.dump(summary, f, indent=2)
@@ -651,6 +615,74 @@ def run_gates(args) -> int:
     print("mean delta per layer: " + ", ".join(f"{m:.4f}" for m in summary["mean_delta"]))
     print("wrote " + ", ".join(written))
     return 0
+
+
+def gate_windows(args, n_layers: int, n_windows: int) -> tuple[np.ndarray, set]:
+    """The held-out windows recorded (--samples of them, evenly spread; --sample first) and the
+    ones drawn (the first --plot-samples, or just --sample; none with --no-plot)."""
+    if args.layer is not None and args.layer > n_layers:
+        raise TrainingError(f"--layer {args.layer}: this model has layers 1..{n_layers}")
+    if args.sample is not None and args.sample >= n_windows:
+        raise TrainingError(f"--sample {args.sample}: the validation block has windows 0..{n_windows - 1}")
+    idx = np.linspace(0, n_windows - 1, min(args.samples, n_windows)).round().astype(int)
+    plotted = {int(i) for i in idx[:args.plot_samples]}
+    if args.sample is not None:  # that window, recorded and drawn (first), and no other drawn
+        idx = np.concatenate(([args.sample], idx[idx != args.sample]))
+        plotted = {args.sample}
+    return idx, set() if args.no_plot else plotted
+
+
+def plot_gate_window(trace: list, states: np.ndarray, layers: list, step: int, n_states: int, path: str) -> str:
+    """delta, silu(z), B and C of one window, a row per layer, over the window's state strip."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(layers), 4, figsize=(18, 2.2 * len(layers) + 1), squeeze=False)
+    for row, li in enumerate(layers):
+        t = trace[li]
+        sig = {"delta": t["delta"][0], "silu(z)": F.silu(t["z"][0]), "B": t["B"][0], "C": t["C"][0]}
+        for c, (name, arr) in enumerate(sig.items()):
+            ax = axes[row, c]
+            ax.imshow(arr.float().cpu().numpy(), aspect="auto", interpolation="nearest",
+                      cmap="viridis" if name in ("delta", "silu(z)") else "RdBu_r")
+            if row == 0:
+                ax.set_title(name)
+            if c == 0:
+                ax.set_ylabel(f"layer {li + 1}")
+            ax.set_xticks([])
+    fig.suptitle(f"Gate signals for the held-out window at step {step} "
+                 f"(rows: layers; delta, silu(z): channels x time; B, C: states x time)")
+    draw_state_strip(fig.add_axes([0.125, 0.01, 0.775, 0.015]), states, n_states)
+    return save_figure(fig, path, dpi=90, tight=False, bbox_inches="tight")
+
+
+def plot_gate_umap(args, traces: list, states_cat: np.ndarray, series, n: int, path: str) -> str:
+    """UMAP of each gate signal across the recorded steps, per layer, coloured by circle (or by
+    recorded step for a series without labels)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import umap
+    rng = np.random.default_rng(args.seed)
+    sel = rng.choice(len(states_cat), size=min(args.umap_points, len(states_cat)), replace=False)
+    colour = np.array(state_colors(series.n_states))[states_cat[sel]] if series.has_labels else np.argsort(sel)
+    fig, axes = plt.subplots(4, n, figsize=(2.6 * n, 10.5), squeeze=False)
+    for c, name in enumerate(("delta", "z", "B", "C")):
+        for li in range(n):
+            act = F.silu if name == "z" else (lambda t: t)  # the gate acts as silu(z)
+            sig = np.concatenate([act(tr[li][name][0]).float().cpu().numpy().T for tr, _ in traces])[sel]
+            emb = umap.UMAP(n_neighbors=30, min_dist=0.1, n_jobs=1, random_state=args.seed).fit_transform(sig)
+            ax = axes[c, li]
+            ax.scatter(emb[:, 0], emb[:, 1], c=colour, s=1, cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_title(f"layer {li + 1}")
+            if li == 0:
+                ax.set_ylabel("silu(z)" if name == "z" else name)
+    fig.suptitle("UMAP of each gate signal across time steps, coloured by "
+                 + ("circle" if series.has_labels else "recorded step"))
+    return save_figure(fig, path, dpi=90)
 
 
 # ----------------------------------------------------------------------------- CLI
