@@ -162,6 +162,17 @@ def plots_dir(args, out_dir: str | None = None) -> str:
     return args.plots_dir or default_plots_dir(out_dir or args.out_dir)
 
 
+def resolve_device(name: str) -> str:
+    """The one reading of --device: 'auto' -> 'cuda' when torch sees a CUDA device, else 'cpu';
+    'cuda' (or 'cuda:N') without one is a ValueError naming the fix; anything else as given."""
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return name
+
+
 def numeric_actions(parser: argparse.ArgumentParser):
     """(parser, action) for every option of a parser and its subparsers that takes numbers."""
     for action in parser._actions:

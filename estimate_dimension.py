@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cliargs import SEED, Parser, add_output_flags, at_least, plots_dir
+from cliargs import SEED, Parser, add_output_flags, at_least, plots_dir, resolve_device
 import statsutil
 from plotting import save_figure
 
@@ -378,12 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.device == "auto":
-        import torch
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     import matplotlib
     matplotlib.use("Agg")
     try:
+        args.device = resolve_device(args.device)
         return run_demo(args) if args.demo else run_data(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

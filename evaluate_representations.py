@@ -43,6 +43,7 @@ import torch
 
 import cliargs
 from cliargs import SEED, Parser, add_output_flags, at_least, between
+from plotting import save_figure
 from statsutil import gaussian_null
 
 # model_type in a checkpoint -> (module, loader function returning an nn.Module with
@@ -221,10 +222,7 @@ def plot_umap_grid(embs: dict, states_by_layer: dict, lb30: dict, n_states: int,
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_depth(results: dict, control: dict | None, ks, path: str, title: str) -> str:
@@ -287,10 +285,7 @@ def plot_depth(results: dict, control: dict | None, ks, path: str, title: str) -
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def markdown_table(results: dict, ks) -> str:

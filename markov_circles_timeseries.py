@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from cliargs import SEED, Parser, add_output_flags, at_least, non_negative, plots_dir, positive
-from plotting import draw_state_strip, state_colors  # noqa: F401 (also re-exported for old imports)
+from plotting import draw_state_strip, save_figure, state_colors  # noqa: F401 (also re-exported for old imports)
 
 FORMAT_VERSION = 1
 
@@ -269,9 +269,7 @@ def plot_sample_windows(data, cfg, plots_dir, rng, n_windows=3, length=1000) -> 
         a1.set_xlabel("time step")
         fig.colorbar(im, ax=[a0, a1], fraction=0.02, pad=0.01)
         p = os.path.join(plots_dir, f"sample_window_{w}.png")
-        fig.savefig(p, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(fig, p, dpi=110, tight=False, bbox_inches="tight"))
     return paths
 
 
@@ -310,11 +308,7 @@ def plot_overview(data, cfg, stats, plots_dir, emb=None, emb_idx=None) -> str:
         sc = ax.scatter(emb[:, 0], emb[:, 1], c=emb_idx, s=2, cmap="viridis")
         fig.colorbar(sc, ax=ax, fraction=0.046, label="time step")
         ax.set_title("UMAP of raw data, coloured by time")
-    fig.tight_layout()
-    p = os.path.join(plots_dir, "overview.png")
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    return p
+    return save_figure(fig, os.path.join(plots_dir, "overview.png"), dpi=100)
 
 
 def umap_raw(data, cfg, plots_dir, rng, n_points, n_neighbors) -> tuple[dict, np.ndarray, np.ndarray, str]:
@@ -339,9 +333,7 @@ def umap_raw(data, cfg, plots_dir, rng, n_points, n_neighbors) -> tuple[dict, np
     ax.set_xticks([])
     ax.set_yticks([])
     p = os.path.join(plots_dir, f"umap_subspace_{cfg.subspace_dim or cfg.ambient_dim}.png")
-    fig.savefig(p, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return result, emb, idx, p
+    return result, emb, idx, save_figure(fig, p, dpi=110, tight=False, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- CLI

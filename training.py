@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import cliargs
+from plotting import save_figure
 from cliargs import SEED, at_least, between, non_negative, positive
 
 
@@ -33,11 +34,11 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------- device
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    """cliargs.resolve_device as a torch.device; a missing CUDA device is a TrainingError."""
+    try:
+        return torch.device(cliargs.resolve_device(name))
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
 
 
 def autocast(device: torch.device, amp: bool):
@@ -347,10 +348,7 @@ def plot_loss_curve(rows: list[dict], floor: float | None, path: str, title: str
         ax.set_title("Distance to the Bayes-optimal predictor")
         ax.legend()
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_prediction_window(path: str, x: np.ndarray, states: np.ndarray, pred: np.ndarray, err: np.ndarray,
@@ -372,9 +370,7 @@ def plot_prediction_window(path: str, x: np.ndarray, states: np.ndarray, pred: n
     axes[3].set_ylabel(err_label)
     axes[3].set_xlabel("step in window")
     fig.colorbar(im, ax=axes[3], fraction=0.02, pad=0.01)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100, tight=False, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- the loop

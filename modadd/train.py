@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cliargs import SEED, Parser, at_least, positive
+from cliargs import SEED, Parser, at_least, positive, resolve_device
 from modadd.geometry import commutator, execution_basis, project_commutators, random_basis, rho
 from modadd.model import ModAddTransformer, ModelConfig, accuracy, readout_entropy
 from modadd.task import TaskConfig, batch_for, m_schedule, sample
@@ -117,11 +117,8 @@ def check(cfg: dict) -> str | None:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    """cliargs.resolve_device as a torch.device (a ValueError without the CUDA device asked for)."""
+    return torch.device(resolve_device(name))
 
 
 class Recorder:

@@ -88,13 +88,11 @@ def add_device_flag(p) -> None:
 
 
 def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when a CUDA device is available, else 'cpu'; 'cuda' without one is an error."""
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TerrainError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return name
+    """cliargs.resolve_device; a missing CUDA device is a TerrainError."""
+    try:
+        return cliargs.resolve_device(name)
+    except ValueError as e:
+        raise TerrainError(str(e)) from None
 
 
 def progress(iterable, desc: str, total: int | None = None):

@@ -226,3 +226,30 @@ def test_the_prompt_window_keeps_the_original_flag_name():
     base = ["generate", "--checkpoint", "x.pt"]
     assert p.parse_args(base + ["--prompt-len", "32"]).prompt_len == 32 == p.parse_args(base + ["--seed-len", "32"]).prompt_len
     assert p.parse_args(base).prompt_len == 64
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_every_command_reads_device_the_same_way(cuda, monkeypatch, capsys):
+    """--device auto|cpu|cuda means one thing everywhere: cliargs.resolve_device, wrapped in each
+    line's error type (torch's CUDA check planted both ways)."""
+    import torch
+
+    import training
+    from estimate_dimension import main as dim
+    from modadd.train import pick_device
+    from terrain.cli import resolve_device as terrain_device
+    from terrain.models import TerrainError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    want = "cuda" if cuda else "cpu"
+    assert cliargs.resolve_device("auto") == terrain_device("auto") == want
+    assert training.resolve_device("auto") == pick_device("auto") == torch.device(want)
+    assert cliargs.resolve_device("cpu") == "cpu"
+    if cuda:
+        assert cliargs.resolve_device("cuda:1") == "cuda:1"
+        return
+    for call, error in ((cliargs.resolve_device, ValueError), (training.resolve_device, training.TrainingError),
+                        (pick_device, ValueError), (terrain_device, TerrainError)):
+        with pytest.raises(error, match="--device cpu"):
+            call("cuda")
+    assert dim(["--demo", "--demo-points", "50", "--n-boot", "0", "--device", "cuda", "--no-plot"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
