@@ -61,7 +61,7 @@ class ModelConfig:
     t5_num_buckets: int = 32
     t5_max_distance: int = 128
     rope_base: float = 10000.0
-    norm_first: bool = False  # the seed's layers are post-LN (PyTorch's default)
+    norm_first: bool = False  # the original code's layers are post-LN (PyTorch's default)
 
     def validate(self) -> None:
         if self.pos_encoding not in POS_ENCODINGS:

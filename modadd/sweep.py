@@ -14,7 +14,7 @@ each seed's in a folder of its own). A seed that fails is reported and left out 
 
 Run again on the same ROOT, a sweep picks up where it stopped. A per-seed stage is skipped
 (one line names the runs) when the seed was not trained by this sweep and the stage's outputs
-are all there and no older than the seed's model.pt; trajectory and alignment are skipped
+are all there and no older than that seed's model.pt; trajectory and alignment are skipped
 when no seed was trained by this sweep and their outputs in ROOT are all there, no older than
 any seed's model and computed over exactly this sweep's runs. Every other stage runs with
 --force, which removes its earlier outputs first. --force-stages reruns them all (e.g. after

@@ -5,7 +5,7 @@ value token in [0, C); the label is the sum of the marked values mod C. Every ot
 position holds an i.i.d. distractor. With `value_distractors` (the default) distractors
 are drawn from the value tokens and the noise tokens alike, so a value only counts when a
 marker precedes it and the markers are needed; without it they come from the noise tokens
-only (the seed's code, where values never appear as distractors). Marker positions are
+only (the original code, where values never appear as distractors). Marker positions are
 drawn per example; pairs never overlap. With `readout_token` the last position holds a
 dedicated read-out token and never a pair.
 

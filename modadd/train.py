@@ -6,7 +6,7 @@
 
 Presets (any flag overrides a field):
   code   T 16, C 8, m 1-4, 5 layers, d 128, 4 heads, AdamW lr 3e-4, batch 128, 20,000 steps,
-         snapshots every 500 (what the seed's code ran)
+         snapshots every 500 (what the original code ran)
   paper  T 32, SGD lr 1e-3, batch 64, snapshots every 100 (what its text states; 20 seeds)
 Writes to --out-dir: config.json; metrics.csv (per evaluation: step, train loss, accuracy
 and loss on fixed held-out sets per m, read-out attention entropy per layer on fixed
@@ -124,7 +124,7 @@ def pick_device(name: str) -> torch.device:
 class Recorder:
     """Everything one seed's run records, fed with its model at the right steps: snapshots
     of every parameter, evaluations on the fixed held-out sets and probes, commutators.
-    Holds the seed's measurement streams, so recording never touches the training ones."""
+    Holds this seed's measurement streams, so recording never touches the training ones."""
 
     def __init__(self, cfg: dict, task: TaskConfig, model: ModAddTransformer, dev: torch.device):
         self.cfg, self.task, self.seed = cfg, task, cfg["seed"]
@@ -203,7 +203,7 @@ class Recorder:
 
 
 def setup(cfg: dict) -> tuple[TaskConfig, ModAddTransformer, torch.Generator]:
-    """The task, the seed's initial model (on the CPU) and its training-batch stream."""
+    """The task, this seed's initial model (on the CPU) and its training-batch stream."""
     task = TaskConfig.from_dict(cfg)
     if not 1 <= cfg["m_min"] <= cfg["m_max"] <= task.max_markers():
         raise ValueError(f"m range {cfg['m_min']}..{cfg['m_max']} impossible for T = {cfg['T']} "

@@ -7,7 +7,7 @@ deformed simplex (squared edge lengths and, for k >= 2, squared volume, each rel
 the template) drives a gate g_k in (0, 1) per active dimension and a validity v_k in (0, 1).
 The stream's active part is multiplied by prod_k [(1 - a_lk v_k) + a_lk v_k g_k], with
 a_lk = clamp(sigmoid(logit_lk), alpha_min, alpha_max); the null-space dimensions pass
-untouched. Fixes against the seed's version: the validity head now scales each expert's
+untouched. Fixes against the original version: the validity head now scales each expert's
 gate (it was computed and unused); the k = 1 expert is no longer constant (a LayerNorm over
 [d^2, vol^2], which are equal for an edge, erased its signal; features are now relative
 to the template instead); the template is an exact regular simplex (tested: equal edges,

@@ -22,7 +22,7 @@ lexicographer-file clustering (within-file cosine against random sets); 4-simple
 CV beside the exact Gaussian value. Seed 0 also gets Mantel permutation p-values (item
 labels of the cosine matrix shuffled) and the figures. Without --simulate-root only pairs
 joined in the taxonomy count (nouns with nouns, verbs of one tree); with it (nltk's default
-and the seed's) every adjective or adverb pair scores path 1/3, whatever the words.
+and the original code's) every adjective or adverb pair scores path 1/3, whatever the words.
 """
 from __future__ import annotations
 

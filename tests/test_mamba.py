@@ -85,7 +85,7 @@ def test_mamba_ssm_parameter_layout_and_init():
     assert dt.min() >= 1e-4 * 0.999 and dt.max() <= 0.1 * 1.001
 
 
-def test_parameter_count_of_the_seed_model():
+def test_parameter_count_of_the_original_model():
     m = MambaNext(MambaConfig(d_model=128, n_layers=7, d_state=32, d_conv=4, expand=2, d_ff=512))
     per_block = 128 * 512 + 256 * 4 + 256 + 256 * 72 + 8 * 256 + 256 + 256 * 32 + 256 + 256 * 128 + 2 * 128
     expected = 7 * per_block + (20 * 128 + 128) + 2 * 128 + (128 * 512 + 512 + 512 * 20 + 20)

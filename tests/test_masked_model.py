@@ -20,7 +20,7 @@ def expected_parameters(n_layers, d, d_ff, in_dim=20):
     return n_layers * (attn + ffn + norms) + in_dim + (in_dim * d + d) + (d * d_ff + d_ff + d_ff * in_dim + in_dim)
 
 
-def test_parameter_count_of_the_seed_model():
+def test_parameter_count_of_the_original_model():
     m = MaskedTransformer(ModelConfig(n_layers=7, d_model=128, n_heads=4, d_ff=512))
     assert count_parameters(m) == expected_parameters(7, 128, 512) == 1_466_920
     t5 = MaskedTransformer(ModelConfig(n_layers=7, pos_encoding="t5", t5_num_buckets=64))

@@ -1,11 +1,11 @@
-"""Every example command of the seed documents, translated by the README's table, runs here.
+"""Every example command of the original work's documentation, translated by the README's table, runs here.
 
 Each row is (the seed command, the command here). The command here is the README table's
-right-hand column; only sizes shrink (the TINY values replace the seed's numbers, and
+right-hand column; only sizes shrink (the TINY values replace the original numbers, and
 per-script width/point flags are added) so the whole list runs in minutes on a CPU (marked
 slow: `python -m pytest -m slow tests/test_seed_commands.py`; the checks that the list covers
 the README's table and keeps the seeds' flags run by default). The seeds' structural flags (layers, positional encodings, gate factors, horizons,
-perturbations, layer picks) are kept as written. The seeds' scripts overwrote their outputs;
+perturbations, layer picks) are kept as written. The original scripts overwrote their outputs;
 here nothing is overwritten without --force, so every command runs in its own folder with
 the data (and checkpoint) it needs linked in. The notebook (seed 002) has no commands; its
 stages have their own tests.
@@ -85,11 +85,11 @@ SEED_COMMANDS = [
     ("003", "python analysis_alignment.py", "python -m modadd.alignment runs/code/s0 runs/code/s1"),
 ]
 
-# the seed's number -> the tiny one (sizes only)
+# the original number -> the tiny one (sizes only)
 TINY = {"--epochs": "1", "--n-steps": "5000", "--seq-len": "128", "--t5-max-distance": "128",
         "--mask-patch-max": "64", "--gen-len": "96", "--seed-len": "32", "--perturb-interval": "30",
         "--perturb-duration": "5", "--seeds": "0-1", "--pca": "8", "--d-state": "4"}
-# flags added per command when the seed's command does not give them (widths, points, lengths;
+# flags added per command when the original command does not give them (widths, points, lengths;
 # never a structural choice)
 EXTRA = {
     "markov_circles_timeseries.py": ["--n-steps", "5000", "--umap-points", "300"],
@@ -194,7 +194,7 @@ def test_every_seed_script_of_the_readme_table_is_covered():
 
 
 def test_tiny_keeps_the_structure():
-    """Only sizes change: the seed's flags stay, in order, with the tiny numbers."""
+    """Only sizes change: the original flags stay, in order, with the tiny numbers."""
     _, argv = tiny_argv(SEED_COMMANDS[8][2])
     assert argv[:18] == ["--epochs", "1", "--n-layers", "7", "--seq-len", "128", "--stride", "64", "--mask-patch-min",
                          "8", "--mask-patch-max", "64", "--pos-encoding", "t5", "--t5-num-buckets", "64",

@@ -91,7 +91,7 @@ def test_parameter_count_for_the_seed_configuration():
     for k in (1, 2, 4):
         nf = k * (k + 1) // 2 + (1 if k >= 2 else 0)
         expected += act * (k + 1) * edim + (k + 1) * edim + nf * act + act + nf + 1
-    assert FD.parameter_count(d, n_layers) == expected == 38133     # the seed's version: 38,552
+    assert FD.parameter_count(d, n_layers) == expected == 38133     # the original version: 38,552
 
 
 def test_cv_health_on_gaussian_data():

@@ -3,7 +3,7 @@
 1. One layer (d_model 128, d_state 32, expand 2), batch 8 x 1024 steps, forward + backward
    with our pure-PyTorch scan (target 2 s on 2 CPU cores). --cuda: the same step with
    mamba_ssm's kernel and with our scan on the GPU.
-2. Generation: 2,048 steps from the seed's 7-layer model with the recurrent state (target
+2. Generation: 2,048 steps from the original 7-layer model with the recurrent state (target
    10 s on 2 CPU cores), and the ratio against recomputing the whole sequence at every
    step, both measured over the first 256 generated steps.
 """

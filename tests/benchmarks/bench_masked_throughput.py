@@ -2,7 +2,7 @@
 tokens per second, for each positional scheme.
 
 CPU (default): seq 256, 4 layers, d_model 128, batch 32, fp32.
-CUDA (--cuda): the seed's configuration, seq 1024, 7 layers, batch 128, BF16 autocast and
+CUDA (--cuda): the published configuration, seq 1024, 7 layers, batch 128, BF16 autocast and
 torch.compile, plus the implied epoch time on 200k steps with stride 64.
 """
 import argparse

@@ -1,4 +1,4 @@
-"""terrain.wordnet on the offline MiniLM with the seed's stability settings: 50 seeds, each
+"""terrain.wordnet on the offline MiniLM with the original stability settings: 50 seeds, each
 2,000 items and 200,000 pairs, path and Wu-Palmer similarity for every pair (exactly nltk's
 values), correlations, bands, hypernym decay, lexicographer files and simplex CVs
 (target: the 50 seeds in 5 minutes on 2 cores). Also times matching, encoding the
