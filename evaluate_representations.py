@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import os
 import sys
@@ -42,15 +41,21 @@ import numpy as np
 import torch
 
 import cliargs
+import mamba_next
+import masked_model_gpu
+import oracle
 from cliargs import SEED, Parser, add_output_flags, at_least, between
-from plotting import save_figure
+from dataset import load_series
+from estimate_dimension import levina_bickel
+from plotting import save_figure, state_colors
 from statsutil import gaussian_null
+from training import TrainingError, check_data_matches, claim_outputs, load_checkpoint, resolve_device
 
-# model_type in a checkpoint -> (module, loader function returning an nn.Module with
-# layer_names and forward(x, return_hidden=True) -> (output, [representations]))
+# model_type in a checkpoint -> the model script's loader, returning an nn.Module with
+# layer_names and forward(x, return_hidden=True) -> (output, [representations])
 MODEL_LOADERS = {
-    "masked_transformer": ("masked_model_gpu", "load_model"),
-    "mamba_next": ("mamba_next", "load_model"),
+    masked_model_gpu.MODEL_TYPE: masked_model_gpu.load_model,
+    mamba_next.MODEL_TYPE: mamba_next.load_model,
 }
 
 
@@ -64,7 +69,6 @@ class EvalError(RuntimeError):
 
 
 def load_any(path: str):
-    from training import TrainingError, load_checkpoint
     try:
         ckpt = load_checkpoint(path)
     except TrainingError as e:
@@ -72,8 +76,7 @@ def load_any(path: str):
     if ckpt["model_type"] not in MODEL_LOADERS:
         raise EvalError(f"{ckpt['path']} holds a {ckpt['model_type']!r} model, which has no representation "
                         f"loader (known: {sorted(MODEL_LOADERS)})")
-    module, fn = MODEL_LOADERS[ckpt["model_type"]]
-    return ckpt, getattr(importlib.import_module(module), fn)(ckpt)
+    return ckpt, MODEL_LOADERS[ckpt["model_type"]](ckpt)
 
 
 def parse_layers(spec: str, names: list[str]) -> list[str]:
@@ -148,7 +151,6 @@ def layer_metrics(Z: np.ndarray, states: np.ndarray, thetas: np.ndarray | None, 
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, r2_score, silhouette_score
     from sklearn.preprocessing import StandardScaler
 
-    from estimate_dimension import levina_bickel
     res: dict = {"dim": int(Z.shape[1]), "n_points": int(len(Z))}
     if lb:
         P = Z[lb_idx]
@@ -204,7 +206,6 @@ def belief_targets(beliefs: dict | None) -> dict:
 
 def plot_umap_grid(embs: dict, states_by_layer: dict, lb30: dict, n_states: int, path: str, title: str) -> str:
     import matplotlib.pyplot as plt
-    from plotting import state_colors
     cols = np.array(state_colors(n_states))
     n = len(embs)
 
@@ -385,7 +386,6 @@ def analyse(model, series, layers, args, device, *, window, context, causal, rng
     if known is not None and np.array_equal(known[0], pos):
         beliefs = known[1]
     elif chain is not None:
-        import oracle
         beliefs = oracle.beliefs_at(chain, series.X[:T], wst, pos - wst, window, causal, progress=True)
     states = series.states[pos]
     thetas = series.thetas[pos] if series.thetas is not None else None
@@ -401,7 +401,6 @@ def analyse(model, series, layers, args, device, *, window, context, causal, rng
 
 
 def main(argv=None) -> int:
-    from training import TrainingError
     args = build_parser().parse_args(argv)
     try:
         return run(args)
@@ -411,8 +410,6 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from dataset import load_series
-    from training import TrainingError, check_data_matches, claim_outputs, resolve_device
     t_start = time.perf_counter()
     ckpt, model = load_any(args.checkpoint)
     device = resolve_device(args.device)
@@ -440,7 +437,6 @@ def run(args) -> int:
 
     if not series.has_labels:
         print("note: the series has no labels: k-means, silhouette and the circle and phase probes are skipped")
-    import oracle
     try:
         chain = oracle.Chain.from_series(series)
     except oracle.OracleError as e:
