@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from terrain import metrics as M
-from terrain.modulate import HookedModulator
+from terrain.hooks import HookedModulator
 
 
 def regular_simplex(k: int, dim: int) -> torch.Tensor:

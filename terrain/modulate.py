@@ -27,8 +27,6 @@ among items, and the Procrustes rotation replaced by a random one.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import math
 import sys
 
@@ -37,101 +35,21 @@ import torch
 import torch.nn as nn
 
 from cliargs import SEED, Parser, at_least, between, non_negative, positive
-
-from terrain import metrics as M
 from plotting import save_figure
 from statsutil import pearson, spearman
+from terrain import metrics as M
+from terrain import talk as T
+from terrain.cli import add_model_flags, add_output_flags, resolve_device, run_for_models
+from terrain.field import FieldModulator, cv_health
+from terrain.hooks import HookedModulator, encoder_blocks  # noqa: F401 (encoder_blocks: also used as MD.encoder_blocks)
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
-from terrain.project import procrustes, token_states
+from terrain.project import procrustes, special_template, token_states
 from terrain.taxonomy import Taxonomy
+from terrain.talk import converse, format_answers, read_prompts, summarise, summary_table
+from terrain.wordnet import distance_bands, encode_texts, load_wordnet, match_items
 
 NAMED_ALPHA = 0.29154
 DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2, NAMED_ALPHA, 0.5)
-
-
-def encoder_blocks(model) -> nn.ModuleList:
-    """The list of blocks of a BERT-style or T5-style encoder, or of a causal LM (Llama/Qwen-style
-    `model.layers`, GPT-2-style `transformer.h`)."""
-    for path in ("encoder.layer", "encoder.block", "block", "encoder.layers", "layers", "model.layers",
-                 "model.language_model.layers", "transformer.h"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise TerrainError(f"{type(model).__name__}: no encoder block list found (BERT-style encoder.layer or "
-                       f"T5-style block)")
-
-
-class HookedModulator(nn.Module):
-    """Base of the modulators: `transform(h, k)` rewrites the residual stream entering the
-    k-th chosen block; forward pre-hooks on the model's own blocks apply it."""
-
-    def __init__(self):
-        super().__init__()
-        self._ids = None
-        self._handles = []
-        self._where = None
-
-    def transform(self, h: torch.Tensor, k: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def n_slots(self) -> int:
-        raise NotImplementedError
-
-    @contextmanager
-    def attached(self, model, layers: list[int]):
-        """The modulator inside `model` for the block's duration, removed after (also on errors)."""
-        self.attach(model, layers)
-        try:
-            yield self
-        finally:
-            self.detach()
-
-    @contextmanager
-    def suspended(self):
-        """The model as it is without the modulator for the block's duration (e.g. to generate the
-        unmodulated reference), then the modulator back where it was."""
-        where = self._where
-        self.detach()
-        try:
-            yield
-        finally:
-            if where is not None:
-                self.attach(*where)
-
-    def attach(self, model, layers: list[int]):
-        """Register the hooks on `model` (an encoder) before each block in `layers` (see also
-        attached() and suspended(), which undo it when their block ends)."""
-        self.detach()
-        blocks = encoder_blocks(model)
-        if len(layers) != self.n_slots() or any(not 0 <= i < len(blocks) for i in layers):
-            raise TerrainError(f"layers {layers} do not fit a model with {len(blocks)} blocks and a modulator "
-                               f"for {self.n_slots()} layers")
-
-        def grab_ids(_module, args):
-            self._ids = args[0] if args else None
-
-        self._handles.append(model.get_input_embeddings().register_forward_pre_hook(grab_ids))
-        for k, i in enumerate(layers):
-            def hook(_module, args, kwargs, k=k):
-                if args:
-                    return (self.transform(args[0], k), *args[1:]), kwargs
-                kwargs = dict(kwargs)
-                kwargs["hidden_states"] = self.transform(kwargs["hidden_states"], k)
-                return args, kwargs
-            self._handles.append(blocks[i].register_forward_pre_hook(hook, with_kwargs=True))
-        self._where = (model, list(layers))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._ids = None
-        self._where = None
 
 
 class LerpModulator(HookedModulator):
@@ -242,7 +160,6 @@ def relational_scores(C: np.ndarray, S: dict, base: np.ndarray | None) -> dict:
                                                                              np.random.default_rng(0)))}
     if base is not None:
         out["preservation"] = float(np.mean(np.sum(U * M.unit(base), 1)))
-    from terrain.wordnet import distance_bands
     out["bands"] = distance_bands(dist, {"state": cos})
     return out
 
@@ -266,7 +183,6 @@ def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors:
 
     from transformers import AutoTokenizer
 
-    from terrain.wordnet import encode_texts, load_wordnet, match_items
     wn = load_wordnet()
     # loaded once: with the language-model head when it is trained through, else the encoder alone
     model, config = load_model(name, dtype, device, part="lm" if generate else "seq2seq" if lm_head else "encoder")
@@ -343,7 +259,6 @@ def contrastive_loss(c, batch: np.ndarray, tau: float):
     """Encoder-only objective: each pooled (modulated) definition picks its own lemma's
     (modulated) token state among the batch's lemmas."""
     import torch.nn.functional as F
-    from terrain.project import special_template
     enc = c.tok([c.items[i]["definition"] for i in batch], return_tensors="pt", padding=True, truncation=True,
                 max_length=128).to(c.device)
     kw = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -400,7 +315,6 @@ def train(name: str | None = None, *, layers: list[int] | None = None, geo_dim: 
     torch.manual_seed(seed)
     base = c.encode()
     if kind == "field":
-        from terrain.field import FieldModulator
         c.mod = FieldModulator(c.d_model, len(c.layers), alpha=alpha, seed=seed).to(c.device)
         params = list(c.mod.parameters())
     else:
@@ -472,7 +386,6 @@ def train(name: str | None = None, *, layers: list[int] | None = None, geo_dim: 
             res["control_name"], res["control"] = "trained rows shuffled", res["after_training_shuffled_rows"]
         res["model_unchanged"] = sum(float(p.double().sum()) for p in c.model.parameters()) == checksum
         if c.seq2seq:
-            from terrain.talk import converse, summarise
             talk = dict(talk or {})
             n_prompts = talk.pop("n_prompts", 4)
             prompts = talk.pop("prompts", None) or ["summarize: " + c.items[i]["definition"]
@@ -498,7 +411,6 @@ def field_param_groups(mod, lr: float, grad_scale: float) -> list[dict]:
 def monitor_cv(c, n_monitor: int, seed: int) -> float:
     """Full-dimensional 4-simplex CV of the (modulated, if attached) states of the first n_monitor
     anchor definitions: the early-stopping monitor's measurement."""
-    from terrain.field import cv_health
     with torch.no_grad():
         return cv_health(c.encode([c.items[i]["definition"] for i in c.anchors[:n_monitor]]), seed=seed)["cv"]
 
@@ -519,7 +431,6 @@ def field_controls(c, base: np.ndarray) -> dict:
     """After training a field modulator: the full-dimensional simplex CV of the modulated
     states, mean validity per expert, and a control with freshly initialised experts at the
     trained alphas (gates of the same strength that learned nothing)."""
-    from terrain.field import cv_health
     states = c.encode()
     out = {"cv_health": cv_health(states), "cv_health_unmodulated": cv_health(base)}
     trained = {k: v.clone() for k, v in c.mod.state_dict().items()}
@@ -567,7 +478,6 @@ def format_training(res: dict) -> str:
                      f"{es['unmodulated_cv']:.3f}), {len(es['checks'])} checks every {es['every']} steps, patience "
                      f"{es['patience']}: {where}")
     if "generations" in res:
-        from terrain.talk import format_answers, summary_table
         lines += format_answers(res["generations"]) + summary_table(res["generation_summary"])
     return "\n".join(lines)
 
@@ -644,7 +554,6 @@ def plot(res: dict, path: str) -> str:
 
 
 def build_parser() -> Parser:
-    from terrain.cli import add_model_flags, add_output_flags
     p = Parser(prog="python -m terrain.modulate",
                description="LERP residual modulator initialised from WordNet: alpha sweep on held-out items with "
                            "shuffled and random-rotation controls.")
@@ -704,8 +613,6 @@ def build_parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    from terrain.cli import resolve_device, run_for_models
-    from terrain.talk import read_prompts
     p = build_parser()
     args = p.parse_args(argv)
     if args.geo_dim >= args.anchors and not (args.train and args.modulator == "field"):
@@ -748,7 +655,6 @@ def main(argv=None) -> int:
     talk_opts = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                  "seed": args.sample_seed, "prompts": prompts, "n_prompts": args.n_prompts}
     if args.talk and not args.train:
-        from terrain import talk as T
         prefix, present, draw = "modulate_talk", T.format_summary, T.plot
 
         def compute(n):

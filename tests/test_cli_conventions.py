@@ -253,3 +253,38 @@ def test_every_command_reads_device_the_same_way(cuda, monkeypatch, capsys):
             call("cuda")
     assert dim(["--demo", "--demo-points", "50", "--n-boot", "0", "--device", "cuda", "--no-plot"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_no_import_cycle_among_the_projects_modules():
+    """The imports a module makes when it is imported (its top level) form no cycle, e.g.
+    terrain.field and terrain.modulate both build on terrain.hooks instead of on each other."""
+    import ast
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    names = {}
+    for folder in ("", "terrain", "modadd"):
+        for f in os.listdir(os.path.join(root, folder)):
+            if f.endswith(".py"):
+                mod = f[:-3] if not folder else f"{folder}.{f[:-3]}"
+                names[mod.removesuffix(".__init__")] = os.path.join(root, folder, f)
+    graph = {}
+    for mod, path in names.items():
+        deps = set()
+        for node in ast.parse(open(path).read()).body:
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[mod] = {d for d in deps if d in names and d != mod}
+    assert "terrain.modulate" not in graph["terrain.field"]
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            assert state.get(d) != "open", " -> ".join(path + [d])
+            if d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
