@@ -19,6 +19,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from cliargs import Parser
 
 REQUIRED_ARRAYS = ("X",)  # "states" (labels) is optional: a user's own series may have none
 
@@ -461,7 +462,6 @@ def write_data_folder(out_dir: str, X: np.ndarray, labels: np.ndarray | None, in
 
 
 def build_parser():
-    from cliargs import Parser
     p = Parser(description="Write a recorded series (.npy, .npz or .csv; one row per step) as a data folder "
                            "(data.npz + config.json) that every model and analysis of this project reads.")
     p.add_argument("input", help="the series: a T x D .npy, a .npz with array X (and labels), or a .csv")

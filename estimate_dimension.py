@@ -37,6 +37,7 @@ import numpy as np
 from cliargs import SEED, Parser, add_output_flags, at_least, plots_dir, resolve_device
 import statsutil
 from plotting import save_figure
+from dataset import load_series
 
 DEFAULT_KS = (10, 30, 100)
 
@@ -270,7 +271,6 @@ def claim(args, name: str) -> tuple[str, str]:
 
 
 def run_data(args) -> int:
-    from dataset import load_series
     base, figure = claim(args, "dimension_vs_k")
     series = load_series(args.data_dir)
     X = series.signal if args.signal else series.X

@@ -38,6 +38,7 @@ import numpy as np
 
 from cliargs import SEED, Parser, add_output_flags, at_least, non_negative, plots_dir, positive
 from plotting import draw_state_strip, save_figure, state_colors  # noqa: F401 (also re-exported for old imports)
+from estimate_dimension import levina_bickel
 
 FORMAT_VERSION = 1
 
@@ -315,7 +316,6 @@ def umap_raw(data, cfg, plots_dir, rng, n_points, n_neighbors) -> tuple[dict, np
     """UMAP of a random subsample of the raw series and Levina-Bickel of the 2-D embedding."""
     import matplotlib.pyplot as plt
     import umap
-    from estimate_dimension import levina_bickel
 
     X = data["X"]
     idx = np.sort(rng.choice(len(X), size=min(n_points, len(X)), replace=False))

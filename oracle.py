@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from cliargs import SEED, at_least, between, Parser, positive
 
 GENERATOR_ARRAYS = ("planes", "radii", "entry_angles", "periods", "transition_matrix")
 GENERATOR_CONFIG = ("dwell_mean", "dwell_std")
@@ -714,7 +715,6 @@ def reference(series, datasets: dict, task: str, progress: bool = True) -> tuple
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from cliargs import SEED, Parser, at_least, between, positive
     p = Parser(
         description="Score the Bayes-optimal predictor of the circles generator on the windows and masks a "
                     "model is scored on. Give --checkpoint to take every data flag from a training run, or the "

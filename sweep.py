@@ -58,6 +58,9 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 from cliargs import Parser, add_output_flags, at_least, default_plots_dir
+from modadd import forgetting, report
+from statsutil import seed_ci
+from modadd.figures import save, subplots
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = "sweep.json"
@@ -502,21 +505,6 @@ def run_submitit(root: str, indices: list[int], args, cluster: str) -> list[dict
 
 # ---------------------------------------------------------------------------- aggregation
 
-def seed_ci(values) -> dict:
-    """Mean over seeds with a 95% Student-t interval (the right width for 3-10 seeds, where a
-    bootstrap over seeds is too narrow); NaN values (a seed that never reached a threshold)
-    are left out and counted in n."""
-    from scipy import stats
-    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
-    n = len(v)
-    if n == 0:
-        return {"mean": float("nan"), "std": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    mean = sum(v) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1)) if n > 1 else float("nan")
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": mean, "std": sd, "lo": mean - half, "hi": mean + half, "n": n}
-
-
 def paired(a: dict, b: dict) -> dict:
     """b - a over the seeds both have (a, b: {seed: value}): mean difference, 95% t interval,
     paired t-test p, and in how many seeds b is larger."""
@@ -577,7 +565,6 @@ def modadd_metrics(job_dir: str, spec: dict) -> tuple[dict, dict]:
     """Final held-out accuracy per m (and its mean), forgetting per m for a curriculum run,
     the per-run commutator statistics of modadd.report, and the run's trajectory r90 (mean
     over attention matrices) beside its random-walk null when the trajectory stage ran."""
-    from modadd import forgetting, report
     cfg, M = forgetting.load_metrics(job_dir)
     ms = list(range(cfg["m_min"], cfg["m_max"] + 1))
     scalars = {f"final_acc_m{m}": float(M[f"acc_m{m}"][-1]) for m in ms}
@@ -684,7 +671,6 @@ def markdown(agg: dict) -> str:
 
 def plot_curves(agg: dict, plots_dir: str) -> list[str]:
     """One figure per curve: one line per configuration with its 95% band."""
-    from modadd.figures import save, subplots
     paths = []
     names = list(dict.fromkeys(n for c in agg["configs"].values() for n in c["curves"]))
     for name in names:

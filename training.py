@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 import cliargs
-from plotting import save_figure
+from plotting import draw_state_strip, save_figure
 from cliargs import SEED, at_least, between, non_negative, positive
+from dataset import load_series
+import oracle
 
 
 class TrainingError(RuntimeError):
@@ -254,7 +256,6 @@ def as_scores(result) -> dict:
 def oracle_reference(series, datasets: dict, task: str) -> dict:
     """The oracle's scores on the validation and test windows ({} with a one-line note when the
     data folder has no generator parameters)."""
-    import oracle
     ref, note = oracle.reference(series, datasets, task)
     if note:
         print(note)
@@ -356,7 +357,6 @@ def plot_prediction_window(path: str, x: np.ndarray, states: np.ndarray, pred: n
                            mask: np.ndarray | None = None) -> str:
     """Four rows: state strip (masked steps grey), truth, prediction, squared error (NaN = not scored)."""
     import matplotlib.pyplot as plt
-    from plotting import draw_state_strip
     fig, axes = plt.subplots(4, 1, figsize=(12, 8), sharex=True,
                              gridspec_kw={"height_ratios": [1, 5, 5, 5], "hspace": 0.08})
     draw_state_strip(axes[0], states, n_states, mask=mask)
@@ -733,7 +733,6 @@ def _resolve_run(args, spec: ModelSpec, given: set[str]):
 
 
 def _load_data(args, spec: ModelSpec, resume: dict | None) -> RunData:
-    from dataset import load_series
     series = load_series(args.data_dir)
     cfg = spec.config_from_args(args, series.dim)
     try:
@@ -882,7 +881,6 @@ def score_splits(spec: ModelSpec, model, loaders, device, amp, floor, ref: dict,
 
 def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) -> int:
     """Reload a checkpoint, report validation and test MSE against the noise floor, redraw."""
-    from dataset import load_series
     ckpt = load_checkpoint(args.eval, spec.model_type)
     check_export_target(args.export, args.force)
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "eval")

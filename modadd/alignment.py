@@ -34,6 +34,7 @@ from modadd.figures import emit, save, stage_files, subplots
 from modadd.geometry import execution_basis, random_walk_like
 from modadd.runs import MATS, load_snapshots
 from modadd.stats import mean_std
+from training import claim_outputs, TrainingError
 
 NAME = "alignment"
 
@@ -192,7 +193,6 @@ def build_parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
     out = args.out_dir or args.runs[0]
     try:

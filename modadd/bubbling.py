@@ -24,6 +24,7 @@ from modadd.figures import emit, save, stage_files, subplots
 from modadd.model import accuracy, set_topk
 from modadd.runs import load_run
 from modadd.task import sample
+from training import claim_outputs, TrainingError
 
 NAME = "bubbling"
 
@@ -104,7 +105,6 @@ def build_parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
     out = args.out_dir or args.run
     try:

@@ -23,6 +23,7 @@ from cliargs import Parser, add_output_flags
 from modadd.figures import emit, save, stage_files, subplots
 from modadd.runs import load_config
 from modadd.stats import mean_std
+from training import claim_outputs, TrainingError
 
 NAME = "forgetting"
 
@@ -130,7 +131,6 @@ def build_parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
     out = args.out_dir or args.runs[0]
     try:

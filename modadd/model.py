@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from training import load_exported
 
 
 MODEL_TYPE = "modadd_transformer"
@@ -99,7 +100,6 @@ class ModAddTransformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str) -> "ModAddTransformer":
         """The model of an export folder (model.safetensors + config.json, from modadd.train --export)."""
-        from training import load_exported
         return load_exported(path, MODEL_TYPE, cls, ModelConfig)
 
     def attention_matrices(self) -> dict[str, torch.Tensor]:

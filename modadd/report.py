@@ -19,7 +19,7 @@ Figures (mean or median over seeds with their spread):
   fig6_sae_ablation        accuracy drop from ablating the chosen SAE latents vs random ones
 Statistics: per seed the median over commutator pairs (with its 95% bootstrap interval over
 pairs in report.json), then the mean over seeds with a 95% Student-t interval over seeds,
-the same summary as python sweep.py aggregate gives (sweep.seed_ci). Writes report.json and
+the same summary as python sweep.py aggregate gives (statsutil.seed_ci). Writes report.json and
 report.md (the verdict table) into --out-dir, the figures into --plots-dir (default
 plots/modadd_report). Earlier outputs stop it unless --force, which first removes every file it
 can write (also figures this run's data would not give, so none of another run survives).
@@ -39,8 +39,9 @@ import numpy as np
 from cliargs import Parser, add_output_flags, default_plots_dir
 from modadd.figures import save, subplots
 from modadd.stats import median_ci
-from statsutil import spearman
-from sweep import seed_ci   # the over-seed interval of sweep.py's aggregation (95% Student-t)
+from statsutil import seed_ci, spearman  # seed_ci: the over-seed interval of sweep.py's aggregation
+from modadd import forgetting, trajectory
+from training import claim_outputs, TrainingError
 
 RHOS = ("final_rho_exec", "final_rho_random", "final_rho_block_matched", "final_rho_exec_blocks",
         "final_rho_random_blocks")
@@ -347,7 +348,6 @@ def load_root(root: str) -> list[dict]:
 
 def build(root: str, out_dir: str, curriculum: str | None = None, mlp: str | None = None,
           geometry: str | None = None, plot: bool = True, plots_dir: str | None = None) -> dict:
-    from modadd import forgetting, trajectory
     figures = plots_dir or default_plots_dir(out_dir)
 
     def figure(draw, *a):  # draws into the figures folder; nothing with plot=False
@@ -433,7 +433,6 @@ def build_parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
     try:
         claim_outputs(outputs(args.out_dir, args.plots_dir), args.force)

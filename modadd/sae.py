@@ -38,6 +38,7 @@ from modadd.runs import load_config, model_at, snapshot_steps
 from modadd.task import sample
 from modadd.train import pick_device
 from statsutil import pearson
+from training import claim_outputs, TrainingError
 
 VARIABLES = ("m", "marker", "marked_value", "value_token", "position")
 NAME = "sae"
@@ -336,7 +337,6 @@ def check(args) -> str | None:
 
 
 def main(argv=None) -> int:
-    from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
     problem = check(args)
     if problem:

@@ -33,7 +33,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cliargs import NO_PLOT_HELP, Parser, at_least, default_plots_dir
-from sweep import parse_seeds   # one seed-list parser for both launchers
+from sweep import parse_seeds, slot_env, visible_gpus  # one seed-list parser for both launchers
+from modadd import sae, train
+from modadd.ensemble import run_many
+from modadd.train import outputs, stage_outputs as run_stage_outputs
+from training import claim_outputs
 
 PER_RUN = ("bubbling", "sae")
 ALL_RUNS = ("trajectory", "alignment")
@@ -51,7 +55,6 @@ def run_parallel(jobs: list[tuple[str, list[str], str]], n: int, gpus: list[str]
     """jobs: (name, command, log path) -> {name: return code}, printing as they finish. Each of
     the n slots owns GPU gpus[slot % len(gpus)] (sweep.slot_env), so processes running at once
     are spread over the GPUs instead of all landing on GPU 0."""
-    from sweep import slot_env
     rcs = {}
     slots: queue.Queue = queue.Queue()
     for k in range(max(1, n)):
@@ -98,10 +101,8 @@ def covers(json_path: str, runs: list[str]) -> bool:
 
 
 def train_together(train_args: list[str], seeds: list[int], dirs: dict, group: int) -> dict[str, int]:
-    from modadd.ensemble import run_many
-    from modadd.train import build_parser, resolve
-    targs = build_parser().parse_args(train_args)
-    cfg = resolve(targs)
+    targs = train.build_parser().parse_args(train_args)
+    cfg = train.resolve(targs)
     rcs = {}
     for i in range(0, len(seeds), group):
         chunk = seeds[i:i + group]
@@ -149,7 +150,6 @@ def build_parser() -> Parser:
 def check_passed_flags(train_args: list[str], sae_args: list[str]) -> None:
     """Parse the flags meant for modadd.train and modadd.sae now, so that a bad value stops the
     sweep at once (one line, exit status 2) instead of failing every seed's process later."""
-    from modadd import sae, train
     tp = train.build_parser()
     problem = train.check(train.resolve(tp.parse_args(train_args)))
     if problem:
@@ -179,14 +179,11 @@ def main(argv=None) -> int:
     check_passed_flags(train_args, args.sae_args.split() if "sae" in stages else [])
     os.makedirs(args.root, exist_ok=True)
     py = sys.executable
-    from sweep import visible_gpus
     gpus = visible_gpus(args.gpus) if args.together == 0 else []
     dirs = {s: os.path.join(args.root, f"s{s}") for s in seeds}
     todo = [s for s in seeds if not os.path.exists(os.path.join(dirs[s], "model.pt"))]
     print(f"training {len(todo)} of {len(seeds)} seeds ({args.jobs} at once): modadd.train {' '.join(train_args)}")
     if args.together > 0:
-        from modadd.train import outputs, stage_outputs as run_stage_outputs
-        from training import claim_outputs
         for s in todo:  # what modadd.train --force removes: leftovers of a run that did not finish
             claim_outputs(outputs(dirs[s]) + run_stage_outputs(dirs[s]), force=True)
         rcs = train_together(train_args, todo, dirs, args.together)

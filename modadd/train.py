@@ -33,8 +33,10 @@ import torch.nn.functional as F
 
 from cliargs import SEED, Parser, at_least, positive, resolve_device
 from modadd.geometry import commutator, execution_basis, project_commutators, random_basis, rho
-from modadd.model import ModAddTransformer, ModelConfig, accuracy, readout_entropy
+from modadd.model import MODEL_TYPE, accuracy, ModAddTransformer, ModelConfig, readout_entropy
 from modadd.task import TaskConfig, batch_for, m_schedule, sample
+from modadd.runs import load_run
+from training import check_export_target, claim_outputs, export_model, TrainingError
 
 PRESETS = {
     "code": dict(T=16, C=8, m_min=1, m_max=4, n_layers=5, d_model=128, n_heads=4, optimizer="adamw", lr=3e-4,
@@ -347,13 +349,10 @@ def export(model, config: dict, out_dir: str, force: bool) -> list[str]:
     """The model as safetensors + config.json; the task's configuration goes with it."""
     from dataclasses import asdict
 
-    from training import export_model
-    from modadd.model import MODEL_TYPE
     return export_model(model, MODEL_TYPE, asdict(model.cfg), out_dir, force, data=config)
 
 
 def main(argv=None) -> int:
-    from training import TrainingError, check_export_target
     args = build_parser().parse_args(argv)
     if args.from_run and not args.export:
         print("error: --from-run exports a run: give --export DIR too", file=sys.stderr)
@@ -361,7 +360,6 @@ def main(argv=None) -> int:
     try:
         check_export_target(args.export, args.force)
         if args.from_run:
-            from modadd.runs import load_run
             model, _, config = load_run(args.from_run)
             print("wrote " + ", ".join(export(model, config, args.export, args.force)))
             return 0
@@ -386,7 +384,6 @@ def main(argv=None) -> int:
     if args.force:
         # only now, so that a run that fails leaves the old one whole: the old run's files (also one
         # this run does not write) and its stages' outputs would describe another model
-        from training import claim_outputs
         claim_outputs(outputs(out) + stage_outputs(out), force=True)
     write(res, out)
     f = res["final"]

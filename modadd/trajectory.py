@@ -20,6 +20,7 @@ from modadd.figures import emit, save, stage_files, subplots
 from modadd.geometry import trajectory_pca
 from modadd.runs import MATS, load_snapshots
 from modadd.stats import mean_std
+from training import claim_outputs, TrainingError
 
 NAME = "trajectory_pca"
 
@@ -85,7 +86,6 @@ def build_parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    from training import TrainingError, claim_outputs
     args = build_parser().parse_args(argv)
     out = args.out_dir or args.runs[0]
     try:

@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 import cliargs
-from terrain.models import DEFAULT_MODEL, TerrainError
+from terrain.models import DEFAULT_MODEL, DTYPES, TerrainError
 
 
 def model_tag(name: str | None) -> str:
@@ -103,7 +103,6 @@ def progress(iterable, desc: str, total: int | None = None):
 
 def add_model_flags(p) -> None:
     """--dtype and --device of the stages that run a model's forward pass."""
-    from terrain.models import DTYPES
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="dtype the weights are loaded in (bfloat16 halves the memory of a big model)")
     add_device_flag(p)

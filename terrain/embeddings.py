@@ -31,6 +31,7 @@ from plotting import save_figure
 from statsutil import gaussian_null, spearman
 from terrain.checkpoint import embedding_matrix, output_head
 from terrain.models import DEFAULT_MODEL, resolve_model_name
+from terrain.cli import add_output_flags, run_for_models
 
 # Small hand-made categories; members that are not single tokens are dropped and counted.
 CATEGORIES = {
@@ -270,7 +271,6 @@ def plot(res: dict, path: str) -> str:
 
 
 def build_parser() -> Parser:
-    from terrain.cli import add_output_flags
     p = Parser(prog="python -m terrain.embeddings", description="Embedding-matrix geometry beside nulls.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
                    help="model names or local folders (see terrain/models.py; default: the offline MiniLM)")
@@ -282,7 +282,6 @@ def build_parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    from terrain.cli import run_for_models
     args = build_parser().parse_args(argv)
     code, _, written = run_for_models(args, "embeddings", lambda n: probe(n, args.seed, args.n_simplices),
                                       format_summary, plot)

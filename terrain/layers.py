@@ -30,6 +30,7 @@ from cliargs import SEED, Parser
 from terrain import metrics as M
 from plotting import save_figure
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
+from terrain.cli import add_model_flags, add_output_flags, resolve_device, run_for_models
 
 SENTENCES = [
     "The cat sat quietly on the warm windowsill.",
@@ -173,7 +174,6 @@ def plot(res: dict, path: str) -> str:
 
 
 def build_parser() -> Parser:
-    from terrain.cli import add_model_flags, add_output_flags
     p = Parser(prog="python -m terrain.layers",
                description="Hidden-state norms and cosines through the layers of a text model.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
@@ -189,7 +189,6 @@ def build_parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    from terrain.cli import resolve_device, run_for_models
     args = build_parser().parse_args(argv)
     sentences = SENTENCES
     if args.sentences_file:

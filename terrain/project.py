@@ -32,6 +32,7 @@ from statsutil import pearson, spearman
 from terrain.metrics import bootstrap_ci, coefficient_of_variation, gaussian_volume_cv, gram_volume, unit
 from terrain.checkpoint import embedding_matrix
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
+from terrain.cli import add_model_flags, add_output_flags, claim_outputs, model_tag, resolve_device, stage_paths
 
 METHODS = ("procrustes", "least_squares", "shuffled_control")
 
@@ -304,7 +305,6 @@ def plot(res: dict, path: str) -> str:
 
 
 def build_parser() -> Parser:
-    from terrain.cli import add_model_flags, add_output_flags
     p = Parser(prog="python -m terrain.project",
                description="Align one model's token space to another's (Procrustes, least squares, shuffled "
                            "control) and score it on held-out tokens.")
@@ -326,7 +326,6 @@ def main(argv=None) -> int:
     import json
     import os
 
-    from terrain.cli import claim_outputs, model_tag, resolve_device, stage_paths
     args = build_parser().parse_args(argv)
     name = f"project_{model_tag(args.source)}_to_{model_tag(args.target)}"
     base, figure = stage_paths(args, name)

@@ -26,7 +26,9 @@ import math
 import numpy as np
 import torch
 
-from terrain.models import DEFAULT_MODEL, TerrainError
+from terrain.models import DEFAULT_MODEL, is_causal_lm, load_config, resolve_model_name, TerrainError
+from plotting import save_figure
+from sweep import seed_ci
 
 
 def distinct_n(tokens, n: int) -> float:
@@ -137,7 +139,6 @@ def converse(model, tok, modulator, prompts: list[str], conditions: list[tuple[s
 def summarise(conversations: list[dict]) -> list[dict]:
     """Per (condition, alpha): mean and 95% t interval over prompts of each score, and the share of
     prompts whose answer is identical to the unmodulated one."""
-    from sweep import seed_ci
     keys = []
     for c in conversations:
         for a in c["answers"]:
@@ -158,7 +159,6 @@ def require_generative(name: str | None) -> None:
     """One clear error, before anything is loaded, for a model that cannot generate text."""
     import os
 
-    from terrain.models import is_causal_lm, load_config, resolve_model_name
     path = resolve_model_name(name)
     if not os.path.isdir(path):
         return                                       # load_model names what is missing
@@ -232,7 +232,6 @@ def summary_table(rows: list[dict]) -> list[str]:
 def plot(res: dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
-    from plotting import save_figure
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
     keys = (("loglik_unmodulated", "mean log-likelihood under the unmodulated model"),
             ("edit_fraction", "token edit distance to the unmodulated answer"), ("distinct_2", "distinct-2"))

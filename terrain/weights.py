@@ -36,9 +36,10 @@ from cliargs import SEED, Parser, at_least
 from terrain import linalg as LA
 from terrain import metrics as M
 from plotting import save_figure
-from terrain.cli import add_device_flag, progress, resolve_device
+from terrain.cli import add_device_flag, add_output_flags, model_tag, progress, resolve_device, run_for_models, stage_paths
 from terrain.checkpoint import open_source
-from terrain.models import DEFAULT_MODEL, TerrainError, Weight, by_role, head_layouts, plan
+from terrain.models import DEFAULT_MODEL, by_role, classify, head_layouts, plan, TerrainError, Weight
+from positions import t5_relative_bucket
 
 MATRIX_ROLES = ("q", "k", "v", "o", "attn_gate", "mlp_in", "mlp_gate", "mlp_out", "cross_q", "cross_k", "cross_v",
                 "cross_o", "lin_q", "lin_k", "lin_v", "lin_gate", "lin_o", "lin_ab")
@@ -189,7 +190,6 @@ def t5_bias_profiles(table: np.ndarray, num_buckets: int, max_distance: int, bid
     """Bias of each head against signed distance (key - query) in [-span, span]."""
     import torch
 
-    from positions import t5_relative_bucket
     span = span or 2 * max_distance
     dist = np.arange(-span, span + 1)
     buckets = t5_relative_bucket(torch.as_tensor(dist), num_buckets, max_distance, bidirectional).numpy()
@@ -230,7 +230,6 @@ def census(entries: dict[str, tuple], config=None, skip=()) -> dict:
     parameters the battery skips (biases, norms, positions) as "other", and names no rule knows
     as "unclassified". `skip`: tensors that are not parameters (integer buffers such as
     position ids, which some checkpoints store), left out."""
-    from terrain.models import classify
     table: dict = defaultdict(lambda: defaultdict(int))
     skip = set(skip)
     for name, shape in entries.items():
@@ -469,7 +468,6 @@ def plot_model(res: dict, path: str) -> str:
 def plot_comparison(results: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    from terrain.cli import model_tag
     names = [model_tag(r["model"]) for r in results]
     x = np.arange(len(results))
     for ax, key, title in ((axes[0], "stable_rank", "stable rank / null"), (axes[1], "hoyer", "Hoyer / null"),
@@ -489,7 +487,6 @@ def plot_comparison(results: list[dict], path: str) -> str:
 
 
 def build_parser() -> Parser:
-    from terrain.cli import add_output_flags
     p = Parser(prog="python -m terrain.weights",
                description="Weight geometry of pretrained transformers, beside random nulls.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
@@ -507,7 +504,6 @@ def build_parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    from terrain.cli import run_for_models, stage_paths
     args = build_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)

@@ -40,6 +40,7 @@ from plotting import save_figure
 from statsutil import gaussian_null, pearson, spearman
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
 from terrain.taxonomy import Taxonomy
+from terrain.cli import add_model_flags, add_output_flags, model_tag, resolve_device, run_for_models
 
 POLICIES = ("most-frequent", "noun", "first-seen")
 SIMS = ("path", "wup")
@@ -467,7 +468,6 @@ def write_tables(res: dict, base: str) -> list[str]:
 
 
 def build_parser() -> Parser:
-    from terrain.cli import add_model_flags, add_output_flags
     p = Parser(prog="python -m terrain.wordnet",
                description="WordNet relational alignment of static and contextual representations, with multi-seed "
                            "stability.")
@@ -498,7 +498,6 @@ def build_parser() -> Parser:
 
 def main(argv=None) -> int:
     import os
-    from terrain.cli import model_tag, resolve_device, run_for_models
     args = build_parser().parse_args(argv)
 
     def compute(name):
