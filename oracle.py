@@ -742,8 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-warmup", type=at_least(0), default=None,
                    help="next task: steps of context before the first scored step (default: seq-len // 4)")
     p.add_argument("--memory-mb", type=positive(), default=512.0, help="memory for the stored forward messages")
-    p.add_argument("--out", default=None, help="also write the scores to this JSON file")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--out-dir", default=None, help="also write the scores as oracle.json into this folder "
+                   "(default: print them only)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing oracle.json in --out-dir")
     return p
 
 
@@ -772,8 +773,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
     try:
-        if args.out and os.path.exists(args.out) and not args.force:
-            raise OracleError(f"{args.out} exists; pass --force to overwrite it or choose another --out")
+        out = os.path.join(args.out_dir, "oracle.json") if args.out_dir else None
+        if out and os.path.exists(out) and not args.force:
+            raise OracleError(f"{out} exists; pass --force to overwrite it or choose another --out-dir")
         task, data = _data_args_from(args, given)
         from dataset import load_series
         series = load_series(data["data_dir"])
@@ -801,11 +803,12 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
-    if args.out:
+    if out:
         from training import replacing
-        with replacing(args.out) as tmp, open(tmp, "w") as f:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with replacing(out) as tmp, open(tmp, "w") as f:
             json.dump(res, f, indent=2)
-        print(f"wrote {args.out}")
+        print(f"wrote {out}")
     return 0
 
 

@@ -224,9 +224,9 @@ def test_a_folder_without_generator_parameters_gives_one_line(tmp_path, capsys):
 
 def test_cli_writes_json_and_refuses_to_overwrite(tmp_path, capsys):
     write_data(tmp_path / "d")
-    out = tmp_path / "o.json"
+    out = tmp_path / "o" / "oracle.json"
     args = ["--data-dir", str(tmp_path / "d"), "--task", "next", "--seq-len", "200", "--eval-warmup", "50",
-            "--out", str(out)]
+            "--out-dir", str(tmp_path / "o")]
     assert oracle.main(args) == 0
     res = json.loads(out.read_text())
     assert res["task"] == "next" and res["val"]["oracle_mse"] > 0 and res["test"]["n_windows"] > 0
