@@ -127,7 +127,7 @@ SEED = at_least(0)  # numpy's SeedSequence refuses negative seeds
 PLOTS_ROOT = "plots"  # figures go below it by default; the environment variable PLOTS_ROOT moves it
 RUNS_ROOT = "runs"
 PLOTS_HELP = ("where the figures go (default plots/<name>, <name> being the --out-dir's path below runs/, "
-              "else below the current folder, else its last folder name: runs/a/gates -> plots/a/gates, "
+              "else below the current folder, else its last two folder names: runs/a/gates -> plots/a/gates, "
               "data -> plots/data)")
 NO_PLOT_HELP = "write the numbers only: no figures"
 
@@ -140,11 +140,14 @@ def _below(path: str, root: str) -> str | None:
 def default_plots_dir(out_dir: str) -> str:
     """The one default of --plots-dir: plots/<name>, where <name> is out_dir's path below runs/
     (runs/bert/generate -> plots/bert/generate), else below the current folder (data -> plots/data),
-    else its last folder name (/tmp/x/run1 -> plots/run1). An out_dir inside plots/ holds its figures too.
+    else its last two folder names (/tmp/x/run1/gates -> plots/run1/gates: two, so that the
+    generate/gates/eval folders of different runs do not share one). An out_dir inside plots/ holds
+    its figures too.
     The environment variable PLOTS_ROOT, when set, replaces plots/ (the tests point it at a tmp folder)."""
     root = os.environ.get("PLOTS_ROOT") or PLOTS_ROOT
     out = os.path.abspath(out_dir)
-    name = _below(out, root) or _below(out, RUNS_ROOT) or _below(out, os.curdir) or os.path.basename(out)
+    name = (_below(out, root) or _below(out, RUNS_ROOT) or _below(out, os.curdir)
+            or os.path.join(os.path.basename(os.path.dirname(out)), os.path.basename(out)))
     return os.path.join(root, name)
 
 

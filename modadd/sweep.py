@@ -129,7 +129,7 @@ def build_parser() -> Parser:
                    help="the sweep's folder: the seeds' runs (ROOT/s<seed>) and the joint stages' numbers")
     p.add_argument("--plots-dir", default=None, help="where the stages' figures go: the joint stages' here, each "
                    "seed's in <this>/s<seed> (default plots/<name>, <name> being the --out-dir's path below runs/, "
-                   "else below the current folder, else its last folder name)")
+                   "else below the current folder, else its last two folder names)")
     p.add_argument("--jobs", type=at_least(1), default=2, help="processes at once")
     p.add_argument("--stages", default=",".join(PER_RUN + ALL_RUNS),
                    help=f"comma list of {', '.join(PER_RUN + ALL_RUNS)}, or none")

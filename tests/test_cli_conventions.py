@@ -129,7 +129,8 @@ def test_default_plots_dir_follows_one_rule(tmp_path, monkeypatch):
     assert cliargs.default_plots_dir(str(tmp_path / "runs" / "a")) == j("plots", "a")  # absolute, below runs/
     assert cliargs.default_plots_dir("data") == j("plots", "data")                     # below the current folder
     assert cliargs.default_plots_dir(j("plots", "terrain")) == j("plots", "terrain")   # already in plots/
-    assert cliargs.default_plots_dir("/elsewhere/x/run1") == j("plots", "run1")        # outside: its name
+    assert cliargs.default_plots_dir("/elsewhere/x/run1") == j("plots", "x", "run1")   # outside: its last two names
+    assert cliargs.default_plots_dir("/a/run1/gates") != cliargs.default_plots_dir("/a/run2/gates")
     monkeypatch.setenv("PLOTS_ROOT", "/figs")
     assert cliargs.default_plots_dir("runs/a") == j("/figs", "a")
 

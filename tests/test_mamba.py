@@ -171,7 +171,7 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, plots_below_t
     assert metrics["val_oracle_mse"] <= metrics["val_mse"]
     assert metrics["val_oracle_signal_mse"] < metrics["val_signal_mse"] == pytest.approx(
         metrics["val_signal_mse_by_horizon"]["1"])
-    assert (plots_below_tmp / "run" / "mamba_prediction_0.png").exists()  # plots/<run folder name>
+    assert (plots_below_tmp / tmp_path.name / "run" / "mamba_prediction_0.png").exists()  # plots/<last two names>
     assert not list(run.glob("**/*.png"))
     assert main(["generate", "--checkpoint", str(run / "best.pt"), "--gen-len", "40", "--seed-len", "16",
                  "--perturb-hidden", "--perturb-interval", "10", "--perturb-duration", "2"]) == 0
@@ -188,7 +188,7 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, plots_below_t
     best = str(run / "best.pt")
     assert main(["gates", "--checkpoint", best, "--layer", "2", "--sample", "1", "--samples", "3",
                  "--out-dir", str(tmp_path / "g2")]) == 0
-    drawn = sorted(p.name for p in (plots_below_tmp / "g2").glob("gates_sample_*.png"))
+    drawn = sorted(p.name for p in (plots_below_tmp / tmp_path.name / "g2").glob("gates_sample_*.png"))
     assert drawn == ["gates_sample_1_layer2.png"]
     assert main(["gates", "--checkpoint", best, "--layer", "3", "--out-dir", str(tmp_path / "g3")]) == 2
     assert "layers 1..2" in capsys.readouterr().err
@@ -212,10 +212,10 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, plots_below_t
     assert main(gen_args + ["--force"]) == 0
     assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "2", "--plot-samples", "1"]) == 2
     assert (run / "gates" / "gates_summary.json").read_text() == json.dumps(summary, indent=2)
-    (plots_below_tmp / "gates" / "gates_sample_7.png").write_bytes(b"old")
+    (plots_below_tmp / "run" / "gates" / "gates_sample_7.png").write_bytes(b"old")
     assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "2", "--plot-samples", "1",
                  "--force"]) == 0
-    assert not (plots_below_tmp / "gates" / "gates_sample_7.png").exists()
+    assert not (plots_below_tmp / "run" / "gates" / "gates_sample_7.png").exists()
     capsys.readouterr()
     assert main(["train", "--eval", str(run / "best.pt"), "--data-dir", small_data_dir]) == 0
     assert "test MSE" in capsys.readouterr().out

@@ -158,7 +158,7 @@ def test_training_resume_and_eval(small_data_dir, tmp_path, plots_below_tmp, cap
     for f in ("best.pt", "last.pt"):
         assert (a / f).exists()
     for f in ("training_loss.png", "bert_prediction_0.png"):  # figures in plots/<run folder name>
-        assert (plots_below_tmp / a.name / f).exists()
+        assert (plots_below_tmp / tmp_path.name / a.name / f).exists()
     ckpt = torch.load(a / "last.pt", weights_only=True)
     for key in ("model_config", "data", "data_config", "optimizer", "scheduler", "rng", "epoch"):
         assert key in ckpt

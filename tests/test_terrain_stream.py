@@ -236,7 +236,7 @@ def test_stage_outputs_are_not_overwritten_without_force(tiny_llama_shards, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--force" in err[0]
     assert js.read_text() == "{\"mine\": 1}"  # untouched
-    png = plots_below_tmp / tmp_path.name / (js.stem + ".png")  # the default figures folder
+    png = plots_below_tmp / tmp_path.parent.name / tmp_path.name / (js.stem + ".png")  # the default figures folder
     png.unlink()
     csv = tmp_path / (js.stem + "_stability.csv")  # a stale file of the same stage and model
     csv.write_text("stale")

@@ -158,7 +158,7 @@ def test_command_line(tiny, tmp_path, plots_below_tmp, capsys):
     assert main(argv) == 0
     files = sorted(p.name for p in out.iterdir())          # the numbers; the figure in plots/out
     assert len(files) == 1 and files[0].startswith("modulate_talk_") and files[0].endswith(".json")
-    assert [p.name for p in (plots_below_tmp / "out").iterdir()] == [files[0][:-5] + ".png"]
+    assert [p.name for p in (plots_below_tmp / tmp_path.name / "out").iterdir()] == [files[0][:-5] + ".png"]
     res = json.loads((out / files[0]).read_text())
     assert [c["prompt"] for c in res["conversations"]] == ["summarize: a bird", "summarize: a river",
                                                           "summarize: a mountain"]

@@ -91,7 +91,7 @@ def test_series_without_labels_end_to_end(csv_file, tmp_path, plots_below_tmp, c
     assert not series.has_labels and series.n_states == 0
     run = tmp_path / "m"
     assert masked_model_gpu.main(["--data-dir", str(data), "--out-dir", str(run), *MASKED]) == 0
-    assert (plots_below_tmp / "m" / "bert_prediction_0.png").exists()
+    assert (plots_below_tmp / tmp_path.name / "m" / "bert_prediction_0.png").exists()
     capsys.readouterr()
     assert evaluate_representations.main(["--checkpoint", str(run / "best.pt"), "--lb-points", "300",
                                           "--metric-points", "800", "--umap-points", "200",
