@@ -264,7 +264,7 @@ def claim(args, name: str) -> tuple[str, str]:
     base, figure = os.path.join(args.out_dir, name), os.path.join(plots_dir(args), name + ".png")
     old = [p for p in (base + ".json", base + ".csv", figure) if os.path.exists(p)]
     if old and not args.force:
-        raise ValueError(f"{old[0]} exists; pass --force to replace it or choose another --out-dir")
+        raise ValueError(f"{old[0]} exists; pass --force to replace it or choose another --out-dir / --plots-dir")
     for path in old:
         os.remove(path)
     return base, figure

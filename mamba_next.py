@@ -552,6 +552,8 @@ def plot_generation(args, series, gen, ref, decoded, pert: Perturbation, start: 
 
 def plot_mean_delta(summary: dict, circles, n: int, plots_dir: str) -> list[str]:
     """Mean step size delta per layer, over all recorded steps and per circle."""
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(np.arange(1, n + 1), summary["mean_delta"], "ko-", label="all steps")

@@ -404,11 +404,11 @@ def main(argv=None) -> int:
     stats = summary(data, cfg)
     save(args.out_dir, data, cfg, stats)
     print(format_table(stats))
-    print(f"generated {cfg.n_steps} steps in {t_gen:.2f} s; wrote {target} and "
-          f"{os.path.join(args.out_dir, 'config.json')}")
     sp = os.path.join(args.out_dir, "circles_summary.json")
     with open(sp, "w") as f:
         json.dump(stats, f, indent=2)
+    print(f"generated {cfg.n_steps} steps in {t_gen:.2f} s; wrote {target}, "
+          f"{os.path.join(args.out_dir, 'config.json')} and {sp}")
     if args.no_plot:
         return 0
 

@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
-from cliargs import Parser, add_output_flags, at_least, default_plots_dir
+from cliargs import NO_PLOT_HELP, Parser, add_output_flags, at_least, default_plots_dir
 from modadd import forgetting, report
 from statsutil import seed_ci
 from modadd.figures import save, subplots
@@ -745,8 +745,14 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     r = sub.add_parser("run", help="plan the jobs of a spec and run (or submit) those not finished")
     r.add_argument("spec", help="the sweep's JSON spec (see python sweep.py --help)")
-    add_output_flags(r, None, "the sweep's folder: its jobs' runs and the aggregation's numbers in ROOT/aggregate "
-                              "(default runs/sweeps/<spec file name>)")
+    r.add_argument("--out-dir", default=None, help="the sweep's folder: its jobs' runs and the aggregation's numbers "
+                   "in ROOT/aggregate (default runs/sweeps/<spec file name>)")
+    r.add_argument("--plots-dir", default=None, help="where the aggregation's figures go (default plots/<name>, "
+                   "<name> being the --out-dir's path below runs/, else below the current folder, else its last two "
+                   "folder names, for ROOT/aggregate: runs/sweeps/x -> plots/sweeps/x/aggregate); the jobs draw "
+                   "where their own commands say")
+    r.add_argument("--no-plot", action="store_true", help=NO_PLOT_HELP + " for the aggregation (the jobs' own "
+                   "commands decide about theirs)")
     r.add_argument("--executor", choices=("local", "submitit-local", "slurm"), default="local",
                    help="local: a process pool here; slurm: a job array through submitit; submitit-local: "
                         "submitit's local executor (to try a SLURM setup on one machine)")

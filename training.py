@@ -674,6 +674,7 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     _describe(run, data, args, device)
     ref = oracle_reference(data.series, data.ds, spec.task)
     log, on_first_checkpoint = _open_run_folder(out_dir, args, resume, run.state)
+    train_eval = _train_eval(run, data, args, device)
     t0 = time.perf_counter()
     state = fit(model=run.model, train_model=run.train_model, optimizer=run.optimizer, scheduler=run.scheduler,
                 train_set=data.ds["train"], train_loader=run.loaders[0],
@@ -681,7 +682,7 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
                 evaluate=lambda m: spec.evaluate(m, run.loaders[1], device, run.amp), epochs=args.epochs,
                 out_dir=out_dir, checkpoint_payload=lambda st: _checkpoint_payload(run, data, args, st),
                 state=run.state, noise_floor=data.series.noise_var, clip=args.grad_clip,
-                time_budget_min=args.time_budget, train_eval=_train_eval(run, data, args, device), log=log,
+                time_budget_min=args.time_budget, train_eval=train_eval, log=log,
                 extra_checkpoint=args.checkpoint, stop_after=args.stop_after, oracle=ref.get("val"),
                 on_first_checkpoint=on_first_checkpoint)
     return _finish(run, data, args, state, ref, out_dir, plots_dir, log, device, time.perf_counter() - t0)
@@ -884,7 +885,8 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     ckpt = load_checkpoint(args.eval, spec.model_type)
     check_export_target(args.export, args.force)
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "eval")
-    claim_outputs([os.path.join(out_dir, "eval_metrics.json")], args.force)
+    if os.path.exists(os.path.join(out_dir, "eval_metrics.json")) and not args.force:
+        claim_outputs([os.path.join(out_dir, "eval_metrics.json")], False)  # refuses before any work
     device = resolve_device(args.device)
     data_args = dict(ckpt["data"])
     if "data_dir" in given:
@@ -902,6 +904,7 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     print(f"checkpoint {ckpt['path']} (epoch {ckpt['epoch']}; {spec.describe(model, model.cfg)})")
     ref = oracle_reference(series, ds, spec.task)
     scores = score_splits(spec, model, (val_loader, test_loader), device, amp, floor, ref)
+    claim_outputs([os.path.join(out_dir, "eval_metrics.json")], args.force)  # the checks passed: replace it
     plots_dir = cliargs.plots_dir(args, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     paths = []

@@ -45,6 +45,8 @@ def main(argv=None):
     if old and not args.force:
         print(f"error: {old[0]} exists; pass --force to replace it or choose another --name", file=sys.stderr)
         return 2
+    for path in old:  # --force: none of the earlier outputs survives beside the new ones
+        os.remove(path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

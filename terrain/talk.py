@@ -26,9 +26,9 @@ import math
 import numpy as np
 import torch
 
-from terrain.models import DEFAULT_MODEL, is_causal_lm, load_config, resolve_model_name, TerrainError
 from plotting import save_figure
-from sweep import seed_ci
+from statsutil import seed_ci
+from terrain.models import DEFAULT_MODEL, TerrainError, is_causal_lm, load_config, resolve_model_name
 
 
 def distinct_n(tokens, n: int) -> float:

@@ -8,7 +8,7 @@ with the sense chosen by --sense-policy and a definition longer than 10 characte
   most-frequent  the sense with the largest tagged-corpus count of that lemma (cntlist),
                  ties to WordNet's own sense order (default);
   noun           the same among noun senses only (the noun taxonomy has one root);
-  first-seen     the first synset met in wn.all_synsets() order, as the seed did.
+  first-seen     the first synset met in wn.all_synsets() order, as the original code did.
 Representations: static (the token's row of the input embedding) and contextual (the
 definition through the model, mean-pooled over its tokens at --layer; T5-style
 encoder-decoders get the "summarize: " prefix and only their encoder runs).

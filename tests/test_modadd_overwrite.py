@@ -131,7 +131,7 @@ def test_train_force_removes_the_replaced_runs_files_and_stage_outputs(root, plo
     folder plots/<run name>) and the old run's commutators.csv (which a run without commutators
     does not write) are gone once the run is replaced."""
     from modadd.train import main, stage_outputs
-    run, figs = root / "s0", plots_below_tmp / "s0"
+    run, figs = root / "s0", plots_below_tmp / "root" / "s0"
     stages = ("bubbling", "trajectory_pca", "alignment", "sae", "forgetting")
     names = {f"{n}.json" for n in stages}
     expected = [str(run / f"{n}.json") for n in stages] + [str(figs / f"{n}.png") for n in stages]
@@ -187,3 +187,20 @@ def test_sweep_rerun_skips_finished_stages(tmp_path, capsys):
                   *tiny]) == 0
     out = capsys.readouterr().out
     assert "skipped" not in out and "trajectory over 2 runs" in out and traj.stat().st_mtime_ns > before
+
+
+def test_sweep_with_figures_skips_on_the_figures_it_drew(tmp_path, plots_below_tmp, capsys):
+    """With figures on, a per-seed stage's skip check looks where the stage drew (--plots-dir, one
+    folder per seed): a rerun skips; a removed figure makes that seed's stage run again."""
+    from modadd.sweep import main as sweep
+    root, figs = tmp_path / "root", tmp_path / "figs"
+    common = ["--seeds", "0", "--root", str(root), "--plots-dir", str(figs), "--together", "1", "--stages",
+              "bubbling", "--", *TINY, "--commutator-every", "0"]
+    assert sweep(common) == 0
+    assert (root / "s0" / "bubbling.json").exists() and (figs / "s0" / "bubbling.png").exists()
+    assert not list(root.rglob("*.png")) and not plots_below_tmp.exists()
+    capsys.readouterr()
+    assert sweep(common) == 0 and "bubbling: skipped on 1 run(s)" in capsys.readouterr().out
+    (figs / "s0" / "bubbling.png").unlink()
+    assert sweep(common) == 0 and "skipped" not in capsys.readouterr().out
+    assert (figs / "s0" / "bubbling.png").exists()

@@ -1,6 +1,6 @@
 """Every example command of the original work's documentation, translated by the README's table, runs here.
 
-Each row is (the seed command, the command here). The command here is the README table's
+Each row is (the original command, the command here). The command here is the README table's
 right-hand column; only sizes shrink (the TINY values replace the original numbers, and
 per-script width/point flags are added) so the whole list runs in minutes on a CPU (marked
 slow: `python -m pytest -m slow tests/test_seed_commands.py`; the checks that the list covers

@@ -1,5 +1,5 @@
 """The Bayes-optimal predictor (oracle.py) at the published setting on the CPU: 200,000 steps of
-seed 0, validation and test windows of 1024 steps with masked patches of 8-128 (the seed's
+seed 0, validation and test windows of 1024 steps with masked patches of 8-128 (the published
 masked-model evaluation), smoothing both blocks (target 30 s on 2 cores); also the next-step
 task (warm-up 256) and the belief-state targets evaluate_representations.py needs for a
 whole 200k-step series read in windows of 1024 keeping 512 steps each."""
