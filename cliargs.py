@@ -165,6 +165,22 @@ def plots_dir(args, out_dir: str | None = None) -> str:
     return args.plots_dir or default_plots_dir(out_dir or args.out_dir)
 
 
+class OutputsExist(ValueError):
+    """Earlier outputs a command would replace, without --force."""
+
+
+def claim_outputs(paths: list[str], force: bool) -> None:
+    """Nothing overwritten without --force: earlier outputs among paths stop a command
+    (OutputsExist naming the first and the fix); with force they are removed first, so none of
+    them survives beside the new outputs of a run that does not write it again."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not force:
+        raise OutputsExist(f"{existing[0]} exists ({len(existing)} earlier output file(s)); pass --force to "
+                           f"replace them or choose another --out-dir / --plots-dir")
+    for p in existing:
+        os.remove(p)
+
+
 def resolve_device(name: str) -> str:
     """The one reading of --device: 'auto' -> 'cuda' when torch sees a CUDA device, else 'cpu';
     'cuda' (or 'cuda:N') without one is a ValueError naming the fix; anything else as given."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cliargs import SEED, Parser, add_output_flags, at_least, plots_dir, resolve_device
+from cliargs import SEED, Parser, add_output_flags, at_least, claim_outputs, plots_dir, resolve_device
 import statsutil
 from plotting import save_figure
 from dataset import load_series
@@ -262,11 +262,7 @@ def claim(args, name: str) -> tuple[str, str]:
     """<out-dir>/<name>.{json,csv} and <plots-dir>/<name>.png of an earlier run stop this one unless
     --force, which removes them first. Returns (numbers base, figure path)."""
     base, figure = os.path.join(args.out_dir, name), os.path.join(plots_dir(args), name + ".png")
-    old = [p for p in (base + ".json", base + ".csv", figure) if os.path.exists(p)]
-    if old and not args.force:
-        raise ValueError(f"{old[0]} exists; pass --force to replace it or choose another --out-dir / --plots-dir")
-    for path in old:
-        os.remove(path)
+    claim_outputs([base + ".json", base + ".csv", figure], args.force)  # an OutputsExist is a ValueError
     return base, figure
 
 

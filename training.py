@@ -23,10 +23,12 @@ import numpy as np
 import torch
 
 import cliargs
-from plotting import draw_state_strip, save_figure
+import oracle
 from cliargs import SEED, at_least, between, non_negative, positive
 from dataset import load_series
-import oracle
+from plotting import draw_state_strip, save_figure
+
+LOSS_LABELS = ("train loss", "train MSE (eval mode)", "validation MSE")  # a model spec gives its own words
 
 
 class TrainingError(RuntimeError):
@@ -125,14 +127,11 @@ def plain(obj):
 
 
 def claim_outputs(paths: list[str], force: bool) -> None:
-    """Earlier outputs stop a command unless force; with force they are removed first, so none
-    of them survives beside new outputs of a run that does not write it again."""
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not force:
-        raise TrainingError(f"{existing[0]} exists ({len(existing)} earlier output file(s)); pass --force to "
-                            f"replace them or choose another --out-dir / --plots-dir")
-    for p in existing:
-        os.remove(p)
+    """cliargs.claim_outputs; earlier outputs without force are a TrainingError."""
+    try:
+        cliargs.claim_outputs(paths, force)
+    except cliargs.OutputsExist as e:
+        raise TrainingError(str(e)) from None
 
 
 _LOCKS: dict[str, Any] = {}
@@ -305,8 +304,7 @@ class CSVLog:
 
 
 def plot_loss_curve(rows: list[dict], floor: float | None, path: str, title: str,
-                    oracle: dict | None = None, labels: tuple = ("train loss", "train MSE (eval mode)",
-                                                                 "validation MSE")) -> str:
+                    oracle: dict | None = None, labels: tuple = LOSS_LABELS) -> str:
     """Loss and validation MSE per epoch beside the noise floor and the oracle's validation MSE;
     a second panel with the validation signal MSE against the oracle's when the signal is known.
     labels: the model's words for its training loss, its training-window score and its validation score."""
@@ -498,7 +496,7 @@ class ModelSpec:
     final_metrics: Callable | None = None  # (model, loaders, device, amp) -> dict of extra numbers
     plot_title: Callable = lambda cfg: ""
     task: str = "masked"               # what the oracle predicts: masked steps, or the next step
-    loss_labels: tuple = ("train loss", "train MSE (eval mode)", "validation MSE")  # the loss curve's words
+    loss_labels: tuple = LOSS_LABELS   # the loss curve's words for this model
     train_eval_windows: Callable | None = None  # datasets -> fixed training windows scored every epoch
 
 
@@ -885,8 +883,8 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     ckpt = load_checkpoint(args.eval, spec.model_type)
     check_export_target(args.export, args.force)
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "eval")
-    if os.path.exists(os.path.join(out_dir, "eval_metrics.json")) and not args.force:
-        claim_outputs([os.path.join(out_dir, "eval_metrics.json")], False)  # refuses before any work
+    if not args.force:  # refuse before any work; with --force the file goes only once the checks pass
+        claim_outputs([os.path.join(out_dir, "eval_metrics.json")], False)
     device = resolve_device(args.device)
     data_args = dict(ckpt["data"])
     if "data_dir" in given:

@@ -30,7 +30,7 @@ def first_epoch_below(rows, level):
 
 def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from cliargs import Parser, add_output_flags, non_negative, plots_dir
+    from cliargs import OutputsExist, Parser, add_output_flags, claim_outputs, non_negative, plots_dir
     from plotting import save_figure
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders with training_log.csv and metrics.json")
@@ -41,12 +41,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     base = os.path.join(args.out_dir, args.name)
     figure = os.path.join(plots_dir(args), args.name + ".png")
-    old = [f for f in (base + ".csv", base + ".md", figure) if os.path.exists(f)]
-    if old and not args.force:
-        print(f"error: {old[0]} exists; pass --force to replace it or choose another --name", file=sys.stderr)
+    try:
+        claim_outputs([base + ".csv", base + ".md", figure], args.force)
+    except OutputsExist as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    for path in old:  # --force: none of the earlier outputs survives beside the new ones
-        os.remove(path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -42,15 +42,14 @@ def stage_paths(args, name: str) -> tuple[str, str]:
 def claim_outputs(args, names: list[str]) -> None:
     """Refuse when a stage's outputs called names exist already (numbers or figures); with --force,
     remove them first (so no stale file survives beside the new ones)."""
-    existing = []
+    paths = []
     for name in names:
         base, figure = stage_paths(args, name)
-        existing += [p for p in [base + s for s in NUMBER_SUFFIXES] + [figure] if os.path.exists(p)]
-    if existing and not args.force:
-        raise TerrainError(f"{existing[0]} exists ({len(existing)} earlier output file(s)); pass --force to "
-                           f"replace them or choose another --out-dir / --plots-dir")
-    for path in existing:
-        os.remove(path)
+        paths += [base + s for s in NUMBER_SUFFIXES] + [figure]
+    try:
+        cliargs.claim_outputs(paths, args.force)
+    except cliargs.OutputsExist as e:
+        raise TerrainError(str(e)) from None
 
 
 def run_for_models(args, prefix: str, compute: Callable[[str], dict], summarize: Callable[[dict], str],
