@@ -195,7 +195,10 @@ def main(argv=None) -> int:
     models = {d: os.path.join(d, "model.pt") for d in ok}
     plots = not args.no_plot
     figures = args.plots_dir or default_plots_dir(args.root)
-    figures_of = {d: os.path.join(figures, os.path.basename(d)) for d in ok}
+    # each seed's figures: its own folder below --plots-dir, else the one rule's default for its run
+    # folder (where modadd.train --force looks for them when it replaces the run)
+    figures_of = {d: os.path.join(args.plots_dir, os.path.basename(d)) if args.plots_dir else default_plots_dir(d)
+                  for d in ok}
     failed = sum(rc != 0 for rc in rcs.values())
     jobs = []
     for stage in (s for s in stages if s in PER_RUN):
