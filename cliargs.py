@@ -22,6 +22,8 @@ import math
 import os
 import sys
 
+import safeio
+
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default in --help unless it is None or False: a computed default
@@ -165,20 +167,15 @@ def plots_dir(args, out_dir: str | None = None) -> str:
     return args.plots_dir or default_plots_dir(out_dir or args.out_dir)
 
 
-class OutputsExist(ValueError):
-    """Earlier outputs a command would replace, without --force."""
+OutputsExist = safeio.OutputsExist  # earlier outputs a command would replace, without --force (a ValueError)
 
 
-def claim_outputs(paths: list[str], force: bool) -> None:
+def claim_outputs(paths: list[str], force: bool, key: str | None = None) -> list[str]:
     """Nothing overwritten without --force: earlier outputs among paths stop a command
     (OutputsExist naming the first and the fix); with force they are removed first, so none of
-    them survives beside the new outputs of a run that does not write it again."""
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not force:
-        raise OutputsExist(f"{existing[0]} exists ({len(existing)} earlier output file(s)); pass --force to "
-                           f"replace them or choose another --out-dir / --plots-dir")
-    for p in existing:
-        os.remove(p)
+    them survives beside the new outputs of a run that does not write it again. With key, what
+    the same command recorded in those folders before counts too (safeio.Outputs)."""
+    return safeio.Outputs(key, force).claim(paths)
 
 
 def resolve_device(name: str) -> str:
