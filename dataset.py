@@ -14,12 +14,15 @@ This module only needs numpy; torch's DataLoader turns the returned arrays into 
 """
 from __future__ import annotations
 
-import json
 import os
+import secrets
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
 from cliargs import Parser
+from safeio import (InputError, Outputs, atomic_path, check_field, check_fits, json_text, load_npy, load_npz,
+                    one_line_errors, output_dir, read_json)
 
 REQUIRED_ARRAYS = ("X",)  # "states" (labels) is optional: a user's own series may have none
 
@@ -63,44 +66,123 @@ class Series:
         return None
 
 
+GENERATOR_ARRAYS = ("planes", "radii", "entry_angles", "periods", "transition_matrix")  # the process, when generated
+MAX_STATES = 10_000        # labels / circles a data folder may declare
+MAX_PERIOD = 1_000_000     # steps per lap a generated folder may declare
+GENERATION = "generation"  # the token data.npz and config.json share when one write made both
+
+
+def _is_real(a) -> bool:
+    return a.dtype.kind in "iuf" and a.dtype.fields is None
+
+
+def validate_series(arrays: dict, config: dict, npz: str, cfg_path: str) -> None:
+    """Every array and config field a data folder's readers use, checked once at the boundary:
+    wrong type, shape, range or consistency is one InputError naming the file and the field."""
+    X = arrays["X"]
+    if not _is_real(X):
+        raise InputError(f"{npz}: X has dtype {X.dtype}; it must hold real numbers")
+    if X.ndim != 2 or X.shape[0] < 2 or X.shape[1] < 1:
+        raise InputError(f"{npz}: X must be a (T, D) array with T >= 2 steps and D >= 1 features, got {X.shape}")
+    T, D = X.shape
+    if not np.all(np.isfinite(X)):
+        raise InputError(f"{npz}: X contains NaN or infinite values")
+    if X.dtype.itemsize > 4 and np.abs(X).max() > np.finfo(np.float32).max:
+        raise InputError(f"{npz}: X holds values beyond float32's range (|x| > 3.4e38)")
+    if "states" in arrays:
+        st = arrays["states"]
+        if st.dtype.kind not in "iu" or st.shape != (T,):
+            raise InputError(f"{npz}: states must be (T,) = ({T},) integers, got {st.shape} of {st.dtype}")
+        if T and (st.min() < 0 or st.max() >= MAX_STATES):
+            raise InputError(f"{npz}: states must lie in [0, {MAX_STATES}), got [{st.min()}, {st.max()}]")
+    for name, shape in (("thetas", (T,)), ("signal", (T, D))):
+        if name in arrays:
+            a = arrays[name]
+            if not _is_real(a) or a.shape != shape or not np.all(np.isfinite(a)):
+                raise InputError(f"{npz}: {name} must be a finite real array of shape {shape}, got {a.shape} of {a.dtype}")
+    where = cfg_path
+    for k in ("noise_var", "noise_std"):
+        check_field(config, k, float, where, lo=0, required=False)
+    if "noise_var" in config and "noise_std" in config and \
+            not np.isclose(config["noise_var"], config["noise_std"] ** 2, rtol=1e-6, atol=1e-12):
+        raise InputError(f"{where}: noise_var {config['noise_var']} is not noise_std**2 = {config['noise_std'] ** 2}")
+    for k in ("dwell_mean", "radius_mean"):
+        check_field(config, k, float, where, lo=0, open_lo=True, required=False)
+    for k in ("dwell_std", "radius_std"):
+        check_field(config, k, float, where, lo=0, required=False)
+    n_labels = int(arrays["states"].max()) + 1 if "states" in arrays and T else 0
+    for k in ("n_circles", "n_labels"):
+        n = check_field(config, k, int, where, lo=0, hi=MAX_STATES, required=False)
+        if n is not None and n < n_labels:
+            raise InputError(f"{where}: {k} is {n} but the states reach label {n_labels - 1}")
+    if check_field(config, "n_steps", int, where, required=False) not in (None, T):
+        raise InputError(f"{where}: n_steps is {config['n_steps']} but {npz} holds {T} steps")
+    for k in ("ambient_dim", "dim"):
+        if check_field(config, k, int, where, required=False) not in (None, D):
+            raise InputError(f"{where}: {k} is {config[k]} but {npz} holds {D}-D observations")
+    present = [k for k in GENERATOR_ARRAYS if k in arrays]
+    if present:
+        _validate_process(arrays, config, npz, where, D)
+
+
+def _validate_process(arrays: dict, config: dict, npz: str, where: str, D: int) -> None:
+    """The generator's arrays (the process the oracle and fresh draws rebuild) agree with each other."""
+    missing = [k for k in GENERATOR_ARRAYS if k not in arrays]
+    if missing:
+        raise InputError(f"{npz} holds some of the generator's arrays but not {', '.join(missing)}; "
+                         f"regenerate the folder with markov_circles_timeseries.py")
+    per = arrays["periods"]
+    if per.ndim != 1 or per.dtype.kind not in "iu" or not 2 <= len(per) <= MAX_STATES:
+        raise InputError(f"{npz}: periods must be a 1-D integer array of 2..{MAX_STATES} circles, got {per.shape} "
+                         f"of {per.dtype}")
+    C = len(per)
+    if per.min() < 1 or per.max() > MAX_PERIOD:
+        raise InputError(f"{npz}: periods must lie in [1, {MAX_PERIOD}], got [{per.min()}, {per.max()}]")
+    for name, shape in (("radii", (C,)), ("entry_angles", (C,)), ("planes", (C, 2, D)), ("transition_matrix", (C, C))):
+        a = arrays[name]
+        if not _is_real(a) or a.shape != shape or not np.all(np.isfinite(a)):
+            raise InputError(f"{npz}: {name} must be a finite real array of shape {shape} ({C} circles, "
+                             f"{D}-D), got {a.shape} of {a.dtype}")
+    P = arrays["transition_matrix"].astype(np.float64)
+    if P.min() < 0 or not np.allclose(P.sum(1), 1.0, atol=1e-6):
+        raise InputError(f"{npz}: transition_matrix must have non-negative rows that sum to 1")
+    if "n_circles" in config and config["n_circles"] != C:
+        raise InputError(f"{where}: n_circles is {config['n_circles']} but {npz} describes {C} circles")
+    if "states" in arrays and len(arrays["states"]) and arrays["states"].max() >= C:
+        raise InputError(f"{npz}: states reach {arrays['states'].max()} but the process has {C} circles")
+
+
 def load_series(data_dir: str) -> Series:
-    """Load data.npz + config.json, with one clear error for each way it can be wrong."""
+    """Load data.npz + config.json, with one clear error for each way it can be wrong (every field
+    the readers use is checked by validate_series; a folder whose two files come from different
+    writes, as a kill between them leaves it, is refused with the fix)."""
     npz = os.path.join(data_dir, "data.npz")
     cfg_path = os.path.join(data_dir, "config.json")
     if not os.path.isdir(data_dir):
+        if os.path.exists(data_dir):
+            raise InputError(f"data directory {data_dir!r} is a file; pass the folder that holds data.npz")
         raise FileNotFoundError(
             f"data directory {data_dir!r} does not exist; generate it with "
             f"`python markov_circles_timeseries.py --out-dir {data_dir}`")
-    if not os.path.exists(npz):
+    if not os.path.isfile(npz):
         raise FileNotFoundError(
             f"{npz} not found; generate the data with `python markov_circles_timeseries.py --out-dir {data_dir}` "
             f"or convert a recorded series with `python dataset.py FILE --out-dir {data_dir}`")
-    try:
-        with np.load(npz) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as e:  # corrupt zip, truncated file
-        raise ValueError(f"{npz} is not a readable .npz file ({e}); regenerate it") from e
+    arrays = load_npz(npz, "data file")
     missing = [k for k in REQUIRED_ARRAYS if k not in arrays]
     if missing:
-        raise ValueError(f"{npz} lacks the arrays {missing}; write data folders with markov_circles_timeseries.py "
+        raise InputError(f"{npz} lacks the arrays {missing}; write data folders with markov_circles_timeseries.py "
                          f"or `python dataset.py FILE --out-dir DIR`")
+    config = read_json(cfg_path, "data config", kind=dict) if os.path.exists(cfg_path) else {}
+    token = arrays.pop(GENERATION, None)
+    token = str(token) if token is not None and token.shape == () else None
+    if token != config.get(GENERATION) and (token is not None or GENERATION in config):
+        raise InputError(f"{data_dir} is incomplete: data.npz and config.json come from different writes (a write "
+                         f"was killed between them); rerun the command that wrote it with --force")
+    validate_series(arrays, config, npz, cfg_path)
     X = arrays["X"]
     has_labels = "states" in arrays
-    states = arrays["states"] if has_labels else np.zeros(len(X) if X.ndim else 0, np.int64)
-    if X.ndim != 2 or states.shape != (len(X),):
-        raise ValueError(f"{npz}: X must be (T, D) and states (T,), got {X.shape} and {states.shape}")
-    if not np.all(np.isfinite(X)):
-        raise ValueError(f"{npz}: X contains NaN or infinite values")
-    config = {}
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path} is not valid JSON ({e})") from e
-        if not isinstance(config, dict):
-            raise ValueError(f"{cfg_path} holds a JSON {type(config).__name__}, not an object of generator "
-                             f"parameters; regenerate the data folder or remove config.json")
+    states = arrays["states"] if has_labels else np.zeros(len(X), np.int64)
     return Series(X=X.astype(np.float32, copy=False), states=states.astype(np.int64, copy=False),
                   thetas=arrays.get("thetas"), signal=arrays.get("signal"), config=config,
                   data_dir=data_dir, has_labels=has_labels,
@@ -349,91 +431,131 @@ def task_datasets(series: Series, data_args: dict, task: str) -> dict:
 
 # ----------------------------------------------------------------------------- your own series
 
-def _csv_rows(path: str) -> tuple[list[str] | None, list[list[str]]]:
+def _numeric(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+def _csv_rows(path: str, header: str = "auto") -> tuple[list[str] | None, list[list[str]]]:
+    """(header or None, data rows) of a CSV. A byte-order mark is dropped. header "auto": the
+    first row is a header when some column holds a non-number there and a number in the next
+    row (so a headerless file whose label column is text keeps its first row); "yes" / "no" say it."""
     import csv
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    check_fits(12 * os.path.getsize(path), f"reading {path}", "convert it to .npy first")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text; give a .csv, .npy or .npz file") from None
+    except csv.Error as e:
+        raise InputError(f"{path} is not a readable CSV file ({e})") from None
     if not rows:
-        raise ValueError(f"{path} holds no rows")
-
-    def numeric(row):
-        try:
-            [float(c) for c in row]
-            return True
-        except ValueError:
-            return False
-    header = None if numeric(rows[0]) else [c.strip() for c in rows[0]]
-    return header, rows[1:] if header else rows
+        raise InputError(f"{path} holds no rows")
+    if header == "auto":
+        first = rows[0]
+        has = (any(not _numeric(c) and _numeric(d) for c, d in zip(first, rows[1])) if len(rows) > 1
+               else not all(_numeric(c) for c in first))
+    else:
+        has = header == "yes"
+    return ([c.strip() for c in rows[0]], rows[1:]) if has else (None, rows)
 
 
-def read_series_file(path: str, labels: str | None = None, standardize: bool = False) -> tuple:
+def _labels_of(lab, n_steps: int, path: str) -> tuple[np.ndarray, list]:
+    """Labels of any kind (names or numbers) as 0..K-1 in sorted order, and their names."""
+    lab = np.asarray(lab)
+    if lab.dtype.fields is not None or lab.dtype.kind in "cOV":
+        raise InputError(f"{path}: labels of dtype {lab.dtype} cannot be used; give integers or names")
+    lab = lab.reshape(-1)
+    if len(lab) != n_steps:
+        raise InputError(f"{path}: {len(lab)} labels for {n_steps} steps")
+    if lab.dtype.kind == "f" and not np.all(np.isfinite(lab)):
+        raise InputError(f"{path}: the labels contain NaN or infinite values")
+    names, inv = np.unique(lab, return_inverse=True)
+    if len(names) > MAX_STATES:
+        raise InputError(f"{path}: the labels take {len(names):,} distinct values (at most {MAX_STATES:,}); "
+                         f"is --labels a feature column?")
+    return inv.astype(np.int64), [n.item() if hasattr(n, "item") else n for n in names]
+
+
+def read_series_file(path: str, labels: str | None = None, standardize: bool = False, header: str = "auto") -> tuple:
     """A recorded series as (X (T, D) float32, labels (T,) int64 or None, info for config.json).
 
     .npy: a T x D array. .npz: array X (or the only array) and, optionally, a labels array
     (--labels NAME, default 'labels' when present). .csv: one row per step, an optional
-    header; --labels names (or, 0-based, indexes) the label column, every other column is a
-    feature. Labels of any kind (names, numbers) become 0..K-1 in sorted order; the names are
-    kept in config.json. standardize: each feature to mean 0, std 1 (the statistics are kept)."""
+    header (see _csv_rows); --labels names (or, 0-based, indexes) the label column, every other
+    column is a feature. Labels of any kind (names, numbers) become 0..K-1 in sorted order; the
+    names are kept in config.json. standardize: each feature to mean 0, std 1 (the statistics
+    are kept). Every way the file can be wrong is one InputError naming it."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder; give a .npy, .npz or .csv file")
     ext = os.path.splitext(path)[1].lower()
     lab = None
     if ext == ".npy":
         if labels is not None:
-            raise ValueError("--labels needs a .npz or .csv file (a .npy file holds only the features)")
-        X = np.load(path, allow_pickle=False)
+            raise InputError("--labels needs a .npz or .csv file (a .npy file holds only the features)")
+        X = load_npy(path, "series file")
     elif ext == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            names = list(f.files)
-            key = "X" if "X" in names else names[0] if len(names) == 1 else None
-            if key is None:
-                raise ValueError(f"{path} holds arrays {names}; name the features X")
-            X = f[key]
-            lname = labels if labels is not None else ("labels" if "labels" in names else None)
-            if lname is not None:
-                if lname not in names:
-                    raise ValueError(f"--labels {lname!r}: {path} holds the arrays {names}")
-                lab = f[lname]
+        arrays = load_npz(path, "series file")
+        names = list(arrays)
+        key = "X" if "X" in names else names[0] if len(names) == 1 else None
+        if key is None:
+            raise InputError(f"{path} holds arrays {names}; name the features X")
+        X = arrays[key]
+        lname = labels if labels is not None else ("labels" if "labels" in names else None)
+        if lname is not None:
+            if lname not in names or lname == key:
+                raise InputError(f"--labels {lname!r}: {path} holds the arrays {names}")
+            lab = arrays[lname]
     elif ext == ".csv":
-        header, rows = _csv_rows(path)
-        width = len(header) if header else len(rows[0])
-        if any(len(r) != width for r in rows):
-            raise ValueError(f"{path}: rows have different numbers of columns")
+        head, rows = _csv_rows(path, header)
+        if not rows:
+            raise InputError(f"{path} holds a header and no data rows")
+        width = len(head) if head else len(rows[0])
+        bad = next((i for i, r in enumerate(rows) if len(r) != width), None)
+        if bad is not None:
+            raise InputError(f"{path}: data row {bad + 1} has {len(rows[bad])} columns, the first has {width}")
         col = None
         if labels is not None:
-            if header and labels in header:
-                col = header.index(labels)
+            if head and labels in head:
+                col = head.index(labels)
             elif labels.isdigit() and int(labels) < width:
                 col = int(labels)
             else:
-                raise ValueError(f"--labels {labels!r} is not a column of {path}"
-                                 + (f" (columns: {', '.join(header)})" if header else f" ({width} columns)"))
+                raise InputError(f"--labels {labels!r} is not a column of {path}"
+                                 + (f" (columns: {', '.join(head)})" if head else f" ({width} columns)"))
         feats = [i for i in range(width) if i != col]
         try:
-            X = np.array([[float(r[i]) for i in feats] for r in rows])
+            X = np.array([[float(r[i]) for i in feats] for r in rows], dtype=np.float64).reshape(len(rows), len(feats))
         except ValueError as e:
-            raise ValueError(f"{path}: a feature column holds a non-number ({e}); name the label column "
+            raise InputError(f"{path}: a feature column holds a non-number ({e}); name the label column "
                              f"with --labels") from None
         if col is not None:
             lab = np.array([r[col].strip() for r in rows])
     else:
-        raise ValueError(f"{path}: give a .npy, .npz or .csv file")
-    X = np.asarray(X, dtype=np.float64)
+        raise InputError(f"{path}: give a .npy, .npz or .csv file")
+    X = np.asarray(X)
+    if X.dtype.fields is not None or X.dtype.kind not in "biuf":
+        raise InputError(f"{path}: the features have dtype {X.dtype}; they must be real numbers")
     if X.ndim == 1:
         X = X[:, None]
-    if X.ndim != 2 or len(X) < 2:
-        raise ValueError(f"{path}: the features must be a T x D array with T >= 2, got shape {X.shape}")
+    if X.ndim != 2 or len(X) < 2 or X.shape[1] < 1:
+        raise InputError(f"{path}: the features must be a T x D array with T >= 2 and D >= 1, got shape {X.shape}")
+    X = X.astype(np.float64, copy=False)
     if not np.all(np.isfinite(X)):
-        raise ValueError(f"{path}: the features contain NaN or infinite values")
+        raise InputError(f"{path}: the features contain NaN or infinite values")
+    too_big = np.abs(X) > np.finfo(np.float32).max
+    if too_big.any():
+        raise InputError(f"{path}: {int(too_big.sum())} feature value(s) lie beyond float32's range (|x| > 3.4e38); "
+                         f"rescale the series")
     info: dict = {"source": os.path.abspath(path), "labels": labels if lab is not None else None,
                   "standardized": bool(standardize)}
     if lab is not None:
-        lab = np.asarray(lab).reshape(-1)
-        if len(lab) != len(X):
-            raise ValueError(f"{path}: {len(lab)} labels for {len(X)} steps")
-        names, lab = np.unique(lab, return_inverse=True)
-        info["label_names"] = [n.item() if hasattr(n, "item") else n for n in names]
-        lab = lab.astype(np.int64)
+        lab, info["label_names"] = _labels_of(lab, len(X), path)
     if standardize:
         mu, sd = X.mean(0), X.std(0)
         sd = np.where(sd > 0, sd, 1.0)
@@ -442,23 +564,43 @@ def read_series_file(path: str, labels: str | None = None, standardize: bool = F
     return X.astype(np.float32), lab, info
 
 
+DATA_KEY = "data folder"   # the safeio.Outputs key every writer of a data folder shares
+DATA_FILES = ("data.npz", "config.json")
+
+
+def data_outputs(out_dir: str, force: bool, also: list[str] = ()) -> Outputs:
+    """Claim a data folder: data.npz, config.json, the paths in `also`, and whatever a data-folder
+    writer recorded there before (a generator's summary and figure numbers), so replacing a
+    folder with --force leaves nothing of the old series behind; without force, any of them
+    stops the command."""
+    out = Outputs(DATA_KEY, force)
+    out.claim([os.path.join(out_dir, f) for f in DATA_FILES] + list(also))
+    return out
+
+
+def save_data_folder(out_dir: str, arrays: dict, config: dict, out: Outputs) -> None:
+    """data.npz and config.json, each atomically and marked with one shared random token:
+    load_series refuses a folder whose two files come from different writes (a kill between
+    the two renames), so a reader never uses a mix."""
+    token = secrets.token_hex(8)
+    npz, cfg = (out.target(os.path.join(out_dir, f)) for f in DATA_FILES)
+    text = json_text({**config, GENERATION: token})
+    with atomic_path(npz) as t_npz:
+        with open(t_npz, "wb") as f:
+            np.savez(f, **arrays, **{GENERATION: np.array(token)})
+        with atomic_path(cfg) as t_cfg:
+            with open(t_cfg, "w", encoding="utf-8") as f:
+                f.write(text)
+
+
 def write_data_folder(out_dir: str, X: np.ndarray, labels: np.ndarray | None, info: dict, force: bool) -> None:
     """data.npz (X, and states when there are labels) + config.json (its source, no generator
-    parameters), both atomically; an existing data.npz needs force."""
-    target = os.path.join(out_dir, "data.npz")
-    if os.path.exists(target) and not force:
-        raise ValueError(f"{target} exists; pass --force to replace it or choose another --out-dir")
-    os.makedirs(out_dir, exist_ok=True)
+    parameters); an existing data folder needs force (which replaces all of it)."""
+    out = data_outputs(out_dir, force)
     arrays = {"X": X} if labels is None else {"X": X, "states": labels}
-    tmp = os.path.join(out_dir, ".data.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, target)
     cfg = {**info, "n_steps": int(len(X)), "dim": int(X.shape[1]), "generator": None,
            "n_labels": int(labels.max()) + 1 if labels is not None else 0}
-    tmp = os.path.join(out_dir, ".config.tmp.json")
-    with open(tmp, "w") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "config.json"))
+    save_data_folder(out_dir, arrays, cfg, out)
 
 
 def build_parser():
@@ -470,20 +612,22 @@ def build_parser():
                    help="the label column (.csv: header name or 0-based index) or array (.npz; default "
                         "'labels' when present); without labels, figures drop the state strip and "
                         "label-based metrics are skipped")
+    p.add_argument("--header", choices=("auto", "yes", "no"), default="auto",
+                   help=".csv: whether the first row names the columns (auto: when some column holds a "
+                        "non-number in the first row and a number in the second)")
     p.add_argument("--standardize", action="store_true", help="scale every feature to mean 0, std 1")
-    p.add_argument("--force", action="store_true", help="replace the data.npz of an existing folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing data folder (data.npz, config.json and what the generator wrote beside them)")
     return p
 
 
+@one_line_errors()
 def main(argv=None) -> int:
-    import sys
     args = build_parser().parse_args(argv)
-    try:
-        X, lab, info = read_series_file(args.input, args.labels, args.standardize)
-        write_data_folder(args.out_dir, X, lab, info, args.force)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    output_dir(args.out_dir, create=False)
+    X, lab, info = read_series_file(args.input, args.labels, args.standardize, args.header)
+    output_dir(args.out_dir)
+    write_data_folder(args.out_dir, X, lab, info, args.force)
     print(f"wrote {args.out_dir}/data.npz ({len(X)} steps x {X.shape[1]} features"
           + (f", {int(lab.max()) + 1} labels" if lab is not None else ", no labels") + ") and config.json")
     return 0

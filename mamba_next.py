@@ -25,7 +25,6 @@ silu(z), B and C, recorded from the model's own forward pass.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,11 +37,12 @@ import torch.nn.functional as F
 
 import cliargs
 import oracle
+import safeio
 import training
 from cliargs import SEED, Parser, add_output_flags, at_least, between, non_negative
 from dataset import load_series, task_datasets, time_splits, train_eval_windows
 from plotting import draw_state_strip, save_figure, state_colors
-from training import (ModelSpec, TrainingError, add_training_arguments, autocast, check_data_matches, claim_outputs,
+from training import (ModelSpec, TrainingError, add_training_arguments, autocast, check_data_matches,
                       command_argv, eval_main, given_flags, load_checkpoint, load_exported, plot_prediction_window,
                       resolve_device, train_main)
 from selective_scan import MambaBlock
@@ -246,7 +246,17 @@ def make_spec():
         final_metrics=final_metrics, plot_title=lambda c: f"Mamba next-step model ({c.n_layers} layers)",
         task="next", train_eval_windows=train_eval_windows,
         loss_labels=("train loss (next-step MSE over the horizons, dropout on)",
-                     "train next-step MSE (eval mode, after the warm-up)", "validation next-step MSE (after the warm-up)"))
+                     "train next-step MSE (eval mode, after the warm-up)", "validation next-step MSE (after the warm-up)"),
+        figures=tuple(f"mamba_prediction_{i}.png" for i in range(3)), memory=activation_bytes)
+
+
+def activation_bytes(cfg: MambaConfig, batch: int, seq_len: int) -> int:
+    """About what one training step keeps: per layer the scan's (steps, batch, channels, states)
+    tensors (decay, input, states and their gradient) and the block's other activations."""
+    tokens = batch * seq_len
+    d_inner = cfg.expand * cfg.d_model
+    per_layer = tokens * d_inner * cfg.d_state * 4 + tokens * (10 * d_inner + 4 * cfg.d_model)
+    return 4 * (cfg.n_layers * per_layer + tokens * len(cfg.horizons) * (cfg.d_ff + 2 * cfg.in_dim))
 
 
 def datasets_for(series, data_args: dict):
@@ -398,8 +408,16 @@ def run_generate(args) -> int:
     model = load_model(ckpt).to(device)
     series = load_series(args.data_dir or ckpt["data"]["data_dir"])
     check_data_matches(ckpt["model_config"], series, ckpt["path"])
+    safeio.check_fits(args.gen_len * (series.dim * 64 + 64), f"a generation of {args.gen_len:,} steps",
+                      "use a smaller --gen-len")
     start, end, known = prompt_window(args, series, ckpt["data"])
     pert = perturbation(args, model.cfg.n_layers)
+    out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "generate")
+    plots_dir = cliargs.plots_dir(args, out_dir)
+    tag = f"gen_{pert.kind}" if pert.kind != "none" else "gen"
+    paths = [os.path.join(out_dir, f"{tag}.npy"), os.path.join(out_dir, f"{tag}.json"),
+             os.path.join(plots_dir, f"{tag}.png")]
+    out = claim_run_outputs(args, f"generate {tag}", out_dir, plots_dir, paths)
     prompt = torch.as_tensor(series.X[start:start + args.prompt_len], device=device)
     t0 = time.perf_counter()
     gen = generate(model, prompt, args.gen_len, args.temperature, pert, torch.Generator().manual_seed(args.seed))
@@ -409,20 +427,13 @@ def run_generate(args) -> int:
               "steps_with_truth": known, "temperature": args.temperature,
               "perturbation": pert.__dict__ | {"layers": list(pert.layers)}, "seconds": secs,
               "steps_per_second": args.gen_len / secs, "noise_floor": series.noise_var, **report}
-    out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "generate")
-    plots_dir = cliargs.plots_dir(args, out_dir)
-    tag = f"gen_{pert.kind}" if pert.kind != "none" else "gen"
-    claim_outputs([os.path.join(out_dir, f"{tag}.npy"), os.path.join(out_dir, f"{tag}.json"),
-                   os.path.join(plots_dir, f"{tag}.png")], args.force)
-    os.makedirs(out_dir, exist_ok=True)
-    np.save(os.path.join(out_dir, f"{tag}.npy"), gen)
-    with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    safeio.output_dir(out_dir)
+    safeio.save_npy(out.target(paths[0]), gen)
+    out.write_json(paths[1], report)
     p = None
     if not args.no_plot:
-        os.makedirs(plots_dir, exist_ok=True)
-        p = plot_generation(args, series, gen, ref, decoded, pert, start, end, known,
-                            os.path.join(plots_dir, f"{tag}.png"))
+        safeio.output_dir(plots_dir, "--plots-dir")
+        p = plot_generation(args, series, gen, ref, decoded, pert, start, end, known, out.target(paths[2]))
     orc = (f"; oracle forecast {report['oracle_mse_first_16']:.2f}" if "oracle_mse_first_16" in report else "")
     print(f"generated {args.gen_len} steps in {secs:.2f} s ({args.gen_len / secs:.0f} steps/s); "
           f"MSE first 16: {report.get('mse_first_16', float('nan')):.2f} (noise floor {series.noise_var}{orc})")
@@ -432,6 +443,20 @@ def run_generate(args) -> int:
               f"angular speed x{_fmt(st['angular_speed_ratio_median'])} of the true")
     print(f"wrote {out_dir}/{tag}.npy, {tag}.json" + (f", {p}" if p else ""))
     return 0
+
+
+def claim_run_outputs(args, key: str, out_dir: str, plots_dir: str, paths: list[str]) -> safeio.Outputs:
+    """Check the output folders and claim what generate / gates write (declared paths and what the
+    same command recorded there before), before any long work; one line (TrainingError) otherwise."""
+    try:
+        safeio.output_dir(out_dir, "--out-dir", create=False)
+        if not args.no_plot:
+            safeio.output_dir(plots_dir, "--plots-dir", create=False)
+        out = safeio.Outputs(key, args.force)
+        out.claim(paths, folders=[out_dir, plots_dir])
+    except safeio.InputError as e:
+        raise TrainingError(str(e)) from None
+    return out
 
 
 def prompt_window(args, series, data: dict) -> tuple[int, int, int]:
@@ -457,8 +482,11 @@ def prompt_window(args, series, data: dict) -> tuple[int, int, int]:
 
 def perturbation(args, n_layers: int) -> Perturbation:
     """The perturbation bursts the flags ask for (kind none without --perturb-*)."""
-    layers = tuple(int(i) - 1 for i in args.perturb_layers.split(",")) if args.perturb_layers else \
-        tuple(range(n_layers))
+    try:
+        layers = tuple(int(i) - 1 for i in args.perturb_layers.split(",")) if args.perturb_layers else \
+            tuple(range(n_layers))
+    except ValueError:
+        raise TrainingError(f"--perturb-layers {args.perturb_layers!r:.40}: give layer numbers such as 1,3") from None
     if any(not 0 <= li < n_layers for li in layers):
         raise TrainingError(f"--perturb-layers must name layers 1..{n_layers}")
     kind = "hidden" if args.perturb_hidden else "output" if args.perturb_output else "none"
@@ -550,7 +578,7 @@ def plot_generation(args, series, gen, ref, decoded, pert: Perturbation, start: 
 
 # ----------------------------------------------------------------------------- gates
 
-def plot_mean_delta(summary: dict, circles, n: int, plots_dir: str) -> list[str]:
+def plot_mean_delta(summary: dict, circles, n: int, plots_dir: str, out=None) -> list[str]:
     """Mean step size delta per layer, over all recorded steps and per circle."""
     import matplotlib
     matplotlib.use("Agg")
@@ -564,7 +592,8 @@ def plot_mean_delta(summary: dict, circles, n: int, plots_dir: str) -> list[str]
     ax.set_ylabel("mean delta (softplus(dt))")
     ax.set_title("Mean step size delta per layer")
     ax.legend(fontsize=6, ncol=2)
-    return [save_figure(fig, os.path.join(plots_dir, "gates_mean_delta.png"), dpi=110)]
+    p = os.path.join(plots_dir, "gates_mean_delta.png")
+    return [save_figure(fig, out.target(p) if out else p, dpi=110)]
 
 
 def run_gates(args) -> int:
@@ -578,14 +607,15 @@ def run_gates(args) -> int:
     val = datasets_for(series, ckpt["data"])["val"]
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "gates")
     plots_dir = cliargs.plots_dir(args, out_dir)
-    earlier = [os.path.join(plots_dir, f) for f in (os.listdir(plots_dir) if os.path.isdir(plots_dir) else [])
-               if f.startswith("gates_") and f.endswith(".png")]
-    claim_outputs(earlier + [os.path.join(out_dir, "gates_summary.json")], args.force)
-    os.makedirs(out_dir, exist_ok=True)
-    if not args.no_plot:
-        os.makedirs(plots_dir, exist_ok=True)
     n = model.cfg.n_layers
     idx, plotted = gate_windows(args, n, len(val))
+    jp = os.path.join(out_dir, "gates_summary.json")
+    # the figures are not all known before drawing: the ones this command recorded earlier count too
+    out = claim_run_outputs(args, "gates", out_dir, plots_dir,
+                            [jp] + [os.path.join(plots_dir, f) for f in ("gates_mean_delta.png", "gates_umap.png")])
+    safeio.output_dir(out_dir)
+    if not args.no_plot:
+        safeio.output_dir(plots_dir, "--plots-dir")
     layers = [args.layer - 1] if args.layer is not None else list(range(n))
     written, traces = [], []
     for j, i in enumerate(idx):
@@ -598,7 +628,7 @@ def run_gates(args) -> int:
             name = (f"gates_sample_{int(i) if args.sample is not None else j}"
                     f"{'' if args.layer is None else f'_layer{args.layer}'}.png")
             written.append(plot_gate_window(trace, s, layers, int(val.starts[i]), series.n_states,
-                                            os.path.join(plots_dir, name)))
+                                            out.target(os.path.join(plots_dir, name))))
     states_cat = np.concatenate([s for _, s in traces])
     circles = np.unique(states_cat) if series.has_labels else []  # no labels: overall means only
     summary = {"mean_delta": [], "mean_delta_by_circle": []}
@@ -607,13 +637,11 @@ def run_gates(args) -> int:
         summary["mean_delta"].append(float(d.mean()))
         summary["mean_delta_by_circle"].append({int(c): float(d[states_cat == c].mean()) for c in circles})
     if not args.no_plot:
-        written += plot_mean_delta(summary, circles, n, plots_dir)
+        written += plot_mean_delta(summary, circles, n, plots_dir, out)
     if args.umap and not args.no_plot:
-        written.append(plot_gate_umap(args, traces, states_cat, series, n, os.path.join(plots_dir, "gates_umap.png")))
-    jp = os.path.join(out_dir, "gates_summary.json")
-    with open(jp, "w") as f:
-        json.dump(summary, f, indent=2)
-    written.append(jp)
+        written.append(plot_gate_umap(args, traces, states_cat, series, n, out.target(os.path.join(plots_dir,
+                                                                                                  "gates_umap.png"))))
+    written.append(out.write_json(jp, summary))
     print("mean delta per layer: " + ", ".join(f"{m:.4f}" for m in summary["mean_delta"]))
     print("wrote " + ", ".join(written))
     return 0
@@ -749,40 +777,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@safeio.one_line_errors(TrainingError)
 def main(argv=None) -> int:
-    try:
-        argv = command_argv(argv, subcommands=True)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    argv = command_argv(argv, subcommands=True)
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.command == "generate":
-            if args.perturb_hidden and args.perturb_output:
-                raise TrainingError("choose one of --perturb-hidden and --perturb-output")
-            for flag in ("gen_len", "prompt_len", "perturb_interval"):
-                if getattr(args, flag) < 1:
-                    raise TrainingError(f"--{flag.replace('_', '-')} must be at least 1")
-            if args.start is not None and args.start < 0:
-                raise TrainingError("--start must be a step index >= 0")
-            return run_generate(args)
-        if args.command == "gates":
-            return run_gates(args)
-        if args.gate_lr_factor < 0:
-            raise TrainingError("--gate-lr-factor must be >= 0")
-        if not args.resume and not args.eval and args.max_horizon >= args.seq_len:
-            raise TrainingError(f"--max-horizon {args.max_horizon} leaves nothing to predict in windows of "
-                                f"--seq-len {args.seq_len}; use a horizon below the window length")
-        if args.eval_warmup is None:
-            args.eval_warmup = args.seq_len // 4
-        spec = make_spec()
-        if args.eval:
-            return eval_main(args, spec, MambaConfig, given_flags(build_parser, argv))
-        return train_main(args, spec, given_flags(build_parser, argv))
-    except (TrainingError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "generate":
+        if args.perturb_hidden and args.perturb_output:
+            raise TrainingError("choose one of --perturb-hidden and --perturb-output")
+        return run_generate(args)
+    if args.command == "gates":
+        return run_gates(args)
+    if not args.resume and not args.eval and args.max_horizon >= args.seq_len:
+        raise TrainingError(f"--max-horizon {args.max_horizon} leaves nothing to predict in windows of "
+                            f"--seq-len {args.seq_len}; use a horizon below the window length")
+    if args.eval_warmup is None:
+        args.eval_warmup = args.seq_len // 4
+    spec = make_spec()
+    if args.eval:
+        return eval_main(args, spec, MambaConfig, given_flags(build_parser, argv))
+    return train_main(args, spec, given_flags(build_parser, argv))
 
 
 if __name__ == "__main__":

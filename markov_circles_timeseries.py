@@ -28,7 +28,6 @@ Writes ``<out-dir>/data.npz`` and ``<out-dir>/config.json``, and figures in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,7 +35,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from cliargs import SEED, Parser, add_output_flags, at_least, non_negative, plots_dir, positive
+from cliargs import SEED, Parser, add_output_flags, at_least, between, int_between, plots_dir
+from dataset import MAX_PERIOD, data_outputs, save_data_folder
+from safeio import InputError, OutputsExist, check_fits, one_line_errors, output_dir, read_json
 from plotting import draw_state_strip, save_figure, state_colors  # noqa: F401 (also re-exported for old imports)
 from estimate_dimension import levina_bickel
 
@@ -77,6 +78,8 @@ class CirclesConfig:
             raise ValueError(f"--noise-std must be >= 0, got {self.noise_std}")
         if self.n_shortcuts < 0:
             raise ValueError("--n-shortcuts must be >= 0")
+        if self.n_circles > 1000 or self.period_max > MAX_PERIOD:
+            raise ValueError(f"at most 1000 circles and periods of at most {MAX_PERIOD} steps")
 
 
 # ----------------------------------------------------------------------------- streams
@@ -177,6 +180,9 @@ def generate(cfg: CirclesConfig) -> dict[str, np.ndarray]:
     signal = r * (np.cos(thetas)[:, None] * planes[states, 0] + np.sin(thetas)[:, None] * planes[states, 1])
     noise = rngs["noise"].standard_normal((n, cfg.ambient_dim)) * cfg.noise_std
     X = signal + noise
+    if not np.all(np.abs(X) < np.finfo(np.float32).max):
+        raise ValueError("the radii and noise give values beyond float32's range; use a smaller --radius-mean "
+                         "or --noise-std")
     keep = starts < n
     return {
         "X": X.astype(np.float32),
@@ -234,25 +240,29 @@ def format_table(stats: dict) -> str:
 
 # ----------------------------------------------------------------------------- I/O
 
-def save(out_dir: str, data: dict[str, np.ndarray], cfg: CirclesConfig, stats: dict) -> None:
-    """Write data.npz and config.json atomically (temp file + rename)."""
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, ".data.tmp.npz")
-    np.savez(tmp, **data)
-    os.replace(tmp, os.path.join(out_dir, "data.npz"))
+def folder_config(cfg: CirclesConfig, stats: dict) -> dict:
+    """What config.json holds: the generator's parameters and the realised noise level and SNR."""
     config = asdict(cfg)
     config.update(noise_var=cfg.noise_std ** 2, snr=stats["snr"],
                   subspace_dim_effective=cfg.subspace_dim or cfg.ambient_dim,
                   generator="markov_circles_timeseries.py")
-    tmp = os.path.join(out_dir, ".config.tmp.json")
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "config.json"))
+    return config
+
+
+def save(out_dir: str, data: dict[str, np.ndarray], cfg: CirclesConfig, stats: dict, out=None) -> None:
+    """Write data.npz and config.json (atomically, marked as one write: dataset.save_data_folder)."""
+    out = out or data_outputs(out_dir, True)
+    save_data_folder(out_dir, data, folder_config(cfg, stats), out)
+
+
+def memory_needed(cfg: CirclesConfig) -> int:
+    """Bytes `generate` holds at its peak (observations, signal, angles, noise; transition matrix)."""
+    return cfg.n_steps * (cfg.ambient_dim * 40 + 48) + cfg.n_circles ** 2 * 16 + cfg.n_circles * cfg.ambient_dim * 32
 
 
 # ----------------------------------------------------------------------------- figures
 
-def plot_sample_windows(data, cfg, plots_dir, rng, n_windows=3, length=1000) -> list[str]:
+def plot_sample_windows(data, cfg, plots_dir, rng, n_windows=3, length=1000, out=None) -> list[str]:
     import matplotlib.pyplot as plt
     X, states = data["X"], data["states"]
     length = min(length, len(X))
@@ -270,11 +280,11 @@ def plot_sample_windows(data, cfg, plots_dir, rng, n_windows=3, length=1000) -> 
         a1.set_xlabel("time step")
         fig.colorbar(im, ax=[a0, a1], fraction=0.02, pad=0.01)
         p = os.path.join(plots_dir, f"sample_window_{w}.png")
-        paths.append(save_figure(fig, p, dpi=110, tight=False, bbox_inches="tight"))
+        paths.append(save_figure(fig, out.target(p) if out else p, dpi=110, tight=False, bbox_inches="tight"))
     return paths
 
 
-def plot_overview(data, cfg, stats, plots_dir, emb=None, emb_idx=None) -> str:
+def plot_overview(data, cfg, stats, plots_dir, emb=None, emb_idx=None, out=None) -> str:
     import matplotlib.pyplot as plt
     n_rows = 3 if emb is not None else 2
     fig = plt.figure(figsize=(14, 4.2 * n_rows))
@@ -309,10 +319,11 @@ def plot_overview(data, cfg, stats, plots_dir, emb=None, emb_idx=None) -> str:
         sc = ax.scatter(emb[:, 0], emb[:, 1], c=emb_idx, s=2, cmap="viridis")
         fig.colorbar(sc, ax=ax, fraction=0.046, label="time step")
         ax.set_title("UMAP of raw data, coloured by time")
-    return save_figure(fig, os.path.join(plots_dir, "overview.png"), dpi=100)
+    p = os.path.join(plots_dir, "overview.png")
+    return save_figure(fig, out.target(p) if out else p, dpi=100)
 
 
-def umap_raw(data, cfg, plots_dir, rng, n_points, n_neighbors) -> tuple[dict, np.ndarray, np.ndarray, str]:
+def umap_raw(data, cfg, plots_dir, rng, n_points, n_neighbors, out=None) -> tuple[dict, np.ndarray, np.ndarray, str]:
     """UMAP of a random subsample of the raw series and Levina-Bickel of the 2-D embedding."""
     import matplotlib.pyplot as plt
     import umap
@@ -333,7 +344,7 @@ def umap_raw(data, cfg, plots_dir, rng, n_points, n_neighbors) -> tuple[dict, np
     ax.set_xticks([])
     ax.set_yticks([])
     p = os.path.join(plots_dir, f"umap_subspace_{cfg.subspace_dim or cfg.ambient_dim}.png")
-    return result, emb, idx, save_figure(fig, p, dpi=110, tight=False, bbox_inches="tight")
+    return result, emb, idx, save_figure(fig, out.target(p) if out else p, dpi=110, tight=False, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -343,27 +354,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate the Markov-switching circles time series (data.npz + config.json) "
                     "and its figures.")
     p.add_argument("--n-steps", type=at_least(1), default=100_000, help="length of the series")
-    p.add_argument("--n-circles", type=at_least(2), default=10, help="number of circles (Markov states)")
+    p.add_argument("--n-circles", type=int_between(2, 1000), default=10, help="number of circles (Markov states)")
     p.add_argument("--ambient-dim", type=at_least(2), default=20, help="dimension of the observations")
     p.add_argument("--subspace-dim", type=at_least(2), default=None,
                    help="put all circle planes in one shared random subspace of this dimension "
                         "(2 = coplanar, ambient-dim = no shared subspace; default: ambient-dim)")
-    p.add_argument("--noise-std", type=non_negative(), default=2.83, help="std of the isotropic Gaussian noise")
-    p.add_argument("--radius-mean", type=positive(), default=20.0,
+    p.add_argument("--noise-std", type=between(0, 1e6), default=2.83, help="std of the isotropic Gaussian noise")
+    p.add_argument("--radius-mean", type=between(0, 1e6, open_lo=True), default=20.0,
                    help="mean circle radius (radii are clipped to [0.5, 1.5] x this)")
-    p.add_argument("--radius-std", type=non_negative(), default=2.0, help="std of the circle radii")
-    p.add_argument("--period-min", type=at_least(1), default=40, help="shortest period (steps per lap)")
-    p.add_argument("--period-max", type=at_least(1), default=400, help="longest period (steps per lap)")
-    p.add_argument("--dwell-mean", type=positive(), default=400.0,
+    p.add_argument("--radius-std", type=between(0, 1e6), default=2.0, help="std of the circle radii")
+    p.add_argument("--period-min", type=int_between(1, MAX_PERIOD), default=40, help="shortest period (steps per lap)")
+    p.add_argument("--period-max", type=int_between(1, MAX_PERIOD), default=400, help="longest period (steps per lap)")
+    p.add_argument("--dwell-mean", type=between(0, 1e9, open_lo=True), default=400.0,
                    help="mean time on a circle before rounding to whole laps (steps)")
-    p.add_argument("--dwell-std", type=non_negative(), default=100.0, help="std of the time on a circle")
+    p.add_argument("--dwell-std", type=between(0, 1e9), default=100.0, help="std of the time on a circle")
     p.add_argument("--n-shortcuts", type=at_least(0), default=1, help="long-range transitions per circle")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the geometry, transitions and noise")
     add_output_flags(p, "data", "the data folder: data.npz, config.json and the figures' numbers (JSON)")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP of the raw data (faster)")
     p.add_argument("--umap-points", type=at_least(10), default=5000, help="points in the raw-data UMAP")
     p.add_argument("--umap-neighbors", type=at_least(2), default=30, help="UMAP's n_neighbors")
-    p.add_argument("--force", action="store_true", help="overwrite an existing data.npz in --out-dir")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing data folder of another configuration (data.npz, config.json, the "
+                        "summary and figure numbers, the figures this command drew before; nothing else)")
     return p
 
 
@@ -375,61 +388,70 @@ def config_from_args(args) -> CirclesConfig:
         dwell_std=args.dwell_std, n_shortcuts=args.n_shortcuts, noise_std=args.noise_std, seed=args.seed)
 
 
+def same_configuration(out_dir: str, cfg: CirclesConfig) -> bool:
+    """Whether out_dir's config.json was written for exactly this configuration (its data.npz is
+    then regenerated identically, so no --force is needed)."""
+    try:
+        prev = read_json(os.path.join(out_dir, "config.json"), "data config", kind=dict)
+    except InputError:
+        return False
+    return all(prev.get(k) == v for k, v in asdict(cfg).items())
+
+
+def figure_names(cfg: CirclesConfig, umap: bool) -> list[str]:
+    return ([f"sample_window_{w}.png" for w in range(3)] + ["overview.png"]
+            + ([f"umap_subspace_{cfg.subspace_dim or cfg.ambient_dim}.png"] if umap else []))
+
+
+@one_line_errors()
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg.validate()
+    check_fits(memory_needed(cfg), f"a series of {cfg.n_steps:,} steps x {cfg.ambient_dim} dimensions",
+               "use a smaller --n-steps or --ambient-dim")
+    figures = plots_dir(args)
+    output_dir(args.out_dir, create=False)
+    if not args.no_plot:
+        output_dir(figures, "--plots-dir", create=False)
+    summary_path = os.path.join(args.out_dir, "circles_summary.json")
+    umap_json = os.path.join(args.out_dir, f"umap_subspace_{cfg.subspace_dim or cfg.ambient_dim}.json")
     target = os.path.join(args.out_dir, "data.npz")
-    if os.path.exists(target) and not args.force:
-        old = os.path.join(args.out_dir, "config.json")
-        same = False
-        if os.path.exists(old):
-            try:
-                with open(old) as f:
-                    prev = json.load(f)
-            except json.JSONDecodeError:
-                prev = None
-            same = isinstance(prev, dict) and all(prev.get(k) == v for k, v in asdict(cfg).items())
-        if not same:
-            print(f"error: {target} already exists with a different configuration; "
-                  f"pass --force to overwrite it or choose another --out-dir", file=sys.stderr)
-            return 2
+    same = os.path.exists(target) and same_configuration(args.out_dir, cfg)
+    try:  # the figures are claimed even with --no-plot: --force then removes the old ones
+        out = data_outputs(args.out_dir, args.force or same,
+                           also=[summary_path, umap_json] + [os.path.join(figures, f) for f in figure_names(cfg, True)])
+    except OutputsExist as e:
+        raise OutputsExist(f"{target if os.path.exists(target) else e.args[0].split(' exists')[0]} exists and was "
+                           f"written for a different configuration (or by another command); pass --force to replace "
+                           f"the data folder or choose another --out-dir") from None
     t0 = time.perf_counter()
     data = generate(cfg)
     t_gen = time.perf_counter() - t0
     stats = summary(data, cfg)
-    save(args.out_dir, data, cfg, stats)
+    output_dir(args.out_dir)
+    save(args.out_dir, data, cfg, stats, out)
     print(format_table(stats))
-    sp = os.path.join(args.out_dir, "circles_summary.json")
-    with open(sp, "w") as f:
-        json.dump(stats, f, indent=2)
+    out.write_json(summary_path, stats)
     print(f"generated {cfg.n_steps} steps in {t_gen:.2f} s; wrote {target}, "
-          f"{os.path.join(args.out_dir, 'config.json')} and {sp}")
+          f"{os.path.join(args.out_dir, 'config.json')} and {summary_path}")
     if args.no_plot:
         return 0
 
     import matplotlib
     matplotlib.use("Agg")
-    figures = plots_dir(args)
-    os.makedirs(figures, exist_ok=True)
+    output_dir(figures, "--plots-dir")
     rng = rng_streams(cfg.seed)["plots"]
-    written = plot_sample_windows(data, cfg, figures, rng)
+    written = plot_sample_windows(data, cfg, figures, rng, out=out)
     emb = idx = None
     if not args.no_umap:
-        result, emb, idx, p = umap_raw(data, cfg, figures, rng, args.umap_points, args.umap_neighbors)
+        result, emb, idx, p = umap_raw(data, cfg, figures, rng, args.umap_points, args.umap_neighbors, out=out)
         written.append(p)
         for k, v in result["lb_umap_2d"].items():
             print(f"Levina-Bickel of the 2-D UMAP, k={k}: {v['mle']:.2f} "
                   f"[{v['mle_ci'][0]:.2f}, {v['mle_ci'][1]:.2f}]")
-        jp = os.path.join(args.out_dir, f"umap_subspace_{cfg.subspace_dim or cfg.ambient_dim}.json")
-        with open(jp, "w") as f:
-            json.dump(result, f, indent=2)
-        written.append(jp)
-    written.append(plot_overview(data, cfg, stats, figures, emb, idx))
+        written.append(out.write_json(umap_json, result))
+    written.append(plot_overview(data, cfg, stats, figures, emb, idx, out=out))
     print("wrote " + ", ".join(written))
     return 0
 

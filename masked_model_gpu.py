@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import safeio
 import training
 from cliargs import Parser, at_least, between, positive
 from dataset import task_datasets, train_eval_windows
@@ -319,7 +320,17 @@ def spec():
         plot_title=lambda c: f"Masked model ({c.pos_encoding}, {c.n_layers} layers)",
         loss_labels=("train loss (masked MSE, dropout on)", "train MSE (fixed masks, eval mode)",
                      "validation MSE (fixed masks)"),
-        train_eval_windows=train_eval_windows)
+        train_eval_windows=train_eval_windows, figures=tuple(f"bert_prediction_{i}.png" for i in range(3)),
+        memory=activation_bytes)
+
+
+def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> int:
+    """About what one training step keeps for the backward pass: per layer the residual stream,
+    queries/keys/values and feed-forward activations, and the attention probabilities (the
+    fused kernel does not store them, the math path used with attention dropout or a bias does)."""
+    tokens = batch * seq_len
+    per_layer = tokens * (12 * cfg.d_model + 3 * cfg.d_ff) + batch * cfg.n_heads * seq_len ** 2 * 2
+    return 4 * (cfg.n_layers * per_layer + tokens * (cfg.d_ff + 4 * cfg.in_dim))
 
 
 def load_model(ckpt: dict) -> MaskedTransformer:
@@ -327,21 +338,13 @@ def load_model(ckpt: dict) -> MaskedTransformer:
     return training.load_model(ckpt, spec(), ModelConfig)
 
 
+@safeio.one_line_errors(TrainingError)
 def main(argv=None) -> int:
-    try:
-        argv = command_argv(argv, subcommands=False)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.eval:
-            return eval_main(args, spec(), ModelConfig, given_flags(build_parser, argv))
-        return train_main(args, spec(), given_flags(build_parser, argv))
-    except (TrainingError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    argv = command_argv(argv, subcommands=False)
+    args = build_parser().parse_args(argv)
+    if args.eval:
+        return eval_main(args, spec(), ModelConfig, given_flags(build_parser, argv))
+    return train_main(args, spec(), given_flags(build_parser, argv))
 
 
 if __name__ == "__main__":

@@ -42,12 +42,14 @@ def save_figure(fig, path: str, dpi: int = 120, tight: bool = True, bbox_inches:
     import os
 
     import matplotlib.pyplot as plt
+
+    from safeio import atomic_path
     if tight:
         fig.tight_layout()
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"
-    fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches)
-    os.replace(tmp, path)
-    plt.close(fig)
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches, format=fmt)
+    finally:
+        plt.close(fig)
     return path
-

@@ -498,18 +498,18 @@ def recorded(key: str, folder: str) -> list[str]:
 
 @contextlib.contextmanager
 def _manifest_lock(folder: str):
+    """flock on the folder itself (no lock file is left beside the user's files)."""
     try:
         import fcntl
-    except ImportError:  # no flock (Windows)
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # no flock (Windows) or an unopenable folder: no lock
         yield
         return
-    lock = os.path.join(folder, ".outputs.lock")
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def record(key: str, paths: list[str]) -> None:
@@ -613,6 +613,11 @@ class Outputs:
 
     def write_json(self, path: str, obj, indent: int | None = 2) -> str:
         return write_json(self.target(path), obj, indent)
+
+
+def recorded_keys(folder: str) -> list[str]:
+    """The keys that recorded files in folder."""
+    return list(_read_manifest(folder)) if os.path.isdir(folder) else []
 
 
 def remove_recorded(key: str, folder: str) -> list[str]:

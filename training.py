@@ -15,8 +15,8 @@ import os
 import random
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 
 import cliargs
 import oracle
+import safeio
 from cliargs import SEED, at_least, between, non_negative, positive
 from dataset import load_series
 from plotting import draw_state_strip, save_figure
@@ -126,10 +127,10 @@ def plain(obj):
     raise TypeError(f"checkpoint value of type {type(obj).__name__} is not plain data")
 
 
-def claim_outputs(paths: list[str], force: bool) -> None:
+def claim_outputs(paths: list[str], force: bool, key: str | None = None) -> list[str]:
     """cliargs.claim_outputs; earlier outputs without force are a TrainingError."""
     try:
-        cliargs.claim_outputs(paths, force)
+        return cliargs.claim_outputs(paths, force, key)
     except cliargs.OutputsExist as e:
         raise TrainingError(str(e)) from None
 
@@ -166,21 +167,13 @@ def release_run_lock(out_dir: str) -> None:
         f.close()
 
 
-@contextmanager
-def replacing(path: str):
-    """Yields a temporary path beside `path` (.<name>.tmp) and renames it onto `path` when the
-    block ends: readers see the old file or the whole new one, never half of it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    yield tmp
-    os.replace(tmp, path)
+replacing = safeio.atomic_path  # the one atomic writer: a temporary file renamed onto the target
 
 
 def save_checkpoint(path: str, payload: dict) -> None:
     """torch.save, atomically. Only plain data is written (see `plain`), so the file loads with
     weights_only=True."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with replacing(path) as tmp:
+    with safeio.atomic_path(path) as tmp:
         torch.save(plain(payload), tmp)
 
 
@@ -214,8 +207,63 @@ def load_checkpoint(path: str, model_type: str | None = None) -> dict:
     if model_type is not None and ckpt["model_type"] != model_type:
         raise TrainingError(f"{path} holds a {ckpt['model_type']!r} model, not a {model_type!r} model; "
                             f"use the script that trained it")
+    check_checkpoint_fields(ckpt, path)
     ckpt["path"] = path
     return ckpt
+
+
+# what a checkpoint's "data" entry may hold: (kinds, lowest value, required, open at the low end)
+DATA_FIELDS = {"data_dir": (str, None, True, False), "seq_len": (int, 2, True, False), "stride": (int, 1, True, False),
+               "val_frac": (float, 0, True, True), "test_frac": (float, 0, True, False), "seed": (int, 0, True, False),
+               "mask_ratio": (float, 0, False, True), "mask_patch_size": (int, 1, False, False),
+               "mask_patch_min": (int, 1, False, False), "mask_patch_max": (int, 1, False, False),
+               "eval_warmup": (int, 0, False, False)}
+
+
+def check_checkpoint_fields(ckpt: dict, path: str) -> None:
+    """The plain entries of a checkpoint, checked at the boundary (types and ranges), so a file
+    with a field of the wrong type is one line naming it rather than a TypeError later."""
+    try:
+        safeio.check_field(ckpt, "model_type", str, path)
+        for k in ("model_config", "model", "data"):
+            safeio.check_field(ckpt, k, dict, path)
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+            raise safeio.InputError(f"{path}: the field 'model' must map parameter names to tensors")
+        data = ckpt["data"]
+        for k, (kind, lo, required, open_lo) in DATA_FIELDS.items():
+            safeio.check_field(data, k, kind, f"{path} (data)", lo=lo, open_lo=open_lo, required=required,
+                               nullable=k in ("mask_patch_min", "mask_patch_max"),
+                               hi=1 if kind is float else None)
+        if data["val_frac"] + data["test_frac"] >= 1:
+            raise safeio.InputError(f"{path} (data): val_frac + test_frac must be below 1")
+        for k in ("data_config", "args", "fit_state", "splits"):
+            safeio.check_field(ckpt, k, dict, path, required=False)
+        safeio.check_field(ckpt, "epoch", int, path, lo=0, required=False)
+    except safeio.InputError as e:
+        raise TrainingError(f"{e}; the checkpoint was not written by this project's training") from None
+
+
+def check_resumable(ckpt: dict, path: str) -> None:
+    """What a resumed run restores (fit state, optimiser, schedule, random states), checked first."""
+    try:
+        for k in ("fit_state", "optimizer", "scheduler", "rng", "args"):
+            safeio.check_field(ckpt, k, dict, path)
+        st, where = ckpt["fit_state"], f"{path} (fit_state)"
+        unknown = set(st) - {f.name for f in fields(FitState)}
+        if unknown:
+            raise safeio.InputError(f"{where}: unknown field(s) {sorted(unknown)[:3]}")
+        for k in ("epoch", "step"):
+            safeio.check_field(st, k, int, where, lo=0)
+        safeio.check_field(st, "best_epoch", int, where, lo=-1)
+        safeio.check_field(st, "stopped_early", str, where)
+        safeio.check_field(st, "history", list, where)
+        if not isinstance(st.get("best_val"), (int, float)) or isinstance(st.get("best_val"), bool):
+            raise safeio.InputError(f"{where}: the field 'best_val' must be a number")
+        if not isinstance(ckpt.get("loader_rng"), torch.Tensor):
+            raise safeio.InputError(f"{path}: the field 'loader_rng' must be a tensor")
+    except safeio.InputError as e:
+        raise TrainingError(f"{e}; this file cannot be resumed (only a last.pt written by this project's "
+                            f"training can)") from None
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -498,6 +546,8 @@ class ModelSpec:
     task: str = "masked"               # what the oracle predicts: masked steps, or the next step
     loss_labels: tuple = LOSS_LABELS   # the loss curve's words for this model
     train_eval_windows: Callable | None = None  # datasets -> fixed training windows scored every epoch
+    figures: tuple = ()                # the names of the prediction figures plot_predictions draws
+    memory: Callable | None = None     # (cfg, batch_size, seq_len) -> bytes of activations in one training step
 
 
 def make_loaders(ds: dict, batch_size: int, workers: int, device: torch.device, seed: int):
@@ -521,6 +571,10 @@ def load_model(ckpt: dict, spec: ModelSpec, config_cls) -> torch.nn.Module:
     """The checkpoint's model; a checkpoint with missing or mismatched parts is one clear error."""
     where = ckpt.get("path", "the checkpoint")  # load_checkpoint has checked that its parts are there
     try:
+        safeio.check_dataclass_fields(config_cls, ckpt["model_config"], f"{where} (model_config)")
+    except safeio.InputError as e:
+        raise TrainingError(str(e)) from None
+    try:
         model = spec.build(config_cls(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError, KeyError, ValueError) as e:
@@ -538,21 +592,46 @@ def export_model(model: torch.nn.Module, model_type: str, model_config: dict, ou
     pickles: both load without running code). The Mamba blocks keep mamba_ssm's parameter
     names (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj)."""
     from safetensors.torch import save_file
+    import secrets
     paths = [os.path.join(out_dir, f) for f in EXPORT_FILES]
-    claim_outputs(paths, force)
-    os.makedirs(out_dir, exist_ok=True)
+    check_export_target(out_dir, force)
+    out = safeio.Outputs("export", force)
+    try:
+        out.claim(paths)
+    except safeio.OutputsExist as e:
+        raise TrainingError(str(e)) from None
     state = {k: v.detach().to("cpu").contiguous() for k, v in getattr(model, "_orig_mod", model).state_dict().items()}
-    with replacing(paths[0]) as tmp:
-        save_file(state, tmp, metadata={"model_type": model_type})
-    with replacing(paths[1]) as tmp, open(tmp, "w") as f:
-        json.dump({"model_type": model_type, "model_config": plain(model_config), "data": plain(data or {}),
-                   "format": "safetensors", "exported_by": "this project's --export"}, f, indent=2)
+    token = secrets.token_hex(8)   # both files carry it: a kill between the two writes is detected on load
+    text = safeio.json_text({"model_type": model_type, "model_config": plain_json(model_config),
+                             "data": plain_json(data or {}), "format": "safetensors", "export_id": token,
+                             "exported_by": "this project's --export"})
+    with safeio.atomic_path(out.target(paths[0])) as tmp:
+        save_file(state, tmp, metadata={"model_type": model_type, "export_id": token})
+    safeio.write_text(out.target(paths[1]), text)
     return paths
 
 
+def plain_json(obj):
+    """Checkpoint data (tensors included) as JSON-ready lists and numbers."""
+    if isinstance(obj, dict):
+        return {k: plain_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain_json(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return plain(obj)
+
+
 def check_export_target(out_dir: str | None, force: bool) -> None:
-    """Before any work: an --export folder that already holds an export needs --force."""
-    if out_dir and not force:
+    """Before any work: --export must be a folder that can be written, and one that already holds
+    an export needs --force."""
+    if not out_dir:
+        return
+    try:
+        safeio.output_dir(out_dir, "--export", create=False)
+    except safeio.InputError as e:
+        raise TrainingError(str(e)) from None
+    if not force:
         taken = [f for f in EXPORT_FILES if os.path.exists(os.path.join(out_dir, f))]
         if taken:
             raise TrainingError(f"{os.path.join(out_dir, taken[0])} exists; pass --force to replace the export "
@@ -567,14 +646,22 @@ def load_exported(path: str, model_type: str, build: Callable, config_cls) -> to
         if not os.path.exists(f):
             raise TrainingError(f"{f} not found; export a checkpoint with --eval CKPT --export {path}")
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        if not isinstance(cfg, dict) or "model_config" not in cfg:
-            raise ValueError("no model_config")
-    except (json.JSONDecodeError, ValueError) as e:
-        raise TrainingError(f"{cfg_path} is not an exported model configuration ({e})") from e
-    if cfg.get("model_type") != model_type:
-        raise TrainingError(f"{path} holds a {cfg.get('model_type')!r} model, not a {model_type!r} model")
+        cfg = safeio.read_json(cfg_path, "exported model configuration", kind=dict)
+        safeio.check_field(cfg, "model_config", dict, cfg_path)
+        if cfg.get("model_type") != model_type:
+            raise TrainingError(f"{path} holds a {cfg.get('model_type')!r:.60} model, not a {model_type!r} model")
+        safeio.check_dataclass_fields(config_cls, cfg["model_config"], f"{cfg_path} (model_config)")
+    except safeio.InputError as e:
+        raise TrainingError(str(e)) from None
+    try:
+        from safetensors import safe_open
+        with safe_open(weights, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a corrupt header
+        raise TrainingError(f"{weights} is not a readable safetensors file ({safeio.first_line(e)})") from None
+    if "export_id" in cfg and meta.get("export_id") != cfg["export_id"]:
+        raise TrainingError(f"{path} is incomplete: config.json and model.safetensors come from different exports "
+                            f"(one was killed while writing); export again with --force")
     try:
         model = build(config_cls(**cfg["model_config"]))
         model.load_state_dict(load_file(weights))
@@ -666,12 +753,10 @@ def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     args, resume, out_dir = _resolve_run(args, spec, given)
     data = _load_data(args, spec, resume)
     plots_dir = cliargs.plots_dir(args, out_dir)
-    if not args.no_plot:
-        os.makedirs(plots_dir, exist_ok=True)
     run = _build_training(args, spec, data, device, resume)
     _describe(run, data, args, device)
     ref = oracle_reference(data.series, data.ds, spec.task)
-    log, on_first_checkpoint = _open_run_folder(out_dir, args, resume, run.state)
+    log, on_first_checkpoint = _open_run_folder(out_dir, plots_dir, args, resume, run)
     train_eval = _train_eval(run, data, args, device)
     t0 = time.perf_counter()
     state = fit(model=run.model, train_model=run.train_model, optimizer=run.optimizer, scheduler=run.scheduler,
@@ -724,11 +809,64 @@ def _resolve_run(args, spec: ModelSpec, given: set[str]):
         _check_extra_checkpoint(args.checkpoint, spec, overwrite=bool(resume or args.force))
     out_dir = args.out_dir or os.path.join("runs", f"{spec.run_prefix}_{spec.run_name(args)}".rstrip("_"))
     if resume:
+        check_resumable(resume, resume["path"])
         out_dir = os.path.dirname(resume["path"])
-    elif os.path.exists(os.path.join(out_dir, "last.pt")) and not args.force:
-        raise TrainingError(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
-                            f"--force to overwrite it, or another --out-dir")
+    _check_output_folders(args, out_dir)
+    if not resume:
+        earlier_run(out_dir, cliargs.plots_dir(args, out_dir), spec, args.force)
     return args, resume, out_dir
+
+
+def earlier_run(out_dir: str, plots_dir: str, spec: ModelSpec, force: bool) -> list[str]:
+    """The files of an earlier run a new run would replace. Without force, a run with a last.pt,
+    or any such file this project did not write (a user's own args.json), stops the new run with
+    the fix; the files of a run killed before its first checkpoint are replaced without a word."""
+    earlier = safeio.Outputs(RUN_KEY, force).earlier(run_files(out_dir, plots_dir, spec))
+    if earlier and not force:
+        if os.path.exists(os.path.join(out_dir, "last.pt")):
+            raise TrainingError(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
+                                f"--force to overwrite it, or another --out-dir")
+        ours = {os.path.abspath(p) for folder in (out_dir, plots_dir) for p in safeio.recorded(RUN_KEY, folder)}
+        foreign = [p for p in earlier if os.path.abspath(p) not in ours]
+        if foreign:
+            raise TrainingError(f"{foreign[0]} exists and was not written by a training run here; pass --force to "
+                                f"replace it or choose another --out-dir / --plots-dir")
+    return earlier
+
+
+RUN_KEY = "training run"   # the safeio.Outputs key of a run folder's own files
+RUN_FILES = ("last.pt", "best.pt", "training_log.csv", "args.json", "metrics.json")
+DERIVED = ("eval", "representations", "generate", "gates")  # where other commands write about a run by default
+
+
+def run_files(out_dir: str, plots_dir: str, spec: ModelSpec) -> list[str]:
+    """Every file a training run writes (its figures too, drawn or not)."""
+    return ([os.path.join(out_dir, f) for f in RUN_FILES]
+            + [os.path.join(plots_dir, f) for f in ("training_loss.png", *spec.figures)])
+
+
+def _check_output_folders(args, out_dir: str) -> None:
+    """--out-dir, --plots-dir and --checkpoint can be written: one line before any work otherwise."""
+    try:
+        safeio.output_dir(out_dir, "--out-dir", create=False)
+        if not args.no_plot:
+            safeio.output_dir(cliargs.plots_dir(args, out_dir), "--plots-dir", create=False)
+        if args.checkpoint:
+            safeio.check_writable_file(args.checkpoint, "--checkpoint")
+    except safeio.InputError as e:
+        raise TrainingError(str(e)) from None
+
+
+def remove_derived(out_dir: str, plots_dir: str) -> list[str]:
+    """What other commands recorded about a run in its default subfolders (evaluation, representations,
+    generations, gates): stale once the run is replaced. Only recorded files go, nothing else."""
+    gone = []
+    for root in (out_dir, plots_dir):
+        for sub in DERIVED:
+            folder = os.path.join(root, sub)
+            for key in safeio.recorded_keys(folder):
+                gone += safeio.remove_recorded(key, folder)
+    return gone
 
 
 def _load_data(args, spec: ModelSpec, resume: dict | None) -> RunData:
@@ -748,7 +886,31 @@ def _load_data(args, spec: ModelSpec, resume: dict | None) -> RunData:
     return RunData(series, cfg, data_args, ds)
 
 
+def check_memory(spec: ModelSpec, cfg, batch_size: int, seq_len: int, device: torch.device) -> int:
+    """Refuse sizes that cannot be allocated before allocating them: the parameters (counted on
+    torch's meta device) with their gradients and AdamW state, and the spec's estimate of one
+    step's activations, against the memory the device has free. Returns the parameter count."""
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in spec.build(cfg).parameters())
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta: its own checks speak
+        return 0
+    need = 16 * n + (spec.memory(cfg, batch_size, seq_len) if spec.memory else 0)
+    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    what = f"training a model of {n:,} parameters on batches of {batch_size} x {seq_len} steps"
+    fix = "use a smaller --d-model, --n-layers, --d-ff, --batch-size or --seq-len"
+    try:
+        if have is not None and need > have:
+            raise safeio.InputError(f"{what} needs about {safeio.human_bytes(need)} but the GPU has "
+                                    f"{safeio.human_bytes(have)} free; {fix}")
+        safeio.check_fits(need if have is None else 16 * n, what, fix)
+    except safeio.InputError as e:
+        raise TrainingError(str(e)) from None
+    return n
+
+
 def _build_training(args, spec: ModelSpec, data: RunData, device: torch.device, resume: dict | None) -> TrainingSetup:
+    check_memory(spec, data.cfg, args.batch_size, args.seq_len, device)
     seed_everything(args.seed)
     model = spec.build(data.cfg).to(device)
     cuda = device.type == "cuda"
@@ -780,34 +942,38 @@ def _describe(run: TrainingSetup, data: RunData, args, device: torch.device) -> 
           f"{len(run.loaders[0])} steps/epoch; noise floor {series.noise_var}")
 
 
-def _open_run_folder(out_dir: str, args, resume: dict | None, state: FitState):
+def _open_run_folder(out_dir: str, plots_dir: str, args, resume: dict | None, run: "TrainingSetup"):
     """Lock the run folder, clean what a killed run left, and open the log. Returns the log and,
     when --force replaces an earlier run, what to call once the new run's first last.pt exists."""
-    os.makedirs(out_dir, exist_ok=True)
+    state = run.state
+    safeio.output_dir(out_dir)
     run_lock(out_dir)  # held until the process ends; a second run into this folder refuses
     if resume:
         _restore_best(out_dir, resume)
-    for stale in os.listdir(out_dir):  # temporary files of a run killed while writing
-        if stale.startswith(".") and stale.endswith(".tmp"):
-            os.remove(os.path.join(out_dir, stale))
+    safeio.remove_temporaries(out_dir)  # temporary files of a run killed while writing
+    declared = run_files(out_dir, plots_dir, run.spec)
+    earlier = [] if resume else earlier_run(out_dir, plots_dir, run.spec, args.force)
+    safeio.record(RUN_KEY, declared)
     # --force over an earlier run: the new log and args are staged beside the old run's files and
     # replace them only once the new run has written its first last.pt, so a run that fails in
-    # its first epoch leaves the old run whole (its metrics.json goes at that point too)
-    replacing_run = not resume and os.path.exists(os.path.join(out_dir, "last.pt"))
+    # its first epoch leaves the old run whole; then the rest of the old run goes (metrics, best.pt,
+    # figures, and what other commands recorded in its eval/representations/generate/gates folders)
+    replacing_run = bool(earlier)
     final = {k: os.path.join(out_dir, k) for k in ("training_log.csv", "args.json")}
     staged = {k: os.path.join(out_dir, f".{k}.staged.tmp") if replacing_run else v for k, v in final.items()}
     log = CSVLog(staged["training_log.csv"],
                  ["epoch", "step", "lr", "train_loss", "train_eval_mse", "val_mse", "val_signal_mse",
                   "noise_floor", "epoch_seconds", "elapsed_seconds"], rows=state.history if resume else None)
-    with replacing(staged["args.json"]) as tmp, open(tmp, "w") as f:
-        json.dump(vars(args), f, indent=2)
+    safeio.write_json(staged["args.json"], vars(args))
 
     def commit_staged() -> None:
         os.replace(staged["args.json"], final["args.json"])
         log.commit(final["training_log.csv"])
-        old_metrics = os.path.join(out_dir, "metrics.json")
-        if os.path.exists(old_metrics):
-            os.remove(old_metrics)
+        keep = {os.path.abspath(os.path.join(out_dir, f)) for f in ("last.pt", "training_log.csv", "args.json")}
+        for p in earlier:
+            if os.path.abspath(p) not in keep and (os.path.isfile(p) or os.path.islink(p)):
+                os.remove(p)
+        remove_derived(out_dir, plots_dir)
     return log, commit_staged if replacing_run else None
 
 
@@ -840,6 +1006,7 @@ def _finish(run: TrainingSetup, data: RunData, args, state: FitState, ref: dict,
     if not args.no_plot:
         import matplotlib
         matplotlib.use("Agg")
+        safeio.output_dir(plots_dir, "--plots-dir")
         written = [plot_loss_curve(log.read(), floor, os.path.join(plots_dir, "training_loss.png"),
                                    spec.plot_title(data.cfg), ref.get("val"), spec.loss_labels)]
         written += spec.plot_predictions(model, data.ds["val"], device, plots_dir, data.series.n_states, run.amp)
@@ -850,8 +1017,7 @@ def _finish(run: TrainingSetup, data: RunData, args, state: FitState, ref: dict,
                "model_config": asdict(data.cfg)}
     if spec.final_metrics:
         metrics.update(spec.final_metrics(model, scored, device, run.amp))
-    with replacing(os.path.join(out_dir, "metrics.json")) as tmp, open(tmp, "w") as f:
-        json.dump(metrics, f, indent=2)
+    safeio.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     if args.export:
         written += export_model(model, spec.model_type, asdict(data.cfg), args.export, args.force, data.data_args)
     release_run_lock(out_dir)
@@ -883,8 +1049,14 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     ckpt = load_checkpoint(args.eval, spec.model_type)
     check_export_target(args.export, args.force)
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "eval")
-    if not args.force:  # refuse before any work; with --force the file goes only once the checks pass
-        claim_outputs([os.path.join(out_dir, "eval_metrics.json")], False)
+    plots_dir = cliargs.plots_dir(args, out_dir)
+    _check_output_folders(argparse.Namespace(no_plot=args.no_plot, plots_dir=plots_dir, checkpoint=None), out_dir)
+    declared = [os.path.join(out_dir, "eval_metrics.json")] + [os.path.join(plots_dir, f) for f in spec.figures]
+    out = safeio.Outputs("eval", args.force)
+    try:  # refuse before any work; with --force the files go only once the checks pass
+        earlier = out.claim(declared, remove=False)
+    except safeio.OutputsExist as e:
+        raise TrainingError(str(e)) from None
     device = resolve_device(args.device)
     data_args = dict(ckpt["data"])
     if "data_dir" in given:
@@ -902,23 +1074,21 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     print(f"checkpoint {ckpt['path']} (epoch {ckpt['epoch']}; {spec.describe(model, model.cfg)})")
     ref = oracle_reference(series, ds, spec.task)
     scores = score_splits(spec, model, (val_loader, test_loader), device, amp, floor, ref)
-    claim_outputs([os.path.join(out_dir, "eval_metrics.json")], args.force)  # the checks passed: replace it
-    plots_dir = cliargs.plots_dir(args, out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    out.remove_earlier(earlier)  # the checks passed: replace them
+    safeio.output_dir(out_dir)
+    safeio.record("eval", declared)
     paths = []
     if not args.no_plot:
         import matplotlib
         matplotlib.use("Agg")
-        os.makedirs(plots_dir, exist_ok=True)
+        safeio.output_dir(plots_dir, "--plots-dir")
         paths = spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
     if args.export:
         paths += export_model(model, spec.model_type, ckpt["model_config"], args.export, args.force, data_args)
     res: dict[str, Any] = {"checkpoint": ckpt["path"], **scores, "noise_floor": floor}
     if spec.final_metrics:
         res.update(spec.final_metrics(model, (val_loader, test_loader), device, amp))
-    jp = os.path.join(out_dir, "eval_metrics.json")
-    with open(jp, "w") as f:
-        json.dump(res, f, indent=2)
+    jp = safeio.write_json(os.path.join(out_dir, "eval_metrics.json"), res)
     print("wrote " + ", ".join(paths + [jp]))
     return 0
 

@@ -118,7 +118,8 @@ def test_cli_on_data_and_demo(small_data_dir, tmp_path, plots_below_tmp, capsys)
     assert "| all |" in out and "circle 0" in out
     # numbers in --out-dir, the figure in the default --plots-dir plots/<out-dir's name>
     assert (tmp_path / "dimension_vs_k.json").exists() and not (tmp_path / "dimension_vs_k.png").exists()
-    assert os.listdir(plots_below_tmp / tmp_path.parent.name / tmp_path.name) == ["dimension_vs_k.png"]
+    assert [f for f in os.listdir(plots_below_tmp / tmp_path.parent.name / tmp_path.name)
+            if not f.startswith(".")] == ["dimension_vs_k.png"]
     assert main(["--demo", "--demo-points", "800", "--n-boot", "10", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "levina_bickel_demo.csv").exists()
     assert main(["--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "m")]) == 2

@@ -211,11 +211,16 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, plots_below_t
     assert "--force" in capsys.readouterr().err
     assert main(gen_args + ["--force"]) == 0
     assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "2", "--plot-samples", "1"]) == 2
-    assert (run / "gates" / "gates_summary.json").read_text() == json.dumps(summary, indent=2)
-    (plots_below_tmp / "run" / "gates" / "gates_sample_7.png").write_bytes(b"old")
+    assert json.loads((run / "gates" / "gates_summary.json").read_text()) == summary
+    gdir = plots_below_tmp / "run" / "gates"
+    assert main(["gates", "--checkpoint", str(run / "best.pt"), "--sample", "3", "--force"]) == 0
+    assert (gdir / "gates_sample_3.png").exists()
+    (gdir / "gates_sample_7.png").write_bytes(b"the user's own file, same pattern")
     assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "2", "--plot-samples", "1",
                  "--force"]) == 0
-    assert not (plots_below_tmp / "run" / "gates" / "gates_sample_7.png").exists()
+    # --force removes the figures the command drew before (and will not draw again), never the user's
+    assert not (gdir / "gates_sample_3.png").exists()
+    assert (gdir / "gates_sample_7.png").read_bytes() == b"the user's own file, same pattern"
     capsys.readouterr()
     assert main(["train", "--eval", str(run / "best.pt"), "--data-dir", small_data_dir]) == 0
     assert "test MSE" in capsys.readouterr().out

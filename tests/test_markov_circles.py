@@ -104,12 +104,12 @@ def test_cli_writes_data_and_refuses_silent_overwrite(tmp_path, capsys):
             assert key in f.files
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["n_steps"] == 3000 and cfg["noise_var"] == pytest.approx(2.83 ** 2)
-    assert sorted(os.listdir(plots)) == ["overview.png", "sample_window_0.png", "sample_window_1.png",
-                                         "sample_window_2.png"]  # figures only; their numbers beside the data
+    assert sorted(f for f in os.listdir(plots) if not f.startswith(".")) == [
+        "overview.png", "sample_window_0.png", "sample_window_1.png", "sample_window_2.png"]  # figures only; their numbers beside the data
     assert json.loads((out / "circles_summary.json").read_text())["n_visits"] > 0
     before = (out / "data.npz").read_bytes()
     assert main(["--n-steps", "4000", "--no-plot", "--out-dir", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "exists and was written for a different configuration" in capsys.readouterr().err
     assert (out / "data.npz").read_bytes() == before
     assert main(["--n-steps", "4000", "--no-plot", "--out-dir", str(out), "--force"]) == 0
 

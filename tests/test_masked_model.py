@@ -178,7 +178,8 @@ def test_training_resume_and_eval(small_data_dir, tmp_path, plots_below_tmp, cap
     out = capsys.readouterr().out
     assert "test MSE" in out and "noise floor" in out
     assert json.loads((ev / "eval_metrics.json").read_text())["val_mse"] == pytest.approx(metrics["val_mse"], rel=1e-5)
-    assert os.listdir(ev) == ["eval_metrics.json"] and all(f.endswith(".png") for f in os.listdir(figs))
+    assert [f for f in os.listdir(ev) if not f.startswith(".")] == ["eval_metrics.json"]
+    assert all(f.endswith(".png") for f in os.listdir(figs) if not f.startswith("."))
     # a second evaluation into the same folder refuses, nothing lost; --force replaces
     assert main(["--eval", str(a / "best.pt"), "--data-dir", small_data_dir, "--out-dir", str(ev), "--no-plot"]) == 2
     assert "--force" in capsys.readouterr().err
