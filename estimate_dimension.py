@@ -26,16 +26,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from cliargs import SEED, Parser, add_output_flags, at_least, claim_outputs, plots_dir, resolve_device
+import safeio
 import statsutil
+from cliargs import SEED, Parser, add_output_flags, at_least, plots_dir, resolve_device
 from plotting import save_figure
 from dataset import load_series
 
@@ -223,17 +222,14 @@ def format_markdown(rows: list[tuple[str, LBResult]], ks) -> str:
     return "\n".join(lines)
 
 
-def write_rows(path_base: str, rows: list[tuple[str, LBResult]]) -> list[str]:
-    """Write results as JSON and CSV (one line per set and k)."""
-    with open(path_base + ".json", "w") as f:
-        json.dump({name: r.to_json() for name, r in rows}, f, indent=2)
-    with open(path_base + ".csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["set", "k", "n_points", "mle", "mle_lo", "mle_hi", "mg", "mg_lo", "mg_hi"])
-        for name, r in rows:
-            for k in r.ks:
-                w.writerow([name, k, r.n_points, r.mle[k], *r.mle_ci[k], r.mg[k], *r.mg_ci[k]])
-    return [path_base + ".json", path_base + ".csv"]
+def write_rows(path_base: str, rows: list[tuple[str, LBResult]], out=None) -> list[str]:
+    """Write results as JSON and CSV (one line per set and k), each atomically."""
+    js, cs = (out.target(path_base + e) if out else path_base + e for e in (".json", ".csv"))
+    safeio.write_json(js, {name: r.to_json() for name, r in rows})
+    safeio.write_csv(cs, ["set", "k", "n_points", "mle", "mle_lo", "mle_hi", "mg", "mg_lo", "mg_hi"],
+                     [[name, k, r.n_points, r.mle[k], *r.mle_ci[k], r.mg[k], *r.mg_ci[k]]
+                      for name, r in rows for k in r.ks])
+    return [js, cs]
 
 
 def plot_dimension_vs_k(rows: list[tuple[str, LBResult]], path: str, title: str,
@@ -258,25 +254,36 @@ def plot_dimension_vs_k(rows: list[tuple[str, LBResult]], path: str, title: str,
     return save_figure(fig, path, dpi=110)
 
 
-def claim(args, name: str) -> tuple[str, str]:
-    """<out-dir>/<name>.{json,csv} and <plots-dir>/<name>.png of an earlier run stop this one unless
-    --force, which removes them first. Returns (numbers base, figure path)."""
+def claim(args, name: str) -> tuple[str, str, safeio.Outputs]:
+    """Check the output folders, then claim <out-dir>/<name>.{json,csv} and <plots-dir>/<name>.png:
+    an earlier run's stop this one unless --force, which removes them first. Returns (numbers
+    base, figure path, the claim)."""
     base, figure = os.path.join(args.out_dir, name), os.path.join(plots_dir(args), name + ".png")
-    claim_outputs([base + ".json", base + ".csv", figure], args.force)  # an OutputsExist is a ValueError
-    return base, figure
+    safeio.output_dir(args.out_dir, create=False)
+    if not args.no_plot:
+        safeio.output_dir(os.path.dirname(figure), "--plots-dir", create=False)
+    out = safeio.Outputs(f"estimate_dimension {name}", args.force)
+    out.claim([base + ".json", base + ".csv", figure])  # an OutputsExist is a ValueError
+    return base, figure, out
 
 
 def run_data(args) -> int:
-    base, figure = claim(args, "dimension_vs_k")
+    base, figure, out = claim(args, "dimension_vs_k")
     series = load_series(args.data_dir)
     X = series.signal if args.signal else series.X
+    if X is None:
+        raise safeio.InputError(f"{args.data_dir} holds no noise-free signal (a recorded series?); drop --signal")
     rng = np.random.default_rng(args.seed)
     if args.points and args.points < len(X):
         idx = np.sort(rng.choice(len(X), args.points, replace=False))
     else:
         idx = np.arange(len(X))
     ks = sorted(set(args.k))
+    if max(ks) >= len(idx):
+        raise safeio.InputError(f"--k {max(ks)} needs more than {max(ks)} points; the sample has {len(idx)}")
     curve_ks = sorted(set(ks) | {k for k in (5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200) if k <= max(ks)})
+    safeio.check_fits(len(idx) * (max(curve_ks) * 40 + X.shape[1] * 16), f"the {max(curve_ks)} nearest neighbours "
+                      f"of {len(idx):,} points", "use a smaller --k or --points")
     rows = [("all", levina_bickel(X[idx], curve_ks, n_boot=args.n_boot, unbiased=args.unbiased,
                                   seed=args.seed, device=args.device))]
     if not args.no_per_circle and not series.has_labels:
@@ -295,11 +302,11 @@ def run_data(args) -> int:
     print(format_markdown(rows, ks))
     print("MacKay-Ghahramani (inverse-mean) estimate, all points: "
           + ", ".join(f"k={k}: {rows[0][1].mg[k]:.2f}" for k in ks))
-    os.makedirs(args.out_dir, exist_ok=True)
-    written = write_rows(base, rows)
+    safeio.output_dir(args.out_dir)
+    written = write_rows(base, rows, out)
     if not args.no_plot:
-        os.makedirs(os.path.dirname(figure), exist_ok=True)
-        written.append(plot_dimension_vs_k(rows, figure, f"Levina-Bickel dimension of the {what}"))
+        safeio.output_dir(os.path.dirname(figure), "--plots-dir")
+        written.append(plot_dimension_vs_k(rows, out.target(figure), f"Levina-Bickel dimension of the {what}"))
     print("wrote " + ", ".join(written))
     return 0
 
@@ -315,7 +322,7 @@ def demo_circle(n: int, noise: float, rng: np.random.Generator, ambient: int = 2
 def run_demo(args) -> int:
     """A noisy circle: near 2 at small k (the noise is 2-D), 1 at larger k (the curve)."""
     import matplotlib.pyplot as plt
-    base, figure = claim(args, "levina_bickel_demo")
+    base, figure, out = claim(args, "levina_bickel_demo")
     rng = np.random.default_rng(args.seed)
     ks = [5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200]
     noises = [0.0, 0.01, 0.05, 0.1]
@@ -327,8 +334,8 @@ def run_demo(args) -> int:
         rows.append((f"noise {s:g}", levina_bickel(X, ks, n_boot=args.n_boot, seed=args.seed)))
     print(f"Noisy unit circle, {args.demo_points} points: Levina-Bickel dimension vs k")
     print(format_markdown(rows, [10, 30, 100]))
-    os.makedirs(args.out_dir, exist_ok=True)
-    written = write_rows(base, rows)
+    safeio.output_dir(args.out_dir)
+    written = write_rows(base, rows, out)
     if args.no_plot:
         print("wrote " + ", ".join(written))
         return 0
@@ -345,8 +352,8 @@ def run_demo(args) -> int:
     ax.set_xlabel("k")
     ax.set_ylabel("LB dimension")
     ax.legend(fontsize=7)
-    os.makedirs(os.path.dirname(figure), exist_ok=True)
-    written.append(save_figure(fig, figure, dpi=100))
+    safeio.output_dir(os.path.dirname(figure), "--plots-dir")
+    written.append(save_figure(fig, out.target(figure), dpi=100))
     print("wrote " + ", ".join(written))
     return 0
 
@@ -372,16 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@safeio.one_line_errors()
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")
-    try:
-        args.device = resolve_device(args.device)
-        return run_demo(args) if args.demo else run_data(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args.device = resolve_device(args.device)
+    return run_demo(args) if args.demo else run_data(args)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 import time
@@ -44,12 +42,13 @@ import cliargs
 import mamba_next
 import masked_model_gpu
 import oracle
+import safeio
 from cliargs import SEED, Parser, add_output_flags, at_least, between
 from dataset import load_series
 from estimate_dimension import levina_bickel
 from plotting import save_figure, state_colors
 from statsutil import gaussian_null
-from training import TrainingError, check_data_matches, claim_outputs, load_checkpoint, resolve_device
+from training import TrainingError, check_data_matches, load_checkpoint, resolve_device
 
 # model_type in a checkpoint -> the model script's loader, returning an nn.Module with
 # layer_names and forward(x, return_hidden=True) -> (output, [representations])
@@ -162,6 +161,10 @@ def layer_metrics(Z: np.ndarray, states: np.ndarray, thetas: np.ndarray | None, 
                      for k in ks}
     if n_clusters < 1:  # a series without labels: the geometry only, no label-based metrics
         return res
+    skip = label_skip_reason(states, n_clusters)
+    if skip:
+        res["label_metrics_skipped"] = skip
+        return res
     km = KMeans(n_clusters, n_init=4, random_state=seed).fit_predict(Z)
     res["kmeans_ari"] = float(adjusted_rand_score(states, km))
     res["kmeans_nmi"] = float(normalized_mutual_info_score(states, km))
@@ -169,7 +172,9 @@ def layer_metrics(Z: np.ndarray, states: np.ndarray, thetas: np.ndarray | None, 
     res["silhouette"] = float(silhouette_score(Z[sil], states[sil])) if len(np.unique(states[sil])) > 1 else float("nan")
     train = pos < probe_split
     test = pos >= probe_split + gap
-    if train.sum() > 10 and test.sum() > 10:
+    if train.sum() > 10 and test.sum() > 10 and len(np.unique(states[train])) < 2:
+        res["probes_skipped"] = "the probes' training block holds one label only"
+    elif train.sum() > 10 and test.sum() > 10:
         sc = StandardScaler().fit(Z[train])
         Ztr, Zte = sc.transform(Z[train]), sc.transform(Z[test])
         clf = LogisticRegression(max_iter=300, C=1.0).fit(Ztr, states[train])
@@ -184,6 +189,17 @@ def layer_metrics(Z: np.ndarray, states: np.ndarray, thetas: np.ndarray | None, 
             res[key] = float(r2_score(y[test], reg.predict(Zte), multioutput="variance_weighted"))
         res["probe_n_train"], res["probe_n_test"] = int(train.sum()), int(test.sum())
     return res
+
+
+def label_skip_reason(states: np.ndarray, n_clusters: int) -> str | None:
+    """Why k-means, silhouette and the label probes mean nothing on these positions, or None:
+    one label only, or (nearly) as many labels as positions."""
+    k = len(np.unique(states))
+    if k < 2:
+        return "the analysed positions carry one label only"
+    if k > len(states) // 2 or n_clusters >= len(states):
+        return f"{k} distinct labels for {len(states)} positions: labels this fine-grained define no clusters"
+    return None
 
 
 BELIEF_PROBES = {"belief_circle_r2": "posterior circle probabilities",
@@ -311,24 +327,24 @@ def markdown_table(results: dict, ks) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: str, results: dict, ks, tag: str = "trained") -> None:
-    fields = ["model", "layer", "dim", "n_points"] + [f"lb_k{k}" for k in ks] + [f"lb_k{k}_lo" for k in ks] + \
-        [f"lb_k{k}_hi" for k in ks] + [f"lb_null_k{k}" for k in ks] + \
-        ["kmeans_ari", "kmeans_nmi", "silhouette", "probe_state_acc", "probe_state_chance", "probe_phase_r2"] + \
-        list(BELIEF_PROBES)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for name, r in results.items():
-            row = {"model": tag, "layer": name, **r}
-            for k in ks:
-                if "lb" in r:
-                    row[f"lb_k{k}"] = r["lb"][str(k)]["mle"]
-                    row[f"lb_k{k}_lo"], row[f"lb_k{k}_hi"] = r["lb"][str(k)]["ci"]
-                    row[f"lb_null_k{k}"] = r["lb"][str(k)]["null_gaussian"]
-            w.writerow(row)
+CSV_FIELDS = ("model", "layer", "dim", "n_points", "kmeans_ari", "kmeans_nmi", "silhouette", "probe_state_acc",
+              "probe_state_chance", "probe_phase_r2", *BELIEF_PROBES)
+
+
+def csv_rows(results: dict, ks, tag: str = "trained") -> tuple[list[str], list[dict]]:
+    """(header, rows) of the per-layer table: one row per layer and model (trained / random init)."""
+    fields = list(CSV_FIELDS[:4]) + [f"lb_k{k}" for k in ks] + [f"lb_k{k}_lo" for k in ks] + \
+        [f"lb_k{k}_hi" for k in ks] + [f"lb_null_k{k}" for k in ks] + list(CSV_FIELDS[4:])
+    rows = []
+    for name, r in results.items():
+        row = {"model": tag, "layer": name, **r}
+        for k in ks:
+            if "lb" in r:
+                row[f"lb_k{k}"] = r["lb"][str(k)]["mle"]
+                row[f"lb_k{k}_lo"], row[f"lb_k{k}_hi"] = r["lb"][str(k)]["ci"]
+                row[f"lb_null_k{k}"] = r["lb"][str(k)]["null_gaussian"]
+        rows.append(row)
+    return fields, rows
 
 
 # ----------------------------------------------------------------------------- main
@@ -400,13 +416,9 @@ def analyse(model, series, layers, args, device, *, window, context, causal, rng
     return results, reps, states, t_extract, (pos, beliefs)
 
 
+@safeio.one_line_errors(EvalError, TrainingError)
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (EvalError, TrainingError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(build_parser().parse_args(argv))
 
 
 def run(args) -> int:
@@ -427,11 +439,14 @@ def run(args) -> int:
     run_name = os.path.basename(os.path.dirname(os.path.abspath(ckpt["path"])))
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "representations")
     plots_dir = cliargs.plots_dir(args, out_dir)
-    claim_outputs([os.path.join(out_dir, f) for f in OUT_FILES] + [os.path.join(plots_dir, f) for f in PLOT_FILES],
-                  args.force)
-    os.makedirs(out_dir, exist_ok=True)
+    safeio.output_dir(out_dir, create=False)
     if not args.no_plot:
-        os.makedirs(plots_dir, exist_ok=True)
+        safeio.output_dir(plots_dir, "--plots-dir", create=False)
+    out = safeio.Outputs("representations", args.force)
+    out.claim([os.path.join(out_dir, f) for f in OUT_FILES] + [os.path.join(plots_dir, f) for f in PLOT_FILES])
+    safeio.output_dir(out_dir)
+    if not args.no_plot:
+        safeio.output_dir(plots_dir, "--plots-dir")
     print(f"{ckpt['model_type']} from {ckpt['path']}; layers {', '.join(layers)}; windows of {window} keeping "
           f"{'steps after a ' + str(context) + '-step warm-up' if causal else str(context) + ' steps of context on each side'}")
 
@@ -477,24 +492,27 @@ def run(args) -> int:
                                    random_state=args.seed).fit_transform(P)
         if not args.no_plot:
             written.append(plot_umap_grid(embs, {n: states[sel] for n in embs}, lb30, series.n_states,
-                                          os.path.join(plots_dir, "representation_umap.png"),
+                                          out.target(os.path.join(plots_dir, "representation_umap.png")),
                                           f"{ckpt['model_type']} {run_name}: representations coloured by "
                                           + ("circle" if series.has_labels else "position in the series")))
-        np.savez(os.path.join(out_dir, "umap_embeddings.npz"), states=states[sel], **{f"layer_{n}": e for n, e in embs.items()})
+        safeio.save_npz(out.target(os.path.join(out_dir, "umap_embeddings.npz")), states=states[sel],
+                        **{f"layer_{n}": e for n, e in embs.items()})
     if not args.no_plot:
-        written.append(plot_depth(results, control, args.k, os.path.join(plots_dir, "representation_metrics.png"),
+        written.append(plot_depth(results, control, args.k,
+                                  out.target(os.path.join(plots_dir, "representation_metrics.png")),
                                   f"{ckpt['model_type']} {run_name}: geometry across depth"))
-    js = os.path.join(out_dir, "representation_metrics.json")
-    with open(js, "w") as f:
-        json.dump({"checkpoint": ckpt["path"], "data_dir": data_dir, "window": window, "context": context,
-                   "causal": causal, "ks": args.k, "layers": results, "random_init_control": control,
-                   "seconds_extract": t_extract, "seconds_to_metrics": t_metrics}, f, indent=2)
-    cs = os.path.join(out_dir, "representation_metrics.csv")
-    write_csv(cs, results, args.k)
-    if control:
-        write_csv(cs, control, args.k, "random_init")
-    with open(os.path.join(out_dir, "representation_metrics.md"), "w") as f:
-        f.write(markdown_table(results, args.k) + "\n")
+    skipped = {r.get("label_metrics_skipped") for r in results.values()} - {None}
+    if skipped:
+        print(f"note: k-means, silhouette and the label probes are skipped: {skipped.pop()}")
+    js = out.write_json(os.path.join(out_dir, "representation_metrics.json"),
+                        {"checkpoint": ckpt["path"], "data_dir": data_dir, "window": window, "context": context,
+                         "causal": causal, "ks": args.k, "layers": results, "random_init_control": control,
+                         "seconds_extract": t_extract, "seconds_to_metrics": t_metrics})
+    fields, rows = csv_rows(results, args.k)
+    rows += csv_rows(control, args.k, "random_init")[1] if control else []
+    cs = safeio.write_csv(out.target(os.path.join(out_dir, "representation_metrics.csv")), fields, rows)
+    safeio.write_text(out.target(os.path.join(out_dir, "representation_metrics.md")),
+                      markdown_table(results, args.k) + "\n")
     written += [js, cs]
     print(f"done in {time.perf_counter() - t_start:.1f} s; wrote " + ", ".join(written))
     return 0

@@ -31,7 +31,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -39,12 +38,15 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
+import safeio
 from cliargs import SEED, at_least, between, Parser, positive
 
 GENERATOR_ARRAYS = ("planes", "radii", "entry_angles", "periods", "transition_matrix")
 GENERATOR_CONFIG = ("dwell_mean", "dwell_std")
 TAIL = 1e-15           # lap counts beyond this survival probability are dropped
 MIN_NOISE_STD = 1e-3   # noise-free data: the likelihood is taken with this std (float32 data)
+MAX_STATES_PER_CIRCLE = 5_000_000  # (circle, steps into the visit) states of one circle the oracle expands
 
 
 class OracleError(ValueError):
@@ -64,6 +66,9 @@ def laps_pmf(period: int, dwell_mean: float, dwell_std: float) -> np.ndarray:
         pmf[-1] = 1.0
         return pmf
     m_hi = max(2, int(math.ceil((dwell_mean + 12 * dwell_std) / period)) + 2)
+    if m_hi * period > MAX_STATES_PER_CIRCLE:
+        raise OracleError(f"a circle of period {period} with dwell mean {dwell_mean:g} and std {dwell_std:g} gives "
+                          f"{m_hi * period:,} hidden states, more than the {MAX_STATES_PER_CIRCLE:,} the oracle holds")
     edges = (np.arange(1, m_hi + 1) + 0.5) * period        # laps = m  <=>  d in [(m - .5) P, (m + .5) P)
     surv = _sf((edges - dwell_mean) / dwell_std)            # P(laps > m), m = 1..m_hi
     pmf = np.concatenate(([1.0 - surv[0]], surv[:-1] - surv[1:]))
@@ -170,6 +175,9 @@ class Chain:
                 f"{series.data_dir} has no generator parameters ({', '.join(missing)} missing), so there is no "
                 f"Bayes-optimal reference for it; the oracle needs a folder written by markov_circles_timeseries.py")
         e = series.extra
+        C, D = len(e["periods"]), e["planes"].shape[-1]
+        safeio.check_fits(8 * (int(np.sum(e["periods"])) * (D + 8) + C * C), "the oracle's chain",
+                          "the data folder's process is too large for the exact oracle")
         return cls.from_parameters(planes=e["planes"], radii=e["radii"], entry_angles=e["entry_angles"],
                                    periods=e["periods"], transition_matrix=e["transition_matrix"],
                                    noise_var=series.noise_var, dwell_mean=float(series.config["dwell_mean"]),
@@ -750,8 +758,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data_args_from(args, given: set[str]) -> tuple[str, dict]:
     if args.checkpoint:
-        from training import load_checkpoint
-        ckpt = load_checkpoint(args.checkpoint)
+        from training import TrainingError, load_checkpoint
+        try:
+            ckpt = load_checkpoint(args.checkpoint)
+        except TrainingError as e:
+            raise OracleError(str(e)) from None
         task = {"masked_transformer": "masked", "mamba_next": "next"}.get(ckpt.get("model_type"))
         if task is None:
             raise OracleError(f"{args.checkpoint} is a {ckpt.get('model_type')!r} checkpoint; the oracle scores "
@@ -769,45 +780,35 @@ def _data_args_from(args, given: set[str]) -> tuple[str, dict]:
     return args.task, data
 
 
+@safeio.one_line_errors(OracleError)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
-    try:
-        out = os.path.join(args.out_dir, "oracle.json") if args.out_dir else None
-        if out and os.path.exists(out) and not args.force:
-            raise OracleError(f"{out} exists; pass --force to overwrite it or choose another --out-dir")
-        task, data = _data_args_from(args, given)
-        from dataset import load_series
-        series = load_series(data["data_dir"])
-        chain = Chain.from_series(series)
-        from dataset import task_datasets
-        ds = task_datasets(series, data, task)
-        splits = ("val", "test") if args.split == "both" else (args.split,)
-        res = {"task": task, "data": data, "n_states": chain.n_states, "noise_floor": series.noise_var}
-        for split in splits:
-            if ds.get(split) is None:
-                raise OracleError(f"there is no {split} block (--test-frac 0?)")
-            t0 = time.perf_counter()
-            r = score_dataset(chain, series, ds[split], task, progress=True, memory_mb=args.memory_mb)
-            r["seconds"] = round(time.perf_counter() - t0, 2)
-            res[split] = r
-            sig = f", signal MSE {r['oracle_signal_mse']:.4f}" if "oracle_signal_mse" in r else ""
-            print(f"{split:4s}: oracle MSE {r['oracle_mse']:.4f} (noise floor {series.noise_var:.3f}){sig}  "
-                  f"[{r['n_windows']} windows, {r['n_scored_steps']} scored steps, {r['seconds']} s]")
-    except (OracleError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - a checkpoint error from training.load_checkpoint
-        from training import TrainingError
-        if isinstance(e, TrainingError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    out = os.path.join(args.out_dir, "oracle.json") if args.out_dir else None
+    claim = safeio.Outputs("oracle", args.force)
     if out:
-        from training import replacing
-        os.makedirs(args.out_dir, exist_ok=True)
-        with replacing(out) as tmp, open(tmp, "w") as f:
-            json.dump(res, f, indent=2)
+        safeio.output_dir(args.out_dir, create=False)
+        claim.claim([out], remove=False)
+    task, data = _data_args_from(args, given)
+    from dataset import load_series, task_datasets
+    series = load_series(data["data_dir"])
+    chain = Chain.from_series(series)
+    ds = task_datasets(series, data, task)
+    splits = ("val", "test") if args.split == "both" else (args.split,)
+    res = {"task": task, "data": data, "n_states": chain.n_states, "noise_floor": series.noise_var}
+    for split in splits:
+        if ds.get(split) is None:
+            raise OracleError(f"there is no {split} block (--test-frac 0?)")
+        t0 = time.perf_counter()
+        r = score_dataset(chain, series, ds[split], task, progress=True, memory_mb=args.memory_mb)
+        r["seconds"] = round(time.perf_counter() - t0, 2)
+        res[split] = r
+        sig = f", signal MSE {r['oracle_signal_mse']:.4f}" if "oracle_signal_mse" in r else ""
+        print(f"{split:4s}: oracle MSE {r['oracle_mse']:.4f} (noise floor {series.noise_var:.3f}){sig}  "
+              f"[{r['n_windows']} windows, {r['n_scored_steps']} scored steps, {r['seconds']} s]")
+    if out:
+        safeio.output_dir(args.out_dir)
+        claim.write_json(out, res)
         print(f"wrote {out}")
     return 0
 
