@@ -877,6 +877,15 @@ def _load_data(args, spec: ModelSpec, resume: dict | None) -> RunData:
     except ValueError as e:
         raise TrainingError(str(e)) from e
     if resume:
+        try:
+            safeio.check_dataclass_fields(type(cfg), resume["model_config"], f"{resume['path']} (model_config)")
+        except safeio.InputError as e:
+            raise TrainingError(str(e)) from None
+        if asdict(cfg) != resume["model_config"]:
+            diff = sorted(k for k in set(asdict(cfg)) | set(resume["model_config"])
+                          if asdict(cfg).get(k, object()) != resume["model_config"].get(k, object()))
+            raise TrainingError(f"{resume['path']}: its model_config disagrees with its arguments ({', '.join(diff[:3])}); "
+                                f"the file was changed after training wrote it, so it cannot be resumed")
         check_data_matches(resume["model_config"], series, resume["path"])
     data_args = {k: getattr(args, k) for k in spec.data_keys}
     try:
@@ -953,7 +962,7 @@ def _open_run_folder(out_dir: str, plots_dir: str, args, resume: dict | None, ru
     safeio.remove_temporaries(out_dir)  # temporary files of a run killed while writing
     declared = run_files(out_dir, plots_dir, run.spec)
     earlier = [] if resume else earlier_run(out_dir, plots_dir, run.spec, args.force)
-    safeio.record(RUN_KEY, declared)
+    safeio.record(RUN_KEY, [p for p in declared if not args.no_plot or os.path.dirname(p) != plots_dir])
     # --force over an earlier run: the new log and args are staged beside the old run's files and
     # replace them only once the new run has written its first last.pt, so a run that fails in
     # its first epoch leaves the old run whole; then the rest of the old run goes (metrics, best.pt,
@@ -1076,7 +1085,7 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     scores = score_splits(spec, model, (val_loader, test_loader), device, amp, floor, ref)
     out.remove_earlier(earlier)  # the checks passed: replace them
     safeio.output_dir(out_dir)
-    safeio.record("eval", declared)
+    safeio.record("eval", declared if not args.no_plot else declared[:1])
     paths = []
     if not args.no_plot:
         import matplotlib
