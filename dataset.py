@@ -410,13 +410,15 @@ def task_datasets(series: Series, data_args: dict, task: str) -> dict:
 
     masked: patch masks from mask_ratio / mask_patch_size / mask_patch_min / mask_patch_max;
     next: no masks, evaluation windows overlapping by eval_warmup so each step after the
-    warm-up is scored once (every dataset carries eval_warmup)."""
+    warm-up is scored once (every dataset carries eval_warmup). train_data "fresh": the training
+    windows move to a new draw of the folder's process every epoch (FreshWindows); validation and
+    test are the folder's own blocks either way."""
     if task == "masked":
         mask_cfg = MaskConfig(data_args["mask_ratio"], data_args["mask_patch_size"],
                               data_args["mask_patch_min"], data_args["mask_patch_max"])
-        return build_datasets(series, data_args["seq_len"], data_args["stride"], mask_cfg, data_args["seed"],
-                              data_args["val_frac"], data_args["test_frac"])
-    if task == "next":
+        ds = build_datasets(series, data_args["seq_len"], data_args["stride"], mask_cfg, data_args["seed"],
+                            data_args["val_frac"], data_args["test_frac"])
+    elif task == "next":
         L, w = data_args["seq_len"], data_args["eval_warmup"]
         if not 0 <= w < L - 1:
             raise ValueError(f"--eval-warmup {w} must be in [0, seq_len - 1)")
@@ -425,8 +427,62 @@ def task_datasets(series: Series, data_args: dict, task: str) -> dict:
         for part in ("train", "val", "test"):
             if ds.get(part) is not None:
                 ds[part].eval_warmup = w  # what evaluation scores after, in these windows
-        return ds
-    raise ValueError(f"unknown task {task!r} (masked or next)")
+    else:
+        raise ValueError(f"unknown task {task!r} (masked or next)")
+    mode = data_args.get("train_data", "fixed")
+    if mode == "fresh":
+        lo, hi = ds["splits"].train
+        ds["train"] = FreshWindows(ds["train"], series, hi - lo)
+    elif mode != "fixed":
+        raise ValueError(f"unknown training-data mode {mode!r} (fixed or fresh)")
+    return ds
+
+
+class FreshWindows(WindowDataset):
+    """The training windows of a fixed run (same starts, stride, masks), laid over draw `epoch` of
+    the data folder's process (circles.fresh_draw: same geometry and laws, new transitions and
+    noise) of the training block's length: a new trajectory every epoch, so nothing can be
+    memorised. Draw k depends only on the folder's seed and k, so a resumed run continues the
+    same sequence of draws. The next epoch's draw is made in a background thread while this one
+    trains, so drawing never stalls the steps."""
+
+    def __init__(self, base: WindowDataset, series: Series, n_steps: int):
+        from circles import Process
+        super().__init__(base.X, base.states, base.starts, base.seq_len, base.mask_cfg, base.mask_seed, fixed=False,
+                         eval_warmup=base.eval_warmup, signal=base.signal)
+        self.process = Process.from_series(series)
+        self.seed = int(series.config.get("seed", 0))
+        self.n_steps = int(n_steps)
+        if len(base.starts) and (base.starts.min() < 0 or base.starts.max() + base.seq_len > self.n_steps):
+            raise ValueError("fresh training windows must lie in a block starting at step 0")
+        self.draw_index = None   # the draw the windows lie on now (None: the folder's own training block)
+        self._pool = self._pending = None
+
+    def draw(self, k: int) -> dict:
+        from circles import fresh_draw
+        return fresh_draw(self.process, self.seed, k, self.n_steps)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.draw_index != epoch:
+            k, fut = self._pending or (None, None)
+            d = fut.result() if k == epoch else self.draw(epoch)
+            self.X, self.states, self.signal = d["X"], d["states"], d["signal"]
+            self.draw_index = epoch
+        self._prefetch(epoch + 1)
+
+    def _prefetch(self, k: int) -> None:
+        if self._pending and self._pending[0] == k:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fresh-draw")
+        self._pending = (k, self._pool.submit(self.draw, k))
+
+    def __getstate__(self):  # DataLoader workers get the current draw, not the thread
+        st = dict(self.__dict__)
+        st["_pool"] = st["_pending"] = None
+        return st
 
 
 # ----------------------------------------------------------------------------- your own series

@@ -216,6 +216,19 @@ def horizon_mse(model, loader, device, amp, warmup: int) -> tuple[dict, dict | N
     return by_h, sig_by_h
 
 
+@torch.no_grad()
+def step_predictions(model, loader, device, amp) -> np.ndarray:
+    """The next-step prediction of every step of every window (N, L, D), made at the step before
+    (step 0 has none: NaN)."""
+    model.eval()
+    out = []
+    for x, _, _ in loader:
+        with autocast(device, amp):
+            p = model(x.to(device)).float().cpu().numpy()
+        out.append(np.concatenate([np.full_like(p[:, :1], np.nan), p[:, :-1]], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, loader.dataset.seq_len, model_cfg(model).in_dim))
+
+
 def make_spec():
     """The model spec. Evaluation takes its warm-up from the windows it scores (set by
     datasets_for from the run's own data arguments), never from the parser's defaults."""
@@ -237,7 +250,7 @@ def make_spec():
     return ModelSpec(
         model_type=MODEL_TYPE, run_prefix="mamba", config_from_args=config_from_args, build=MambaNext,
         datasets=datasets_for, data_keys=("data_dir", "seq_len", "stride", "val_frac", "test_frac", "seed",
-                                          "eval_warmup"),
+                                          "eval_warmup", "train_data"),
         param_groups=param_groups, batch_loss=batch_loss, evaluate=evaluate, plot_predictions=plot_predictions,
         describe=lambda m, c: (f"{c.n_layers} Mamba layers, d_model {c.d_model}, d_state {c.d_state}, "
                                f"horizons {c.horizons}"),
@@ -247,7 +260,8 @@ def make_spec():
         task="next", train_eval_windows=train_eval_windows,
         loss_labels=("train loss (next-step MSE over the horizons, dropout on)",
                      "train next-step MSE (eval mode, after the warm-up)", "validation next-step MSE (after the warm-up)"),
-        figures=tuple(f"mamba_prediction_{i}.png" for i in range(3)), memory=activation_bytes)
+        figures=tuple(f"mamba_prediction_{i}.png" for i in range(3)), memory=activation_bytes,
+        step_predictions=step_predictions)
 
 
 def activation_bytes(cfg: MambaConfig, batch: int, seq_len: int) -> int:

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from circles import Process, sample
 from cliargs import SEED, Parser, add_output_flags, at_least, between, int_between, plots_dir
 from dataset import MAX_PERIOD, data_outputs, save_data_folder
 from safeio import InputError, OutputsExist, check_fits, one_line_errors, output_dir, read_json
@@ -135,69 +136,28 @@ def transition_matrix(rng: np.random.Generator, cfg: CirclesConfig) -> np.ndarra
 
 # ----------------------------------------------------------------------------- sequence
 
-def sample_visits(rng: np.random.Generator, cfg: CirclesConfig, P: np.ndarray,
-                  periods: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Markov chain of visits covering n_steps: (state per visit, dwell steps per visit).
-
-    Each visit consumes a fixed amount of the transitions stream (one next-state draw and
-    one dwell draw), so the visits of a shorter series are a prefix of a longer one.
-    """
-    cum = np.cumsum(P, axis=1)
-    states, dwells = [], []
-    state = int(rng.integers(cfg.n_circles))
-    total = 0
-    while total < cfg.n_steps:
-        dwell = rng.normal(cfg.dwell_mean, cfg.dwell_std)
-        laps = max(1, int(np.rint(dwell / periods[state])))
-        states.append(state)
-        dwells.append(laps * int(periods[state]))
-        total += dwells[-1]
-        u = rng.random()
-        state = int(min(np.searchsorted(cum[state], u, side="right"), cfg.n_circles - 1))
-    return np.asarray(states, dtype=np.int64), np.asarray(dwells, dtype=np.int64)
+def geometry(cfg: CirclesConfig, rng: np.random.Generator) -> Process:
+    """The process of a configuration, drawn from the geometry stream."""
+    planes = circle_planes(rng, cfg)
+    radii_raw = rng.normal(cfg.radius_mean, cfg.radius_std, cfg.n_circles)
+    radii = np.clip(radii_raw, 0.5 * cfg.radius_mean, 1.5 * cfg.radius_mean)
+    entry_angles = rng.uniform(0.0, 2 * np.pi, cfg.n_circles)
+    P = transition_matrix(rng, cfg)
+    return Process(planes=planes, radii=radii, entry_angles=entry_angles, periods=circle_periods(cfg),
+                   transition_matrix=P, dwell_mean=cfg.dwell_mean, dwell_std=cfg.dwell_std, noise_std=cfg.noise_std)
 
 
 def generate(cfg: CirclesConfig) -> dict[str, np.ndarray]:
     """Generate the series. Returns arrays; nothing is written."""
     cfg.validate()
     rngs = rng_streams(cfg.seed)
-    g = rngs["geometry"]
-    planes = circle_planes(g, cfg)
-    radii_raw = g.normal(cfg.radius_mean, cfg.radius_std, cfg.n_circles)
-    radii = np.clip(radii_raw, 0.5 * cfg.radius_mean, 1.5 * cfg.radius_mean)
-    entry_angles = g.uniform(0.0, 2 * np.pi, cfg.n_circles)
-    P = transition_matrix(g, cfg)
-    periods = circle_periods(cfg)
-
-    visit_states, visit_dwells = sample_visits(rngs["transitions"], cfg, P, periods)
-    n = cfg.n_steps
-    states = np.repeat(visit_states, visit_dwells)[:n]
-    starts = np.concatenate(([0], np.cumsum(visit_dwells)[:-1]))
-    step_in_visit = np.arange(n) - np.repeat(starts, visit_dwells)[:n]
-    thetas = np.mod(entry_angles[states] + 2 * np.pi * step_in_visit / periods[states], 2 * np.pi)
-
-    r = radii[states][:, None]
-    signal = r * (np.cos(thetas)[:, None] * planes[states, 0] + np.sin(thetas)[:, None] * planes[states, 1])
-    noise = rngs["noise"].standard_normal((n, cfg.ambient_dim)) * cfg.noise_std
-    X = signal + noise
-    if not np.all(np.abs(X) < np.finfo(np.float32).max):
+    proc = geometry(cfg, rngs["geometry"])
+    data = sample(proc, cfg.n_steps, rngs["transitions"], rngs["noise"])
+    if not np.all(np.abs(data["X"]) < np.finfo(np.float32).max):
         raise ValueError("the radii and noise give values beyond float32's range; use a smaller --radius-mean "
                          "or --noise-std")
-    keep = starts < n
-    return {
-        "X": X.astype(np.float32),
-        "signal": signal.astype(np.float32),
-        "states": states.astype(np.int64),
-        "thetas": thetas,
-        "transition_matrix": P,
-        "radii": radii,
-        "entry_angles": entry_angles,
-        "periods": periods,
-        "planes": planes,
-        "visit_starts": starts[keep],
-        "visit_states": visit_states[keep],
-        "visit_dwells": np.minimum(visit_dwells[keep], n - starts[keep]),
-    }
+    return {**data, "transition_matrix": proc.transition_matrix, "radii": proc.radii,
+            "entry_angles": proc.entry_angles, "periods": proc.periods, "planes": proc.planes}
 
 
 def summary(data: dict[str, np.ndarray], cfg: CirclesConfig) -> dict:

@@ -234,6 +234,18 @@ def evaluate_mse(model, loader, device, amp: bool) -> dict:
 
 
 @torch.no_grad()
+def step_predictions(model, loader, device, amp: bool) -> np.ndarray:
+    """The prediction of every step of every window (N, L, D), given its window with the mask
+    applied (a model is scored on the masked steps)."""
+    model.eval()
+    out = []
+    for x, _, m in loader:
+        with autocast(device, amp):
+            out.append(model(x.to(device), m.to(device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, loader.dataset.seq_len, model.cfg.in_dim))
+
+
+@torch.no_grad()
 def plot_predictions(model, dataset, device, plots_dir, n_states, amp=False, n_windows=3,
                      prefix="bert_prediction") -> list[str]:
     """Four rows per window: state strip (masked steps grey), truth, prediction, masked-only error."""
@@ -312,7 +324,7 @@ def spec():
         model_type=MODEL_TYPE, run_prefix="masked", config_from_args=config_from_args, build=MaskedTransformer,
         datasets=datasets_for,
         data_keys=("data_dir", "seq_len", "stride", "mask_ratio", "mask_patch_size", "mask_patch_min",
-                   "mask_patch_max", "val_frac", "test_frac", "seed"),
+                   "mask_patch_max", "val_frac", "test_frac", "seed", "train_data"),
         param_groups=lambda m, a: decay_groups(m, a.weight_decay, ("rel_bias",)),
         batch_loss=batch_loss, evaluate=evaluate_mse, plot_predictions=plot_predictions,
         describe=lambda m, c: f"{c.n_layers} layers, d_model {c.d_model}, {c.pos_encoding} positions",
@@ -321,6 +333,7 @@ def spec():
         loss_labels=("train loss (masked MSE, dropout on)", "train MSE (fixed masks, eval mode)",
                      "validation MSE (fixed masks)"),
         train_eval_windows=train_eval_windows, figures=tuple(f"bert_prediction_{i}.png" for i in range(3)),
+        step_predictions=step_predictions,
         memory=activation_bytes)
 
 

@@ -477,23 +477,32 @@ def window_batch(chain: Chain, length: int, memory_mb: float = 512.0) -> int:
 
 
 def masked_predictions(chain: Chain, X: np.ndarray, masks: np.ndarray, prior: str = "stationary",
-                       memory_mb: float = 512.0, progress: bool = False) -> np.ndarray:
-    """Posterior mean of every step of windows X (B, L, D) given their unmasked steps: (B, L, D)."""
+                       memory_mb: float = 512.0, progress: bool = False, circle_max: np.ndarray | None = None
+                       ) -> np.ndarray:
+    """Posterior mean of every step of windows X (B, L, D) given their unmasked steps: (B, L, D).
+    circle_max (B, L), when given, receives the largest posterior circle probability of each step."""
     out = np.empty(X.shape, dtype=np.float64)
     size = window_batch(chain, X.shape[1], memory_mb)
+    onehot = np.eye(chain.n_circles)[chain.point_circle]
     for sl in _progress(list(_batches(len(X), size)), progress, "oracle (smoothing)"):
         post = chain.smooth(X[sl].astype(np.float64), ~masks[sl], prior)
         out[sl] = post @ chain.points
+        if circle_max is not None:
+            circle_max[sl] = (post @ onehot).max(-1)
     return out
 
 
 def next_step_predictions(chain: Chain, X: np.ndarray, prior: str = "stationary", batch: int = 64,
-                          progress: bool = False) -> np.ndarray:
-    """E[x_t | x_0..x_{t-1}] of every step of windows X (B, L, D) (step 0: the prior mean): (B, L, D)."""
+                          progress: bool = False, circle_max: np.ndarray | None = None) -> np.ndarray:
+    """E[x_t | x_0..x_{t-1}] of every step of windows X (B, L, D) (step 0: the prior mean): (B, L, D).
+    circle_max (B, L), when given, receives the largest predictive circle probability of each step."""
     out = np.empty(X.shape, dtype=np.float64)
+    onehot = np.eye(chain.n_circles)[chain.point_circle]
     for sl in _progress(list(_batches(len(X), batch)), progress, "oracle (filtering)"):
         def record(t, pred, _a, sl=sl):
             out[sl, t] = pred @ chain.points
+            if circle_max is not None:
+                circle_max[sl, t] = (pred @ onehot).max(-1)
         chain.filter(X[sl].astype(np.float64), None, prior, record)
     return out
 
@@ -690,25 +699,55 @@ def mse_on(pred: np.ndarray, target: np.ndarray, scored: np.ndarray) -> float:
     return float((((pred - target) ** 2).sum(-1) * scored).sum() / n)
 
 
+CERTAIN = 0.99  # a step is "certain" when the oracle gives one circle at least this probability
+
+
 def score_dataset(chain: Chain, series, dataset, task: str, progress: bool = False,
-                  memory_mb: float = 512.0) -> dict:
-    """The oracle's MSE (against the data and the signal) on exactly the steps a model is scored on."""
+                  memory_mb: float = 512.0, steps: dict | None = None) -> dict:
+    """The oracle's MSE (against the data and the signal) on exactly the steps a model is scored on,
+    and, with the signal, split between the steps where the oracle is certain of the circle
+    (posterior probability >= CERTAIN) and the others. steps, when given, receives the per-step
+    arrays (scored, certain, the oracle's squared signal error summed over dimensions) so that a
+    model's error can be split the same way (split_by_certainty)."""
     X, signal, masks = window_arrays(dataset, series)
     if task == "masked" and not masks.any():
         raise OracleError("these windows have no masked steps; the masked task needs a mask configuration")
+    cmax = np.empty(masks.shape)
     if task == "masked":
-        pred = masked_predictions(chain, X, masks, memory_mb=memory_mb, progress=progress)
+        pred = masked_predictions(chain, X, masks, memory_mb=memory_mb, progress=progress, circle_max=cmax)
     else:
-        pred = next_step_predictions(chain, X, progress=progress)
+        pred = next_step_predictions(chain, X, progress=progress, circle_max=cmax)
     scored = scored_steps(task, dataset, masks)
     out = {"oracle_mse": mse_on(pred, X, scored), "n_windows": int(len(X)), "n_scored_steps": int(scored.sum())}
     if signal is not None:
         out["oracle_signal_mse"] = mse_on(pred, signal, scored)
+        err = ((pred - signal) ** 2).sum(-1)
+        certain = cmax >= CERTAIN
+        split = split_by_certainty(err, scored, certain, X.shape[-1])
+        out["oracle_by_certainty"] = split
+        if steps is not None:
+            steps.update(scored=scored, certain=certain, oracle_sq_err=err, dim=X.shape[-1])
     return out
 
 
-def reference(series, datasets: dict, task: str, progress: bool = True) -> tuple[dict | None, str | None]:
-    """Oracle scores per split ({'val': {...}, 'test': {...}}), or (None, one-line reason)."""
+def split_by_certainty(sq_err: np.ndarray, scored: np.ndarray, certain: np.ndarray, dim: int) -> dict:
+    """A signal MSE split over the scored steps where the oracle is certain of the circle and the
+    others: the share of certain steps and the MSE per element on each part (None where a part is
+    empty). share * certain + (1 - share) * uncertain is the total."""
+    parts = {"certain": scored & certain, "uncertain": scored & ~certain}
+    n = int(scored.sum())
+    out = {"certain_share": float(parts["certain"].sum() / n) if n else None, "threshold": CERTAIN}
+    for name, m in parts.items():
+        k = int(m.sum())
+        out[f"n_{name}"] = k
+        out[f"signal_mse_{name}"] = float(sq_err[m].sum() / (k * dim)) if k else None
+    return out
+
+
+def reference(series, datasets: dict, task: str, progress: bool = True,
+              steps: dict | None = None) -> tuple[dict | None, str | None]:
+    """Oracle scores per split ({'val': {...}, 'test': {...}}), or (None, one-line reason).
+    steps, when given, receives each split's per-step arrays (see score_dataset)."""
     try:
         chain = Chain.from_series(series)
     except OracleError as e:
@@ -716,7 +755,10 @@ def reference(series, datasets: dict, task: str, progress: bool = True) -> tuple
     out = {}
     for split in ("val", "test"):
         if datasets.get(split) is not None:
-            out[split] = score_dataset(chain, series, datasets[split], task, progress=progress)
+            st = {} if steps is not None else None
+            out[split] = score_dataset(chain, series, datasets[split], task, progress=progress, steps=st)
+            if st:
+                steps[split] = st
     return out, None
 
 

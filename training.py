@@ -217,7 +217,7 @@ DATA_FIELDS = {"data_dir": (str, None, True, False), "seq_len": (int, 2, True, F
                "val_frac": (float, 0, True, True), "test_frac": (float, 0, True, False), "seed": (int, 0, True, False),
                "mask_ratio": (float, 0, False, True), "mask_patch_size": (int, 1, False, False),
                "mask_patch_min": (int, 1, False, False), "mask_patch_max": (int, 1, False, False),
-               "eval_warmup": (int, 0, False, False)}
+               "eval_warmup": (int, 0, False, False), "train_data": (str, None, False, False)}
 
 
 def check_checkpoint_fields(ckpt: dict, path: str) -> None:
@@ -234,6 +234,7 @@ def check_checkpoint_fields(ckpt: dict, path: str) -> None:
             safeio.check_field(data, k, kind, f"{path} (data)", lo=lo, open_lo=open_lo, required=required,
                                nullable=k in ("mask_patch_min", "mask_patch_max"),
                                hi=1 if kind is float else None)
+        safeio.check_field(data, "train_data", str, f"{path} (data)", required=False, choices=("fixed", "fresh"))
         if data["val_frac"] + data["test_frac"] >= 1:
             raise safeio.InputError(f"{path} (data): val_frac + test_frac must be below 1")
         for k in ("data_config", "args", "fit_state", "splits"):
@@ -300,17 +301,42 @@ def as_scores(result) -> dict:
     return {"mse": float(result), "signal_mse": None}
 
 
-def oracle_reference(series, datasets: dict, task: str) -> dict:
-    """The oracle's scores on the validation and test windows ({} with a one-line note when the
+class Reference(dict):
+    """The oracle's scores per split (what metrics.json holds), with `steps`: per split the per-step
+    arrays (scored, certain, the oracle's squared signal error) that split a model's error alike."""
+    steps: dict = {}
+
+
+def oracle_reference(series, datasets: dict, task: str) -> Reference:
+    """The oracle's scores on the validation and test windows (empty, with a one-line note, when the
     data folder has no generator parameters)."""
-    ref, note = oracle.reference(series, datasets, task)
+    steps: dict = {}
+    ref, note = oracle.reference(series, datasets, task, steps=steps)
     if note:
         print(note)
-        return {}
+        return Reference()
     for split, r in ref.items():
         print(f"oracle on the {split} windows: MSE {r['oracle_mse']:.4f}"
-              + (f", signal MSE {r['oracle_signal_mse']:.4f}" if "oracle_signal_mse" in r else ""))
-    return ref
+              + (f", signal MSE {r['oracle_signal_mse']:.4f}" if "oracle_signal_mse" in r else "")
+              + (f"; the oracle is certain of the circle on {100 * r['oracle_by_certainty']['certain_share']:.1f}% "
+                 f"of the scored steps" if r.get("oracle_by_certainty", {}).get("certain_share") is not None else ""))
+    out = Reference(ref)
+    out.steps = steps
+    return out
+
+
+def certainty_split(spec: "ModelSpec", model, loader, device, amp, steps: dict | None) -> dict | None:
+    """The model's signal MSE split like the oracle's (oracle.split_by_certainty): on the scored
+    steps where the oracle is certain of the circle and on the others; None without the signal,
+    the oracle or a spec that gives per-step predictions."""
+    if not steps or spec.step_predictions is None or loader is None or loader.dataset.signal is None:
+        return None
+    ds = loader.dataset
+    pred = spec.step_predictions(model, loader, device, amp)
+    sig = ds.signal_windows(0, len(ds))
+    scored = steps["scored"]
+    err = np.where(scored, np.nan_to_num(((pred - sig) ** 2).sum(-1), nan=0.0), 0.0)
+    return oracle.split_by_certainty(err, scored, steps["certain"], steps["dim"])
 
 
 def reference_metrics(prefix: str, scores: dict, ref: dict | None) -> dict:
@@ -547,17 +573,21 @@ class ModelSpec:
     loss_labels: tuple = LOSS_LABELS   # the loss curve's words for this model
     train_eval_windows: Callable | None = None  # datasets -> fixed training windows scored every epoch
     figures: tuple = ()                # the names of the prediction figures plot_predictions draws
+    step_predictions: Callable | None = None  # (model, loader, device, amp) -> (N, L, D) prediction of each step
     memory: Callable | None = None     # (cfg, batch_size, seq_len) -> bytes of activations in one training step
 
 
 def make_loaders(ds: dict, batch_size: int, workers: int, device: torch.device, seed: int):
     from torch.utils.data import DataLoader
     g = torch.Generator().manual_seed(seed)
-    kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    kw = dict(num_workers=workers, pin_memory=device.type == "cuda")
+    # the training workers are not persistent: a persistent worker keeps the copy of the dataset it
+    # got in the first epoch, so set_epoch (new masks, a fresh draw) would never reach it
     train = DataLoader(ds["train"], batch_size=batch_size, shuffle=True, drop_last=len(ds["train"]) > batch_size,
                        generator=g, **kw)
-    val = DataLoader(ds["val"], batch_size=batch_size, shuffle=False, **kw)
-    test = DataLoader(ds["test"], batch_size=batch_size, shuffle=False, **kw) if ds["test"] is not None else None
+    val = DataLoader(ds["val"], batch_size=batch_size, shuffle=False, persistent_workers=workers > 0, **kw)
+    test = (DataLoader(ds["test"], batch_size=batch_size, shuffle=False, persistent_workers=workers > 0, **kw)
+            if ds["test"] is not None else None)
     return train, val, test
 
 
@@ -719,7 +749,8 @@ def _merge_resume(args, resume: dict, given: set[str]):
                                 f"{saved[k]}; a resumed run keeps its settings (it may change only "
                                 + ", ".join("--" + f.replace("_", "-") for f in RESUME_MAY_CHANGE) + ")")
     keep = {k: getattr(args, k) if k in given else saved.get(k, getattr(args, k)) for k in RESUME_MAY_CHANGE}
-    return argparse.Namespace(**{**saved, **keep, "resume": args.resume, "eval": None})
+    # flags newer than the checkpoint (absent from its args) take their defaults
+    return argparse.Namespace(**{**vars(args), **saved, **keep, "resume": args.resume, "eval": None})
 
 
 def _check_extra_checkpoint(path: str, spec: ModelSpec, overwrite: bool) -> None:
@@ -949,6 +980,9 @@ def _describe(run: TrainingSetup, data: RunData, args, device: torch.device) -> 
     print(f"data: {series.n_steps} steps of {series.dim}-D; train {sp.train}, val {sp.val}, test {sp.test} "
           f"(gaps {sp.gap}); {len(data.ds['train'])} training windows of {args.seq_len} (stride {args.stride}), "
           f"{len(run.loaders[0])} steps/epoch; noise floor {series.noise_var}")
+    if data.data_args.get("train_data") == "fresh":
+        print("training data: a fresh draw of the folder's process every epoch (same circles and transition matrix, "
+              "new trajectory and noise); validation and test: the folder's held-out blocks")
 
 
 def _open_run_folder(out_dir: str, plots_dir: str, args, resume: dict | None, run: "TrainingSetup"):
@@ -1048,6 +1082,17 @@ def score_splits(spec: ModelSpec, model, loaders, device, amp, floor, ref: dict,
         note = signal_note(sc["signal_mse"], r.get("oracle_signal_mse"))
         print(f"{lead if name == 'val' else pad}{label + ' MSE':15s}{floor_note(sc['mse'], floor, r.get('oracle_mse'))}"
               + (f"; {note}" if note else ""))
+        split = certainty_split(spec, model, loader, device, amp, getattr(ref, "steps", {}).get(name))
+        if split:
+            out[f"{name}_signal_by_certainty"] = split
+            o = r["oracle_by_certainty"]
+
+            def part(k, d=None):
+                v = (d or split)[f"signal_mse_{k}"]
+                return "n/a" if v is None else f"{v:.4f}"
+            print(f"{pad}{'':15s}signal MSE where the oracle is certain of the circle "
+                  f"({100 * split['certain_share']:.1f}% of steps): {part('certain')} (oracle {part('certain', o)}); "
+                  f"elsewhere: {part('uncertain')} (oracle {part('uncertain', o)})")
     if ref:
         out["oracle"] = ref
     return out
@@ -1113,6 +1158,11 @@ def add_training_arguments(p: argparse.ArgumentParser, *, seq_len: int, stride: 
                    help="share of the series in the validation block")
     g.add_argument("--test-frac", type=between(0, 1, open_hi=True), default=0.1,
                    help="share of the series in the test block (0: no test block)")
+    g.add_argument("--train-data", choices=("fixed", "fresh"), default="fixed",
+                   help="fixed: train on the folder's training block every epoch; fresh: every epoch on a new "
+                        "draw of the folder's process (same circles and transition matrix, new trajectory and "
+                        "noise, the training block's length), so nothing can be memorised; validation and test "
+                        "are the folder's held-out blocks either way (a generated folder only)")
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=at_least(1), default=batch_size, help="windows per optimizer step")
     g.add_argument("--lr", type=positive(), default=lr, help="peak learning rate")

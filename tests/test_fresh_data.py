@@ -1,0 +1,177 @@
+"""Fresh draws of the circles process (--train-data fresh): the same process, a new trajectory every
+epoch, the same held-out windows as a fixed run, resumable; and the split of a signal MSE into the
+steps where the oracle is certain of the circle and the others."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from circles import Process, fresh_draw
+from dataset import load_series, task_datasets
+
+TINY = ["--seq-len", "64", "--stride", "32", "--batch-size", "16", "--d-model", "16", "--n-heads", "2",
+        "--n-layers", "1", "--d-ff", "32", "--no-train-eval", "--no-plot", "--warmup-epochs", "0.5"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def series(small_data_dir):
+    return load_series(small_data_dir)
+
+
+def test_a_fresh_draw_is_the_folders_process_with_a_new_trajectory_and_new_noise(series):
+    proc = Process.from_series(series)
+    d = fresh_draw(proc, series.config["seed"], 3, 60_000)
+    X, sig, st, th = d["X"], d["signal"], d["states"], d["thetas"]
+    # every noise-free point lies on its circle of the folder's geometry, at the angle the draw reports
+    planes, radii = series.extra["planes"], series.extra["radii"]
+    expect = radii[st][:, None] * (np.cos(th)[:, None] * planes[st, 0] + np.sin(th)[:, None] * planes[st, 1])
+    assert np.allclose(sig, expect, atol=1e-4)
+    # within a visit the angle turns by 2 pi / period per step; every visit enters at the circle's entry angle
+    starts = d["visit_starts"]
+    assert np.allclose(th[starts], series.extra["entry_angles"][d["visit_states"]])
+    same = st[1:] == st[:-1]
+    step = np.mod(th[1:] - th[:-1], 2 * np.pi)[same]
+    assert np.allclose(step, 2 * np.pi / series.extra["periods"][st[1:][same]])
+    # noise of the folder's std, independent of the signal
+    noise = X - sig
+    assert noise.std() == pytest.approx(series.config["noise_std"], rel=0.01)
+    # the visits follow the folder's transition matrix (empirical rows within sampling error)
+    P = series.extra["transition_matrix"]
+    vs = d["visit_states"]
+    counts = np.zeros_like(P)
+    np.add.at(counts, (vs[:-1], vs[1:]), 1)
+    rows = counts.sum(1) >= 10
+    assert np.all(counts[np.eye(len(P), dtype=bool)] == 0)        # no self-transitions, as the process
+    assert np.all((counts > 0) <= (P > 0))                          # only the process's edges
+    tv = 0.5 * np.abs(counts[rows] / counts[rows].sum(1, keepdims=True) - P[rows]).sum(1)
+    assert tv.mean() < 0.2
+    # a different trajectory and different noise from the folder's own series and from other draws
+    n = len(series.X)
+    assert not np.array_equal(st[:n], series.states[:n])
+    other = fresh_draw(proc, series.config["seed"], 4, 60_000)
+    assert not np.array_equal(other["X"], X) and not np.array_equal(other["states"], st)
+
+
+def test_draw_k_is_the_same_on_every_run(series, small_data_dir):
+    proc = Process.from_series(series)
+    a = fresh_draw(proc, series.config["seed"], 7, 5000)["X"]
+    assert np.array_equal(a, fresh_draw(proc, series.config["seed"], 7, 5000)["X"])
+    code = ("import hashlib, sys; sys.path.insert(0, sys.argv[2]); from circles import Process, fresh_draw; "
+            "from dataset import load_series; s = load_series(sys.argv[1]); "
+            "print(hashlib.sha256(fresh_draw(Process.from_series(s), s.config['seed'], 7, 5000)['X'].tobytes())"
+            ".hexdigest())")
+    r = subprocess.run([sys.executable, "-c", code, small_data_dir, ROOT], capture_output=True, text=True)
+    assert r.stdout.strip() == hashlib.sha256(a.tobytes()).hexdigest()
+
+
+def test_fresh_windows_move_to_draw_epoch_and_keep_the_held_out_windows(series):
+    args = dict(data_dir=series.data_dir, seq_len=64, stride=32, mask_ratio=0.15, mask_patch_size=8,
+                mask_patch_min=None, mask_patch_max=None, val_frac=0.1, test_frac=0.1, seed=0)
+    fixed = task_datasets(series, {**args, "train_data": "fixed"}, "masked")
+    fresh = task_datasets(series, {**args, "train_data": "fresh"}, "masked")
+    for part in ("val", "test"):
+        assert np.array_equal(fixed[part].starts, fresh[part].starts) and fixed[part].X is fresh[part].X
+        assert all(np.array_equal(fixed[part].mask(i), fresh[part].mask(i)) for i in range(len(fixed[part])))
+    tr = fresh["train"]
+    assert np.array_equal(tr.starts, fixed["train"].starts)
+    n = tr.n_steps
+    assert n == fixed["splits"].train[1]          # a draw of the training block's length
+    proc = Process.from_series(series)
+    for epoch in (0, 1, 5):
+        tr.set_epoch(epoch)
+        want = fresh_draw(proc, series.config["seed"], epoch, n)
+        x, s, m = tr[3]
+        s0 = int(tr.starts[3])
+        assert np.array_equal(x, want["X"][s0:s0 + 64]) and np.array_equal(s, want["states"][s0:s0 + 64])
+        assert np.array_equal(m, fixed["train"].__class__.mask(tr, 3))   # the masks of a fixed run's epoch
+    # the validation block never appears in a draw: every draw is a new trajectory
+    assert not np.array_equal(tr.X[: 64], series.X[: 64])
+
+
+def test_fixed_and_fresh_runs_score_the_same_windows_and_a_fresh_run_resumes_to_the_same_numbers(
+        small_data_dir, tmp_path):
+    from masked_model_gpu import main
+    a, b, c = tmp_path / "fixed", tmp_path / "fresh", tmp_path / "fresh_resumed"
+    assert main(["--data-dir", small_data_dir, "--out-dir", str(a), *TINY, "--epochs", "3"]) == 0
+    assert main(["--data-dir", small_data_dir, "--out-dir", str(b), *TINY, "--epochs", "3",
+                 "--train-data", "fresh"]) == 0
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
+    assert ma["oracle"] == mb["oracle"]                   # the same windows, masks and oracle
+    assert ma["val_mse"] != mb["val_mse"]                 # but another training
+    assert main(["--data-dir", small_data_dir, "--out-dir", str(c), *TINY, "--epochs", "3",
+                 "--train-data", "fresh", "--stop-after", "1"]) == 0
+    assert main(["--resume", str(c / "last.pt"), "--stop-after", "5"]) == 0
+    col = [[float(r.split(",")[5]) for r in (p / "training_log.csv").read_text().splitlines()[1:]] for p in (b, c)]
+    assert col[0] == pytest.approx(col[1], rel=1e-6)
+    assert torch.load(c / "best.pt", weights_only=True)["data"]["train_data"] == "fresh"
+
+
+def test_a_recorded_series_refuses_fresh_data_with_one_line(tmp_path, capsys):
+    from dataset import main as convert
+    from masked_model_gpu import main
+    np.save(tmp_path / "s.npy", np.random.default_rng(0).normal(size=(3000, 4)))
+    assert convert([str(tmp_path / "s.npy"), "--out-dir", str(tmp_path / "d")]) == 0
+    capsys.readouterr()
+    assert main(["--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path / "r"), *TINY,
+                 "--train-data", "fresh"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no process to draw from" in err[0] and "--train-data fixed" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_training_masks_change_every_epoch_with_dataloader_workers(series):
+    """A persistent worker would keep the dataset copy of the first epoch: the masks (and a fresh
+    draw) must reach the workers every epoch."""
+    from training import make_loaders
+    args = dict(data_dir=series.data_dir, seq_len=64, stride=32, mask_ratio=0.15, mask_patch_size=8,
+                mask_patch_min=None, mask_patch_max=None, val_frac=0.1, test_frac=0.1, seed=0, train_data="fresh")
+    ds = task_datasets(series, args, "masked")
+    train = make_loaders(ds, 8, 2, torch.device("cpu"), 0)[0]
+    seen = []
+    for epoch in range(2):
+        ds["train"].set_epoch(epoch)
+        x, _, m = next(iter(train))
+        seen.append((x.numpy().copy(), m.numpy().copy()))
+    assert not np.array_equal(seen[0][1], seen[1][1]) and not np.array_equal(seen[0][0], seen[1][0])
+
+
+def test_the_certainty_split_adds_up_to_the_total_and_follows_a_planted_split():
+    import oracle
+    rng = np.random.default_rng(0)
+    err = rng.exponential(size=(5, 40)) * 3
+    scored = rng.random((5, 40)) < 0.5
+    certain = rng.random((5, 40)) < 0.8
+    s = oracle.split_by_certainty(err, scored, certain, dim=3)
+    total = err[scored].sum() / (scored.sum() * 3)
+    assert s["certain_share"] * s["signal_mse_certain"] + (1 - s["certain_share"]) * s["signal_mse_uncertain"] == \
+        pytest.approx(total)
+    assert s["signal_mse_certain"] == pytest.approx(err[scored & certain].mean() / 3)
+    s = oracle.split_by_certainty(err, scored, np.ones_like(certain), dim=3)
+    assert s["certain_share"] == 1 and s["signal_mse_uncertain"] is None and s["n_uncertain"] == 0
+
+
+def test_a_run_reports_its_signal_error_split_by_the_oracles_certainty(small_data_dir, tmp_path):
+    from mamba_next import main as mamba
+    from masked_model_gpu import main as masked
+    assert masked(["--data-dir", small_data_dir, "--out-dir", str(tmp_path / "m"), *TINY, "--epochs", "1"]) == 0
+    assert mamba(["train", "--data-dir", small_data_dir, "--out-dir", str(tmp_path / "b"), "--seq-len", "64",
+                  "--stride", "32", "--batch-size", "16", "--d-model", "16", "--n-layers", "1", "--d-state", "4",
+                  "--d-ff", "32", "--epochs", "1", "--no-plot", "--no-train-eval"]) == 0
+    for run in ("m", "b"):
+        m = json.loads((tmp_path / run / "metrics.json").read_text())
+        for split in ("val", "test"):
+            s = m[f"{split}_signal_by_certainty"]
+            o = m["oracle"][split]["oracle_by_certainty"]
+            n = s["n_certain"] + s["n_uncertain"]
+            assert n == m["oracle"][split]["n_scored_steps"] and (s["n_certain"], s["n_uncertain"]) == \
+                (o["n_certain"], o["n_uncertain"])
+            total = sum(s[f"n_{k}"] * (s[f"signal_mse_{k}"] or 0) for k in ("certain", "uncertain")) / n
+            assert total == pytest.approx(m[f"{split}_signal_mse"], rel=1e-5)
+            ototal = sum(o[f"n_{k}"] * (o[f"signal_mse_{k}"] or 0) for k in ("certain", "uncertain")) / n
+            assert ototal == pytest.approx(m["oracle"][split]["oracle_signal_mse"], rel=1e-6)
