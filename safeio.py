@@ -194,6 +194,8 @@ def read_bytes(path: str, what: str = "file", max_bytes: int = MAX_JSON_BYTES) -
         raise InputError(f"{what} {path} not found")
     if os.path.isdir(path):
         raise InputError(f"{what} {path} is a folder, not a file")
+    if not os.path.isfile(path):
+        raise InputError(f"{what} {path} is not a regular file (a pipe or a device?)")
     try:
         size = os.path.getsize(path)
         if size > max_bytes:

@@ -1,13 +1,22 @@
-"""The loop every terrain stage runs: for each --model, compute, print, write JSON and figure."""
+"""The loop every terrain stage runs: for each --model, compute, print, write JSON and figure.
+
+Outputs: the folders are checked before any work (safeio.output_dir); the files of one stage for
+one model are claimed under the key terrain.<stage>:<model tag> (safeio.Outputs), so an earlier
+output stops the run without --force, and --force removes exactly that stage's files for that
+model (the declared names and what the same key recorded in the folders before), never a glob.
+Each file is recorded before it is written and written atomically (JSON strictly: a NaN or
+infinity becomes null and is named in "nonfinite"), so a killed run leaves whole files: a rerun
+continues where nothing was written, or says which file exists and that --force replaces it.
+"""
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 from typing import Callable
 
 import cliargs
+import safeio
 from terrain.models import DEFAULT_MODEL, DTYPES, TerrainError
 
 
@@ -17,7 +26,7 @@ def model_tag(name: str | None) -> str:
     import hashlib
     name = name or DEFAULT_MODEL
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-    if safe == name and len(safe) <= 60:
+    if safe == name and len(safe) <= 60 and safe not in (".", ".."):
         return safe
     return f"{safe[-50:]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
@@ -25,13 +34,15 @@ def model_tag(name: str | None) -> str:
 NUMBER_SUFFIXES = (".json", "_stability.csv")  # what a stage writes per model into --out-dir
 FIGURE_SUFFIX = ".png"                          # ... and into --plots-dir
 OUT_DIR = "runs/terrain"                        # the stages' --out-dir; figures default to plots/terrain
+MAX_TEXT_BYTES = 64 * 2 ** 20                   # --sentences-file, --prompts-file
 
 
 def add_output_flags(p) -> None:
     """--out-dir, --plots-dir, --no-plot and --force: what every terrain stage takes about its outputs."""
     cliargs.add_output_flags(p, OUT_DIR, "where the numbers (JSON/CSV) go")
     p.add_argument("--force", action="store_true",
-                   help="replace this stage's earlier outputs for these models (without it, existing ones stop the run)")
+                   help="replace this stage's earlier outputs for these models (the files it wrote for them, "
+                        "nothing else; without it, existing ones stop the run)")
 
 
 def stage_paths(args, name: str) -> tuple[str, str]:
@@ -39,46 +50,170 @@ def stage_paths(args, name: str) -> tuple[str, str]:
     return os.path.join(args.out_dir, name), os.path.join(cliargs.plots_dir(args), name + FIGURE_SUFFIX)
 
 
-def claim_outputs(args, names: list[str]) -> None:
-    """Refuse when a stage's outputs called names exist already (numbers or figures); with --force,
-    remove them first (so no stale file survives beside the new ones)."""
-    paths = []
-    for name in names:
-        base, figure = stage_paths(args, name)
-        paths += [base + s for s in NUMBER_SUFFIXES] + [figure]
+def check_output_dirs(args) -> None:
+    """One line, before any work, for an --out-dir or --plots-dir that is a file, lies below a
+    file or cannot be written (the folders are made when the first file is written)."""
+    safeio.output_dir(args.out_dir, "--out-dir", create=False)
+    if not getattr(args, "no_plot", False):
+        safeio.output_dir(cliargs.plots_dir(args), "--plots-dir", create=False)
+
+
+def _writer_alive(name: str, base: str) -> bool:
+    """Whether the process that made the temporary file `name` (safeio's .<base>.<pid><6 hex>.tmp)
+    is still running."""
+    mid = name[len(base) + 2:-len(".tmp")]
+    pid = mid[:-6]
+    if not pid.isdigit():
+        return True                                   # not one of ours: leave it
     try:
-        cliargs.claim_outputs(paths, args.force)
-    except cliargs.OutputsExist as e:
-        raise TerrainError(str(e)) from None
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(paths: list[str]) -> list[str]:
+    """The temporary files a killed writer of paths left beside them (safeio's hidden ones whose
+    process is gone, and save_figure's <name>.tmp.png): removed, so a rerun starts clean."""
+    gone = []
+    for p in paths:
+        folder, base = os.path.split(os.path.abspath(p))
+        if not os.path.isdir(folder):
+            continue
+        root, ext = os.path.splitext(p)
+        cands = [f"{root}.tmp{ext}"] if ext == FIGURE_SUFFIX else []
+        for name in os.listdir(folder):
+            if (safeio.is_temporary(name) and name.startswith(f".{base[:200]}.")
+                    and not _writer_alive(name, base[:200])):
+                cands.append(os.path.join(folder, name))
+        for c in cands:
+            if os.path.isfile(c) and not os.path.islink(c):
+                try:
+                    os.remove(c)
+                    gone.append(c)
+                except OSError:
+                    pass
+    return gone
+
+
+class StageOutputs:
+    """The files of one stage for one name (a model's tag, or two models' for a projection):
+    <prefix>_<tag>.json and _stability.csv in --out-dir, <prefix>_<tag>.png in --plots-dir, claimed
+    under the key terrain.<prefix>:<tag>."""
+
+    def __init__(self, args, prefix: str, tag: str):
+        self.base, self.figure = stage_paths(args, f"{prefix}_{tag}")
+        self.key = f"terrain.{prefix}:{tag}"
+        self.outputs = safeio.Outputs(self.key, args.force)
+        self.paths = [self.base + s for s in NUMBER_SUFFIXES] + [self.figure]
+        self.found: list[str] = []
+
+    def claim(self) -> None:
+        """Refuse (OutputsExist, naming --force) when an earlier output exists; with --force the
+        earlier ones are removed by replace_earlier, once the new results are computed. Temporary
+        files a killed run left beside these outputs are removed once the claim holds."""
+        self.found = self.outputs.claim(self.paths, remove=False)
+        remove_stale_temporaries(self.paths)
+
+    def replace_earlier(self) -> None:
+        if self.found:
+            self.outputs.remove_earlier(self.found)
+            self.found = []
+
+    def target(self, path: str) -> str:
+        """Record path under the key (before it is written), return it."""
+        return self.outputs.target(path)
+
+    def write_json(self, res: dict) -> str:
+        return self.outputs.write_json(self.base + ".json", res, indent=None)
+
+    def draw(self, plot: Callable[[dict, str], str], res) -> str:
+        os.makedirs(os.path.dirname(os.path.abspath(self.figure)), exist_ok=True)
+        return plot(res, self.target(self.figure))
+
+
+def claim_outputs(args, prefix: str, tags: list[str]) -> list[StageOutputs]:
+    """Check the output folders and claim a stage's outputs for each tag (see StageOutputs)."""
+    check_output_dirs(args)
+    outs = [StageOutputs(args, prefix, t) for t in dict.fromkeys(tags)]
+    for o in outs:
+        o.claim()
+    return outs
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one line for an error that is the user's to fix (a TerrainError, or what safeio.error_line
+    knows: bad inputs, unreadable paths, allocations), None for a bug."""
+    if isinstance(e, TerrainError):
+        return safeio.first_line(e, 2000)
+    return safeio.error_line(e)
+
+
+def not_analysed_line(res: dict) -> str:
+    return f"{res.get('model', res.get('source', '?'))}: not analysed: {res['not_analysed']}"
 
 
 def run_for_models(args, prefix: str, compute: Callable[[str], dict], summarize: Callable[[dict], str],
-                   plot: Callable[[dict, str], str]) -> tuple[int, list, list]:
+                   plot: Callable[[dict, str], str], tables: Callable | None = None,
+                   comparison: Callable[[list, str], str] | None = None) -> tuple[int, list, list]:
     """For each of args.model: compute, print the summary, write <prefix>_<model>.json into --out-dir
-    and, unless --no-plot, the figure into --plots-dir. Returns (exit code, results, written paths);
-    a TerrainError stops with one line on stderr. Earlier outputs stop the run unless --force."""
+    (tables(res, base, target) -> paths writes more files beside it) and, unless --no-plot or the
+    result says it was not analysed, the figure into --plots-dir; with several models,
+    comparison(results, path) draws <prefix>_comparison.png. Returns (exit code, results, written
+    paths); a bad input stops with one line on stderr (exit code 2). Earlier outputs stop the run
+    unless --force, which replaces them once the model's new results are computed."""
     import matplotlib
     matplotlib.use("Agg")
     results, written = [], []
     try:
-        names = [f"{prefix}_{model_tag(n)}" for n in dict.fromkeys(args.model)]
-        claim_outputs(args, names)
-        os.makedirs(args.out_dir, exist_ok=True)
+        tags = {m: model_tag(m) for m in args.model}
+        outs = {t: o for t, o in zip(dict.fromkeys(tags.values()), claim_outputs(args, prefix, list(tags.values())))}
+        both = None
+        if comparison is not None and len(args.model) > 1 and not args.no_plot:
+            both = claim_outputs(args, prefix, ["comparison"])[0]
         for model in args.model:
             res = compute(model)
             results.append(res)
-            print(summarize(res))
-            base, figure = stage_paths(args, f"{prefix}_{model_tag(model)}")
-            with open(base + ".json", "w") as f:
-                json.dump(res, f)
-            written.append(base + ".json")
-            if not args.no_plot:
-                os.makedirs(os.path.dirname(figure), exist_ok=True)
-                written.append(plot(res, figure))
-    except TerrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+            print(not_analysed_line(res) if res.get("not_analysed") else summarize(res))
+            out = outs[tags[model]]
+            out.replace_earlier()
+            written.append(out.write_json(res))
+            if tables is not None:
+                written += tables(res, out.base, out.target)
+            if not args.no_plot and not res.get("not_analysed"):
+                written.append(out.draw(plot, res))
+        if both is not None:
+            both.replace_earlier()
+            written.append(both.draw(comparison, results))
+    except Exception as e:  # noqa: BLE001 - sorted by error_line: the user's to fix, or a bug (re-raised)
+        line = error_line(e)
+        if line is None or os.environ.get("SHOW_TRACEBACK"):
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2, results, written
     return 0, results, written
+
+
+def read_lines(path: str, flag: str) -> list[str]:
+    """The non-empty lines of a text file a flag names (stripped), or one line when it is missing,
+    a folder, too big, not UTF-8 text, holds NUL bytes (a binary file) or no line at all."""
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+        raise TerrainError(f"{flag} {path} is not a regular file (a pipe or a device?); give a text file")
+    try:
+        raw = safeio.read_bytes(path, flag, MAX_TEXT_BYTES)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise TerrainError(f"{flag} {path} is not UTF-8 text (a binary file?)") from None
+    except safeio.InputError as e:
+        raise TerrainError(str(e)) from None
+    if "\0" in text:
+        raise TerrainError(f"{flag} {path} holds NUL bytes: a binary file, not lines of text")
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
+    if not lines:
+        raise TerrainError(f"{flag} {path} holds no text (one item per line)")
+    return lines
 
 
 def add_device_flag(p) -> None:

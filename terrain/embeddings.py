@@ -17,6 +17,12 @@ beside random sets of the same sizes. Euclidean distances of random pairs beside
 (nulls: same RMS, same covariance). The output head against the input embedding (the same
 matrix when tied): per-token cosine, spectra, Procrustes R^2 and linear CKA, each beside a
 shuffled token correspondence.
+
+Degenerate rows: rows of zero norm (padding tokens are often exactly zero) have no direction,
+so every cosine statistic (pairs, digits, categories, special tokens, centroids, head row
+cosines) uses the other rows and says how many it left out ("rows_left_out"); norms, spectra,
+distances and volumes use every row. A matrix holding NaN or inf is reported as such
+({"nonfinite": true, "n_nonfinite": k}) and not analysed.
 """
 from __future__ import annotations
 
@@ -24,13 +30,14 @@ import sys
 
 import numpy as np
 
+import safeio
 from cliargs import SEED, Parser, at_least
 
 from terrain import metrics as M
 from plotting import save_figure
 from statsutil import gaussian_null, spearman
 from terrain.checkpoint import embedding_matrix, output_head
-from terrain.models import DEFAULT_MODEL, resolve_model_name
+from terrain.models import DEFAULT_MODEL, TerrainError, load_tokenizer
 from terrain.cli import add_output_flags, run_for_models
 
 # Small hand-made categories; members that are not single tokens are dropped and counted.
@@ -78,28 +85,62 @@ def digit_structure(V: np.ndarray, n_perm: int = 2000, rng: np.random.Generator 
 
 def category_lift(E: np.ndarray, members: list[int], pool: np.ndarray, n_random: int = 500,
                   rng: np.random.Generator | None = None) -> dict:
-    """Mean within-set cosine of `members` against random sets of the same size from `pool`."""
+    """Mean within-set cosine of `members` against random sets of the same size from `pool`.
+    Rows of zero norm (no direction) are left out of both and counted."""
     rng = rng or np.random.default_rng(0)
+    members, pool = np.asarray(members), np.asarray(pool)
+    norms = np.linalg.norm(E[members], axis=1)
+    kept = members[norms > 0]
+    pool_ok = pool[np.linalg.norm(E[pool], axis=1) > 0]
+    left = {"rows_left_out": {"zero_norm": int(len(members) - len(kept))}} if len(kept) < len(members) else {}
+    if len(kept) < 2 or len(pool_ok) < len(kept):
+        raise ValueError(f"a set of {len(kept)} rows of nonzero norm (of {len(members)}) in a pool of "
+                         f"{len(pool_ok)}: no within-set cosine")
 
     def within(ids):
         U = E[ids] / np.linalg.norm(E[ids], axis=1, keepdims=True)
         C = U @ U.T
         return C[np.triu_indices(len(ids), 1)].mean()
 
-    val = within(np.asarray(members))
-    null = np.array([within(rng.choice(pool, size=len(members), replace=False)) for _ in range(n_random)])
-    return {"n": len(members), "within_cos": float(val), "random_mean": float(null.mean()),
-            "lift": float(val - null.mean()), "z": float((val - null.mean()) / null.std())}
+    val = within(kept)
+    null = np.array([within(rng.choice(pool_ok, size=len(kept), replace=False)) for _ in range(n_random)])
+    sd = null.std()
+    return {"n": len(kept), "within_cos": float(val), "random_mean": float(null.mean()),
+            "lift": float(val - null.mean()), "z": float((val - null.mean()) / sd) if sd > 0 else float("nan"),
+            **left}
+
+
+MIN_ROWS, MIN_COLS = 5, 4  # a 4-simplex needs 5 rows, its exact Gaussian null 4 dimensions
 
 
 def probe(name: str | None, seed: int = 0, n_simplices: int = 4000) -> dict:
-    from transformers import AutoTokenizer
-    E = embedding_matrix(name)[0].astype(np.float64)  # read alone from the checkpoint, no forward pass
+    E32 = embedding_matrix(name)[0]  # read alone from the checkpoint, no forward pass
+    n, d = E32.shape
+    res: dict = {"model": name or DEFAULT_MODEL, "shape": [n, d]}
+    if n < MIN_ROWS or d < MIN_COLS:
+        raise TerrainError(f"{res['model']}: the embedding matrix is {n} x {d}; the probes need at least {MIN_ROWS} "
+                           f"rows and {MIN_COLS} columns")
+    # E in float64, its Gaussian nulls (same RMS, same covariance), the centred copy and the simplices
+    safeio.check_fits(8 * (5 * n * d + 2 * min(n, 20000) * d + 5 * d * n_simplices), f"the probes of {n} x {d}",
+                      "lower --n-simplices or use a machine with more memory")
+    tok = load_tokenizer(name)                       # a broken tokenizer stops the probe before any work
+    bad = M.nonfinite_report(E32)
+    if bad is not None:
+        res["embedding"] = bad
+        res["not_analysed"] = (f"the embedding matrix holds {bad['n_nonfinite']} non-finite values (NaN or inf) in "
+                               f"{bad['n_rows_nonfinite']} rows")
+        return res
+    E = E32.astype(np.float64)
+    del E32
+    norms = np.linalg.norm(E, axis=1)
+    defined = norms > 0                              # rows with a direction: the cosine statistics use these
+    res["rows_left_out"] = {"zero_norm": int(n - defined.sum())}
+    if defined.sum() < MIN_ROWS:
+        res["not_analysed"] = f"only {int(defined.sum())} of its {n} rows have a nonzero norm"
+        return res
     rng = np.random.default_rng(seed)
     R = M.random_like(E, rng)
-    n, d = E.shape
-    res: dict = {"model": name or DEFAULT_MODEL, "shape": [n, d]}
-    norms, rnorms = np.linalg.norm(E, axis=1), np.linalg.norm(R, axis=1)
+    rnorms = np.linalg.norm(R, axis=1)
     res["norms"] = {"mean": float(norms.mean()), "std": float(norms.std()), "min": float(norms.min()),
                     "max": float(norms.max()), "null_mean": float(rnorms.mean()), "null_std": float(rnorms.std())}
     res["cosines"] = {**M.cosine_stats(E, rng=rng), "null": M.cosine_stats(R, rng=rng)}
@@ -119,35 +160,60 @@ def probe(name: str | None, seed: int = 0, n_simplices: int = 4000) -> dict:
     res["cosines"]["null_same_covariance"] = M.cosine_stats(gauss_cov, rng=extra)
     res["distances"] = {**M.distance_stats(E, rng=extra), "null": M.distance_stats(R, rng=extra),
                         "null_same_covariance": M.distance_stats(gauss_cov, rng=extra)}
-    tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
-    digits = single_token_ids(tok, [str(i) for i in range(10)])
+
+    def usable(ids: dict) -> dict:  # tokens with a row in E (the tokenizer may be larger) and a direction
+        return {w: i for w, i in ids.items() if i < n and defined[i]}
+
+    def zero_left(ids: dict) -> dict:
+        k = sum(1 for i in ids.values() if i < n and not defined[i])
+        return {"rows_left_out": {"zero_norm": k}} if k else {}
+    digit_ids = single_token_ids(tok, [str(i) for i in range(10)])
+    digits = usable(digit_ids)
     if len(digits) == 10:
         res["digits"] = digit_structure(E[[digits[str(i)] for i in range(10)]], rng=rng)
     else:
-        res["digits"] = {"skipped": f"only {len(digits)} of the digits 0-9 are single tokens"}
+        res["digits"] = {"skipped": f"only {len(digits)} of the digits 0-9 are single tokens with a row of nonzero "
+                                    f"norm ({len(digit_ids) - len(digits)} left out: beyond the matrix or zero norm)"}
     vocab = tok.get_vocab()
     pool = np.array(sorted({i for t, i in vocab.items() if t.lstrip("\u2581\u0120").isalpha()
-                            and t.lstrip("\u2581\u0120").islower() and len(t.lstrip("\u2581\u0120")) > 2}))
+                            and t.lstrip("\u2581\u0120").islower() and len(t.lstrip("\u2581\u0120")) > 2
+                            and i < n and defined[i]}), dtype=int)
     res["categories"] = {}
     groups = {}
     for cat, words in CATEGORIES.items():
-        ids = single_token_ids(tok, words.split())
-        if len(ids) >= 4:
+        found = single_token_ids(tok, words.split())
+        ids = usable(found)
+        if len(ids) >= 4 and len(pool) >= len(ids):
             groups[cat] = np.array(list(ids.values()))
             res["categories"][cat] = {**category_lift(E, list(ids.values()), pool, rng=rng),
-                                      "dropped": len(words.split()) - len(ids)}
-    special = special_token_ids(tok, n)
+                                      "dropped": len(words.split()) - len(ids),
+                                      **zero_left(found)}
+    special_all = special_token_ids(tok, n)
+    special = special_all[defined[special_all]]
     if len(special) >= 2:
         res["special_tokens"] = {"tokens": [tok.convert_ids_to_tokens(int(i)) for i in special],
-                                 **category_lift(E, list(special), np.arange(n), rng=extra),
-                                 "norm_mean": float(norms[special].mean()), "vocabulary_norm_mean": float(norms.mean()),
-                                 "cos_to_vocabulary_mean": float((M.unit(E[special]) @ M.unit(E).mean(0)).mean())}
+                                 **category_lift(E, list(special), np.flatnonzero(defined), rng=extra),
+                                 "norm_mean": float(norms[special_all].mean()),
+                                 "vocabulary_norm_mean": float(norms.mean()),
+                                 "cos_to_vocabulary_mean": float((M.unit(E[special]) @ M.unit(E[defined]).mean(0)).mean())}
+        if len(special) < len(special_all):
+            res["special_tokens"]["rows_left_out"] = {"zero_norm": int(len(special_all) - len(special))}
+            res["special_tokens"]["tokens_left_out"] = [tok.convert_ids_to_tokens(int(i))
+                                                        for i in special_all[~defined[special_all]]]
         groups["special"] = special
-    if len(groups) >= 2:
+    if len(groups) >= 2 and len(pool) >= max(len(g) for g in groups.values()):
         res["centroids"] = M.centroid_similarity(E, groups, pool, rng=extra)
     H, tied = output_head(name)
-    res["head"] = {"tied": tied, **(M.space_alignment(E, H.astype(np.float64), rng=extra) if H.shape == E.shape
-                                     else {"skipped": f"head {list(H.shape)} and embedding {list(E.shape)} differ"})}
+    head_bad = M.nonfinite_report(H)
+    if head_bad is not None:
+        res["head"] = {"tied": tied, **head_bad}
+    elif H.shape != E.shape:
+        res["head"] = {"tied": tied, "skipped": f"head {list(H.shape)} and embedding {list(E.shape)} differ"}
+    else:
+        try:
+            res["head"] = {"tied": tied, **M.space_alignment(E, H.astype(np.float64), rng=extra)}
+        except ValueError as e:
+            res["head"] = {"tied": tied, "skipped": str(e)}
     return res
 
 
@@ -281,6 +347,7 @@ def build_parser() -> Parser:
     return p
 
 
+@safeio.one_line_errors(TerrainError)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     code, _, written = run_for_models(args, "embeddings", lambda n: probe(n, args.seed, args.n_simplices),

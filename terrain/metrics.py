@@ -11,6 +11,9 @@ Cosines, distances, groups and sparsity:
 Nulls:
     random_like (a Gaussian matrix of the same shape and RMS), with_null (a statistic beside
     its value on such matrices), so every number can be read against chance.
+Degenerate input: nonfinite_report describes a matrix holding NaN or inf (which is then not
+analysed); statistics of directions (cosines) are computed on the rows of nonzero norm and say
+how many rows they left out ("rows_left_out": {"zero_norm": k}).
 """
 from __future__ import annotations
 
@@ -56,8 +59,11 @@ def entropy_effective_rank(sigma: np.ndarray) -> float:
 
 
 def components_for_variance(sigma: np.ndarray, levels=VARIANCE_LEVELS) -> dict[float, int]:
-    """Smallest number of components whose sigma^2 holds each fraction of the total variance."""
+    """Smallest number of components whose sigma^2 holds each fraction of the total variance
+    (0 for a zero matrix, which has no variance to hold)."""
     v = np.sort(np.asarray(sigma, dtype=np.float64) ** 2)[::-1]
+    if not v.sum() > 0:
+        return {lv: 0 for lv in levels}
     c = np.cumsum(v) / v.sum()
     return {lv: int(np.searchsorted(c, lv - 1e-12) + 1) for lv in levels}
 
@@ -65,7 +71,7 @@ def components_for_variance(sigma: np.ndarray, levels=VARIANCE_LEVELS) -> dict[f
 def condition_number(sigma: np.ndarray, rtol: float = 1e-12) -> float:
     """sigma_max / sigma_min; inf when sigma_min is below rtol * sigma_max (numerically singular)."""
     s = np.asarray(sigma, dtype=np.float64)
-    if s.min() <= rtol * s.max():
+    if not s.size or s.min() <= rtol * s.max():
         return float("inf")
     return float(s.max() / s.min())
 
@@ -162,17 +168,45 @@ def random_pairs(n: int, n_pairs: int, rng: np.random.Generator) -> tuple[np.nda
     return i, j + (j >= i)
 
 
+def nonfinite_report(W: np.ndarray) -> dict | None:
+    """None for a finite array; else what a matrix holding NaN or inf is reported as (it is not
+    analysed): {"nonfinite": True, "n_nonfinite": k, "n_rows_nonfinite": r, "shape": [...]}."""
+    bad = ~np.isfinite(np.asarray(W))
+    k = int(bad.sum())
+    if not k:
+        return None
+    rows = int(bad.reshape(bad.shape[0], -1).any(1).sum()) if bad.ndim > 1 else int(bool(k))
+    return {"nonfinite": True, "n_nonfinite": k, "n_rows_nonfinite": rows, "shape": list(np.shape(W))}
+
+
+def nonzero_rows(X: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(mask of the rows of nonzero norm, {"zero_norm": k} or {}): a direction, and so a cosine,
+    is defined for those rows only."""
+    ok = np.linalg.norm(np.asarray(X, dtype=np.float64), axis=1) > 0
+    k = int((~ok).sum())
+    return ok, ({"zero_norm": k} if k else {})
+
+
 def cosine_stats(X: np.ndarray, n_pairs: int = 20000, rng: np.random.Generator | None = None) -> dict:
     """Cosines of random distinct row pairs: mean, std, mean |cos|; anisotropy = squared norm of
-    the mean unit vector (the expected cosine of two random rows, 0 for an isotropic cloud)."""
+    the mean unit vector (the expected cosine of two random rows, 0 for an isotropic cloud).
+    Rows of zero norm have no direction: they are left out and counted ("rows_left_out")."""
     rng = rng or np.random.default_rng(0)
     X = np.asarray(X, dtype=np.float64)
-    U = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
+    ok, left = nonzero_rows(X)
+    if left:
+        X = X[ok]
+    if len(X) < 2:
+        raise ValueError(f"cosines need two rows of nonzero norm, got {len(X)}")
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
     i, j = random_pairs(len(U), n_pairs, rng)
     c = np.sum(U[i] * U[j], axis=1)
     mu = U.mean(0)
-    return {"mean": float(c.mean()), "std": float(c.std()), "mean_abs": float(np.abs(c).mean()),
-            "anisotropy": float(mu @ mu)}
+    out = {"mean": float(c.mean()), "std": float(c.std()), "mean_abs": float(np.abs(c).mean()),
+           "anisotropy": float(mu @ mu)}
+    if left:
+        out["rows_left_out"] = left
+    return out
 
 
 def distance_stats(X: np.ndarray, n_pairs: int = 20000, rng: np.random.Generator | None = None,
@@ -185,7 +219,8 @@ def distance_stats(X: np.ndarray, n_pairs: int = 20000, rng: np.random.Generator
     i, j = random_pairs(len(X), n_pairs, rng)
     d = np.linalg.norm(X[i] - X[j], axis=1)
     counts, edges = np.histogram(d, bins=bins)
-    return {"mean": float(d.mean()), "std": float(d.std()), "relative_std": float(d.std() / d.mean()),
+    rel = float(d.std() / d.mean()) if d.mean() > 0 else float("nan")  # all rows equal: undefined (named)
+    return {"mean": float(d.mean()), "std": float(d.std()), "relative_std": rel,
             "q05": float(np.quantile(d, 0.05)), "median": float(np.median(d)), "q95": float(np.quantile(d, 0.95)),
             "mean_squared": float(np.mean(d ** 2)), "histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
 
@@ -225,8 +260,13 @@ def space_alignment(A: np.ndarray, B: np.ndarray, n_null: int = 5, rng: np.rando
     B = np.asarray(B, dtype=np.float64)
     if A.shape != B.shape:
         raise ValueError(f"the two spaces differ in shape: {A.shape} vs {B.shape}")
-    row_cos = np.sum(unit(A) * unit(B), axis=1)
+    ok = (np.linalg.norm(A, axis=1) > 0) & (np.linalg.norm(B, axis=1) > 0)  # a row cosine needs both directions
+    if ok.sum() < 2:
+        raise ValueError(f"the two spaces share {int(ok.sum())} rows of nonzero norm; row cosines need 2")
+    row_cos = np.sum(unit(A[ok]) * unit(B[ok]), axis=1)
     Ac, Bc = A - A.mean(0), B - B.mean(0)
+    if not (np.linalg.norm(Ac) > 0 and np.linalg.norm(Bc) > 0):
+        raise ValueError("a space whose rows are all equal has no spread to align")
     Ac, Bc = Ac / np.linalg.norm(Ac), Bc / np.linalg.norm(Bc)
     GA, GB = Ac.T @ Ac, Bc.T @ Bc
 
@@ -237,8 +277,10 @@ def space_alignment(A: np.ndarray, B: np.ndarray, n_null: int = 5, rng: np.rando
 
     r2, cka = procrustes_cka(Bc)
     nulls = [procrustes_cka(Bc[rng.permutation(len(Bc))]) for _ in range(n_null)]
-    shuffled_cos = np.sum(unit(A) * unit(B)[rng.permutation(len(B))], axis=1)
-    return {"identical": bool(np.array_equal(A, B)),
+    Bo = B[ok]
+    shuffled_cos = np.sum(unit(A[ok]) * unit(Bo)[rng.permutation(len(Bo))], axis=1)
+    left = {"rows_left_out": {"zero_norm": int((~ok).sum())}} if not ok.all() else {}
+    return {"identical": bool(np.array_equal(A, B)), **left,
             "row_cosine": {"mean": float(row_cos.mean()), "q05": float(np.quantile(row_cos, 0.05)),
                            "median": float(np.median(row_cos)), "q95": float(np.quantile(row_cos, 0.95)),
                            "null_shuffled_mean": float(shuffled_cos.mean())},

@@ -13,11 +13,14 @@ present.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
 
 import numpy as np
+
+import safeio
 
 DEFAULT_MODEL = "minilm"
 
@@ -40,8 +43,12 @@ def resolve_model_name(name: str | None) -> str:
     cache's snapshot of a hub id (nothing is downloaded); else the name itself."""
     if name in (None, "", DEFAULT_MODEL):
         return minilm_path()
+    if "\0" in name:
+        raise TerrainError(f"model name {name!r:.80} holds a NUL character")
     if os.path.isdir(name) or name.startswith("open_clip:"):
         return name
+    if os.path.exists(name):
+        raise TerrainError(f"--model {name} is a file; pass the model's folder (config.json and the weights)")
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(name, local_files_only=True)
@@ -85,16 +92,151 @@ DTYPES = ("float32", "bfloat16", "float16")
 T5_FAMILY = ("t5", "mt5", "umt5")
 
 
-def load_config(path: str):
-    """The transformers config of a local folder (config.json only; no code is run)."""
-    from transformers import AutoConfig
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise TerrainError(f"{path} has no config.json; pass a Hugging Face model folder")
+# config fields terrain reads, each a positive integer when present (None where transformers allows it)
+SIZE_FIELDS = ("hidden_size", "d_model", "embed_dim", "num_attention_heads", "num_heads", "num_key_value_heads",
+               "head_dim", "d_kv", "num_hidden_layers", "num_layers", "relative_attention_num_buckets",
+               "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
+MAX_SIZE = 1 << 24              # no width, head count or layer count of a real model comes near
+MAX_REL_DISTANCE = 1 << 16      # T5's relative_attention_max_distance (128 in every released T5)
+SUB_CONFIGS = ("text_config", "vision_config", "encoder", "decoder")
+TOKENIZER_JSON = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "added_tokens.json")
+
+
+def check_config_fields(raw: dict, where: str) -> dict:
+    """The fields of a config.json that terrain reads, checked where they are read from disk:
+    types and ranges (one line naming the file and the field), the head counts consistent with
+    each other, and the sub-configs of multimodal models likewise."""
+    chk = safeio.check_field
+    chk(raw, "model_type", str, where, required=False)
+    chk(raw, "is_encoder_decoder", bool, where, required=False)
+    arch = chk(raw, "architectures", list, where, required=False, nullable=True)
+    if arch is not None and not all(isinstance(a, str) for a in arch):
+        raise safeio.InputError(f"{where}: the field 'architectures' must be a list of strings")
+    for key in SIZE_FIELDS:
+        chk(raw, key, int, where, lo=1, hi=MAX_SIZE, required=False, nullable=True)
+    chk(raw, "relative_attention_max_distance", int, where, lo=1, hi=MAX_REL_DISTANCE, required=False,
+        nullable=True)
+    for key in ("decoder_start_token_id", "pad_token_id"):   # (old Llama configs say pad_token_id -1)
+        chk(raw, key, int, where, required=False, nullable=True)
+    n = raw.get("num_attention_heads") or raw.get("num_heads")
+    kv = raw.get("num_key_value_heads")
+    if n and kv and n % kv:
+        raise safeio.InputError(f"{where}: num_attention_heads {n} is not a multiple of num_key_value_heads {kv}")
+    d = raw.get("hidden_size") or raw.get("d_model") or raw.get("embed_dim")
+    if n and d and not (raw.get("head_dim") or raw.get("d_kv")) and d < n:
+        raise safeio.InputError(f"{where}: hidden size {d} is smaller than num_attention_heads {n} (heads of width 0)")
+    for key in SUB_CONFIGS:
+        sub = chk(raw, key, dict, where, required=False, nullable=True)
+        if sub is not None:
+            check_config_fields(sub, f"{where} ({key})")
+    return raw
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' load reports and progress bars off for the block: a stage's stderr holds its
+    own notes and, on a bad input, its one error line."""
+    from transformers.utils import logging as tf_logging
+    level = tf_logging.get_verbosity()
+    bars = tf_logging.is_progress_bar_enabled()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise TerrainError(f"{path}/config.json names a model family transformers does not know "
-                           f"({str(e).splitlines()[0]}); upgrade transformers or pass another --model") from e
+        yield
+    finally:
+        tf_logging.set_verbosity(level)
+        if bars:
+            tf_logging.enable_progress_bar()
+
+
+def _allocation(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def check_model_folder(path: str) -> None:
+    """One line for a model folder holding something that is neither a file nor a folder (a pipe,
+    a device, a link to one): reading it would block or never end."""
+    try:
+        names = os.listdir(path)
+    except OSError as e:
+        raise TerrainError(f"cannot list the model folder {path}: {e.strerror or e}") from None
+    for name in names:
+        p = os.path.join(path, name)
+        if not (os.path.isfile(p) or os.path.isdir(p)):
+            raise TerrainError(f"{p} is not a regular file (a pipe, a device or a broken link); remove it or pass "
+                               f"another --model")
+
+
+def load_config(path: str):
+    """The transformers config of a local folder (config.json only; no code is run). The file
+    is read strictly first (size, encoding, nesting, the fields terrain uses), so a hostile or
+    broken config.json is one line naming the file and the field."""
+    from transformers import AutoConfig
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.lexists(cfg_path):
+        raise TerrainError(f"{path} has no config.json; pass a Hugging Face model folder")
+    check_model_folder(path)
+    try:
+        check_config_fields(safeio.read_json(cfg_path, "model config", kind=dict), cfg_path)
+    except safeio.InputError as e:
+        raise TerrainError(f"{e}; fix the file or pass another --model") from None
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers' own checks of a file the user gave: one line
+        text = safeio.first_line(e, 300)
+        if _allocation(e):
+            raise
+        if "model type" in text.lower() or "unrecognized" in text.lower():
+            raise TerrainError(f"{cfg_path} names a model family transformers does not know ({text}); upgrade "
+                               f"transformers or pass another --model") from None
+        raise TerrainError(f"{cfg_path} is not a configuration transformers can read ({type(e).__name__}: {text}); "
+                           f"fix the file or pass another --model") from None
+
+
+def load_tokenizer(name: str | None):
+    """The tokenizer of a model folder (no network), its JSON files read strictly first: a broken
+    or hostile tokenizer file is one line naming it."""
+    from transformers import AutoTokenizer
+    path = resolve_model_name(name)
+    if not os.path.isdir(path):
+        raise _not_offline(name, f"no folder {path}")
+    check_model_folder(path)
+    for f in TOKENIZER_JSON:
+        p = os.path.join(path, f)
+        if os.path.lexists(p):
+            try:
+                safeio.read_json(p, "tokenizer file")
+            except safeio.InputError as e:
+                raise TerrainError(f"{e}; fix the file or pass another --model") from None
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - the user's tokenizer files: one line naming the folder
+        if _allocation(e):
+            raise
+        raise TerrainError(f"the tokenizer of {path} cannot be read ({type(e).__name__}: {safeio.first_line(e, 300)}); "
+                           f"the stage needs the model's tokenizer files beside config.json") from None
+
+
+def check_token_ids(ids, model, name: str | None) -> None:
+    """One line when the tokenizer gives ids the model's embedding has no row for."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    top = int(ids.max()) if ids.numel() else -1
+    if top >= rows:
+        raise TerrainError(f"{name or DEFAULT_MODEL}: the tokenizer gives token id {top} but the embedding has {rows} "
+                           f"rows; the tokenizer files belong to another model")
+
+
+def check_finite(X: np.ndarray, what: str) -> np.ndarray:
+    """X, or one line when it holds NaN or infinite values (a matrix with them is not analysed)."""
+    bad = ~np.isfinite(X)
+    if bad.any():
+        rows = int(bad.reshape(len(X), -1).any(1).sum()) if X.ndim > 1 else int(bad.sum())
+        raise TerrainError(f"{what} holds {int(bad.sum())} non-finite values (NaN or inf) in {rows} rows: not "
+                           f"analysed (non-finite weights in the checkpoint?)")
+    return X
 
 
 def _not_offline(name, detail: str) -> TerrainError:
@@ -125,6 +267,7 @@ def load_model(name: str | None = None, dtype: str | None = None, device: str = 
     if not os.path.isdir(path):
         raise _not_offline(name, f"no folder {path}")
     config = load_config(path)
+    _check_weights_fit(path, dtype or "float32", name)
     cls = tf.AutoModel
     if part == "encoder" and getattr(config, "is_encoder_decoder", False):
         if config.model_type not in T5_FAMILY:
@@ -140,12 +283,34 @@ def load_model(name: str | None = None, dtype: str | None = None, device: str = 
     if use_map:
         kw["device_map"] = "auto"
     try:
-        model = cls.from_pretrained(path, local_files_only=True, **kw)
+        with quiet_transformers():
+            model = cls.from_pretrained(path, local_files_only=True, **kw)
     except (OSError, ValueError) as e:
-        raise _not_offline(name, str(e).splitlines()[0]) from e
+        raise _not_offline(name, safeio.first_line(e, 300)) from None
+    except Exception as e:  # noqa: BLE001 - config and weights of the user's folder disagree: one line
+        if _allocation(e):
+            raise
+        raise TerrainError(f"model folder {path} cannot be loaded ({type(e).__name__}: {safeio.first_line(e, 300)}); "
+                           f"its config.json and weights disagree: {_FIX_FOLDER}") from None
     if not use_map:
         model = model.to(device)
     return model.eval(), config
+
+
+_FIX_FOLDER = "re-download the model folder or pass another --model"
+
+
+def _check_weights_fit(path: str, dtype: str, name: str | None) -> None:
+    """Before transformers reads a folder: its shard index and safetensors headers checked
+    (terrain.checkpoint's strict reader) and the weights' size in `dtype` against the memory."""
+    from terrain.checkpoint import SafetensorsWeights, shard_files
+    if not shard_files(path):
+        return                                       # pickled weights: torch.load(weights_only=True) checks them
+    src = SafetensorsWeights(path)
+    itemsize = 4 if dtype == "float32" else 2
+    total = sum(src.nbytes(n, itemsize) for n in src.entries)
+    safeio.check_fits(1.2 * total, f"model {name or DEFAULT_MODEL} in {dtype}",
+                      "use --dtype bfloat16, a smaller model or a machine with more memory")
 
 
 def is_causal_lm(config) -> bool:
@@ -226,13 +391,30 @@ class HeadLayout:
     n_kv_heads: int
 
 
+def _size(cfg, *keys):
+    """The first of keys the config sets (not None), checked to be a positive integer: a config that
+    did not come through load_config (open_clip towers, a module's own config) is checked here."""
+    for key in keys:
+        v = getattr(cfg, key, None)
+        if v is None:
+            continue
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 1 <= v <= MAX_SIZE:
+            raise TerrainError(f"model config: the field {key!r} must be a positive integer, got {v!r:.60}")
+        return int(v)
+    return None
+
+
 def _layout_of(cfg) -> HeadLayout | None:
-    n = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", None)
-    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None) or getattr(cfg, "embed_dim", None)
+    n = _size(cfg, "num_attention_heads", "num_heads")
+    d = _size(cfg, "hidden_size", "d_model", "embed_dim")
     if n is None or d is None:
         return None
-    head_dim = getattr(cfg, "d_kv", None) or getattr(cfg, "head_dim", None) or d // n
-    return HeadLayout(int(n), int(head_dim), int(getattr(cfg, "num_key_value_heads", None) or n))
+    head_dim = _size(cfg, "d_kv", "head_dim") or d // n
+    kv = _size(cfg, "num_key_value_heads") or n
+    if head_dim < 1 or n % kv:
+        raise TerrainError(f"model config: {n} attention heads of width {head_dim} with {kv} key-value heads do not "
+                           f"form a head layout")
+    return HeadLayout(n, head_dim, kv)
 
 
 def head_layouts(config) -> dict[str, HeadLayout]:
@@ -253,10 +435,13 @@ def head_layouts(config) -> dict[str, HeadLayout]:
         out["vision"] = _layout_of(vision)
     lin = text if text is not None and getattr(text, "linear_num_key_heads", None) else config
     if getattr(lin, "linear_num_key_heads", None):
-        out["linear"] = HeadLayout(int(lin.linear_num_key_heads), int(lin.linear_key_head_dim),
-                                   int(lin.linear_num_key_heads))
-        out["linear_v"] = HeadLayout(int(lin.linear_num_value_heads), int(lin.linear_value_head_dim),
-                                     int(lin.linear_num_value_heads))
+        kh, kd = _size(lin, "linear_num_key_heads"), _size(lin, "linear_key_head_dim")
+        vh, vd = _size(lin, "linear_num_value_heads"), _size(lin, "linear_value_head_dim")
+        if None in (kh, kd, vh, vd):
+            raise TerrainError("model config: linear attention needs linear_num_key_heads, linear_key_head_dim, "
+                               "linear_num_value_heads and linear_value_head_dim")
+        out["linear"] = HeadLayout(kh, kd, kh)
+        out["linear_v"] = HeadLayout(vh, vd, vh)
     return out
 
 
@@ -335,6 +520,11 @@ def plan(entries: dict[str, tuple], config) -> Plan:
         if role == "aux":
             continue
         shape = tuple(shape)
+        want = 1 if role in ("norm", "final_norm") else 2
+        if len(shape) != want or 0 in shape or (role == "qkv" and shape[0] % 3):
+            notes.append(f"{name} ({role}) has shape {list(shape)}, not a {'vector' if want == 1 else 'matrix'} of "
+                         f"that role: not analysed")
+            continue
         if role == "qkv":
             n = shape[0] // 3
             for i, r in enumerate(("q", "k", "v")):
@@ -344,6 +534,10 @@ def plan(entries: dict[str, tuple], config) -> Plan:
         if role == "lin_qkv" and "linear" in lays:
             kd = lays["linear"].n_heads * lays["linear"].head_dim
             vd = shape[0] - 2 * kd
+            if vd < 1:
+                notes.append(f"{name} has {shape[0]} rows, too few for query and key of {kd} rows each (the config's "
+                             f"linear_num_key_heads x linear_key_head_dim): not analysed")
+                continue
             for r, a, b in (("lin_q", 0, kd), ("lin_k", kd, 2 * kd), ("lin_v", 2 * kd, 2 * kd + vd)):
                 refs.append(WeightRef(name + f"[{r}]", r, stack, layer, (b - a,) + shape[1:], np.arange(a, b)))
             continue

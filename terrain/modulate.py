@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import safeio
 from cliargs import SEED, Parser, at_least, between, non_negative, positive
 from plotting import save_figure
 from statsutil import pearson, spearman
@@ -42,7 +43,7 @@ from terrain import talk as T
 from terrain.cli import add_model_flags, add_output_flags, resolve_device, run_for_models
 from terrain.field import FieldModulator, cv_health
 from terrain.hooks import HookedModulator, encoder_blocks  # noqa: F401 (encoder_blocks: also used as MD.encoder_blocks)
-from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
+from terrain.models import DEFAULT_MODEL, TerrainError, load_model, load_tokenizer, model_device
 from terrain.project import procrustes, special_template, token_states
 from terrain.taxonomy import Taxonomy
 from terrain.talk import converse, format_answers, read_prompts, summarise, summary_table
@@ -181,8 +182,6 @@ def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors:
     head (the encoder alone otherwise); generate: also a causal LM with its head."""
     from types import SimpleNamespace
 
-    from transformers import AutoTokenizer
-
     wn = load_wordnet()
     # loaded once: with the language-model head when it is trained through, else the encoder alone
     model, config = load_model(name, dtype, device, part="lm" if generate else "seq2seq" if lm_head else "encoder")
@@ -190,7 +189,7 @@ def prepare(name: str | None, layers: list[int] | None, geo_dim: int, n_anchors:
     encoder = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
     for p in model.parameters():
         p.requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
+    tok = load_tokenizer(name)
     items = match_items(wn, tok, "noun")
     anchors, evals, train = split_items(len(items), n_anchors, n_eval, seed)
     n_reserved, train = len(train), train[:n_train]
@@ -612,6 +611,7 @@ def build_parser() -> Parser:
     return p
 
 
+@safeio.one_line_errors(TerrainError)
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -646,12 +646,8 @@ def main(argv=None) -> int:
     if talking and not (args.talk or args.train):
         p.error("--prompt, --prompts-file, --n-prompts, --max-new-tokens, --temperature, --top-p and --sample-seed "
                 "go with --talk (or --train)")
-    try:
-        device = resolve_device(args.device)
-        prompts = read_prompts(args.prompt, args.prompts_file)
-    except TerrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
+    prompts = read_prompts(args.prompt, args.prompts_file)
     talk_opts = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                  "seed": args.sample_seed, "prompts": prompts, "n_prompts": args.n_prompts}
     if args.talk and not args.train:

@@ -19,6 +19,8 @@ the residual beside that of the target, the best- and worst-aligned held-out tok
 their cosines, and the CV of 4-simplex volumes of the same held-out simplices, native and
 projected (with the Spearman correlation of their volumes), beside a Gaussian of the
 native covariance and the exact isotropic CV.
+Tokens whose row has zero norm in either space have no direction and are left out of the
+shared vocabulary ("rows_left_out"); a space holding NaN or inf is not analysed (one line).
 """
 from __future__ import annotations
 
@@ -26,13 +28,14 @@ import sys
 
 import numpy as np
 
+import safeio
 from cliargs import SEED, Parser, at_least, non_negative
 from plotting import save_figure
 from statsutil import pearson, spearman
 from terrain.metrics import bootstrap_ci, coefficient_of_variation, gaussian_volume_cv, gram_volume, unit
 from terrain.checkpoint import embedding_matrix
-from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
-from terrain.cli import add_model_flags, add_output_flags, claim_outputs, model_tag, resolve_device, stage_paths
+from terrain.models import DEFAULT_MODEL, TerrainError, check_finite, load_model, load_tokenizer, model_device
+from terrain.cli import add_model_flags, add_output_flags, claim_outputs, model_tag, resolve_device
 
 METHODS = ("procrustes", "least_squares", "shuffled_control")
 
@@ -53,23 +56,25 @@ def token_space(spec: str, batch_size: int = 512, progress: bool = True, dtype: 
                 device: str = "cpu") -> tuple[dict[str, int], np.ndarray]:
     """(token string -> row, matrix) for a space spec. '@embed' reads the embedding matrix alone
     from the checkpoint; a layer runs the model (an encoder-decoder's encoder only)."""
-    from transformers import AutoTokenizer
     name, where = parse_space(spec)
-    tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
+    tok = load_tokenizer(name)
     special = set(tok.all_special_tokens)
     vocab = {t: i for t, i in tok.get_vocab().items() if t not in special}
     if where == "embed":
         emb, _ = embedding_matrix(name)
         vocab = {t: i for t, i in vocab.items() if i < emb.shape[0]}
         strings = sorted(vocab, key=vocab.get)
-        return {t: k for k, t in enumerate(strings)}, emb[np.array([vocab[t] for t in strings])]
+        check_finite(emb, f"space {spec}: the embedding matrix")
+        return {t: k for k, t in enumerate(strings)}, emb[np.array([vocab[t] for t in strings], dtype=int)]
     model, _ = load_model(name, dtype, device, part="encoder")
     n_rows = model.get_input_embeddings().weight.shape[0]
     vocab = {t: i for t, i in vocab.items() if i < n_rows}
     strings = sorted(vocab, key=vocab.get)
-    ids = np.array([vocab[t] for t in strings])
-    return {t: k for k, t in enumerate(strings)}, token_states(model, tok, ids, int(where), batch_size, progress,
-                                                               desc=f"token states {spec}")
+    ids = np.array([vocab[t] for t in strings], dtype=int)
+    safeio.check_fits(4 * len(ids) * model.get_input_embeddings().weight.shape[1] * 3, f"the token states of {spec}",
+                      "use a smaller model or a machine with more memory")
+    X = token_states(model, tok, ids, int(where), batch_size, progress, desc=f"token states {spec}")
+    return {t: k for k, t in enumerate(strings)}, check_finite(X, f"space {spec}: the token states")
 
 
 def token_states(model, tok, token_ids: np.ndarray, layer: int, batch_size: int = 512, progress: bool = False,
@@ -79,6 +84,10 @@ def token_states(model, tok, token_ids: np.ndarray, layer: int, batch_size: int 
     import torch
     from tqdm import tqdm
     template, pos = special_template(tok)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if max(template, default=0) >= rows or (len(token_ids) and int(np.max(token_ids)) >= rows):
+        raise TerrainError(f"the tokenizer gives ids beyond the {rows} rows of the model's embedding; the tokenizer "
+                           f"files belong to another model")
     out = []
     with torch.inference_mode():
         for s in tqdm(range(0, len(token_ids), batch_size), desc=desc, disable=not progress, leave=False):
@@ -88,7 +97,8 @@ def token_states(model, tok, token_ids: np.ndarray, layer: int, batch_size: int 
             if not -len(hs) <= layer < len(hs):
                 raise TerrainError(f"layer {layer} out of range (0..{len(hs) - 1})")
             out.append(hs[layer][:, pos].float().cpu().numpy())
-    return np.concatenate(out)
+    X = np.concatenate(out)
+    return check_finite(X, "the token states")
 
 
 def special_template(tok) -> tuple[list[int], int]:
@@ -247,9 +257,11 @@ def project(source: str, target: str, n_anchors: int = 10000, n_test: int = 5000
     vs, X = token_space(source, progress=progress, dtype=dtype, device=device)
     vt, Y = token_space(target, progress=progress, dtype=dtype, device=device)
     shared = sorted(set(vs) & set(vt))
-    res = align(X[[vs[t] for t in shared]], Y[[vt[t] for t in shared]], shared, n_anchors, n_test, n_rsa,
-                ridge, seed)
-    return {"source": source, "target": target, **res}
+    Xs, Ys = X[[vs[t] for t in shared]], Y[[vt[t] for t in shared]]
+    ok = (np.linalg.norm(Xs, axis=1) > 0) & (np.linalg.norm(Ys, axis=1) > 0)  # tokens with a direction in both
+    res = align(Xs[ok], Ys[ok], [t for t, k in zip(shared, ok) if k], n_anchors, n_test, n_rsa, ridge, seed)
+    left = {"rows_left_out": {"zero_norm": int((~ok).sum())}} if not ok.all() else {}
+    return {"source": source, "target": target, **left, **res}
 
 
 def format_summary(res: dict) -> str:
@@ -322,27 +334,18 @@ def build_parser() -> Parser:
     return p
 
 
+@safeio.one_line_errors(TerrainError)
 def main(argv=None) -> int:
-    import json
-    import os
-
     args = build_parser().parse_args(argv)
-    name = f"project_{model_tag(args.source)}_to_{model_tag(args.target)}"
-    base, figure = stage_paths(args, name)
-    try:
-        claim_outputs(args, [name])
-        res = project(args.source, args.target, args.anchors, args.test, args.rsa_tokens, args.ridge, args.seed,
-                      dtype=args.dtype, device=resolve_device(args.device))
-    except TerrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = claim_outputs(args, "project", [f"{model_tag(args.source)}_to_{model_tag(args.target)}"])[0]
+    res = project(args.source, args.target, args.anchors, args.test, args.rsa_tokens, args.ridge, args.seed,
+                  dtype=args.dtype, device=resolve_device(args.device))
     print(format_summary(res))
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(base + ".json", "w") as f:
-        json.dump(res, f)
+    out.replace_earlier()
+    written = [out.write_json(res)]
     if not args.no_plot:
-        os.makedirs(os.path.dirname(figure), exist_ok=True)
-    print(f"wrote {base}.json" + ("" if args.no_plot else f", {plot(res, figure)}"))
+        written.append(out.draw(plot, res))
+    print("wrote " + ", ".join(written))
     return 0
 
 

@@ -28,6 +28,7 @@ import torch
 
 from plotting import save_figure
 from statsutil import seed_ci
+from terrain.cli import read_lines
 from terrain.models import DEFAULT_MODEL, TerrainError, is_causal_lm, load_config, resolve_model_name
 
 
@@ -260,15 +261,9 @@ def plot(res: dict, path: str) -> str:
 
 
 def read_prompts(prompts: list[str] | None, path: str | None) -> list[str]:
-    """--prompt values, then the non-empty lines of --prompts-file."""
+    """--prompt values, then the non-empty lines of --prompts-file (UTF-8 text; one line when it is
+    missing, a folder, binary or empty)."""
     out = list(prompts or [])
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                out += [line.strip() for line in f if line.strip()]
-        except OSError as e:
-            raise TerrainError(f"--prompts-file {path}: {e.strerror}") from e
-        except UnicodeDecodeError as e:
-            raise TerrainError(f"--prompts-file {path} is not UTF-8 text") from e
+        out += read_lines(path, "--prompts-file")
     return out
-

@@ -23,20 +23,27 @@ comparison figure and table.
 Streaming: the checkpoint's safetensors shards are read one matrix at a time (no model is
 built; memory is a few matrices at any size), with exact Gram-matrix spectra, head forms
 from head_dim-sized products, and analytic nulls for large matrices (terrain/linalg.py).
+
+Degenerate matrices: a matrix holding NaN or inf is reported as such ({"nonfinite": true,
+"n_nonfinite": k}) and not analysed, nor are the heads, neurons and cross-layer overlaps it takes
+part in (each named in "notes"); heads whose form is zero have no asymmetry or sign balance and
+are counted in "heads_left_out"; a zero matrix has no singular subspace and stays out of the overlaps.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import defaultdict
 
 import numpy as np
 
-from cliargs import SEED, Parser, at_least
+import safeio
+from cliargs import SEED, Parser, at_least, int_between
 from terrain import linalg as LA
 from terrain import metrics as M
 from plotting import save_figure
-from terrain.cli import add_device_flag, add_output_flags, model_tag, progress, resolve_device, run_for_models, stage_paths
+from terrain.cli import add_device_flag, add_output_flags, model_tag, progress, resolve_device, run_for_models
 from terrain.checkpoint import open_source
 from terrain.models import DEFAULT_MODEL, by_role, classify, head_layouts, plan, TerrainError, Weight
 from positions import t5_relative_bucket
@@ -100,7 +107,12 @@ def head_stats(q: np.ndarray, k: np.ndarray, layout, rng: np.random.Generator, n
     if q.shape[0] != H * dh or k.shape[0] != Hkv * dh or H % Hkv:
         raise ValueError(f"q {q.shape} / k {k.shape} do not split into {H} heads of {dh} ({Hkv} key heads)")
     out = LA.form_stats_from_grams(LA.head_grams(q, k, H, dh, Hkv, device))
+    zero = int(np.sum(~np.isfinite(out["positive_share"])))
+    if zero:
+        out["heads_left_out"] = {"zero_form": zero}  # a zero form has no asymmetry or sign balance (NaN, named)
     if n_null > 0:
+        safeio.check_fits(8 * n_null * H * (2 * dh) ** 2 * 4, f"the head null ({n_null} x {H} heads of {dh})",
+                          "lower --n-null")
         null = LA.form_stats_from_grams(LA.gram_of_gaussian_rows(2 * dh, q.shape[1], n_null * H, rng))
         out["null_asymmetry"] = float(np.mean(null["asymmetry"]))
         out["null_positive_share"] = float(np.mean(null["positive_share"]))
@@ -236,7 +248,7 @@ def census(entries: dict[str, tuple], config=None, skip=()) -> dict:
         if name in skip:
             continue
         role, stack, _ = classify(name)
-        table[stack][{None: "unclassified", "aux": "other"}.get(role, role)] += int(np.prod(shape)) if shape else 1
+        table[stack][{None: "unclassified", "aux": "other"}.get(role, role)] += math.prod(shape)
     by_role: dict = defaultdict(int)
     for roles in table.values():
         for r, n in roles.items():
@@ -265,21 +277,47 @@ def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int 
                  "heads": lays["*"].__dict__, "layouts": {k: v.__dict__ for k, v in lays.items()},
                  "source": kind, "null_method": null, "matrices": {}, "heads_by_layer": {}, "neurons": {},
                  "cross_layer": {}, "norms": {}, "t5_bias": {}, "unclassified": pl.unclassified, "notes": pl.notes,
-                 "n_params_analysed": int(sum(np.prod(r.shape) for r in used)),
+                 "nonfinite_matrices": [],
+                 "n_params_analysed": sum(math.prod(r.shape) for r in used),
                  "census": census(source.entries, config, getattr(source, "integer_names", set)())}
     subspaces = defaultdict(list)  # (stack, role) -> [(layer, U)]
     bar = progress(None, desc=f"weights {res['model'][-40:]}", total=len(used)) if show_progress else None
+
+    def note(text):
+        res["notes"].append(text)
+        print(f"note: {text}", file=sys.stderr)
+
     for (stack, _), refs in _groups(used):
         held: dict[str, np.ndarray] = {}   # q/k until their partner is read
         norms: dict[str, np.ndarray] = {}  # MLP row / column norms of this layer
+        bad_roles: set[str] = set()        # roles of this layer holding NaN / inf: not analysed
+        zero_roles: set[str] = set()       # ... and zero matrices (no subspace; neurons all of importance 0)
         for ref in refs:
             W = ref.load(source)
+            bad = M.nonfinite_report(W)
+            if bad is not None:
+                bad_roles.add(ref.role)
+                res["nonfinite_matrices"].append(ref.name)
+                entry = {"role": ref.role, "stack": ref.stack, "layer": ref.layer, **bad}
+                if ref.role in MATRIX_ROLES:
+                    res["matrices"][ref.name] = entry
+                elif ref.role in ("norm", "final_norm"):
+                    res["norms"][ref.name] = entry
+                elif ref.role == "rel_bias":
+                    res["t5_bias"][ref.stack] = entry
+                note(f"{ref.name} holds {bad['n_nonfinite']} non-finite values (NaN or inf): not analysed")
+                del W
+                if bar is not None:
+                    bar.update(1)
+                continue
             if ref.role in MATRIX_ROLES:
                 side = residual_side(ref.role)
                 st, U = matrix_stats(W, _rng(seed, ref.name), n_null, null, overlap_rank, side, device)
                 res["matrices"][ref.name] = {"role": ref.role, "stack": ref.stack, "layer": ref.layer, **st}
-                if U is not None:
+                if U is not None and st["sigma_top"] and st["sigma_top"][0] > 0:  # a zero matrix has no subspace
                     subspaces[(stack, ref.role)].append((ref.layer, U, W.shape))
+                elif U is not None:
+                    zero_roles.add(ref.role)
             if ref.role in ("mlp_in", "mlp_gate"):
                 norms[ref.role] = np.linalg.norm(W, axis=1)
             elif ref.role == "mlp_out":
@@ -292,9 +330,13 @@ def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int 
             elif ref.role == "rel_bias":
                 nb = getattr(config, "relative_attention_num_buckets", 32)
                 md = getattr(config, "relative_attention_max_distance", 128)
-                dist, prof = t5_bias_profiles(W, nb, md, bidirectional=ref.stack != "decoder")
-                res["t5_bias"][ref.stack] = {"distance": dist.tolist(), "profiles": prof.tolist(),
-                                             "classes": [classify_profile(dist, p) for p in prof]}
+                if W.ndim != 2 or W.shape[0] != nb or not isinstance(md, int) or not 1 <= md <= 1 << 16:
+                    note(f"{ref.name} of shape {list(W.shape)} does not match the config's "
+                         f"relative_attention_num_buckets {nb} / max_distance {md}: not analysed")
+                else:
+                    dist, prof = t5_bias_profiles(W, nb, md, bidirectional=ref.stack != "decoder")
+                    res["t5_bias"][ref.stack] = {"distance": dist.tolist(), "profiles": prof.tolist(),
+                                                 "classes": [classify_profile(dist, p) for p in prof]}
             for qr, kr, lay_key, prefix in HEAD_PAIRS:
                 if ref.role in (qr, kr):
                     held[ref.role] = W
@@ -305,12 +347,20 @@ def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int 
                             res["heads_by_layer"][key] = head_stats(held.pop(qr), held.pop(kr), lay,
                                                                     _rng(seed, key), n_null, device)
                         except ValueError as e:
-                            res["notes"].append(f"heads of {key} skipped: {e}")
-                            print(f"note: {res['notes'][-1]}", file=sys.stderr)
+                            note(f"heads of {key} skipped: {e}")
             del W
             if bar is not None:
                 bar.update(1)
-        if "mlp_in" in norms and "mlp_out" in norms:
+        for qr, kr, _, prefix in HEAD_PAIRS:
+            if bad_roles & {qr, kr} and any(r.role in (qr, kr) for r in refs):
+                note(f"heads of {stack}/{prefix}{refs[0].layer} not analysed: {'/'.join(sorted(bad_roles & {qr, kr}))} "
+                     f"holds non-finite values")
+        mlp = {"mlp_in", "mlp_gate", "mlp_out"}
+        if (bad_roles | zero_roles) & mlp:
+            why = "holds non-finite values" if bad_roles & mlp else "is a zero matrix (no importance to compare)"
+            note(f"neurons of {stack}/{refs[0].layer} not analysed: "
+                 f"{'/'.join(sorted((bad_roles | zero_roles) & mlp))} {why}")
+        elif "mlp_in" in norms and "mlp_out" in norms:
             dims = [r.shape[1] for r in refs if r.role in ("mlp_in", "mlp_gate")] + \
                 [r.shape[0] for r in refs if r.role == "mlp_out"]
             imp = importance_from_norms(norms["mlp_in"], norms["mlp_out"], norms.get("mlp_gate"))
@@ -333,22 +383,36 @@ def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int 
     return res
 
 
+def _mean(values) -> float:
+    """Mean of the finite values (a statistic undefined for some matrices, e.g. Hoyer of a zero
+    matrix, is left out); NaN when there is none."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def analysed(res: dict) -> list[dict]:
+    """The matrices with statistics (those holding NaN or inf are reported, not analysed)."""
+    return [m for m in res["matrices"].values() if not m.get("nonfinite")]
+
+
 def summary_rows(res: dict) -> list[dict]:
     """Per role: mean statistic over layers beside the mean null."""
     rows = []
-    roles = sorted({m["role"] for m in res["matrices"].values()}, key=MATRIX_ROLES.index)
+    mats = analysed(res)
+    roles = sorted({m["role"] for m in mats}, key=MATRIX_ROLES.index)
     for role in roles:
-        ms = [m for m in res["matrices"].values() if m["role"] == role]
+        ms = [m for m in mats if m["role"] == role]
         rows.append({
             "role": role, "n": len(ms),
-            "stable_rank": np.mean([m["stable_rank"] for m in ms]),
-            "stable_rank_null": np.mean([m["null"]["stable_rank"] for m in ms]),
-            "pr_sigma2": np.mean([m["participation_ratio_sigma2"] for m in ms]),
-            "pr_sigma2_null": np.mean([m["null"]["participation_ratio_sigma2"] for m in ms]),
-            "hoyer": np.mean([m["hoyer"] for m in ms]), "hoyer_null": np.mean([m["null"]["hoyer"] for m in ms]),
-            "frac_abs_below_0.1": np.mean([m["frac_abs_below_0.1"] for m in ms]),
-            "frac_below_0.1_rms": np.mean([m["frac_below_0.1_rms"] for m in ms]),
-            "frac_below_0.1_rms_null": np.mean([m["null"]["frac_below_0.1_rms"] for m in ms]),
+            "stable_rank": _mean([m["stable_rank"] for m in ms]),
+            "stable_rank_null": _mean([m["null"]["stable_rank"] for m in ms]),
+            "pr_sigma2": _mean([m["participation_ratio_sigma2"] for m in ms]),
+            "pr_sigma2_null": _mean([m["null"]["participation_ratio_sigma2"] for m in ms]),
+            "hoyer": _mean([m["hoyer"] for m in ms]), "hoyer_null": _mean([m["null"]["hoyer"] for m in ms]),
+            "frac_abs_below_0.1": _mean([m["frac_abs_below_0.1"] for m in ms]),
+            "frac_below_0.1_rms": _mean([m["frac_below_0.1_rms"] for m in ms]),
+            "frac_below_0.1_rms_null": _mean([m["null"]["frac_below_0.1_rms"] for m in ms]),
         })
     return rows
 
@@ -361,13 +425,15 @@ def format_summary(res: dict) -> str:
                      f"{r['pr_sigma2']:.1f} [{r['pr_sigma2_null']:.1f}] | {r['hoyer']:.3f} [{r['hoyer_null']:.3f}] | "
                      f"{r['frac_abs_below_0.1']:.2f} | {r['frac_below_0.1_rms']:.3f} [{r['frac_below_0.1_rms_null']:.3f}] |")
     hb = res["heads_by_layer"]
-    if hb:
-        pos = [p for h in hb.values() for p in h["positive_share"]]
+    pos = [p for h in hb.values() for p in h["positive_share"] if p is not None and np.isfinite(p)]
+    if pos:
         asym = [a for h in hb.values() for a in h["asymmetry"]]
-        nul = np.mean([h["null_positive_share"] for h in hb.values()])
-        nul_a = np.mean([h["null_asymmetry"] for h in hb.values()])
+        nul = _mean([h.get("null_positive_share") for h in hb.values()])
+        nul_a = _mean([h.get("null_asymmetry") for h in hb.values()])
+        left = sum(h.get("heads_left_out", {}).get("zero_form", 0) for h in hb.values())
         lines.append(f"attention forms: positive eigenvalue share {np.mean(pos):.3f} (range {min(pos):.2f}-"
-                     f"{max(pos):.2f}) [null {nul:.3f}]; asymmetry {np.mean(asym):.3f} [null {nul_a:.3f}]")
+                     f"{max(pos):.2f}) [null {nul:.3f}]; asymmetry {_mean(asym):.3f} [null {nul_a:.3f}]"
+                     + (f"; {left} heads of zero form left out" if left else ""))
     if res["neurons"]:
         dead = np.mean([n["dead_frac"] for n in res["neurons"].values()])
         weak = np.mean([n["weak_frac"] for n in res["neurons"].values()])
@@ -384,7 +450,11 @@ def format_summary(res: dict) -> str:
                      + "); by role " + ", ".join(f"{r} {100 * c['share_by_role'][r]:.1f}%" for r in c["by_role"]))
     for stack, b in res["t5_bias"].items():
         from collections import Counter
-        lines.append(f"T5 relative bias ({stack}): " + ", ".join(f"{k} {v}" for k, v in Counter(b["classes"]).items()))
+        if "classes" in b:
+            lines.append(f"T5 relative bias ({stack}): " + ", ".join(f"{k} {v}" for k, v in Counter(b["classes"]).items()))
+    if res.get("nonfinite_matrices"):
+        lines.append(f"not analysed (NaN or inf): {', '.join(res['nonfinite_matrices'][:8])}"
+                     + (f" and {len(res['nonfinite_matrices']) - 8} more" if len(res["nonfinite_matrices"]) > 8 else ""))
     return "\n".join(lines)
 
 
@@ -393,10 +463,10 @@ def format_summary(res: dict) -> str:
 def plot_model(res: dict, path: str) -> str:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 3, figsize=(17, 9))
-    mats = list(res["matrices"].values())
+    mats = analysed(res)
     roles = [r for r in MATRIX_ROLES if any(m["role"] == r for m in mats)]
     ax = axes[0, 0]
-    stacks = [m["stack"] for m in mats if m["stack"] != "decoder"] or [m["stack"] for m in mats]
+    stacks = [m["stack"] for m in mats if m["stack"] != "decoder"] or [m["stack"] for m in mats] or ["main"]
     shown = max(set(stacks), key=stacks.count)  # one stack per line: the encoder / main / text tower
     for role in roles:
         ms = sorted([m for m in mats if m["role"] == role and m["stack"] == shown], key=lambda m: m["layer"] or 0)
@@ -447,17 +517,18 @@ def plot_model(res: dict, path: str) -> str:
         ax.set_title("MLP neurons by importance")
         ax.legend(fontsize=7)
     ax = axes[1, 2]
-    if res["t5_bias"]:
-        b = next(iter(res["t5_bias"].values()))
+    bias = {k: b for k, b in res["t5_bias"].items() if "profiles" in b}
+    if bias:
+        b = next(iter(bias.values()))
         for p, c in zip(b["profiles"], b["classes"]):
             ax.plot(b["distance"], p, lw=1, label=c)
         ax.set_xlabel("key - query distance")
-        ax.set_title("T5 relative bias per head (" + next(iter(res["t5_bias"])) + ")")
+        ax.set_title("T5 relative bias per head (" + next(iter(bias)) + ")")
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         ax.legend(uniq.values(), uniq.keys(), fontsize=7)
     else:
-        norms = list(res["norms"].values())
+        norms = [n for n in res["norms"].values() if not n.get("nonfinite")]
         ax.errorbar(range(len(norms)), [n["mean"] for n in norms], yerr=[n["std"] for n in norms], fmt="o", ms=3)
         ax.set_title("LayerNorm scales (mean +- std per norm)")
         ax.set_xlabel("norm index (by layer)")
@@ -491,7 +562,7 @@ def build_parser() -> Parser:
                description="Weight geometry of pretrained transformers, beside random nulls.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
                    help="Hugging Face ids or local folders ('minilm' = the offline all-MiniLM-L6-v2)")
-    p.add_argument("--n-null", type=at_least(1), default=3,
+    p.add_argument("--n-null", type=int_between(1, 10000), default=3,
                    help="Monte Carlo draws per statistic (matrices; heads draw n-null x heads Wishart Gram matrices)")
     p.add_argument("--null", default="auto", choices=["auto", "analytic", "monte-carlo"],
                    help="nulls of the matrix statistics: Gaussian matrices sampled (monte-carlo), or the exact / "
@@ -503,13 +574,10 @@ def build_parser() -> Parser:
     return p
 
 
+@safeio.one_line_errors(TerrainError)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-    except TerrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
 
     def compute(name):
         t0 = time.perf_counter()
@@ -518,9 +586,8 @@ def main(argv=None) -> int:
         res["device"] = device
         return res
 
-    code, results, written = run_for_models(args, "weights", compute, format_summary, plot_model)
-    if code == 0 and len(results) > 1 and not args.no_plot:
-        written.append(plot_comparison(results, stage_paths(args, "weights_comparison")[1]))
+    code, results, written = run_for_models(args, "weights", compute, format_summary, plot_model,
+                                            comparison=plot_comparison)
     if written:
         print("wrote " + ", ".join(written))
     return code

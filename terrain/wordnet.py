@@ -23,6 +23,8 @@ CV beside the exact Gaussian value. Seed 0 also gets Mantel permutation p-values
 labels of the cosine matrix shuffled) and the figures. Without --simulate-root only pairs
 joined in the taxonomy count (nouns with nouns, verbs of one tree); with it (nltk's default
 and the original code's) every adjective or adverb pair scores path 1/3, whatever the words.
+Items whose static or contextual vector has zero norm (no direction, no cosine) are left out
+and counted ("rows_left_out"); representations holding NaN or inf are not analysed (one line).
 """
 from __future__ import annotations
 
@@ -32,15 +34,17 @@ import time
 import numpy as np
 from scipy.stats import rankdata
 
+import safeio
 from cliargs import Parser, any_number, at_least
 from terrain import metrics as M
 from terrain.embeddings import category_lift
 from terrain.metrics import unit
 from plotting import save_figure
 from statsutil import gaussian_null, pearson, spearman
-from terrain.models import DEFAULT_MODEL, TerrainError, load_model, model_device, resolve_model_name
+from terrain.models import (DEFAULT_MODEL, TerrainError, check_finite, check_token_ids, load_model, load_tokenizer,
+                            model_device)
 from terrain.taxonomy import Taxonomy
-from terrain.cli import add_model_flags, add_output_flags, model_tag, resolve_device, run_for_models
+from terrain.cli import add_model_flags, add_output_flags, resolve_device, run_for_models
 
 POLICIES = ("most-frequent", "noun", "first-seen")
 SIMS = ("path", "wup")
@@ -152,6 +156,7 @@ def encode_texts(model, tokenizer, config, texts: list[str], layer: int = -1, po
             idx = order[start:start + batch_size]
             enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
                             max_length=max_length).to(device)
+            check_token_ids(enc["input_ids"], model, getattr(config, "name_or_path", None))
             kw = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
             hs = net(**kw, output_hidden_states=True).hidden_states[layer].float()
             if pooling == "mean":
@@ -162,7 +167,7 @@ def encode_texts(model, tokenizer, config, texts: list[str], layer: int = -1, po
             if out is None:
                 out = np.zeros((len(texts), pooled.shape[1]), np.float32)
             out[idx] = pooled.cpu().numpy()
-    return out
+    return check_finite(out, "the pooled hidden states")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -324,13 +329,12 @@ def analyse(name: str | None, *, policy: str = "most-frequent", layer: int = -1,
             seeds: int = 50, n_items: int = 2000, n_pairs: int = 200_000, n_simplices: int = 500,
             n_perm: int = 200, simulate_root: bool = False, max_items: int | None = None,
             batch_size: int = 64, device: str = "cpu", progress: bool = True, dtype: str = "float32") -> dict:
-    from transformers import AutoTokenizer
     from tqdm import tqdm
     timings = {}
     t = time.perf_counter()
     wn = load_wordnet()
     model, config = load_model(name, dtype, device, part="encoder")  # an encoder-decoder's decoder is not read
-    tok = AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
+    tok = load_tokenizer(name)
     items = match_items(wn, tok, policy)
     if max_items and len(items) > max_items:
         keep = np.sort(np.random.default_rng(0).choice(len(items), max_items, replace=False))
@@ -340,9 +344,22 @@ def analyse(name: str | None, *, policy: str = "most-frequent", layer: int = -1,
     timings["match_s"] = time.perf_counter() - t
     t = time.perf_counter()
     emb = model.get_input_embeddings().weight.detach().float().cpu().numpy()
-    X = {"static": emb[[it["token_id"] for it in items]],
+    items = [it for it in items if it["token_id"] < len(emb)]   # a tokenizer larger than the embedding
+    X = {"static": check_finite(emb[[it["token_id"] for it in items]], "the static (embedding) vectors"),
          "contextual": encode_texts(model, tok, config, [it["definition"] for it in items], layer, pooling,
                                     batch_size, device=device, progress=progress)}
+    ok = np.ones(len(items), bool)
+    for x in X.values():
+        ok &= np.linalg.norm(x, axis=1) > 0             # a vector of zero norm has no direction: no cosine
+    left = {"zero_norm": int((~ok).sum())} if not ok.all() else {}
+    if left:
+        items = [it for it, k in zip(items, ok) if k]
+        X = {r: x[ok] for r, x in X.items()}
+    if len(items) < 20:
+        raise TerrainError(f"only {len(items)} WordNet items of {name or DEFAULT_MODEL} have vectors of nonzero norm")
+    n_sample = min(n_items, len(items))
+    safeio.check_fits(8 * n_sample ** 2 * 12 + 8 * n_pairs * 16, f"{n_sample} items and {n_pairs} pairs per seed",
+                      "lower --n-items or --n-pairs")
     timings["encode_s"] = time.perf_counter() - t
     t = time.perf_counter()
     tax = Taxonomy.from_synsets([wn.synset(it["synset"]) for it in items])
@@ -362,6 +379,7 @@ def analyse(name: str | None, *, policy: str = "most-frequent", layer: int = -1,
         X["contextual"].shape[1] else None
     return {"model": name or DEFAULT_MODEL, "sense_policy": policy, "layer": layer, "pooling": pooling,
             "simulate_root": simulate_root, "n_matched": len(items), "pos_counts": pos,
+            **({"rows_left_out": left} if left else {}),
             "n_hypernym_pairs": int(len(triples)),
             "static_contextual_cos": None if per_static is None else
             {"mean": float(per_static.mean()), "std": float(per_static.std())},
@@ -457,14 +475,12 @@ def plot(res: dict, path: str) -> str:
     return save_figure(fig, path)
 
 
-def write_tables(res: dict, base: str) -> list[str]:
-    import csv
-    with open(base + "_stability.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["statistic", "mean", "std", "min", "max", "n_seeds"])
-        for k, v in res["stability"].items():
-            w.writerow([k, v["mean"], v["std"], v["min"], v["max"], v["n_seeds"]])
-    return [base + "_stability.csv"]
+def write_tables(res: dict, base: str, target=lambda p: p) -> list[str]:
+    """<base>_stability.csv: mean, std, min, max over seeds of every statistic (atomically; target
+    records the path among the stage's outputs before it is written)."""
+    path = base + "_stability.csv"
+    rows = [[k, v["mean"], v["std"], v["min"], v["max"], v["n_seeds"]] for k, v in res["stability"].items()]
+    return [safeio.write_csv(target(path), ["statistic", "mean", "std", "min", "max", "n_seeds"], rows)]
 
 
 def build_parser() -> Parser:
@@ -496,8 +512,8 @@ def build_parser() -> Parser:
     return p
 
 
+@safeio.one_line_errors(TerrainError)
 def main(argv=None) -> int:
-    import os
     args = build_parser().parse_args(argv)
 
     def compute(name):
@@ -506,9 +522,7 @@ def main(argv=None) -> int:
                        simulate_root=args.simulate_root, max_items=args.max_items, batch_size=args.batch_size,
                        device=resolve_device(args.device), dtype=args.dtype)
 
-    code, results, written = run_for_models(args, "wordnet", compute, format_summary, plot)
-    for res in results:
-        written += write_tables(res, os.path.join(args.out_dir, f"wordnet_{model_tag(res['model'])}"))
+    code, results, written = run_for_models(args, "wordnet", compute, format_summary, plot, tables=write_tables)
     if written:
         print("wrote " + ", ".join(written))
     return code

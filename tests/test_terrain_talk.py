@@ -156,9 +156,10 @@ def test_command_line(tiny, tmp_path, plots_below_tmp, capsys):
             "--alphas", "0.1", "--geo-dim", "4", "--anchors", "100", "--eval-items", "40", "--max-new-tokens", "4",
             "--temperature", "0.8", "--out-dir", str(out)]
     assert main(argv) == 0
-    files = sorted(p.name for p in out.iterdir())          # the numbers; the figure in plots/out
+    visible = lambda d: sorted(p.name for p in d.iterdir() if not p.name.startswith("."))  # noqa: E731 (not the claims' manifest)
+    files = visible(out)                                   # the numbers; the figure in plots/out
     assert len(files) == 1 and files[0].startswith("modulate_talk_") and files[0].endswith(".json")
-    assert [p.name for p in (plots_below_tmp / tmp_path.name / "out").iterdir()] == [files[0][:-5] + ".png"]
+    assert visible(plots_below_tmp / tmp_path.name / "out") == [files[0][:-5] + ".png"]
     res = json.loads((out / files[0]).read_text())
     assert [c["prompt"] for c in res["conversations"]] == ["summarize: a bird", "summarize: a river",
                                                           "summarize: a mountain"]
