@@ -800,7 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data_args_from(args, given: set[str]) -> tuple[str, dict]:
     if args.checkpoint:
-        from training import TrainingError, load_checkpoint
+        from checkpoints import TrainingError, load_checkpoint
         try:
             ckpt = load_checkpoint(args.checkpoint)
         except TrainingError as e:
