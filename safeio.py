@@ -110,6 +110,41 @@ def remove_temporaries(folder: str) -> list[str]:
     return gone
 
 
+def _writer_alive(name: str, base: str) -> bool:
+    """Whether the process that made the temporary file `name` (.<base>.<pid><6 hex>.tmp) still runs."""
+    pid = name[len(base) + 2:-len(".tmp")][:-6]
+    if not pid.isdigit():
+        return True                                   # not one of ours: leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(paths: list[str]) -> list[str]:
+    """Remove the temporary files a killed writer of exactly these paths left beside them (ours, whose
+    process is gone, and an older figure writer's <stem>.tmp<ext>), never another file of the folder,
+    so that a rerun starts clean. Returns the removed paths."""
+    gone = []
+    for p in paths:
+        folder, base = os.path.split(os.path.abspath(p))
+        if not os.path.isdir(folder):
+            continue
+        stem, ext = os.path.splitext(base)
+        cands = [os.path.join(folder, f"{stem}.tmp{ext}")] if ext else []
+        cands += [os.path.join(folder, n) for n in os.listdir(folder)
+                  if is_temporary(n) and n.startswith(f".{base[:200]}.") and not _writer_alive(n, base[:200])]
+        for c in cands:
+            if os.path.isfile(c) and not os.path.islink(c):
+                with contextlib.suppress(OSError):
+                    os.remove(c)
+                    gone.append(c)
+    return gone
+
+
 def finite_json(obj, where: str = "", found: list | None = None):
     """obj with every NaN / infinite float replaced by None; the JSON paths of the replaced values
     are appended to `found`. numpy scalars and arrays become plain numbers and lists."""

@@ -19,7 +19,7 @@ directions and not the shape every random walk has.
            a weight-space overlap near the null is expected even when the dimension agrees)
 
 Writes alignment.json in the first run's folder (or --out-dir) and alignment.png in --plots-dir
-(default plots/<that folder's name>); earlier ones stop it unless --force (which removes them first).
+(default plots/<that folder's name>); earlier ones stop it unless --force (which replaces them).
 """
 from __future__ import annotations
 
@@ -29,14 +29,16 @@ import sys
 
 import numpy as np
 
+import safeio
 from cliargs import SEED, Parser, add_output_flags, at_least
-from modadd.figures import emit, save, stage_files, subplots
+from modadd.figures import claim, emit, save, stage_files, stage_key, subplots
 from modadd.geometry import execution_basis, random_walk_like
 from modadd.runs import MATS, load_snapshots
 from modadd.stats import mean_std
-from training import claim_outputs, TrainingError
+from training import TrainingError
 
 NAME = "alignment"
+KEY = stage_key(NAME)
 
 
 def outputs(out_dir: str, plots: bool = True, plots_dir: str | None = None) -> list[str]:
@@ -81,6 +83,9 @@ def analyse(run_dirs: list[str], k: int = 3, windows: int = 3, n_null: int = 3, 
     for d, r in zip(run_dirs[1:], runs[1:]):
         if sorted(r) != keys or any(r[key].shape[1] != runs[0][key].shape[1] for key in keys):
             raise ValueError(f"{d}: its attention blocks differ from {run_dirs[0]}'s")
+    biggest = max(8 * a.size for a in runs[0].values())          # float64 random walks kept per block
+    safeio.check_fits(biggest * (n_null + 3), f"--n-null {n_null} random walks per block",
+                      "use a smaller --n-null")
     per_run, bases, null_bases = [], [], []
     for snaps in runs:
         row, B, NB = {}, {}, {}
@@ -188,20 +193,18 @@ def build_parser() -> Parser:
     p.add_argument("--n-null", type=at_least(1), default=3, help="random walks per block")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the random-walk null")
     add_output_flags(p, None, "where alignment.json goes (default: the first run)")
-    p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
+    p.add_argument("--force", action="store_true",
+                   help="replace this stage's earlier outputs (removed when the new ones are written)")
     return p
 
 
+@safeio.one_line_errors(TrainingError)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    out = args.out_dir or args.runs[0]
-    try:
-        claim_outputs(outputs(out, plots_dir=args.plots_dir), args.force)
-        res = analyse(args.runs, args.k, args.windows, args.n_null, args.seed)
-    except (FileNotFoundError, ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir)
+    out = args.runs[0] if args.out_dir is None else args.out_dir
+    claimed = claim(out, NAME, KEY, args.plots_dir, args.no_plot, args.force)
+    res = analyse(args.runs, args.k, args.windows, args.n_null, args.seed)
+    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir, claimed)
 
 
 if __name__ == "__main__":

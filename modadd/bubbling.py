@@ -12,21 +12,22 @@ and bubbling.png in --plots-dir (default plots/<run name>); earlier ones stop it
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import sys
 
 import torch
 
+import safeio
 from cliargs import SEED, Parser, add_output_flags, at_least
-from modadd.figures import emit, save, stage_files, subplots
+from modadd.figures import claim, emit, save, stage_files, stage_key, subplots
 from modadd.model import accuracy, set_topk
-from modadd.runs import load_run
+from modadd.runs import load_run, read_metrics
 from modadd.task import sample
-from training import claim_outputs, TrainingError
+from training import TrainingError
 
 NAME = "bubbling"
+KEY = stage_key(NAME)
 
 
 def outputs(out_dir: str, plots: bool = True, plots_dir: str | None = None) -> list[str]:
@@ -36,6 +37,9 @@ def outputs(out_dir: str, plots: bool = True, plots_dir: str | None = None) -> l
 
 def analyse(run_dir: str, n: int = 2000, ks=(1, 2, 4, 8), seed: int = 7) -> dict:
     model, task, c = load_run(run_dir)
+    cfg = model.cfg    # read-out attention of every layer is kept: n x heads x T x T per layer, and its sort
+    safeio.check_fits(4 * n * (cfg.n_heads * task.T ** 2 * (cfg.n_layers + 3) + 8 * task.T * cfg.d_model),
+                      f"--n {n} examples per m", "use a smaller --n")
     gen = torch.Generator().manual_seed(seed)
     out = {"run": run_dir, "T": task.T, "uniform_entropy": math.log(task.T), "per_m": {}}
     for m in range(c["m_min"], c["m_max"] + 1):
@@ -53,11 +57,10 @@ def analyse(run_dir: str, n: int = 2000, ks=(1, 2, 4, 8), seed: int = 7) -> dict
         set_topk(model, None)
         out["per_m"][str(m)] = {"readout_entropy": ent, "top_mass": {str(k): v for k, v in top.items()},
                                 "topk_accuracy": accs}
-    hist = os.path.join(run_dir, "metrics.csv")
-    if os.path.exists(hist):
-        rows = list(csv.DictReader(open(hist)))
-        out["entropy_history"] = {"step": [int(r["step"]) for r in rows],
-                                  **{k: [float(r[k]) for r in rows] for k in rows[0] if k.startswith("entropy_L")}}
+    if os.path.exists(os.path.join(run_dir, "metrics.csv")):
+        M = read_metrics(run_dir, {})
+        out["entropy_history"] = {"step": [int(s) for s in M["step"]],
+                                  **{k: v.tolist() for k, v in M.items() if k.startswith("entropy_L")}}
     return out
 
 
@@ -100,20 +103,18 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=SEED, default=0,
                    help="seed of the evaluated examples (the recorded results used 7)")
     add_output_flags(p, None, "where bubbling.json goes (default: the run folder)")
-    p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
+    p.add_argument("--force", action="store_true",
+                   help="replace this stage's earlier outputs (removed when the new ones are written)")
     return p
 
 
+@safeio.one_line_errors(TrainingError)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    out = args.out_dir or args.run
-    try:
-        claim_outputs(outputs(out, plots_dir=args.plots_dir), args.force)
-        res = analyse(args.run, args.n, seed=args.seed)
-    except (FileNotFoundError, ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir)
+    out = args.run if args.out_dir is None else args.out_dir
+    claimed = claim(out, NAME, KEY, args.plots_dir, args.no_plot, args.force)
+    res = analyse(args.run, args.n, seed=args.seed)
+    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir, claimed)
 
 
 if __name__ == "__main__":

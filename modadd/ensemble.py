@@ -10,6 +10,7 @@ reduction order (tested). Records and writes exactly what modadd.train writes, p
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from modadd.task import batch_for
-from modadd.train import Recorder, make_optimizer, pick_device, setup, write
+from modadd.train import Recorder, check_finite, make_optimizer, pick_device, setup, write
 
 
 def _prefetch(tasks, gens, rules, batch: int, steps: int, depth: int = 32) -> queue.Queue:
@@ -70,7 +71,8 @@ def run_many(cfgs: list[dict], out_dirs: list[str] | None = None, progress: bool
     loss_sum, n_loss = torch.zeros(S, device=dev), 0
     q = _prefetch([t for t, _, _ in built], [g for _, _, g in built], [r.rule for r in recs], cfg["batch_size"],
                   cfg["steps"])
-    bar = tqdm(range(1, cfg["steps"] + 1), desc=f"training {S} seeds", disable=not progress, mininterval=2)
+    bar = tqdm(range(1, cfg["steps"] + 1), desc=f"training {S} seeds", disable=not (progress and sys.stderr.isatty()),
+               mininterval=2)
     for step in bar:
         xs, ys = q.get()
         logits = forward(params, buffers, xs.to(dev, non_blocking=True))          # (S, B, C)
@@ -91,6 +93,8 @@ def run_many(cfgs: list[dict], out_dirs: list[str] | None = None, progress: bool
         for i, (m, r) in enumerate(zip(models, recs)):
             rows.append(r.after_step(m, step, lambda i=i: means[i]))
         if rows[0] is not None:
+            for row, c in zip(rows, cfgs):
+                check_finite(row, c)
             loss_sum.zero_()
             n_loss = 0
             bar.set_postfix(loss=f"{sum(r['train_loss'] for r in rows) / S:.3f}",
@@ -107,7 +111,6 @@ def run_many(cfgs: list[dict], out_dirs: list[str] | None = None, progress: bool
 
 
 if __name__ == "__main__":
-    import sys
     print("modadd/ensemble.py is a library: train several seeds as one batched network with\n"
           "  python -m modadd.sweep --seeds 0-19 --together 20 --root runs/code -- --preset code\n"
           "(see python -m modadd.sweep --help)", file=sys.stdout if "-h" in sys.argv or "--help" in sys.argv

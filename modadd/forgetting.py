@@ -8,24 +8,24 @@ the rest of training, at the end of training, and the forgetting = end of own st
 end of training (mean and std over runs). Mixed-schedule runs of the same length given as
 --control show whether the capacity to solve all m at once is there. Writes
 forgetting.json in the first run's folder (or --out-dir) and forgetting.png in --plots-dir (default
-plots/<that folder's name>); earlier ones stop it unless --force (which removes them first).
+plots/<that folder's name>); earlier ones stop it unless --force (which replaces them).
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import sys
 
 import numpy as np
 
+import safeio
 from cliargs import Parser, add_output_flags
-from modadd.figures import emit, save, stage_files, subplots
-from modadd.runs import load_config
+from modadd.figures import claim, emit, save, stage_files, stage_key, subplots
+from modadd.runs import CURRICULUM_FIELDS, load_config, read_metrics
 from modadd.stats import mean_std
-from training import claim_outputs, TrainingError
+from training import TrainingError
 
 NAME = "forgetting"
+KEY = stage_key(NAME)
 
 
 def outputs(out_dir: str, plots: bool = True, plots_dir: str | None = None) -> list[str]:
@@ -34,13 +34,9 @@ def outputs(out_dir: str, plots: bool = True, plots_dir: str | None = None) -> l
 
 
 def load_metrics(run_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
-    c = load_config(run_dir)
-    path = os.path.join(run_dir, "metrics.csv")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: give a folder written by python -m modadd.train")
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return c, {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
+    """(config, metrics.csv columns) of a run, both checked (runs.load_config, runs.read_metrics)."""
+    c = load_config(run_dir, CURRICULUM_FIELDS)
+    return c, read_metrics(run_dir, c)
 
 
 def stage_ends(c: dict) -> dict[int, int]:
@@ -75,6 +71,10 @@ def analyse(run_dirs: list[str], controls: list[str] | None = None) -> dict:
         raise ValueError("forgetting needs runs trained with --schedule curriculum (give mixed runs as --control)")
     ctrl = [per_run(d) for d in controls or []]
     ms = list(runs[0]["per_m"])
+    for d, r in zip(list(run_dirs[1:]) + list(controls or []), runs[1:] + ctrl):
+        if list(r["per_m"]) != ms or len(r["curve"]["step"]) != len(runs[0]["curve"]["step"]):
+            raise safeio.InputError(f"{d}: its marker range or evaluation steps differ from {run_dirs[0]}'s; "
+                                    f"compare runs of one configuration")
     summary = {}
     for m in ms:
         s = {}
@@ -126,20 +126,18 @@ def build_parser() -> Parser:
     p.add_argument("runs", nargs="+", help="curriculum run folders")
     p.add_argument("--control", nargs="*", default=[], help="mixed-schedule run folders of the same length")
     add_output_flags(p, None, "where forgetting.json goes (default: the first run)")
-    p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
+    p.add_argument("--force", action="store_true",
+                   help="replace this stage's earlier outputs (removed when the new ones are written)")
     return p
 
 
+@safeio.one_line_errors(TrainingError)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    out = args.out_dir or args.runs[0]
-    try:
-        claim_outputs(outputs(out, plots_dir=args.plots_dir), args.force)
-        res = analyse(args.runs, args.control)
-    except (FileNotFoundError, ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir)
+    out = args.runs[0] if args.out_dir is None else args.out_dir
+    claimed = claim(out, NAME, KEY, args.plots_dir, args.no_plot, args.force)
+    res = analyse(args.runs, args.control)
+    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir, claimed)
 
 
 if __name__ == "__main__":

@@ -99,12 +99,40 @@ class ModAddTransformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str) -> "ModAddTransformer":
-        """The model of an export folder (model.safetensors + config.json, from modadd.train --export)."""
+        """The model of an export folder (model.safetensors + config.json, from modadd.train --export). Its
+        model configuration is checked first (types, ranges, a size that fits in memory): one line naming
+        the file and the field, before anything is built."""
+        check_export_config(path)
         return load_exported(path, MODEL_TYPE, cls, ModelConfig)
 
     def attention_matrices(self) -> dict[str, torch.Tensor]:
         return {f"L{i}.{n}": getattr(b.attn, n).weight for i, b in enumerate(self.blocks)
                 for n in ("W_Q", "W_K", "W_V", "W_O")}
+
+
+def check_export_config(path: str) -> None:
+    """The model_config of an export folder's config.json, when it is one of this model's: every field of
+    ModelConfig of the right type and range, and parameters that fit in memory."""
+    import os
+
+    import safeio
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return                                    # load_exported names what is missing
+    c = safeio.read_json(cfg_path, "exported model configuration", kind=dict)
+    mc = c.get("model_config")
+    if c.get("model_type") != MODEL_TYPE or not isinstance(mc, dict):
+        return                                    # load_exported names the other model type
+    safeio.check_dataclass_fields(ModelConfig, mc, f"{cfg_path} model_config")
+    for name, lo, required in (("vocab_size", 1, True), ("T", 1, True), ("n_classes", 1, True), ("d_model", 1, False),
+                               ("n_heads", 1, False), ("n_layers", 1, False), ("d_ff", 1, False)):
+        safeio.check_field(mc, name, int, f"{cfg_path} model_config", lo=lo, hi=2 ** 31 - 1, required=required)
+    cfg = ModelConfig(**mc)
+    if cfg.d_model % cfg.n_heads:
+        raise safeio.InputError(f"{cfg_path} model_config: d_model {cfg.d_model} is not divisible by n_heads "
+                                f"{cfg.n_heads}")
+    safeio.check_fits(4 * 2 * n_parameters(cfg), f"{cfg_path}: a model of {n_parameters(cfg):,} parameters",
+                      "it cannot be loaded on this machine")
 
 
 def set_topk(model: "ModAddTransformer", k: int | None) -> None:

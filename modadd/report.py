@@ -21,27 +21,28 @@ Statistics: per seed the median over commutator pairs (with its 95% bootstrap in
 pairs in report.json), then the mean over seeds with a 95% Student-t interval over seeds,
 the same summary as python sweep.py aggregate gives (statsutil.seed_ci). Writes report.json and
 report.md (the verdict table) into --out-dir, the figures into --plots-dir (default
-plots/modadd_report). Earlier outputs stop it unless --force, which first removes every file it
-can write (also figures this run's data would not give, so none of another run survives).
+plots/modadd_report). Earlier outputs stop it unless --force, which removes every file it can
+write (also figures this run's data would not give, so none of another run survives) once
+everything is read and checked, just before the new files are written.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import glob
-import json
+import math
 import os
 import re
 import sys
 
 import numpy as np
 
+import safeio
 from cliargs import Parser, add_output_flags, default_plots_dir
-from modadd.figures import save, subplots
+from modadd.figures import remove_temporaries, save, stage_key, subplots
+from modadd.runs import REPORT_FIELDS, load_config, read_csv as read_columns, read_metrics
 from modadd.stats import median_ci
 from statsutil import seed_ci, spearman  # seed_ci: the over-seed interval of sweep.py's aggregation
 from modadd import forgetting, trajectory
-from training import claim_outputs, TrainingError
+from training import TrainingError
 
 RHOS = ("final_rho_exec", "final_rho_random", "final_rho_block_matched", "final_rho_exec_blocks",
         "final_rho_random_blocks")
@@ -57,28 +58,105 @@ def outputs(out_dir: str, plots_dir: str | None = None) -> list[str]:
             + [os.path.join(figures, f + ".png") for f in FIGURES])
 
 
+KEY = stage_key("report")
+
+
 def read_csv(path: str) -> dict[str, np.ndarray]:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{path} is empty")
-    return {k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows]) for k in rows[0]}
+    """A numeric CSV as columns (runs.read_csv: one line naming the file, column and row otherwise)."""
+    return read_columns(path)
+
+
+def read_commutators(path: str) -> dict[str, np.ndarray]:
+    """commutators.csv of a run, with the columns the statistics read."""
+    c = read_columns(path, "commutators file")
+    need = ["step", "D", "D_rel"] + (list(RHOS) if "final_rho_exec" in c else [])
+    missing = [k for k in need if k not in c]
+    if missing:
+        raise safeio.InputError(f"commutators file {path} has no {missing[0]} column; train the run again")
+    return c
 
 
 def seed_dirs(root: str) -> list[str]:
-    dirs = sorted((d for d in glob.glob(os.path.join(root, "s*")) if os.path.isdir(d) and re.fullmatch(
-        r"s\d+", os.path.basename(d)) and os.path.exists(os.path.join(d, "metrics.csv"))),
-        key=lambda d: int(os.path.basename(d)[1:]))
+    if not os.path.isdir(root):
+        raise safeio.InputError(f"{root} is not a folder; give a folder written by python -m modadd.sweep")
+    dirs = sorted((os.path.join(root, n) for n in os.listdir(root) if re.fullmatch(r"s[0-9]{1,12}", n)
+                   and os.path.isdir(os.path.join(root, n)) and os.path.exists(os.path.join(root, n, "metrics.csv"))),
+                  key=lambda d: int(os.path.basename(d)[1:]))
     if not dirs:
-        raise FileNotFoundError(f"{root}: no seed runs (s<seed>/metrics.csv); write them with python -m modadd.sweep")
+        raise safeio.InputError(f"{root}: no seed runs (s<seed>/metrics.csv); write them with python -m modadd.sweep")
     return dirs
 
 
 def load_json(path: str) -> dict | None:
+    """A stage's JSON (None when it is not there), read with one-line errors naming the file."""
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return safeio.read_json(path, "stage output", kind=dict)
+
+
+# what the report reads of each stage's JSON: {key: schema} (further keys allowed), ("map", schema): an
+# object with any keys, ("list", schema): a list; NUM: a number or null (a NaN written by safeio), read as NaN
+NUM, INT, STR = "number", "integer", "string"
+STAT = {"mean": NUM, "std": NUM}
+SCHEMAS = {
+    "python -m modadd.trajectory": {"summary": ("map", {"r90": STAT, "effective_rank": STAT, "null_r90_mean": STAT,
+                                                        "null_effective_rank_mean": STAT})},
+    "python -m modadd.alignment": {"summary": ("map", {"adjacent": STAT, "null_adjacent": STAT}),
+                                   "random_subspace_overlap": NUM},
+    "python -m modadd.bubbling": {"per_m": ("map", {"topk_accuracy": {k: NUM for k in ("1", "2", "4", "8", "all")}})},
+    "python -m modadd.sae": {"variable": STR, "layer": INT, "snapshots": ("list", {
+        "step": NUM, "kinds": ("map", {"drop": {k: NUM for k in ("chosen_error_kept", "random_error_kept",
+                                                                 "reconstruction")}, "quality": {"fvu": NUM}})})},
+}
+
+
+def check_layout(obj, schema, where: str):
+    """obj checked against a schema (SCHEMAS), with null numbers read as NaN; one line naming where otherwise."""
+    def bad(what):
+        return safeio.InputError(f"{where}: {what}; it does not have the layout its stage writes (run the stage "
+                                 f"again with --force)")
+
+    def walk(x, sch, at):
+        if sch == NUM:
+            if x is None:
+                return math.nan
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise bad(f"{at or 'the value'} is {x!r:.40}, not a number")
+            return float(x)
+        if sch == INT or sch == STR:
+            if not isinstance(x, int if sch == INT else str) or isinstance(x, bool):
+                raise bad(f"{at} is {x!r:.40}, not an {sch}" if sch == INT else f"{at} is not a string")
+            return x
+        if isinstance(sch, tuple):
+            kind, sub = sch
+            if not isinstance(x, dict if kind == "map" else list) or not x:
+                raise bad(f"{at} is not a non-empty {'object' if kind == 'map' else 'list'}")
+            if kind == "map":
+                return {k: walk(v, sub, f"{at}.{k}") for k, v in x.items()}
+            return [walk(v, sub, f"{at}[{i}]") for i, v in enumerate(x)]
+        if not isinstance(x, dict):
+            raise bad(f"{at or 'the file'} is not an object")
+        missing = [k for k in sch if k not in x]
+        if missing:
+            raise bad(f"{at + '.' if at else ''}{missing[0]} is missing")
+        return {**x, **{k: walk(x[k], sub, f"{at}.{k}" if at else k) for k, sub in sch.items()}}
+    return walk(obj, schema, "")
+
+
+def load_stage(path: str, writer: str) -> dict | None:
+    """A stage's JSON with what the report reads of it checked (None when it is not there)."""
+    obj = load_json(path)
+    if obj is None:
+        return None
+    obj = check_layout(obj, SCHEMAS[writer], path)
+    if writer == "python -m modadd.trajectory" and not all(re.fullmatch(r"L[0-9]{1,6}\.W_[QKVO]", k)
+                                                           for k in obj["summary"]):
+        raise safeio.InputError(f"{path}: its summary keys are not L<layer>.W_<Q|K|V|O>; run {writer} again "
+                                f"with --force")
+    if writer == "python -m modadd.alignment":     # every statistic of a row is a mean +- std
+        for m, r in obj["summary"].items():
+            obj["summary"][m] = {k: check_layout(v, STAT, f"{path} summary.{m}.{k}") for k, v in r.items()}
+    return obj
 
 
 def finite_spearman(a, b) -> float:
@@ -92,6 +170,9 @@ def commutator_stats(runs: list[dict]) -> dict:
     per_seed = []
     for r in runs:
         c, M = r["comm"], r["metrics"]
+        if "train_loss" not in M or len(M["step"]) < 2:
+            raise safeio.InputError(f"{r.get('dir', 'a run')}: its metrics.csv has no train_loss column or fewer than "
+                                    f"two evaluations; train the run again")
         s = {k: float(np.nanmedian(c[k])) for k in ("D", "D_rel", *RHOS) if k in c}
         if "final_rho_exec" in c:
             s["ratio_random"] = float(np.nanmedian(c["final_rho_exec"] / c["final_rho_random"]))
@@ -263,7 +344,7 @@ def verdicts(rep: dict) -> list[dict]:
                               f"below the null, but at {np.mean(r90):.1f} dimensions rather than 2-3")
                   if np.mean(r90) < np.mean(null) - 1 else "no lower than a random walk with the same steps"})
     al = rep.get("alignment")
-    if al:
+    if al and al["summary"]:
         S = al["summary"]
         adj = np.mean([S[m]["adjacent"]["mean"] for m in S])
         nadj = np.mean([S[m]["null_adjacent"]["mean"] for m in S])
@@ -272,7 +353,7 @@ def verdicts(rep: dict) -> list[dict]:
                       "measured": f"overlap of adjacent time windows {adj:.2g}",
                       "null": f"random walk {nadj:.2g}",
                       "verdict": "holds" if adj > 0.5 else "does not hold: the directions turn over during training"})
-        if "seeds" in next(iter(S.values())):
+        if all("seeds" in S[m] for m in S):
             sd = np.mean([S[m]["seeds"]["mean"] for m in S])
             v.append({"finding": "the subspace is shared across seeds (weight space)",
                       "measured": f"overlap between seeds {sd:.2g}",
@@ -334,38 +415,59 @@ def verdicts(rep: dict) -> list[dict]:
 
 
 def load_root(root: str) -> list[dict]:
+    """Every seed run of a sweep folder, each file checked; the seeds must be runs of one configuration."""
     runs = []
     for d in seed_dirs(root):
-        r = {"dir": d, "metrics": read_csv(os.path.join(d, "metrics.csv")), "config": load_json(
-            os.path.join(d, "config.json"))}
+        c = load_config(d, REPORT_FIELDS)
+        r = {"dir": d, "config": c, "metrics": read_metrics(d, c)}
         if os.path.exists(os.path.join(d, "commutators.csv")):
-            r["comm"] = read_csv(os.path.join(d, "commutators.csv"))
-        r["bubbling"] = load_json(os.path.join(d, "bubbling.json"))
-        r["sae"] = load_json(os.path.join(d, "sae.json"))
+            r["comm"] = read_commutators(os.path.join(d, "commutators.csv"))
+        r["bubbling"] = load_stage(os.path.join(d, "bubbling.json"), "python -m modadd.bubbling")
+        r["sae"] = load_stage(os.path.join(d, "sae.json"), "python -m modadd.sae")
         runs.append(r)
+    first = runs[0]
+    for r in runs[1:]:
+        differ = [k for k in REPORT_FIELDS if r["config"][k] != first["config"][k]]
+        if differ or sorted(r["metrics"]) != sorted(first["metrics"]) or \
+                len(r["metrics"]["step"]) != len(first["metrics"]["step"]):
+            raise safeio.InputError(f"{r['dir']}: not a run of the configuration of {first['dir']} ("
+                                    f"{'its ' + differ[0] + ' differs' if differ else 'its metrics.csv differs'}); "
+                                    f"a report covers the seeds of one configuration")
+        if ("comm" in r) != ("comm" in first) or ("comm" in r and (
+                sorted(r["comm"]) != sorted(first["comm"]) or len(r["comm"]["step"]) != len(first["comm"]["step"]))):
+            raise safeio.InputError(f"{r['dir']}: its commutators.csv differs in shape from {first['dir']}'s")
+    for name, get in (("bubbling.json", lambda b: sorted(b["per_m"])),
+                      ("sae.json", lambda s: (len(s["snapshots"]), sorted(s["snapshots"][0]["kinds"]),
+                                              [sorted(x["kinds"]) for x in s["snapshots"]]))):
+        have = [r for r in runs if r[name[:-5]]]
+        if any(get(r[name[:-5]]) != get(have[0][name[:-5]]) for r in have[1:]):
+            raise safeio.InputError(f"the {name} files of {root}'s seeds differ in shape (marker range, snapshots "
+                                    f"or SAE kinds); run that stage again on every seed with --force")
     return runs
 
 
 def build(root: str, out_dir: str, curriculum: str | None = None, mlp: str | None = None,
-          geometry: str | None = None, plot: bool = True, plots_dir: str | None = None) -> dict:
+          geometry: str | None = None, plot: bool = True, plots_dir: str | None = None,
+          claimed: tuple[safeio.Outputs, list[str]] | None = None) -> dict:
+    """Read and check everything, compute the statistics and verdicts, then (and only then) remove the
+    report's earlier outputs (claimed) and write report.json, report.md and the figures."""
     figures = plots_dir or default_plots_dir(out_dir)
+    draws = []          # (draw, its arguments, file name): drawn once everything is computed
 
-    def figure(draw, *a):  # draws into the figures folder; nothing with plot=False
+    def figure(draw, *a):
         if plot:
-            os.makedirs(figures, exist_ok=True)
-            rep["figures"].append(draw(*a[:-1], os.path.join(figures, a[-1])))
+            draws.append((draw, a[:-1], a[-1]))
     runs = load_root(root)
-    os.makedirs(out_dir, exist_ok=True)
     rep = {"root": root, "n_seeds": len(runs), "config": runs[0]["config"], "figures": []}
     fin = {k: seed_ci([r["metrics"][k][-1] for r in runs]) for k in runs[0]["metrics"] if k.startswith("acc_m")}
     rep["final_accuracy"] = fin
     geometry = geometry or root
     rep["geometry_from"] = geometry
-    tp = load_json(os.path.join(geometry, "trajectory_pca.json"))
+    tp = load_stage(os.path.join(geometry, "trajectory_pca.json"), "python -m modadd.trajectory")
     if tp:
         rep["trajectory"] = {"summary": tp["summary"]}
         figure(trajectory.plot, tp, "fig1_intrinsic_dim.png")
-    al = load_json(os.path.join(geometry, "alignment.json"))
+    al = load_stage(os.path.join(geometry, "alignment.json"), "python -m modadd.alignment")
     if al:
         rep["alignment"] = {"summary": al["summary"], "random_subspace_overlap": al["random_subspace_overlap"]}
     bub = [r["bubbling"] for r in runs if r["bubbling"]]
@@ -389,17 +491,23 @@ def build(root: str, out_dir: str, curriculum: str | None = None, mlp: str | Non
         rep["forgetting"] = {"summary": f["summary"], "runs": f["runs"]}
         figure(forgetting.plot, f, "forgetting.png")
     if mlp:
-        m = load_json(os.path.join(mlp, "trajectory_pca.json"))
+        m = load_stage(os.path.join(mlp, "trajectory_pca.json"), "python -m modadd.trajectory")
         if m is None:
-            raise FileNotFoundError(f"{mlp}/trajectory_pca.json not found (run the sweep's trajectory stage)")
+            raise safeio.InputError(f"{mlp}/trajectory_pca.json not found (run the sweep's trajectory stage)")
         rep["mlp_trajectory"] = {"summary": m["summary"]}
-        rep["mlp_final_accuracy"] = {k: seed_ci([r["metrics"][k][-1] for r in load_root(mlp)])
-                                     for k in runs[0]["metrics"] if k.startswith("acc_m")}
+        mlp_runs = load_root(mlp)
+        rep["mlp_final_accuracy"] = {k: seed_ci([r["metrics"][k][-1] for r in mlp_runs]) for k in runs[0]["metrics"]
+                                     if k.startswith("acc_m") and k in mlp_runs[0]["metrics"]}
     rep["verdicts"] = verdicts(rep)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(rep, f, indent=1)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(format_markdown(rep))
+    outputs, earlier = claimed or (safeio.Outputs(KEY, True), [])
+    outputs.remove_earlier(earlier)
+    remove_temporaries(outputs.paths or [])
+    os.makedirs(out_dir, exist_ok=True)
+    for draw, args, name in draws:
+        os.makedirs(figures, exist_ok=True)
+        rep["figures"].append(draw(*args, outputs.target(os.path.join(figures, name))))
+    outputs.write_json(os.path.join(out_dir, "report.json"), rep, indent=1)
+    safeio.write_text(outputs.target(os.path.join(out_dir, "report.md")), format_markdown(rep))
     return rep
 
 
@@ -428,19 +536,22 @@ def build_parser() -> Parser:
                    help="folder with trajectory_pca.json and alignment.json (default ROOT), e.g. from other runs "
                         "of the same configuration whose snapshots are at hand")
     add_output_flags(p, "runs/modadd_report", "where report.json and report.md go")
-    p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
+    p.add_argument("--force", action="store_true",
+                   help="replace this command's earlier outputs (removed when the new ones are written)")
     return p
 
 
+@safeio.one_line_errors(TrainingError)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        claim_outputs(outputs(args.out_dir, args.plots_dir), args.force)
-        rep = build(args.root, args.out_dir, args.curriculum, args.mlp, args.geometry, plot=not args.no_plot,
-                    plots_dir=args.plots_dir)
-    except (FileNotFoundError, ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    paths = outputs(args.out_dir, args.plots_dir)
+    safeio.output_dir(args.out_dir, "--out-dir", create=False)
+    if not args.no_plot:
+        safeio.output_dir(os.path.dirname(paths[-1]), "--plots-dir", create=False)
+    found = safeio.Outputs(KEY, args.force)
+    claimed = (found, found.claim(paths, remove=False))
+    rep = build(args.root, args.out_dir, args.curriculum, args.mlp, args.geometry, plot=not args.no_plot,
+                plots_dir=args.plots_dir, claimed=claimed)
     print(format_markdown(rep))
     print("wrote " + ", ".join(rep["figures"] + [os.path.join(args.out_dir, "report.json"),
                                                   os.path.join(args.out_dir, "report.md")]))

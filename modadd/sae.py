@@ -20,7 +20,7 @@ on held-out sequences per m that neither the SAEs nor the selection saw:
                    x - (z - z_ablated) W_dec, so the SAE's error does not mask the effect
 The effect of the chosen latents is the accuracy drop from the reconstruction beside the
 drop for random latents. Writes sae.json in the run folder (or --out-dir) and sae.png in
---plots-dir (default plots/<run name>); earlier ones stop it unless --force (which removes them first).
+--plots-dir (default plots/<run name>); earlier ones stop it unless --force (which replaces them).
 """
 from __future__ import annotations
 
@@ -32,16 +32,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import safeio
 from cliargs import SEED, Parser, add_output_flags, at_least, non_negative
-from modadd.figures import emit, save, stage_files, subplots
-from modadd.runs import load_config, model_at, snapshot_steps
+from modadd.figures import claim, emit, save, stage_files, stage_key, subplots
+from modadd.runs import check_model_fits, load_config, model_at, snapshot_steps
 from modadd.task import sample
 from modadd.train import pick_device
 from statsutil import pearson
-from training import claim_outputs, TrainingError
+from training import TrainingError
 
 VARIABLES = ("m", "marker", "marked_value", "value_token", "position")
 NAME = "sae"
+KEY = stage_key(NAME)
 
 
 def outputs(out_dir: str, plots: bool = True, plots_dir: str | None = None) -> list[str]:
@@ -227,6 +229,8 @@ def analyse(run_dir: str, *, layer: int | None = None, at=(0.1, 0.25, 0.5, 1.0),
     if variable not in VARIABLES:
         raise ValueError(f"unknown variable {variable!r} ({', '.join(VARIABLES)})")
     c = load_config(run_dir)
+    check_model_fits(c, f"{run_dir}/config.json")
+    check_sizes(c, n_latents, n_train, n_eval)
     layer = c["n_layers"] // 2 if layer is None else layer
     if not 1 <= layer < c["n_layers"]:
         raise ValueError(f"--layer must lie in 1..{c['n_layers'] - 1} (residual after that many blocks; "
@@ -235,7 +239,7 @@ def analyse(run_dir: str, *, layer: int | None = None, at=(0.1, 0.25, 0.5, 1.0),
     idx = sorted({int(round(f * (len(steps) - 1))) for f in at})
     out = {"run": run_dir, "layer": layer, "variable": variable, "n_select": n_select, "n_random": n_random,
            "n_latents": n_latents, "k": k, "l1": l1, "snapshots": []}
-    for i in tqdm(idx, desc="SAE per snapshot", disable=not progress):
+    for i in tqdm(idx, desc="SAE per snapshot", disable=not (progress and sys.stderr.isatty())):
         model, step, task, c = model_at(run_dir, i)
         model.to(pick_device(device))
         r = analyse_snapshot(model, task, c, layer, kinds=kinds, variable=variable, n_select=n_select,
@@ -243,6 +247,17 @@ def analyse(run_dir: str, *, layer: int | None = None, at=(0.1, 0.25, 0.5, 1.0),
                              n_train=n_train, n_eval=n_eval, seed=seed)
         out["snapshots"].append({"step": step, **r})
     return out
+
+
+def check_sizes(c: dict, n_latents: int, n_train: int, n_eval: int, batch: int = 1024) -> None:
+    """One line, before anything is allocated, when the SAEs and their data do not fit in memory:
+    the residuals and codes of every (sequence, position) of the training set (codes also in float64
+    for the correlations), the SAE with its Adam state, and the codes of an evaluation batch."""
+    rows, d = n_train * c["T"], c["d_model"]
+    need = (rows * d * 4 * 2 + rows * n_latents * (4 + 8 * 3) + n_latents * d * 4 * 8
+            + n_eval * c["T"] * (n_latents + d) * 4 * 3 + batch * n_latents * 4 * 4)
+    safeio.check_fits(need, f"SAEs of {n_latents:,} latents on {n_train:,} sequences of {c['T']} tokens",
+                      "use smaller --n-latents / --n-train / --n-eval")
 
 
 def format_table(res: dict) -> str:
@@ -304,7 +319,8 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=SEED, default=0, help="seed of the SAE initialisation and data")
     p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu or cuda")
     add_output_flags(p, None, "where sae.json goes (default: the run folder)")
-    p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
+    p.add_argument("--force", action="store_true",
+                   help="replace this stage's earlier outputs (removed when the new ones are written)")
     return p
 
 
@@ -336,23 +352,20 @@ def check(args) -> str | None:
     return None
 
 
+@safeio.one_line_errors(TrainingError)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     problem = check(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    out = args.out_dir or args.run
-    try:
-        claim_outputs(outputs(out, plots_dir=args.plots_dir), args.force)
-        res = analyse(args.run, layer=args.layer, at=parse_fractions(args.at), kinds=tuple(args.kinds.split(",")),
-                      variable=args.variable, n_select=args.n_select, n_random=args.n_random,
-                      n_latents=args.n_latents, k=args.k, l1=args.l1, sae_steps=args.sae_steps,
-                      n_train=args.n_train, n_eval=args.n_eval, seed=args.seed, device=args.device)
-    except (FileNotFoundError, ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir)
+    out = args.run if args.out_dir is None else args.out_dir
+    claimed = claim(out, NAME, KEY, args.plots_dir, args.no_plot, args.force)
+    res = analyse(args.run, layer=args.layer, at=parse_fractions(args.at), kinds=tuple(args.kinds.split(",")),
+                  variable=args.variable, n_select=args.n_select, n_random=args.n_random,
+                  n_latents=args.n_latents, k=args.k, l1=args.l1, sae_steps=args.sae_steps,
+                  n_train=args.n_train, n_eval=args.n_eval, seed=args.seed, device=args.device)
+    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir, claimed)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,14 @@ Run again on the same ROOT, a sweep picks up where it stopped. A per-seed stage 
 are all there and no older than that seed's model.pt; trajectory and alignment are skipped
 when no seed was trained by this sweep and their outputs in ROOT are all there, no older than
 any seed's model and computed over exactly this sweep's runs. Every other stage runs with
---force, which removes its earlier outputs first. --force-stages reruns them all (e.g. after
-changing --sae-args).
+--force, which replaces its earlier outputs. --force-stages reruns them all (e.g. after
+changing --sae-args). Flags the sweep sets itself (--seed, --out-dir, --force; --export) are
+refused after `--` and in --sae-args; sizes are checked before any seed trains.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import queue
 import subprocess
@@ -32,12 +32,13 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import safeio
 from cliargs import NO_PLOT_HELP, Parser, at_least, default_plots_dir
 from sweep import parse_seeds, slot_env, visible_gpus  # one seed-list parser for both launchers
 from modadd import sae, train
 from modadd.ensemble import run_many
 from modadd.train import outputs, stage_outputs as run_stage_outputs
-from training import claim_outputs
+from training import TrainingError, run_lock
 
 PER_RUN = ("bubbling", "sae")
 ALL_RUNS = ("trajectory", "alignment")
@@ -91,11 +92,11 @@ def is_done(paths: list[str], models: list[str]) -> bool:
 
 
 def covers(json_path: str, runs: list[str]) -> bool:
-    """A joint stage's JSON was computed over exactly these run folders."""
+    """A joint stage's JSON was computed over exactly these run folders (a file that cannot be read
+    does not count: the stage then runs again, with --force, and replaces it)."""
     try:
-        with open(json_path) as f:
-            done = json.load(f).get("runs")
-    except (OSError, ValueError, AttributeError):
+        done = safeio.read_json(json_path, "stage output", kind=dict).get("runs")
+    except safeio.InputError:
         return False
     return isinstance(done, list) and [os.path.normpath(str(r)) for r in done] == [os.path.normpath(r) for r in runs]
 
@@ -115,8 +116,8 @@ def train_together(train_args: list[str], seeds: list[int], dirs: dict, group: i
             print(f"  seeds {chunk[0]}-{chunk[-1]} together: ok in {time.perf_counter() - t:.0f} s "
                   f"(accuracy per m: {acc})", flush=True)
             rcs.update({f"seed {s}": 0 for s in chunk})
-        except (ValueError, RuntimeError) as e:
-            print(f"  seeds {chunk[0]}-{chunk[-1]} together: FAILED ({e})", flush=True)
+        except (ValueError, RuntimeError, OSError, MemoryError) as e:
+            print(f"  seeds {chunk[0]}-{chunk[-1]} together: FAILED ({safeio.first_line(e)})", flush=True)
             rcs.update({f"seed {s}": 1 for s in chunk})
     return rcs
 
@@ -147,45 +148,62 @@ def build_parser() -> Parser:
     return p
 
 
+OWN_TRAIN_FLAGS = ("--seed", "--out-dir", "--force", "--export", "--from-run")   # the sweep sets or forbids them
+OWN_SAE_FLAGS = ("--out-dir", "--plots-dir", "--force", "--no-plot")
+
+
 def check_passed_flags(train_args: list[str], sae_args: list[str]) -> None:
     """Parse the flags meant for modadd.train and modadd.sae now, so that a bad value stops the
-    sweep at once (one line, exit status 2) instead of failing every seed's process later."""
+    sweep at once (one line, exit status 2) instead of failing every seed's process later. The
+    flags the sweep sets itself (also as --flag=value or a prefix argparse would accept) are refused."""
+    for args, flags, where in ((train_args, OWN_TRAIN_FLAGS, "the flags after --"),
+                               (sae_args, OWN_SAE_FLAGS, "--sae-args")):
+        for a in args:
+            name = a.split("=", 1)[0]
+            own = [f for f in flags if name.startswith("--") and len(name) > 2 and f.startswith(name)]
+            if own:
+                raise safeio.InputError(f"the sweep sets {own[0]} itself for each seed (--seed, --out-dir ROOT/s<seed>, "
+                                        f"...); leave {a!r:.40} out of {where}")
     tp = train.build_parser()
-    problem = train.check(train.resolve(tp.parse_args(train_args)))
+    cfg = train.resolve(tp.parse_args(train_args))
+    problem = train.check(cfg)
     if problem:
         tp.error(problem)
+    train.check_sizes(cfg)
     sp = sae.build_parser()
-    problem = sae.check(sp.parse_args(["RUN", *sae_args]))
+    sargs = sp.parse_args(["RUN", *sae_args])
+    problem = sae.check(sargs)
     if problem:
         sp.error(problem)
+    if sae_args:
+        sae.check_sizes(cfg, sargs.n_latents, sargs.n_train, sargs.n_eval)
 
 
+@safeio.one_line_errors(TrainingError)
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(own)
-    try:
-        seeds = parse_seeds(args.seeds)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    seeds = parse_seeds(args.seeds, "--seeds")
     stages = [] if args.stages == "none" else args.stages.split(",")
     bad = [s for s in stages if s not in PER_RUN + ALL_RUNS]
-    if bad or any(a in ("--seed", "--out-dir") for a in train_args):
-        print(f"error: unknown stage(s) {bad}" if bad else "error: the sweep sets --seed and --out-dir itself",
-              file=sys.stderr)
-        return 2
+    if bad:
+        raise safeio.InputError(f"unknown stage(s) {bad}; choose among {', '.join(PER_RUN + ALL_RUNS)}, or none")
     check_passed_flags(train_args, args.sae_args.split() if "sae" in stages else [])
-    os.makedirs(args.root, exist_ok=True)
-    py = sys.executable
     gpus = visible_gpus(args.gpus) if args.together == 0 else []
+    safeio.output_dir(args.root, "--out-dir", create=False)
+    if args.plots_dir and not args.no_plot:
+        safeio.output_dir(args.plots_dir, "--plots-dir", create=False)
+    os.makedirs(args.root, exist_ok=True)
+    run_lock(args.root)             # one sweep per root: two would train the same seeds into the same folders
+    py = sys.executable
     dirs = {s: os.path.join(args.root, f"s{s}") for s in seeds}
     todo = [s for s in seeds if not os.path.exists(os.path.join(dirs[s], "model.pt"))]
     print(f"training {len(todo)} of {len(seeds)} seeds ({args.jobs} at once): modadd.train {' '.join(train_args)}")
     if args.together > 0:
         for s in todo:  # what modadd.train --force removes: leftovers of a run that did not finish
-            claim_outputs(outputs(dirs[s]) + run_stage_outputs(dirs[s]), force=True)
+            safeio.Outputs(train.KEY, True).claim(outputs(dirs[s]) + run_stage_outputs(dirs[s]))
         rcs = train_together(train_args, todo, dirs, args.together)
     else:
         rcs = run_parallel([(f"seed {s}", [py, "-m", "modadd.train", *train_args, "--seed", str(s), "--out-dir",

@@ -17,12 +17,16 @@ random subspace of the same size; final_*: rho onto the execution subspace of th
 trajectory beside random live-coordinate and block-matched baselines, and per-block).
 Training, evaluation and measurement draw from separate random streams, so measuring
 never changes training (tested: the same final weights with and without commutators).
+
+Every file is written atomically, model.pt last: a folder without model.pt holds an unfinished
+run (a kill while training or writing), which a rerun refuses without --force. A folder holding
+any file the run writes, or an analysis stage's output, needs --force, which replaces exactly
+those files once the new run is ready to be written. Sizes are checked against the memory
+there is before anything is allocated, and a loss that turns NaN stops the run with one line.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 import time
@@ -31,12 +35,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import safeio
 from cliargs import SEED, Parser, at_least, positive, resolve_device
+from modadd.figures import remove_temporaries
 from modadd.geometry import commutator, execution_basis, project_commutators, random_basis, rho
-from modadd.model import MODEL_TYPE, accuracy, ModAddTransformer, ModelConfig, readout_entropy
+from modadd.model import MODEL_TYPE, accuracy, ModAddTransformer, ModelConfig, n_parameters, readout_entropy
 from modadd.task import TaskConfig, batch_for, m_schedule, sample
 from modadd.runs import load_run
-from training import check_export_target, claim_outputs, export_model, TrainingError
+from training import check_export_target, export_model, run_lock, TrainingError
+
+KEY = "python -m modadd.train"     # what a run records it wrote in its folder (safeio.Outputs)
 
 PRESETS = {
     "code": dict(T=16, C=8, m_min=1, m_max=4, n_layers=5, d_model=128, n_heads=4, optimizer="adamw", lr=3e-4,
@@ -84,8 +92,8 @@ def build_parser() -> Parser:
     p.add_argument("--from-run", default=None, metavar="RUN",
                    help="with --export: export the model.pt of this finished run folder; nothing is trained")
     p.add_argument("--force", action="store_true",
-                   help="train into an --out-dir that already holds a run (its files and the stages' outputs "
-                        "there are removed first)")
+                   help="train into an --out-dir that already holds a run, or an unfinished one (its files and "
+                        "the stages' outputs there are removed once the new run is ready to be written)")
     return p
 
 
@@ -118,9 +126,41 @@ def check(cfg: dict) -> str | None:
     return None
 
 
+def memory_needed(cfg: dict) -> int:
+    """Bytes a run of cfg keeps at its peak, roughly: the model with its gradients and Adam state,
+    every snapshot of every parameter (kept until the run is written), activations of a training
+    batch and of the evaluation sets (attention is batch x heads x T x T per layer), and, with
+    commutators, a float64 copy of the model, its gradients and the attention trajectory.
+    Computed in Python integers from the sizes alone: nothing is allocated."""
+    P = n_parameters(ModelConfig.from_dict(cfg, TaskConfig.from_dict(cfg)))
+    d, T, L, h, B = cfg["d_model"], cfg["T"], cfg["n_layers"], cfg["n_heads"], cfg["batch_size"]
+    A = L * 4 * d * d
+    n_snap = cfg["steps"] // cfg["snapshot_every"] + 1
+    n_comm = cfg["steps"] // cfg["commutator_every"] if cfg["commutator_every"] else 0
+    E = max(cfg["eval_size"], 256, B)
+    act = T * (d * L * 10 + (cfg["d_ff"] * L * 3 if cfg["mlp"] else 0)) + h * T * T * L * 3
+    need = 4 * P * 4 + 4 * P * n_snap * 2 + 4 * B * act + 4 * E * h * T * T * 3 + 4 * 256 * h * T * T * L
+    need += 8 * cfg["eval_size"] * T * (cfg["m_max"] - cfg["m_min"] + 1)
+    if n_comm:
+        need += 8 * P * 8 + 8 * A * n_snap * 2 + 4 * A * n_comm * 3 + 8 * B * act * 2
+    return need
+
+
+def check_sizes(cfg: dict) -> None:
+    """One line (InputError) before anything is allocated when the run cannot fit in memory."""
+    safeio.check_fits(memory_needed(cfg), "this run (model, snapshots, activations)",
+                      "use smaller --d-model / --n-layers / --T / --C / --n-noise / --d-ff / --batch-size / "
+                      "--eval-size, or fewer snapshots (a larger --snapshot-every or fewer --steps)")
+
+
 def pick_device(name: str) -> torch.device:
-    """cliargs.resolve_device as a torch.device (a ValueError without the CUDA device asked for)."""
-    return torch.device(resolve_device(name))
+    """cliargs.resolve_device as a torch.device (a ValueError without the CUDA device asked for, or for a
+    name torch does not know)."""
+    dev = resolve_device(name)
+    try:
+        return torch.device(dev)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {name!r:.40}: use auto, cpu, cuda or cuda:N") from None
 
 
 class Recorder:
@@ -239,7 +279,9 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = True, device: st
         acc["n"] = 0
         return v
 
-    bar = tqdm(range(1, cfg["steps"] + 1), desc="training", disable=not progress, mininterval=2)
+    # a progress bar on a terminal only: in a log or a pipe, stderr holds the one line of an error
+    bar = tqdm(range(1, cfg["steps"] + 1), desc="training", disable=not (progress and sys.stderr.isatty()),
+               mininterval=2)
     for step in bar:
         x, y, _, _ = batch_for(task, rec.rule(step - 1), cfg["batch_size"], data_gen)
         loss = F.cross_entropy(model(x.to(dev, non_blocking=True)), y.to(dev, non_blocking=True))
@@ -250,11 +292,19 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = True, device: st
         acc["n"] += 1
         row = rec.after_step(model, step, mean_loss)
         if row:
+            check_finite(row, cfg)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=" ".join(f"{row[f'acc_m{m}']:.2f}" for m in rec.evals))
     res = rec.result(model.cpu(), time.perf_counter() - t0, dev)
     if out_dir:
         write(res, out_dir)
     return res
+
+
+def check_finite(row: dict, cfg: dict) -> None:
+    """A NaN or infinite training loss stops the run with one line (its outputs would be NaN throughout)."""
+    if not np.isfinite(row["train_loss"]):
+        raise safeio.InputError(f"training diverged: the training loss is {row['train_loss']} at step {row['step']} "
+                                f"(seed {cfg['seed']}, lr {cfg['lr']}); lower --lr")
 
 
 def flat_attention(snaps: dict[str, list]) -> np.ndarray:
@@ -309,23 +359,24 @@ def measure_commutator(model, task, rule, cfg, gen, snaps, rng_np) -> tuple[dict
     return out, delta.astype(np.float32)
 
 
-def write(res: dict, out_dir: str) -> None:
+def write(res: dict, out_dir: str, outputs: safeio.Outputs | None = None) -> None:
+    """Every file of a run, each atomically (safeio), recorded under the command's key; model.pt last,
+    so a folder with a model.pt holds a whole run and one without it an unfinished one (a kill while
+    writing), which modadd.sweep trains again and modadd.train refuses to touch without --force."""
+    target = (outputs or safeio.Outputs(KEY, True)).target
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({**res["config"], "n_parameters": res["n_parameters"], "seconds": res["seconds"],
-                   "measurement_seconds": res["measurement_seconds"], "device": res.get("device", "cpu")}, f,
-                  indent=2)
+    safeio.write_json(target(os.path.join(out_dir, "config.json")),
+                      {**res["config"], "n_parameters": res["n_parameters"], "seconds": res["seconds"],
+                       "measurement_seconds": res["measurement_seconds"], "device": res.get("device", "cpu")})
     for name, rows in (("metrics.csv", res["metrics"]), ("commutators.csv", res["commutators"])):
         if rows:
             keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k))
-            with open(os.path.join(out_dir, name), "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                w.writerows(rows)
-    np.savez(os.path.join(out_dir, "snapshots.npz"), steps=res["snapshot_steps"],
-             **{k.replace(".", "_"): v for k, v in res["snapshots"].items()},
-             **{"rest." + k: v for k, v in res["rest_snapshots"].items()})
-    torch.save({"config": res["config"], "model": res["model"].state_dict()}, os.path.join(out_dir, "model.pt"))
+            safeio.write_csv(target(os.path.join(out_dir, name)), keys, rows)
+    safeio.save_npz(target(os.path.join(out_dir, "snapshots.npz")), steps=res["snapshot_steps"],
+                    **{k.replace(".", "_"): v for k, v in res["snapshots"].items()},
+                    **{"rest." + k: v for k, v in res["rest_snapshots"].items()})
+    with safeio.atomic_path(target(os.path.join(out_dir, "model.pt"))) as tmp:
+        torch.save({"config": res["config"], "model": res["model"].state_dict()}, tmp)
 
 
 OUTPUTS = ("config.json", "metrics.csv", "commutators.csv", "snapshots.npz", "model.pt")   # what write() writes
@@ -339,10 +390,12 @@ def outputs(out_dir: str) -> list[str]:
 
 def stage_outputs(out_dir: str) -> list[str]:
     """Every file the analysis stages can write in a run folder (each stage's outputs(), the one
-    list it claims itself): a model trained again makes them describe another model. Imported
-    here, not at the top, as the stages import this module."""
+    list it claims itself, and what each recorded there): a model trained again makes them describe
+    another model. Imported here, not at the top, as the stages import this module."""
     import importlib
-    return [p for s in STAGES for p in importlib.import_module(f"modadd.{s}").outputs(out_dir)]
+    declared = [p for s in STAGES for p in importlib.import_module(f"modadd.{s}").outputs(out_dir)]
+    recorded = [p for s in STAGES for p in safeio.recorded(f"python -m modadd.{s}", out_dir)]
+    return list(dict.fromkeys(declared + recorded))
 
 
 def export(model, config: dict, out_dir: str, force: bool) -> list[str]:
@@ -352,40 +405,62 @@ def export(model, config: dict, out_dir: str, force: bool) -> list[str]:
     return export_model(model, MODEL_TYPE, asdict(model.cfg), out_dir, force, data=config)
 
 
+def claim_run(out: str, force: bool) -> tuple[safeio.Outputs, list[str]]:
+    """Before any work: --out-dir can be written, and it holds nothing this run would replace (a run,
+    an unfinished one, the stages' outputs of one) unless force. Returns the claim and the files it
+    found, removed only once the new run is ready to be written (a failed run leaves the old one whole)."""
+    safeio.output_dir(out, "--out-dir", create=False)
+    mine = [os.path.join(out, f) for f in OUTPUTS]
+    if not force and os.path.isfile(mine[-1]):
+        raise safeio.OutputsExist(f"{out} already holds a run; pass --force to overwrite it or choose another "
+                                  f"--out-dir")
+    if not force and any(os.path.exists(p) for p in mine):
+        raise safeio.OutputsExist(f"{out} holds an unfinished run (no model.pt: it was stopped while training or "
+                                  f"writing); pass --force to train it again, or choose another --out-dir")
+    outputs = safeio.Outputs(KEY, force)
+    return outputs, outputs.claim(mine + stage_outputs(out), remove=False)
+
+
+@safeio.one_line_errors(TrainingError)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_run and not args.export:
-        print("error: --from-run exports a run: give --export DIR too", file=sys.stderr)
-        return 2
-    try:
+        raise safeio.InputError("--from-run exports a run: give --export DIR too")
+    if args.export:
+        safeio.output_dir(args.export, "--export", create=False)
         check_export_target(args.export, args.force)
-        if args.from_run:
-            model, _, config = load_run(args.from_run)
-            print("wrote " + ", ".join(export(model, config, args.export, args.force)))
-            return 0
-    except (TrainingError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.from_run:
+        if os.path.realpath(args.export) == os.path.realpath(args.from_run):
+            raise safeio.InputError("--export names the run folder (--from-run): the export's config.json would "
+                                    "replace the run's; give the export a folder of its own")
+        model, _, config = load_run(args.from_run)
+        print("wrote " + ", ".join(export(model, config, args.export, args.force)))
+        return 0
     cfg = resolve(args)
     problem = check(cfg)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    out = args.out_dir or f"runs/modadd_{args.preset}_s{args.seed}"
-    if os.path.exists(os.path.join(out, "config.json")) and not args.force:
-        print(f"error: {out} already holds a run; pass --force to overwrite it or choose another --out-dir",
-              file=sys.stderr)
-        return 2
-    try:
-        res = run(cfg, None, device=args.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.force:
-        # only now, so that a run that fails leaves the old one whole: the old run's files (also one
-        # this run does not write) and its stages' outputs would describe another model
-        claim_outputs(outputs(out) + stage_outputs(out), force=True)
-    write(res, out)
+        raise safeio.InputError(problem)
+    check_sizes(cfg)
+    pick_device(args.device)
+    out = f"runs/modadd_{args.preset}_s{args.seed}" if args.out_dir is None else args.out_dir
+    if args.export and os.path.realpath(args.export) == os.path.realpath(out):
+        raise safeio.InputError("--export names the run folder (--out-dir): the export's config.json would replace "
+                                "the run's; give the export a folder of its own")
+    outputs, earlier = claim_run(out, args.force)
+    if os.path.isdir(out):
+        run_lock(out)                  # another run writing this folder stops this one before it trains
+    res = run(cfg, None, device=args.device)
+    os.makedirs(out, exist_ok=True)
+    run_lock(out)                      # one writer per folder; then what appeared while this run trained
+    now = outputs.earlier(outputs.paths)
+    if not args.force and now:
+        raise safeio.OutputsExist(f"{now[0]} appeared while this run trained (another run writes {out}?); nothing "
+                                  f"was written; choose another --out-dir or pass --force")
+    # only now: the old run's files (also one this run does not write, e.g. commutators.csv) and its
+    # stages' outputs would describe another model
+    outputs.remove_earlier(list(dict.fromkeys(earlier + now)))
+    remove_temporaries(outputs.paths + [os.path.join(out, safeio.MANIFEST)])   # a killed writer's, of these names
+    write(res, out, outputs)
     f = res["final"]
     print(f"{res['n_parameters']:,} parameters ({'standard' if cfg['mlp'] else 'attention-only'}); "
           f"{cfg['steps']} steps in {res['seconds']:.0f} s ({res['measurement_seconds']:.0f} s measuring)")

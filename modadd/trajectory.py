@@ -7,7 +7,7 @@ For every layer and matrix (W_Q, W_K, W_V, W_O) of each run: r90 (principal comp
 random walks with the run's step sizes in random directions. With several runs (seeds), the
 table gives the mean and standard deviation over runs. Writes trajectory_pca.json in
 the first run's folder (or --out-dir) and trajectory_pca.png in --plots-dir (default plots/<that
-folder's name>); earlier ones stop it unless --force (which removes them first).
+folder's name>); earlier ones stop it unless --force (which replaces them).
 """
 from __future__ import annotations
 
@@ -15,14 +15,16 @@ import sys
 
 import numpy as np
 
+import safeio
 from cliargs import SEED, Parser, add_output_flags, at_least
-from modadd.figures import emit, save, stage_files, subplots
+from modadd.figures import claim, emit, save, stage_files, stage_key, subplots
 from modadd.geometry import trajectory_pca
 from modadd.runs import MATS, load_snapshots
 from modadd.stats import mean_std
-from training import claim_outputs, TrainingError
+from training import TrainingError
 
 NAME = "trajectory_pca"
+KEY = stage_key("trajectory")
 
 
 def outputs(out_dir: str, plots: bool = True, plots_dir: str | None = None) -> list[str]:
@@ -35,6 +37,8 @@ def analyse(run_dirs: list[str], n_null: int = 20, seed: int = 0) -> dict:
     per_run = []
     for d in run_dirs:
         snaps = load_snapshots(d)
+        if per_run and sorted(f"L{l}.{m}" for l, m in snaps) != sorted(per_run[0]):
+            raise safeio.InputError(f"{d}: its attention blocks differ from {run_dirs[0]}'s")
         per_run.append({f"L{l}.{m}": trajectory_pca(t, rng, n_null) for (l, m), t in sorted(snaps.items())})
     keys = list(per_run[0])
     summary = {}
@@ -81,20 +85,18 @@ def build_parser() -> Parser:
     p.add_argument("--n-null", type=at_least(1), default=20, help="random walks per block")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the random-walk null")
     add_output_flags(p, None, "where trajectory_pca.json goes (default: the first run)")
-    p.add_argument("--force", action="store_true", help="replace this stage's earlier outputs (removed first)")
+    p.add_argument("--force", action="store_true",
+                   help="replace this stage's earlier outputs (removed when the new ones are written)")
     return p
 
 
+@safeio.one_line_errors(TrainingError)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    out = args.out_dir or args.runs[0]
-    try:
-        claim_outputs(outputs(out, plots_dir=args.plots_dir), args.force)
-        res = analyse(args.runs, args.n_null, args.seed)
-    except (FileNotFoundError, ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir)
+    out = args.runs[0] if args.out_dir is None else args.out_dir
+    claimed = claim(out, NAME, KEY, args.plots_dir, args.no_plot, args.force)
+    res = analyse(args.runs, args.n_null, args.seed)
+    return emit(res, out, NAME, format_table, plot, args.no_plot, args.plots_dir, claimed)
 
 
 if __name__ == "__main__":

@@ -58,46 +58,6 @@ def check_output_dirs(args) -> None:
         safeio.output_dir(cliargs.plots_dir(args), "--plots-dir", create=False)
 
 
-def _writer_alive(name: str, base: str) -> bool:
-    """Whether the process that made the temporary file `name` (safeio's .<base>.<pid><6 hex>.tmp)
-    is still running."""
-    mid = name[len(base) + 2:-len(".tmp")]
-    pid = mid[:-6]
-    if not pid.isdigit():
-        return True                                   # not one of ours: leave it
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(paths: list[str]) -> list[str]:
-    """The temporary files a killed writer of paths left beside them (safeio's hidden ones whose
-    process is gone, and save_figure's <name>.tmp.png): removed, so a rerun starts clean."""
-    gone = []
-    for p in paths:
-        folder, base = os.path.split(os.path.abspath(p))
-        if not os.path.isdir(folder):
-            continue
-        root, ext = os.path.splitext(p)
-        cands = [f"{root}.tmp{ext}"] if ext == FIGURE_SUFFIX else []
-        for name in os.listdir(folder):
-            if (safeio.is_temporary(name) and name.startswith(f".{base[:200]}.")
-                    and not _writer_alive(name, base[:200])):
-                cands.append(os.path.join(folder, name))
-        for c in cands:
-            if os.path.isfile(c) and not os.path.islink(c):
-                try:
-                    os.remove(c)
-                    gone.append(c)
-                except OSError:
-                    pass
-    return gone
-
-
 class StageOutputs:
     """The files of one stage for one name (a model's tag, or two models' for a projection):
     <prefix>_<tag>.json and _stability.csv in --out-dir, <prefix>_<tag>.png in --plots-dir, claimed
@@ -115,7 +75,7 @@ class StageOutputs:
         earlier ones are removed by replace_earlier, once the new results are computed. Temporary
         files a killed run left beside these outputs are removed once the claim holds."""
         self.found = self.outputs.claim(self.paths, remove=False)
-        remove_stale_temporaries(self.paths)
+        safeio.remove_stale_temporaries(self.paths)
 
     def replace_earlier(self) -> None:
         if self.found:

@@ -452,10 +452,10 @@ def test_sweep_and_report(tmp_path):
     out, figs = tmp_path / "report", tmp_path / "figures"
     assert report([root, "--curriculum", cur, "--out-dir", str(out), "--plots-dir", str(figs)]) == 0
     rep = json.load(open(out / "report.json"))
-    assert sorted(os.listdir(figs)) == [f"{f}.png" for f in ("fig1_intrinsic_dim", "fig2_entropy_bubbling",
+    assert sorted(n for n in os.listdir(figs) if not n.startswith(".")) == [f"{f}.png" for f in ("fig1_intrinsic_dim", "fig2_entropy_bubbling",
                                                              "fig3_commutator_raw", "fig4_comm_ratio",
                                                              "fig5_comm_decomposition", "forgetting")]
-    assert sorted(os.listdir(out)) == ["report.json", "report.md"]
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["report.json", "report.md"]
     medians = [np.median([float(r["D"]) for r in csv.DictReader(open(tmp_path / "code" / f"s{s}" / "commutators.csv"))])
                for s in (0, 1)]
     assert np.isclose(rep["commutators"]["summary"]["D"]["mean"], np.mean(medians))

@@ -54,8 +54,9 @@ def planted_curriculum(folder, drop: float):
 
 
 def files(folder) -> dict:
-    """Every file below folder (relative path -> bytes)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file below folder (relative path -> bytes), safeio's record of what each command wrote aside."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (".outputs.json", ".outputs.lock")}
 
 
 # stage -> (its outputs in the folder it writes to, as the stage's docs name them; argv for a cheap run;
