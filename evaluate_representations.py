@@ -368,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lb", action="store_true", help="skip Levina-Bickel (the slowest metric)")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP grid")
     p.add_argument("--control", action="store_true", help="also analyse the same architecture at random init")
+    p.add_argument("--control-seed", type=SEED, default=None,
+                   help="seed of the random-init control (default: the checkpoint's training seed, so that runs "
+                        "with different seeds get different controls)")
     p.add_argument("--probe-train-frac", type=between(0, 1, open_lo=True, open_hi=True), default=0.7,
                    help="probes train on this early share of the series")
     p.add_argument("--batch-size", type=at_least(1), default=32, help="windows per forward pass")
@@ -462,7 +465,10 @@ def run(args) -> int:
                                                       **geometry)
     control = None
     if args.control:
-        torch.manual_seed(args.seed)
+        # the control of each run is its own random init: seeded by the training seed of the checkpoint (so
+        # the controls of runs with different seeds are different draws), or by --control-seed
+        cseed = args.control_seed if args.control_seed is not None else int(ckpt.get("args", {}).get("seed", 0))
+        torch.manual_seed(cseed)
         fresh = type(model)(model.cfg).to(device)
         control = analyse(fresh, series, layers, args, device, desc="random init", known=known, **geometry)[0]
     t_metrics = time.perf_counter() - t_start

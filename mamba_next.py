@@ -537,6 +537,12 @@ def score_generation(args, series, gen: np.ndarray, start: int, end: int, known:
         report["process"] = {"generated": oracle.process_statistics(chain, gen, dm, ds_)}
         if known >= 2:
             report["process"]["true_continuation"] = oracle.process_statistics(chain, truth, dm, ds_)
+        # the sampling noise of these statistics at this length: a draw of the process itself, as long as
+        # the generation (draw index 10**6 + seed: never a training epoch's draw), decoded the same way
+        from circles import Process, fresh_draw
+        draw = fresh_draw(Process.from_series(series), int(series.config.get("seed", 0)), 10 ** 6 + args.seed,
+                          args.gen_len)
+        report["process"]["process_draw"] = oracle.process_statistics(chain, draw["X"], dm, ds_)
     decoded = None
     if series.has_labels and "planes" in series.extra and "radii" in series.extra:
         decoded = nearest_circle(gen, series.extra["planes"], series.extra["radii"])
