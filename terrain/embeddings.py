@@ -339,7 +339,7 @@ def plot(res: dict, path: str) -> str:
 def build_parser() -> Parser:
     p = Parser(prog="python -m terrain.embeddings", description="Embedding-matrix geometry beside nulls.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
-                   help="model names or local folders (see terrain/models.py; default: the offline MiniLM)")
+                   help="model names, local folders or .gguf files (see terrain/models.py): minilm = the offline all-MiniLM-L6-v2 (default), smollm2 = SmolLM2-135M-Instruct after `make models`")
     p.add_argument("--n-simplices", type=at_least(2), default=4000,
                    help="4-simplices sampled for the volume CV (a spread needs at least 2)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the sampled items and the nulls")

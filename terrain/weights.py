@@ -42,6 +42,7 @@ import safeio
 from cliargs import SEED, Parser, at_least, int_between
 from terrain import linalg as LA
 from terrain import metrics as M
+from terrain import quant as Q
 from plotting import save_figure
 from terrain.cli import add_device_flag, add_output_flags, model_tag, progress, resolve_device, run_for_models
 from terrain.checkpoint import open_source
@@ -58,27 +59,38 @@ MC_MAX_ENTRIES = 1 << 20  # --null auto: Monte Carlo up to this many entries, th
 
 # ----------------------------------------------------------------------------- per matrix
 
+def null_summary(nulls: list[np.ndarray], side: str, device: str, method: str) -> dict:
+    """The matrix statistics averaged over null matrices (spectra, Hoyer and the small-value shares)."""
+    ns = [LA.spectrum_and_subspace(R, 0, side, device)[0] for R in nulls]
+    sp = [M.sparsity(R) for R in nulls]  # one pass per null matrix gives Hoyer and the small-value shares
+    out = {"stable_rank": float(np.mean([M.stable_rank(x) for x in ns])),
+           "participation_ratio_sigma2": float(np.mean([M.participation_ratio(x ** 2) for x in ns])),
+           "entropy_effective_rank": float(np.mean([M.entropy_effective_rank(x) for x in ns]))}
+    for k in sp[0]:
+        out[k] = float(np.mean([x[k] for x in sp]))
+    out["method"] = method
+    return out
+
+
 def matrix_stats(W: np.ndarray, rng: np.random.Generator, n_null: int, null: str = "auto", r: int = 0,
-                 side: str = "in", device: str = "cpu") -> tuple[dict, np.ndarray | None]:
+                 side: str = "in", device: str = "cpu", quant: str | None = None) -> tuple[dict, np.ndarray | None]:
     """Spectral and sparsity statistics of W beside its Gaussian null, and the top-r singular
-    subspace on `side` (for the cross-layer overlaps)."""
+    subspace on `side` (for the cross-layer overlaps). quant: W's quantisation type (a GGUF file,
+    or --quantize): then also beside Gaussian matrices passed through the same quantisation."""
     s, U, method = LA.spectrum_and_subspace(W, min(r, *W.shape), side, device)
     out = M.spectral_summary_of(s)
     out.update(M.sparsity(W))
     if null == "monte-carlo" or (null == "auto" and W.size <= MC_MAX_ENTRIES and n_null > 0):
-        nulls = [M.random_like(W, rng) for _ in range(n_null)]
-        ns = [LA.spectrum_and_subspace(R, 0, side, device)[0] for R in nulls]
-        sp = [M.sparsity(R) for R in nulls]  # one pass per null matrix gives Hoyer and the RMS share
-        out["null"] = {
-            "stable_rank": float(np.mean([M.stable_rank(x) for x in ns])),
-            "participation_ratio_sigma2": float(np.mean([M.participation_ratio(x ** 2) for x in ns])),
-            "entropy_effective_rank": float(np.mean([M.entropy_effective_rank(x) for x in ns])),
-            "hoyer": float(np.mean([x["hoyer"] for x in sp])),
-            "frac_below_0.1_rms": float(np.mean([x["frac_below_0.1_rms"] for x in sp])),
-            "method": f"monte-carlo ({n_null})",
-        }
+        out["null"] = null_summary([M.random_like(W, rng) for _ in range(n_null)], side, device,
+                                   f"monte-carlo ({n_null})")
     else:
         out["null"] = LA.analytic_matrix_null(W.shape)
+    if quant and quant not in Q.FLOAT_TYPES:
+        out["quantization"] = quant
+        qn = Q.quantized_nulls(W, quant, rng, max(1, min(n_null, 3)))
+        out["quant_null"] = (null_summary(qn, side, device, f"Gaussian through {quant}, monte-carlo ({len(qn)})")
+                             if qn is not None else {"method": f"none: the gguf package cannot quantise to {quant} "
+                                                                f"rows of {W.shape[-1]}"})
     out["shape"] = list(W.shape)
     out["sigma_top"] = s[:8].tolist()
     out["spectrum_method"] = method
@@ -261,13 +273,17 @@ def census(entries: dict[str, tuple], config=None, skip=()) -> dict:
 
 
 def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int = 32, device: str = "cpu",
-            null: str = "auto", source=None, config=None, show_progress: bool = True) -> dict:
+            null: str = "auto", source=None, config=None, show_progress: bool = True,
+            quantize: str | None = None) -> dict:
     """The weight battery of one model, streamed: matrices are read one at a time from the
     checkpoint (or from `source`, a reader such as terrain.checkpoint.ModuleWeights), reduced to
-    their statistics and dropped, so memory is a few matrices whatever the model's size."""
+    their statistics and dropped, so memory is a few matrices whatever the model's size.
+    quantize: pass every matrix through this GGUF quantisation type on reading (terrain.quant)."""
     kind = "given"
     if source is None:
         source, config, kind = open_source(name)
+    if quantize:
+        source, kind = Q.QuantizedSource(source, quantize), "quantized"
     lays = head_layouts(config)
     pl = plan(source.entries, config)
     used = [r for r in pl.refs if r.role in USED_ROLES]  # embeddings are terrain.embeddings' business
@@ -277,7 +293,9 @@ def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int 
                  "heads": lays["*"].__dict__, "layouts": {k: v.__dict__ for k, v in lays.items()},
                  "source": kind, "null_method": null, "matrices": {}, "heads_by_layer": {}, "neurons": {},
                  "cross_layer": {}, "norms": {}, "t5_bias": {}, "unclassified": pl.unclassified, "notes": pl.notes,
-                 "nonfinite_matrices": [],
+                 "nonfinite_matrices": [], "quantize": quantize,
+                 "quantization_types": (dict(sorted(collections_counter(getattr(source, "dtypes", {})).items()))
+                                        if kind in ("gguf", "quantized") else {}),
                  "n_params_analysed": sum(math.prod(r.shape) for r in used),
                  "census": census(source.entries, config, getattr(source, "integer_names", set)())}
     subspaces = defaultdict(list)  # (stack, role) -> [(layer, U)]
@@ -312,7 +330,8 @@ def battery(name: str | None, n_null: int = 3, seed: int = 0, overlap_rank: int 
                 continue
             if ref.role in MATRIX_ROLES:
                 side = residual_side(ref.role)
-                st, U = matrix_stats(W, _rng(seed, ref.name), n_null, null, overlap_rank, side, device)
+                quant = getattr(source, "dtypes", {}).get(ref.tensor) if kind in ("gguf", "quantized") else None
+                st, U = matrix_stats(W, _rng(seed, ref.name), n_null, null, overlap_rank, side, device, quant)
                 res["matrices"][ref.name] = {"role": ref.role, "stack": ref.stack, "layer": ref.layer, **st}
                 if U is not None and st["sigma_top"] and st["sigma_top"][0] > 0:  # a zero matrix has no subspace
                     subspaces[(stack, ref.role)].append((ref.layer, U, W.shape))
@@ -557,11 +576,17 @@ def plot_comparison(results: list[dict], path: str) -> str:
     return save_figure(fig, path, dpi=100)
 
 
+def collections_counter(dtypes: dict) -> dict:
+    """How many tensors of each quantisation type."""
+    from collections import Counter
+    return dict(Counter(dtypes.values()))
+
+
 def build_parser() -> Parser:
     p = Parser(prog="python -m terrain.weights",
                description="Weight geometry of pretrained transformers, beside random nulls.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
-                   help="Hugging Face ids or local folders ('minilm' = the offline all-MiniLM-L6-v2)")
+                   help="model names, local folders or .gguf files (see terrain/models.py): minilm = the offline all-MiniLM-L6-v2 (default), smollm2 = SmolLM2-135M-Instruct after `make models`")
     p.add_argument("--n-null", type=int_between(1, 10000), default=3,
                    help="Monte Carlo draws per statistic (matrices; heads draw n-null x heads Wishart Gram matrices)")
     p.add_argument("--null", default="auto", choices=["auto", "analytic", "monte-carlo"],
@@ -569,6 +594,10 @@ def build_parser() -> Parser:
                         "Marchenko-Pastur laws (analytic); auto samples matrices of up to 2^20 entries")
     p.add_argument("--overlap-rank", type=at_least(1), default=32, help="r of the cross-layer subspace overlap")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the null draws")
+    p.add_argument("--quantize", default=None, metavar="TYPE",
+                   help="pass every matrix through this GGUF quantisation type (Q4_0, Q4_1, Q5_0, Q8_0, ...) before "
+                        "the battery, with the quantised Gaussian null beside each statistic: what the storage alone "
+                        "does to a float model's numbers (outputs weights_<type>_<model>)")
     add_device_flag(p)
     add_output_flags(p)
     return p
@@ -581,12 +610,15 @@ def main(argv=None) -> int:
 
     def compute(name):
         t0 = time.perf_counter()
-        res = battery(name, args.n_null, args.seed, args.overlap_rank, device, args.null)
+        res = battery(name, args.n_null, args.seed, args.overlap_rank, device, args.null, quantize=args.quantize)
         res["seconds"] = time.perf_counter() - t0
         res["device"] = device
         return res
 
-    code, results, written = run_for_models(args, "weights", compute, format_summary, plot_model,
+    if args.quantize:
+        Q.qtype(args.quantize)
+    prefix = f"weights_{args.quantize.lower()}" if args.quantize else "weights"
+    code, results, written = run_for_models(args, prefix, compute, format_summary, plot_model,
                                             comparison=plot_comparison)
     if written:
         print("wrote " + ", ".join(written))

@@ -488,7 +488,7 @@ def build_parser() -> Parser:
                description="WordNet relational alignment of static and contextual representations, with multi-seed "
                            "stability.")
     p.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
-                   help="model names or local folders (see terrain/models.py; default: the offline MiniLM)")
+                   help="model names, local folders or .gguf files (see terrain/models.py): minilm = the offline all-MiniLM-L6-v2 (default), smollm2 = SmolLM2-135M-Instruct after `make models`")
     p.add_argument("--sense-policy", choices=POLICIES, default="most-frequent",
                    help="the sense an item stands for: most-frequent (largest corpus count), noun (the same among noun "
                         "senses), first-seen (first in wn.all_synsets() order, as the original code)")

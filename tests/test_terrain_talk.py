@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from terrain import modulate as MD
 from terrain import talk as T
 from terrain.models import TerrainError
 
@@ -75,7 +76,7 @@ def test_token_logliks_match_a_step_by_step_loop(tiny, family):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_alpha_zero_answers_as_the_unmodulated_model(tiny, temperature):
-    res = T.talk(tiny["t5"], prompts=["summarize: a small dog", "summarize: a large cat"], geo_dim=4,
+    res = MD.talk(tiny["t5"], prompts=["summarize: a small dog", "summarize: a large cat"], geo_dim=4,
                  alphas=(0.0, 0.5), n_anchors=100, n_eval=40, max_new_tokens=6, temperature=temperature,
                  progress=False)
     rows = {(r["condition"], r["alpha"]): r for r in res["summary"]}
@@ -89,7 +90,7 @@ def test_alpha_zero_answers_as_the_unmodulated_model(tiny, temperature):
         assert all(a["text"] == ref["text"] and a["loglik_unmodulated"] == ref["loglik_unmodulated"] for a in zero)
     # the same seeds give the same sampled answers
     if temperature > 0:
-        again = T.talk(tiny["t5"], prompts=["summarize: a small dog", "summarize: a large cat"], geo_dim=4,
+        again = MD.talk(tiny["t5"], prompts=["summarize: a small dog", "summarize: a large cat"], geo_dim=4,
                        alphas=(0.0, 0.5), n_anchors=100, n_eval=40, max_new_tokens=6, temperature=temperature,
                        progress=False)
         assert again["conversations"] == res["conversations"]
@@ -111,7 +112,7 @@ def test_modulation_reaches_a_causal_lm(tiny):
             c.mod.set_alpha(0.5)
             assert not torch.allclose(c.model(input_ids=ids).logits, ref)
         assert torch.equal(c.model(input_ids=ids).logits, ref)
-    res = T.talk(tiny["llama"], n_prompts=2, geo_dim=4, alphas=(0.0,), n_anchors=100, n_eval=40,
+    res = MD.talk(tiny["llama"], n_prompts=2, geo_dim=4, alphas=(0.0,), n_anchors=100, n_eval=40,
                  max_new_tokens=4, progress=False)
     assert res["prompts_from"] == "held-out definitions" and len(res["conversations"]) == 2
     assert all(r["identical"] == 1.0 for r in res["summary"])
@@ -174,7 +175,7 @@ def test_command_line(tiny, tmp_path, plots_below_tmp, capsys):
 
 def test_encoder_only_model_cannot_talk(tiny):
     with pytest.raises(TerrainError, match="generates text"):
-        T.talk(None, geo_dim=4, alphas=(0.1,), n_anchors=100, n_eval=40, progress=False)
+        MD.talk(None, geo_dim=4, alphas=(0.1,), n_anchors=100, n_eval=40, progress=False)
     from terrain.modulate import train
     with pytest.raises(TerrainError, match="encoder-decoder"):      # refused before any training step
         train(None, geo_dim=4, epochs=1, n_train=16, batch_size=16, n_anchors=100, n_eval=40, progress=False,
