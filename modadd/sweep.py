@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import safeio
 from cliargs import NO_PLOT_HELP, Parser, at_least, default_plots_dir
-from sweep import parse_seeds, slot_env, visible_gpus  # one seed-list parser for both launchers
+from jobs import parse_seeds, slot_env, visible_gpus  # one seed-list parser for both launchers
 from modadd import sae, train
 from modadd.ensemble import run_many
 from modadd.train import outputs, stage_outputs as run_stage_outputs
@@ -54,7 +54,7 @@ def _call(cmd: list[str], log: str, env: dict | None = None) -> tuple[int, float
 
 def run_parallel(jobs: list[tuple[str, list[str], str]], n: int, gpus: list[str] = ()) -> dict[str, int]:
     """jobs: (name, command, log path) -> {name: return code}, printing as they finish. Each of
-    the n slots owns GPU gpus[slot % len(gpus)] (sweep.slot_env), so processes running at once
+    the n slots owns GPU gpus[slot % len(gpus)] (jobs.slot_env), so processes running at once
     are spread over the GPUs instead of all landing on GPU 0."""
     rcs = {}
     slots: queue.Queue = queue.Queue()
