@@ -76,7 +76,8 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = "sweep.json"
 LINES = ("circles", "modadd", "commands")
 MODADD_STAGES = {"bubbling": "bubbling", "sae": "sae", "trajectory": "trajectory_pca"}   # stage -> its JSON
-STEPS = {"circles": ("data", "train", "evaluate"), "modadd": ("train", *MODADD_STAGES)}
+GENERATE_STEPS = ("generate", "generate_perturbed")   # the circles line's Mamba generations (optional steps)
+STEPS = {"circles": ("data", "train", "evaluate", *GENERATE_STEPS), "modadd": ("train", *MODADD_STAGES)}
 
 
 class SweepError(ValueError):
@@ -93,6 +94,8 @@ SPEC_KEYS = ("line", "model", "seeds", "grid", "configs", "steps", "stages", "th
 OWN_FLAGS = {("circles", "data"): ("out-dir", "plots-dir", "no-plot", "force"),
              ("circles", "train"): ("data-dir", "seed", "out-dir", "plots-dir", "force", "resume"),
              ("circles", "evaluate"): ("checkpoint", "out-dir", "plots-dir", "force"),
+             ("circles", "generate"): ("checkpoint", "out-dir", "plots-dir", "force"),
+             ("circles", "generate_perturbed"): ("checkpoint", "out-dir", "plots-dir", "force"),
              ("modadd", "train"): ("seed", "out-dir", "force", "export", "from-run")}
 STAGE_FLAGS = ("out-dir", "force")                                 # modadd stages: the run folder is theirs
 _FLAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
@@ -196,7 +199,7 @@ def line_steps(spec: dict) -> tuple[str, ...]:
     """The steps a job of the spec runs (those its grid keys may name)."""
     line = spec["line"]
     if line == "circles":
-        return ("data", "train") + (("evaluate",) if spec.get("evaluate") is not None else ())
+        return ("data", "train") + tuple(s for s in ("evaluate", *GENERATE_STEPS) if spec.get(s) is not None)
     if line == "modadd":
         return ("train", *spec.get("stages", []))
     return tuple(s["name"] for s in spec["steps"])
@@ -260,6 +263,9 @@ def check_spec(spec) -> None:
         _check_commands(spec)
     if line == "circles" and spec.get("model", "masked") not in ("masked", "mamba"):
         raise SweepError(f"\"model\": {spec.get('model')!r:.60}; choose masked or mamba")
+    if line == "circles" and spec.get("model", "masked") != "mamba" and any(spec.get(g) is not None
+                                                                           for g in GENERATE_STEPS):
+        raise SweepError("\"generate\" steps generate with a Mamba model: add \"model\": \"mamba\"")
     if line == "modadd":
         stages = spec.get("stages", [])
         if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
@@ -423,7 +429,23 @@ def circles_steps(spec: dict, over: dict, seed: int, job: str) -> list[Step]:
                                        "--out-dir", f"{job}/representations", "--plots-dir", f"{job}/plots",
                                        "--force"],
                           [f"{job}/representations/representation_metrics.json"]))
+    for name in GENERATE_STEPS:
+        if spec.get(name) is not None:
+            flags = step_flags(spec, over, name)
+            tag = generation_tag(flags)
+            steps.append(Step(name, ["{python}", "mamba_next.py", "generate", "--checkpoint", f"{job}/best.pt",
+                                     *flag_argv(flags), "--out-dir", f"{job}/generate", "--plots-dir", f"{job}/plots",
+                                     "--force"], [f"{job}/generate/{tag}.json"]))
     return steps
+
+
+def generation_tag(flags: dict) -> str:
+    """The name mamba_next.py generate gives its outputs for these flags (gen, gen_hidden, gen_output)."""
+    if flags.get("perturb-hidden") or flags.get("perturb_hidden"):
+        return "gen_hidden"
+    if flags.get("perturb-output") or flags.get("perturb_output"):
+        return "gen_output"
+    return "gen"
 
 
 def modadd_steps(spec: dict, over: dict, seed: int, job: str) -> list[Step]:
@@ -795,7 +817,12 @@ CIRCLES_CURVES = (("lb_k30", lambda m: _dig(m, "lb", "30", "mle")),
                   ("lb_k30_null_gaussian", lambda m: _dig(m, "lb", "30", "null_gaussian")),
                   ("probe_state_acc", lambda m: _dig(m, "probe_state_acc")),
                   ("probe_phase_r2", lambda m: _dig(m, "probe_phase_r2")),
-                  ("belief_circle_r2", lambda m: _dig(m, "belief_circle_r2")))
+                  ("belief_circle_r2", lambda m: _dig(m, "belief_circle_r2")),
+                  ("belief_phase_r2", lambda m: _dig(m, "belief_phase_r2")),
+                  ("belief_next_r2", lambda m: _dig(m, "belief_next_r2")))
+CERTAINTY = ("certain_share", "signal_mse_certain", "signal_mse_uncertain")   # of metrics.json's *_by_certainty
+PROCESS = ("dwell_ks", "transition_tv", "occupancy_tv", "angular_speed_ratio_median", "n_visits")
+GENERATED = ("generated", "true_continuation", "process_draw")               # the series generate decodes
 
 
 def circles_metrics(job_dir: str, spec: dict) -> tuple[dict, dict]:
@@ -808,14 +835,34 @@ def circles_metrics(job_dir: str, spec: dict) -> tuple[dict, dict]:
         for thr in spec.get("thresholds", []):
             hit = [e for e, v in rows if math.isfinite(e) and v <= thr]
             scalars[f"epochs_to_val_le_{thr:g}"] = float(hit[0]) if hit else float("nan")
+    for split in ("val", "test"):
+        model, orc = m.get(f"{split}_signal_by_certainty"), _dig(m, "oracle", split, "oracle_by_certainty")
+        for who, d in (("", model), ("oracle_", orc)):
+            if isinstance(d, dict):
+                for k in CERTAINTY:
+                    if k in d and not (who and k == "certain_share"):
+                        scalars[f"{split}_{who}{k}"] = _num(d[k])
+    for tag in ("gen", "gen_hidden", "gen_output"):
+        path = os.path.join(job_dir, "generate", f"{tag}.json")
+        if os.path.exists(path):
+            g = _job_json(path)
+            for series in GENERATED:
+                for k in PROCESS:
+                    v = _dig(g, "process", series, k)
+                    if v is not None:
+                        scalars[f"{tag}_{series}_{k}"] = _num(v)
+            for k in ("mse_to_signal_first_16", "oracle_mse_to_signal_first_16", "decoded_matches_true_circle"):
+                if k in g:
+                    scalars[f"{tag}_{k}"] = _num(g[k])
     curves = {}
     rep = _job_json(os.path.join(job_dir, "representations", "representation_metrics.json"))
-    layers = rep.get("layers") if isinstance(rep.get("layers"), dict) else {}
-    for name, get in CIRCLES_CURVES:
-        pts = {str(layer): _num(get(v)) for layer, v in layers.items()}
-        pts = {k: v for k, v in pts.items() if math.isfinite(v)}
-        if pts:
-            curves[name] = pts
+    for prefix, part in (("", "layers"), ("control_", "random_init_control")):
+        layers = rep.get(part) if isinstance(rep.get(part), dict) else {}
+        for name, get in CIRCLES_CURVES:
+            pts = {str(layer): _num(get(v)) for layer, v in layers.items()}
+            pts = {k: v for k, v in pts.items() if math.isfinite(v)}
+            if pts:
+                curves[prefix + name] = pts
     return scalars, curves
 
 

@@ -310,3 +310,30 @@ def test_terrain_train_metrics_script(tmp_path):
     assert curves["pearson_per_epoch"] == {"1": 0.25, "2": 0.30}
     (tmp_path / "modulate_train_lerp_x.json").write_text(json.dumps(res))
     assert subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True).returncode == 2
+
+
+def test_circles_metrics_read_the_certainty_split_the_generations_and_the_random_init_control(tmp_path):
+    """Planted job files: the scalars and curves the aggregation reads are exactly the planted numbers."""
+    job = tmp_path / "job"
+    (job / "generate").mkdir(parents=True)
+    (job / "representations").mkdir()
+    (job / "metrics.json").write_text(json.dumps({
+        "val_mse": 8.5, "val_signal_by_certainty": {"certain_share": 0.9, "signal_mse_certain": 0.1,
+                                                    "signal_mse_uncertain": 2.0},
+        "oracle": {"val": {"oracle_by_certainty": {"certain_share": 0.9, "signal_mse_certain": 0.01,
+                                                   "signal_mse_uncertain": 1.5}}}}))
+    proc = {"dwell_ks": 0.3, "transition_tv": 0.4, "occupancy_tv": 0.2, "angular_speed_ratio_median": 0.97,
+            "n_visits": 12}
+    (job / "generate" / "gen_hidden.json").write_text(json.dumps({
+        "process": {"generated": proc, "process_draw": {**proc, "dwell_ks": 0.1}}, "mse_to_signal_first_16": 0.5}))
+    (job / "representations" / "representation_metrics.json").write_text(json.dumps({
+        "layers": {"1": {"lb": {"30": {"mle": 4.0, "null_gaussian": 9.0}}, "belief_circle_r2": 0.97}},
+        "random_init_control": {"1": {"lb": {"30": {"mle": 7.0}}, "belief_circle_r2": 0.4}}}))
+    scalars, curves = sweep.circles_metrics(str(job), {})
+    assert scalars["val_signal_mse_uncertain"] == 2.0 and scalars["val_oracle_signal_mse_uncertain"] == 1.5
+    assert scalars["val_certain_share"] == 0.9 and "val_oracle_certain_share" not in scalars
+    assert scalars["gen_hidden_generated_dwell_ks"] == 0.3 and scalars["gen_hidden_process_draw_dwell_ks"] == 0.1
+    assert scalars["gen_hidden_mse_to_signal_first_16"] == 0.5 and "gen_generated_dwell_ks" not in scalars
+    assert curves["lb_k30"] == {"1": 4.0} and curves["control_lb_k30"] == {"1": 7.0}
+    assert curves["belief_circle_r2"] == {"1": 0.97} and curves["control_belief_circle_r2"] == {"1": 0.4}
+    assert sweep.generation_tag({"perturb-hidden": True}) == "gen_hidden" and sweep.generation_tag({}) == "gen"
