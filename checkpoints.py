@@ -56,11 +56,19 @@ def load_checkpoint(path: str, model_type: str | None = None) -> dict:
     if not os.path.exists(path):
         raise TrainingError(f"checkpoint {path!r} not found")
     try:
+        safeio.regular_file(path, "checkpoint")
+    except safeio.InputError as e:
+        raise TrainingError(str(e)) from None
+    try:
         ckpt = safe_load(path)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise TrainingError(f"{path} is not a checkpoint this project can load safely "
-                            f"({str(e).splitlines()[0][:200]}); only files written by its scripts "
-                            f"(tensors and plain data) are accepted") from e
+        why = safeio.first_line(e, 200)
+        if "weights only load failed" in why.lower() or "weights_only" in why:
+            why = "it holds Python objects besides tensors and plain data: a pickle that could run code"
+        elif os.path.getsize(path) == 0:
+            why = "the file is empty"
+        raise TrainingError(f"{path} is not a checkpoint this project can load safely ({why}); only files written "
+                            f"by its scripts (tensors and plain data) are accepted") from None
     if not isinstance(ckpt, dict) or "model_type" not in ckpt:
         raise TrainingError(f"{path} was not written by this project (no model_type)")
     missing = [k for k in ("model_config", "model", "data") if k not in ckpt]
@@ -102,6 +110,7 @@ def check_checkpoint_fields(ckpt: dict, path: str) -> None:
             raise safeio.InputError(f"{path} (data): val_frac + test_frac must be below 1")
         for k in ("data_config", "args", "fit_state", "splits"):
             safeio.check_field(ckpt, k, dict, path, required=False)
+        safeio.check_field(ckpt, "data_generation", str, path, required=False, nullable=True)
         safeio.check_field(ckpt, "epoch", int, path, lo=0, required=False)
     except safeio.InputError as e:
         raise TrainingError(f"{e}; the checkpoint was not written by this project's training") from None

@@ -69,6 +69,7 @@ class Series:
 GENERATOR_ARRAYS = ("planes", "radii", "entry_angles", "periods", "transition_matrix")  # the process, when generated
 MAX_STATES = 10_000        # labels / circles a data folder may declare
 MAX_PERIOD = 1_000_000     # steps per lap a generated folder may declare
+MAX_ABS = 1e18             # larger observations overflow float32 once squared
 GENERATION = "generation"  # the token data.npz and config.json share when one write made both
 
 
@@ -87,8 +88,9 @@ def validate_series(arrays: dict, config: dict, npz: str, cfg_path: str) -> None
     T, D = X.shape
     if not np.all(np.isfinite(X)):
         raise InputError(f"{npz}: X contains NaN or infinite values")
-    if X.dtype.itemsize > 4 and np.abs(X).max() > np.finfo(np.float32).max:
-        raise InputError(f"{npz}: X holds values beyond float32's range (|x| > 3.4e38)")
+    if np.abs(X).max() > MAX_ABS:
+        raise InputError(f"{npz}: X holds values up to {np.abs(X).max():.3g}; beyond {MAX_ABS:.0e} their squares "
+                         f"overflow float32: rescale the series (python dataset.py FILE --standardize)")
     if "states" in arrays:
         st = arrays["states"]
         if st.dtype.kind not in "iu" or st.shape != (T,):
@@ -106,6 +108,7 @@ def validate_series(arrays: dict, config: dict, npz: str, cfg_path: str) -> None
     if "noise_var" in config and "noise_std" in config and \
             not np.isclose(config["noise_var"], config["noise_std"] ** 2, rtol=1e-6, atol=1e-12):
         raise InputError(f"{where}: noise_var {config['noise_var']} is not noise_std**2 = {config['noise_std'] ** 2}")
+    check_field(config, "seed", int, where, lo=0, required=False)
     for k in ("dwell_mean", "radius_mean"):
         check_field(config, k, float, where, lo=0, open_lo=True, required=False)
     for k in ("dwell_std", "radius_std"):
@@ -164,6 +167,8 @@ def load_series(data_dir: str) -> Series:
         raise FileNotFoundError(
             f"data directory {data_dir!r} does not exist; generate it with "
             f"`python markov_circles_timeseries.py --out-dir {data_dir}`")
+    if os.path.lexists(npz) and not os.path.isfile(npz):
+        raise InputError(f"{npz} is not a regular file (a folder, a pipe, a device or a broken link)")
     if not os.path.isfile(npz):
         raise FileNotFoundError(
             f"{npz} not found; generate the data with `python markov_circles_timeseries.py --out-dir {data_dir}` "
@@ -210,7 +215,8 @@ def time_splits(n_steps: int, seq_len: int, val_frac: float = 0.1, test_frac: fl
     if gap < 0:
         raise ValueError("gap must be >= 0")
     if not (0 < val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
-        raise ValueError(f"bad split fractions val={val_frac}, test={test_frac}")
+        raise ValueError(f"--val-frac {val_frac} and --test-frac {test_frac} leave no training block: each must lie "
+                         f"in [0, 1) and together below 1")
     usable = n_steps - 2 * gap
     n_test = int(round(usable * test_frac))
     n_val = int(round(usable * val_frac))
@@ -519,6 +525,24 @@ def _csv_rows(path: str, header: str = "auto") -> tuple[list[str] | None, list[l
     return ([c.strip() for c in rows[0]], rows[1:]) if has else (None, rows)
 
 
+def _bad_cell(path: str, rows: list, feats: list, head) -> str:
+    """The one line for a CSV feature cell that is not a number: where it is, what it holds, the likely fix."""
+    for i, r in enumerate(rows):
+        for j in feats:
+            if not _numeric(r[j]):
+                cell = r[j].strip()
+                where = f"{path}: data row {i + 1}, column {j}" + (f" ({head[j]!r})" if head else "")
+                if cell == "" or cell.upper() in ("NA", "N/A", "NAN", "NULL", "NONE", "-"):
+                    return f"{where} is empty or missing ({cell!r}): fill or drop the missing values first"
+                if ";" in cell or "\t" in cell:
+                    return f"{where} holds {cell!r:.40}: the file is not comma-separated; save it with commas"
+                if "," in cell:
+                    return f"{where} holds {cell!r:.40}: write decimals with a point, not a comma"
+                return (f"{where} holds {cell!r:.40}, not a number: if it is a label column, name it with --labels "
+                        f"{j if not head else head[j]}")
+    return f"{path}: a feature column holds a non-number"
+
+
 def _labels_of(lab, n_steps: int, path: str) -> tuple[np.ndarray, list]:
     """Labels of any kind (names or numbers) as 0..K-1 in sorted order, and their names."""
     lab = np.asarray(lab)
@@ -587,9 +611,8 @@ def read_series_file(path: str, labels: str | None = None, standardize: bool = F
         feats = [i for i in range(width) if i != col]
         try:
             X = np.array([[float(r[i]) for i in feats] for r in rows], dtype=np.float64).reshape(len(rows), len(feats))
-        except ValueError as e:
-            raise InputError(f"{path}: a feature column holds a non-number ({e}); name the label column "
-                             f"with --labels") from None
+        except ValueError:
+            raise InputError(_bad_cell(path, rows, feats, head)) from None
         if col is not None:
             lab = np.array([r[col].strip() for r in rows])
     else:
@@ -634,6 +657,31 @@ def data_outputs(out_dir: str, force: bool, also: list[str] = ()) -> Outputs:
     return out
 
 
+def incomplete_write(out_dir: str) -> bool:
+    """Whether out_dir holds a data folder that a killed write left half done: data.npz and config.json
+    both recorded by a data-folder writer, but one of them missing or the two from different writes.
+    Such a folder is this project's own unfinished output, so writing it again needs no --force."""
+    from safeio import recorded
+    paths = [os.path.join(out_dir, f) for f in DATA_FILES]
+    present = [p for p in paths if os.path.isfile(p)]
+    ours = {os.path.abspath(p) for p in recorded(DATA_KEY, out_dir)}
+    if not present or any(os.path.abspath(p) not in ours for p in present):
+        return False
+    if len(present) < 2:
+        return True
+    import zipfile
+    try:   # both present: torn only when both are whole files of this project with tokens that differ
+        with zipfile.ZipFile(paths[0]) as z:
+            if f"{GENERATION}.npy" not in z.namelist():
+                return False
+            with z.open(f"{GENERATION}.npy") as f:
+                token = str(np.lib.format.read_array(f, allow_pickle=False))
+        other = read_json(paths[1], "data config", kind=dict).get(GENERATION)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, InputError):
+        return False   # a file someone edited or broke: not ours to rewrite without --force
+    return isinstance(other, str) and other != token
+
+
 def save_data_folder(out_dir: str, arrays: dict, config: dict, out: Outputs) -> None:
     """data.npz and config.json, each atomically and marked with one shared random token:
     load_series refuses a folder whose two files come from different writes (a kill between
@@ -651,7 +699,11 @@ def save_data_folder(out_dir: str, arrays: dict, config: dict, out: Outputs) -> 
 
 def write_data_folder(out_dir: str, X: np.ndarray, labels: np.ndarray | None, info: dict, force: bool) -> None:
     """data.npz (X, and states when there are labels) + config.json (its source, no generator
-    parameters); an existing data folder needs force (which replaces all of it)."""
+    parameters); an existing data folder needs force (which replaces all of it), unless a killed
+    write left it unfinished."""
+    if not force and incomplete_write(out_dir):
+        print(f"note: {out_dir} was left unfinished by a killed write; writing it again")
+        force = True
     out = data_outputs(out_dir, force)
     arrays = {"X": X} if labels is None else {"X": X, "states": labels}
     cfg = {**info, "n_steps": int(len(X)), "dim": int(X.shape[1]), "generator": None,

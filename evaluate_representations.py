@@ -48,7 +48,7 @@ from dataset import load_series
 from estimate_dimension import levina_bickel
 from plotting import save_figure, state_colors
 from statsutil import gaussian_null
-from training import TrainingError, check_data_matches, load_checkpoint, resolve_device
+from training import TrainingError, check_data_matches, check_same_data, load_checkpoint, resolve_device
 
 # model_type in a checkpoint -> the model script's loader, returning an nn.Module with
 # layer_names and forward(x, return_hidden=True) -> (output, [representations])
@@ -431,6 +431,10 @@ def run(args) -> int:
     model.to(device)
     data_dir = args.data_dir or ckpt["data"]["data_dir"]
     series = load_series(data_dir)
+    try:
+        check_same_data(ckpt, series, args.data_dir is not None)
+    except TrainingError as err:
+        raise EvalError(str(err)) from None
     try:
         check_data_matches(ckpt["model_config"], series, ckpt["path"])
     except TrainingError as err:

@@ -421,6 +421,7 @@ def run_generate(args) -> int:
     device = resolve_device(args.device)
     model = load_model(ckpt).to(device)
     series = load_series(args.data_dir or ckpt["data"]["data_dir"])
+    training.check_same_data(ckpt, series, args.data_dir is not None)
     check_data_matches(ckpt["model_config"], series, ckpt["path"])
     safeio.check_fits(args.gen_len * (series.dim * 64 + 64), f"a generation of {args.gen_len:,} steps",
                       "use a smaller --gen-len")
@@ -623,6 +624,7 @@ def run_gates(args) -> int:
     device = resolve_device(args.device)
     model = load_model(ckpt).to(device).eval()
     series = load_series(args.data_dir or ckpt["data"]["data_dir"])
+    training.check_same_data(ckpt, series, args.data_dir is not None)
     check_data_matches(ckpt["model_config"], series, ckpt["path"])
     val = datasets_for(series, ckpt["data"])["val"]
     out_dir = args.out_dir or os.path.join(os.path.dirname(ckpt["path"]), "gates")

@@ -37,7 +37,7 @@ import numpy as np
 
 from circles import Process, sample
 from cliargs import SEED, Parser, add_output_flags, at_least, between, int_between, plots_dir
-from dataset import MAX_PERIOD, data_outputs, save_data_folder
+from dataset import MAX_PERIOD, data_outputs, incomplete_write, save_data_folder
 from safeio import InputError, OutputsExist, check_fits, one_line_errors, output_dir, read_json
 from plotting import draw_state_strip, save_figure, state_colors  # noqa: F401 (also re-exported for old imports)
 from estimate_dimension import levina_bickel
@@ -378,6 +378,9 @@ def main(argv=None) -> int:
     umap_json = os.path.join(args.out_dir, f"umap_subspace_{cfg.subspace_dim or cfg.ambient_dim}.json")
     target = os.path.join(args.out_dir, "data.npz")
     same = os.path.exists(target) and same_configuration(args.out_dir, cfg)
+    if not same and not args.force and incomplete_write(args.out_dir):
+        print(f"note: {args.out_dir} was left unfinished by a killed write; writing it again")
+        same = True
     try:  # the figures are claimed even with --no-plot: --force then removes the old ones
         out = data_outputs(args.out_dir, args.force or same,
                            also=[summary_path, umap_json] + [os.path.join(figures, f) for f in figure_names(cfg, True)])

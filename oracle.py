@@ -798,7 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _data_args_from(args, given: set[str]) -> tuple[str, dict]:
+def _data_args_from(args, given: set[str]) -> tuple[str, dict, str | None]:
     if args.checkpoint:
         from checkpoints import TrainingError, load_checkpoint
         try:
@@ -812,14 +812,14 @@ def _data_args_from(args, given: set[str]) -> tuple[str, dict]:
         data = dict(ckpt["data"])
         if "data_dir" in given:
             data["data_dir"] = args.data_dir
-        return task, data
+        return task, data, (None if "data_dir" in given else ckpt.get("data_generation"))
     data = {k: getattr(args, k) for k in ("seq_len", "val_frac", "test_frac", "seed", "mask_ratio",
                                           "mask_patch_size", "mask_patch_min", "mask_patch_max")}
     data["data_dir"] = args.data_dir or "data"
     data["stride"] = data["seq_len"]
     w = args.eval_warmup
     data["eval_warmup"] = data["seq_len"] // 4 if w is None else w
-    return args.task, data
+    return args.task, data, None
 
 
 @safeio.one_line_errors(OracleError)
@@ -831,9 +831,12 @@ def main(argv=None) -> int:
     if out:
         safeio.output_dir(args.out_dir, create=False)
         claim.claim([out], remove=False)
-    task, data = _data_args_from(args, given)
+    task, data, generation = _data_args_from(args, given)
     from dataset import load_series, task_datasets
     series = load_series(data["data_dir"])
+    if generation and series.config.get("generation") != generation:
+        raise OracleError(f"{data['data_dir']} was written again since {args.checkpoint} was trained on it; pass "
+                          f"--data-dir to score these windows anyway, or regenerate the original data")
     chain = Chain.from_series(series)
     ds = task_datasets(series, data, task)
     splits = ("val", "test") if args.split == "both" else (args.split,)

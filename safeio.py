@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
-import io
 import json
 import math
 import os
@@ -223,14 +222,23 @@ def save_npy(path: str, array) -> str:
 
 # ----------------------------------------------------------------------------- reading
 
-def read_bytes(path: str, what: str = "file", max_bytes: int = MAX_JSON_BYTES) -> bytes:
-    """A file's bytes, or one line (InputError) when it is missing, a folder, unreadable or too big."""
+def regular_file(path: str, what: str = "file") -> str:
+    """path, or one line (InputError) when it is missing, a folder, or not a regular file (a pipe or a
+    device, which would block a reader or never end)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise InputError(f"{what} {path} is a broken link")
     if not os.path.exists(path):
         raise InputError(f"{what} {path} not found")
     if os.path.isdir(path):
         raise InputError(f"{what} {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise InputError(f"{what} {path} is not a regular file (a pipe or a device?)")
+    return path
+
+
+def read_bytes(path: str, what: str = "file", max_bytes: int = MAX_JSON_BYTES) -> bytes:
+    """A file's bytes, or one line (InputError) when it is missing, a folder, unreadable or too big."""
+    regular_file(path, what)
     try:
         size = os.path.getsize(path)
         if size > max_bytes:
@@ -346,7 +354,7 @@ def npy_header(f, where: str):
         else:
             shape, fortran, dtype = fmt._read_array_header(f, version)
     except (ValueError, OSError, SyntaxError, TypeError) as e:
-        raise InputError(f"{where} is not a readable .npy array ({str(e).splitlines()[0][:120]})") from None
+        raise InputError(f"{where} is not a readable .npy array ({first_line(e, 120)})") from None
     return shape, dtype, fortran
 
 
@@ -361,6 +369,7 @@ def load_npy(path: str, what: str = "array file"):
     """np.load of a plain .npy (no pickles), refusing a header that claims more bytes than the
     file holds (before allocating anything)."""
     import numpy as np
+    regular_file(path, what)
     raw_size = os.path.getsize(path)
     with open(path, "rb") as f:
         shape, dtype, _ = npy_header(f, f"{what} {path}")
@@ -379,6 +388,7 @@ def load_npz(path: str, what: str = "array file") -> dict:
     import zipfile
 
     import numpy as np
+    regular_file(path, what)
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
@@ -404,7 +414,7 @@ def load_npz(path: str, what: str = "array file") -> dict:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise InputError(f"{what} {path} is not a readable .npz file ({str(e).splitlines()[0][:160]})") from None
+        raise InputError(f"{what} {path} is not a readable .npz file ({first_line(e, 160)})") from None
 
 
 # ----------------------------------------------------------------------------- folders and names
@@ -416,6 +426,8 @@ def output_dir(path: str, flag: str = "--out-dir", create: bool = True) -> str:
         raise InputError(f"{flag} is empty; name a folder")
     if "\0" in path:
         raise InputError(f"{flag} holds a NUL character")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise InputError(f"{flag} {path} is a broken link; remove it or choose another {flag}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{flag} {path} is a file, not a folder; choose a folder")
     probe = path
@@ -526,11 +538,17 @@ def recorded(key: str, folder: str) -> list[str]:
     """Paths of the files `key` recorded in folder (names that would leave the folder are dropped)."""
     out = []
     for name in _read_manifest(folder).get(key, []):
-        parts = name.replace("\\", "/").split("/")
-        if not name or os.path.isabs(name) or ".." in parts or name == MANIFEST:
+        # record() writes bare file names: anything else (a path, a link's way out) is not ours to remove
+        if not name or "/" in name or "\\" in name or name in (".", "..", MANIFEST) or "\0" in name:
             continue
         out.append(os.path.join(folder, name))
     return out
+
+
+def recorded_by(path: str) -> set[str]:
+    """The keys that recorded `path` in its folder's manifest."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return {k for k, names in _read_manifest(folder).items() if name in names}
 
 
 @contextlib.contextmanager
@@ -620,13 +638,26 @@ class Outputs:
                                  f"output folder")
         return out
 
-    def claim(self, paths: list[str], folders: list[str] = (), remove: bool = True) -> list[str]:
+    def claim(self, paths: list[str], folders: list[str] = (), remove: bool = True,
+              derived: list[str] = ()) -> list[str]:
         """Refuse (OutputsExist) when any of paths, or any file key recorded in their folders,
         exists; with force remove them (unless remove=False: the caller removes them later with
-        `remove_earlier`). Returns the earlier files."""
+        `remove_earlier`). derived: other commands' outputs about what this command replaces (an
+        analysis of the model it trains again), claimed and removed the same way although another
+        key recorded them. Returns the earlier files."""
+        derived_abs = {os.path.abspath(p) for p in derived}
+        paths = list(dict.fromkeys(list(paths) + list(derived)))
         self.paths = list(paths)
         self.folders = list(folders)
+        folder_set = dict.fromkeys([os.path.dirname(os.path.abspath(p)) for p in paths] + list(folders))
+        remove_stale_temporaries(list(paths) + [_manifest_path(f) for f in folder_set])   # a killed writer's
         found = self.earlier(paths, folders)
+        others = {p: recorded_by(p) - {self.key} for p in found
+                  if self.key not in recorded_by(p) and os.path.abspath(p) not in derived_abs}
+        theirs = next(((p, k) for p, k in others.items() if k), None)
+        if theirs:   # another command of this project wrote it: never this command's to replace, --force or not
+            raise OutputsExist(f"{theirs[0]} was written by another command ({sorted(theirs[1])[0]}); this command "
+                               f"would replace it: choose another --out-dir / --plots-dir / --export")
         if found and not self.force:
             raise OutputsExist(f"{found[0]} exists ({len(found)} earlier output file(s) of this command); pass "
                                f"--force to replace them or choose another --out-dir / --plots-dir")
@@ -635,12 +666,13 @@ class Outputs:
         return found
 
     def remove_earlier(self, found: list[str]) -> None:
+        keys = {p: ({self.key} if self.key is not None else set()) | recorded_by(p) for p in found}
         for p in found:
             _remove_file(p)
-        if self.key is None:
-            return
         for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in found):
-            forget(self.key, folder, [p for p in found if os.path.dirname(os.path.abspath(p)) == folder])
+            here = [p for p in found if os.path.dirname(os.path.abspath(p)) == folder]
+            for key in sorted(set().union(*(keys[p] for p in here))):
+                forget(key, folder, [p for p in here if key in keys[p]])
 
     def target(self, path: str) -> str:
         """Record path under the key, then return it for the writer."""

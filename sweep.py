@@ -87,7 +87,7 @@ class SweepError(ValueError):
 # ---------------------------------------------------------------------------- the spec
 
 PLACEHOLDERS = ("seed", "job_dir", "root", "python")
-RESERVED = ("data", "logs", "status", "aggregate", "submitit")    # the sweep's own folders in ROOT
+RESERVED = ("data", "logs", "status", "aggregate", "submitit", MANIFEST, "submitted.json")  # the sweep's own names in ROOT
 SPEC_KEYS = ("line", "model", "seeds", "grid", "configs", "steps", "stages", "thresholds",
              "name", "description", "comment")
 # flags the sweep sets itself for a step (a spec may not set or override them)
@@ -244,6 +244,10 @@ def _check_commands(spec: dict) -> None:
         outputs = s.get("outputs", [])
         if not isinstance(outputs, list) or not all(isinstance(o, str) and o and "\0" not in o for o in outputs):
             raise SweepError(f"{where} ({name}): \"outputs\" must be a list of paths (strings)")
+        relative = [o for o in outputs if not o.startswith(("{job_dir}", "{root}")) and not os.path.isabs(o)]
+        if relative:   # a relative path would be looked up wherever the launcher happens to run
+            raise SweepError(f"{where} ({name}): output {relative[0]!r:.60} must start with {{job_dir}} or {{root}} "
+                             f"(or be an absolute path)")
         for text in tokens + outputs:
             bad = [p for p in placeholders(text) if p not in PLACEHOLDERS]
             if bad:
@@ -295,10 +299,40 @@ def check_spec(spec) -> None:
             raise SweepError(f"\"{step}\": give the step's flags as an object, got {flags!r:.60}")
         _check_flags(spec, step, flags or {}, f"\"{step}\"")
     seeds = parse_seeds(spec.get("seeds", [0]))
+    if line == "circles":
+        for c in configurations(spec):
+            _check_circles_flags(spec, c["overrides"], c["name"])
     n = len(configurations(spec))
     if n * len(seeds) > MAX_JOBS:
         raise SweepError(f"{n:,} configurations x {len(seeds):,} seeds = {n * len(seeds):,} jobs; a sweep runs at "
                          f"most {MAX_JOBS:,} (split it into several sweeps)")
+
+
+def _check_circles_flags(spec: dict, over: dict, config: str) -> None:
+    """Every step of a circles job parsed by its own script's parser now (the sweep's own flags filled
+    with stand-ins), so a bad value such as "d-model": "abc" stops the sweep before any data is made."""
+    import contextlib
+    import io
+    import evaluate_representations
+    import mamba_next
+    import markov_circles_timeseries
+    import masked_model_gpu
+    mamba = spec.get("model", "masked") == "mamba"
+    parsers = {"data": (markov_circles_timeseries.build_parser, ["--out-dir", "x"]),
+               "train": ((mamba_next.build_parser, ["train"]) if mamba else (masked_model_gpu.build_parser, [])),
+               "evaluate": (evaluate_representations.build_parser, ["--checkpoint", "x"]),
+               "generate": (mamba_next.build_parser, ["generate", "--checkpoint", "x"]),
+               "generate_perturbed": (mamba_next.build_parser, ["generate", "--checkpoint", "x"])}
+    for step in line_steps(spec):
+        build, lead = parsers[step]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                build().parse_args(lead + to_flags(step_flags(spec, over, step)))
+            except SystemExit:
+                why = (err.getvalue().strip().splitlines() or ["a flag it does not take"])[-1].removeprefix("error: ")
+                why = re.sub(r"; see \S+ --help$", "", why)
+                raise SweepError(f"configuration {config!r:.60}, step {step}: {why}") from None
 
 
 def _overrides(spec: dict, over: dict, where: str) -> None:

@@ -506,6 +506,18 @@ def make_loaders(ds: dict, batch_size: int, workers: int, device: torch.device, 
     return train, val, test
 
 
+def check_same_data(ckpt: dict, series, given: bool = False) -> None:
+    """The data folder a checkpoint is read against is the one it was trained on: the folder's write
+    token (dataset.GENERATION) is the one the checkpoint recorded. A folder written again since (a new
+    seed, a converted series) is one line, unless the user named the data folder (given), who then
+    asks to score the model on other data on purpose."""
+    was, now = ckpt.get("data_generation"), series.config.get("generation")
+    if was and now != was and not given:
+        raise TrainingError(f"{series.data_dir} was written again since {ckpt.get('path', 'the checkpoint')} was "
+                            f"trained on it (another data.npz); pass --data-dir to use it anyway, or regenerate the "
+                            f"original data")
+
+
 def check_data_matches(model_cfg: dict, series, where: str) -> None:
     if series.dim != model_cfg["in_dim"]:
         raise TrainingError(f"{where} takes {model_cfg['in_dim']}-D inputs but {series.data_dir} holds "
@@ -524,7 +536,7 @@ def load_model(ckpt: dict, spec: ModelSpec, config_cls) -> torch.nn.Module:
         model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError, KeyError, ValueError) as e:
         raise TrainingError(f"{where} does not match the {spec.model_type} model "
-                            f"({str(e).splitlines()[0][:200]}); the file is incomplete or from another version") from e
+                            f"({' '.join(str(e).split())[:300]}); the file is incomplete or from another version") from None
     return model
 
 
@@ -591,6 +603,7 @@ def load_exported(path: str, model_type: str, build: Callable, config_cls) -> to
         if not os.path.exists(f):
             raise TrainingError(f"{f} not found; export a checkpoint with --eval CKPT --export {path}")
     try:
+        safeio.regular_file(weights, "exported weights")
         cfg = safeio.read_json(cfg_path, "exported model configuration", kind=dict)
         safeio.check_field(cfg, "model_config", dict, cfg_path)
         if cfg.get("model_type") != model_type:
@@ -611,7 +624,7 @@ def load_exported(path: str, model_type: str, build: Callable, config_cls) -> to
         model = build(config_cls(**cfg["model_config"]))
         model.load_state_dict(load_file(weights))
     except (TypeError, RuntimeError, KeyError, ValueError, OSError) as e:
-        raise TrainingError(f"{path} does not match the {model_type} model ({str(e).splitlines()[0][:200]})") from e
+        raise TrainingError(f"{path} does not match the {model_type} model ({' '.join(str(e).split())[:300]})") from None
     return model
 
 
@@ -772,7 +785,9 @@ def earlier_run(out_dir: str, plots_dir: str, spec: ModelSpec, force: bool) -> l
         if os.path.exists(os.path.join(out_dir, "last.pt")):
             raise TrainingError(f"{out_dir} already holds a run; pass --resume {out_dir}/last.pt to continue it, "
                                 f"--force to overwrite it, or another --out-dir")
-        ours = {os.path.abspath(p) for folder in (out_dir, plots_dir) for p in safeio.recorded(RUN_KEY, folder)}
+        # only the run folder's own files can be the leftovers of this run's killed start: a figure in the
+        # plots folder may be another run's (runs can share a --plots-dir), so it needs --force
+        ours = {os.path.abspath(p) for p in safeio.recorded(RUN_KEY, out_dir)}
         foreign = [p for p in earlier if os.path.abspath(p) not in ours]
         if foreign:
             raise TrainingError(f"{foreign[0]} exists and was not written by a training run here; pass --force to "
@@ -805,11 +820,11 @@ def _check_output_folders(args, out_dir: str) -> None:
 
 def remove_derived(out_dir: str, plots_dir: str) -> list[str]:
     """What other commands recorded about a run in its default subfolders (evaluation, representations,
-    generations, gates): stale once the run is replaced. Only recorded files go, nothing else."""
+    generations, gates) and in their default figure folders: stale once the run is replaced. Only
+    recorded files go, nothing else."""
     gone = []
-    for root in (out_dir, plots_dir):
-        for sub in DERIVED:
-            folder = os.path.join(root, sub)
+    for sub in DERIVED:
+        for folder in dict.fromkeys((os.path.join(out_dir, sub), cliargs.default_plots_dir(os.path.join(out_dir, sub)))):
             for key in safeio.recorded_keys(folder):
                 gone += safeio.remove_recorded(key, folder)
     return gone
@@ -823,6 +838,7 @@ def _load_data(args, spec: ModelSpec, resume: dict | None) -> RunData:
     except ValueError as e:
         raise TrainingError(str(e)) from e
     if resume:
+        check_same_data(resume, series)
         try:
             safeio.check_dataclass_fields(type(cfg), resume["model_config"], f"{resume['path']} (model_config)")
         except safeio.InputError as e:
@@ -947,6 +963,7 @@ def _train_eval(run: TrainingSetup, data: RunData, args, device: torch.device) -
 def _checkpoint_payload(run: TrainingSetup, data: RunData, args, st: FitState) -> dict:
     return {"model_type": run.spec.model_type, "model_config": asdict(data.cfg), "model": run.model.state_dict(),
             "data": data.data_args, "data_config": data.series.config, "splits": data.ds["splits"].as_dict(),
+            "data_generation": data.series.config.get("generation"),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "fit_state": asdict(st), "epoch": st.epoch, "rng": rng_state(),
             "loader_rng": run.loaders[0].generator.get_state(), "args": vars(args), "n_parameters": run.n_params}
@@ -1034,6 +1051,7 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
         raise TrainingError(f"the data folder {data_args['data_dir']!r} this checkpoint was trained on is gone; "
                             f"pass --data-dir with the same data")
     series = load_series(data_args["data_dir"])
+    check_same_data(ckpt, series, "data_dir" in given)
     check_data_matches(ckpt["model_config"], series, ckpt["path"])
     model = load_model(ckpt, spec, config_cls).to(device)
     ds = spec.datasets(series, data_args)

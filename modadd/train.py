@@ -418,7 +418,7 @@ def claim_run(out: str, force: bool) -> tuple[safeio.Outputs, list[str]]:
         raise safeio.OutputsExist(f"{out} holds an unfinished run (no model.pt: it was stopped while training or "
                                   f"writing); pass --force to train it again, or choose another --out-dir")
     outputs = safeio.Outputs(KEY, force)
-    return outputs, outputs.claim(mine + stage_outputs(out), remove=False)
+    return outputs, outputs.claim(mine, remove=False, derived=stage_outputs(out))
 
 
 @safeio.one_line_errors(TrainingError)

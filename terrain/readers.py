@@ -250,7 +250,7 @@ class PickledWeights(ModuleWeights):
                         raise
                     sd = torch.load(file, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - anything but plain tensors is refused here
-                raise TerrainError(f"{file} could not be read as plain weights ({str(e).splitlines()[0]}); "
+                raise TerrainError(f"{file} could not be read as plain weights ({safeio.first_line(e)}); "
                                    f"only weight files without code are accepted; {_FIX}") from e
             self._params.update({k: v for k, v in sd.items() if hasattr(v, "shape")})
         self.entries = {n: tuple(p.shape) for n, p in self._params.items()}

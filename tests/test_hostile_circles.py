@@ -513,7 +513,7 @@ SERIES_CASES = {
     "object.npy": (None, "Python objects"), "nanlabels.npz": (None, "NaN"), "shortlabels.npz": (None, "labels"),
     "complexlabels.npz": (None, "labels"), "manylabels.npz": (None, "distinct values"),
     "two.npz": (None, "name the features X"), "empty.csv": (None, "no rows"), "blank.csv": (None, "no rows"),
-    "header_only.csv": (None, "no data rows"), "ragged.csv": (None, "columns"), "text.csv": (None, "non-number"),
+    "header_only.csv": (None, "no data rows"), "ragged.csv": (None, "columns"), "text.csv": (None, "not a number"),
     "binary.csv": (None, "UTF-8"), "nan.csv": (None, "NaN"), "inf.csv": (None, "infinite"),
     "big.csv": (None, "float32"), "bad.npz": (None, "npz"), "notes.txt": (None, ".npy, .npz or .csv"),
     "folder.csv": (None, "folder"), "missing.csv": (None, "not found"), "bad_label.csv": ("7", "not a column"),

@@ -180,7 +180,9 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, plots_below_t
     rep = json.loads((run / "generate" / "gen_hidden.json").read_text())
     assert "mse_first_16" in rep and "decoded_matches_true_circle" in rep
     assert rep["oracle_mse_to_signal_first_16"] < rep["mse_to_signal_first_16"]
-    assert set(rep["process"]) == {"generated", "true_continuation"}
+    assert set(rep["process"]) == {"generated", "true_continuation", "process_draw"}
+    # a draw of the process itself is the reference a generation's statistics are read against
+    assert rep["process"]["process_draw"]["n_steps"] == rep["process"]["generated"]["n_steps"] == 40
     assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "3", "--plot-samples", "1"]) == 0
     summary = json.loads((run / "gates" / "gates_summary.json").read_text())
     assert len(summary["mean_delta"]) == 2 and all(d > 0 for d in summary["mean_delta"])

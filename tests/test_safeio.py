@@ -204,6 +204,25 @@ def test_claims_refuse_then_force_removes_only_declared_and_recorded_files(tmp_p
     assert (out / "b.txt").exists()
 
 
+def test_another_commands_file_is_never_replaced_unless_declared_derived(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    analysis = Outputs("analysis", force=False)
+    analysis.claim([str(out / "report.json")])
+    safeio.write_json(analysis.target(str(out / "report.json")), {"x": 1})
+    # a command that would write the same file: refused, --force or not
+    for force in (False, True):
+        with pytest.raises(OutputsExist, match="another command"):
+            Outputs("train", force=force).claim([str(out / "report.json")])
+    assert (out / "report.json").exists()
+    # a command that replaces what the analysis describes: the file is its to remove with --force only
+    with pytest.raises(OutputsExist, match="--force"):
+        Outputs("train", force=False).claim([str(out / "model.bin")], derived=[str(out / "report.json")])
+    found = Outputs("train", force=True).claim([str(out / "model.bin")], derived=[str(out / "report.json")])
+    assert [os.path.basename(p) for p in found] == ["report.json"] and not (out / "report.json").exists()
+    assert safeio.recorded("analysis", str(out)) == []      # forgotten by the key that wrote it
+
+
 def test_a_hostile_manifest_never_removes_files_outside_its_folder(tmp_path):
     out = tmp_path / "o"
     out.mkdir()

@@ -52,7 +52,7 @@ def test_reading_csv_npz_npy_agrees(csv_file, tmp_path):
     assert ly is None and Xy.shape == X.shape
     with pytest.raises(ValueError, match="not a column"):
         dataset.read_series_file(str(path), labels="nope")
-    with pytest.raises(ValueError, match="non-number"):
+    with pytest.raises(ValueError, match="not a number"):
         dataset.read_series_file(str(path))  # the label column is text: name it
 
 
