@@ -300,7 +300,7 @@ def hoyer(w: np.ndarray) -> float:
     return float((math.sqrt(n) - w.sum() / l2) / (math.sqrt(n) - 1))
 
 
-def sparsity(W: np.ndarray, absolute=(0.1, 0.01), relative=(0.1, 0.5), chunk: int = 1 << 22) -> dict:
+def sparsity(W: np.ndarray, absolute=(0.1, 0.01), relative=(0.01, 0.1, 0.5), chunk: int = 1 << 22) -> dict:
     """Fractions of entries below absolute thresholds (which track the initialisation scale)
     and below fractions of the matrix's own RMS (scale-free), and the Hoyer measure. Computed
     in float64 chunk by chunk, so a big float32 matrix is never copied whole."""

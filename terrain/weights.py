@@ -432,17 +432,33 @@ def summary_rows(res: dict) -> list[dict]:
             "frac_abs_below_0.1": _mean([m["frac_abs_below_0.1"] for m in ms]),
             "frac_below_0.1_rms": _mean([m["frac_below_0.1_rms"] for m in ms]),
             "frac_below_0.1_rms_null": _mean([m["null"]["frac_below_0.1_rms"] for m in ms]),
+            "frac_below_0.01_rms": _mean([m.get("frac_below_0.01_rms") for m in ms]),
         })
+        q = [m["quant_null"] for m in ms if isinstance(m.get("quant_null"), dict) and "stable_rank" in m["quant_null"]]
+        if q:  # the same statistics of Gaussians passed through the matrices' own quantisation
+            rows[-1].update({"quantization": sorted({m.get("quantization") for m in ms} - {None}),
+                             **{f"{k}_qnull": _mean([x.get(src) for x in q]) for k, src in (
+                                 ("stable_rank", "stable_rank"), ("pr_sigma2", "participation_ratio_sigma2"),
+                                 ("hoyer", "hoyer"), ("frac_below_0.1_rms", "frac_below_0.1_rms"),
+                                 ("frac_below_0.01_rms", "frac_below_0.01_rms"))}})
     return rows
 
 
 def format_summary(res: dict) -> str:
     lines = [f"{res['model']} ({res['model_type']}; {res['heads']['n_heads']} heads): value [null]",
              "| role | n | stable rank | PR(sigma^2) | Hoyer | |w|<0.1 | |w|<0.1 RMS |", "|---|---|---|---|---|---|---|"]
-    for r in summary_rows(res):
+    rows = summary_rows(res)
+    for r in rows:
         lines.append(f"| {r['role']} | {r['n']} | {r['stable_rank']:.1f} [{r['stable_rank_null']:.1f}] | "
                      f"{r['pr_sigma2']:.1f} [{r['pr_sigma2_null']:.1f}] | {r['hoyer']:.3f} [{r['hoyer_null']:.3f}] | "
                      f"{r['frac_abs_below_0.1']:.2f} | {r['frac_below_0.1_rms']:.3f} [{r['frac_below_0.1_rms_null']:.3f}] |")
+    quant = [r for r in rows if "stable_rank_qnull" in r]
+    if quant:
+        lines.append("the same beside Gaussians passed through each matrix's own quantisation: value [quantised null]")
+        lines += [f"  {r['role']} ({', '.join(r['quantization'])}): stable rank {r['stable_rank']:.1f} "
+                  f"[{r['stable_rank_qnull']:.1f}], Hoyer {r['hoyer']:.3f} [{r['hoyer_qnull']:.3f}], below 0.1 RMS "
+                  f"{r['frac_below_0.1_rms']:.3f} [{r['frac_below_0.1_rms_qnull']:.3f}], below 0.01 RMS "
+                  f"{r['frac_below_0.01_rms']:.4f} [{r['frac_below_0.01_rms_qnull']:.4f}]" for r in quant]
     hb = res["heads_by_layer"]
     pos = [p for h in hb.values() for p in h["positive_share"] if p is not None and np.isfinite(p)]
     if pos:

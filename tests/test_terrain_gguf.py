@@ -2,14 +2,18 @@
 quantisation types, a Llama-style and a BERT-style layout), read tensor by tensor, compared with
 what transformers dequantises from the same file, mapped to the same roles as Hugging Face names;
 the quantisation null against Monte Carlo; bad files give one line."""
+import json
 import os
 import struct
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 gguf = pytest.importorskip("gguf")
+ROOT = Path(__file__).resolve().parents[1]
 
 from terrain.ggufsource import GGUFWeights, find_gguf, unpermute_rows  # noqa: E402
 from terrain.models import TerrainError, classify, plan  # noqa: E402
@@ -219,6 +223,25 @@ def test_quantize_passes_a_float_model_through_a_type(tiny_llama, tmp_path):
     assert q["matrices"][name]["quantization"] == "Q4_1" and "quantization" not in f["matrices"][name]
     assert q["matrices"][name]["frac_below_0.1_rms"] != f["matrices"][name]["frac_below_0.1_rms"]
     assert q["quantize"] == "Q4_1" and f["quantize"] is None
+    # the summary rows carry the quantised null beside each role, and quant_shift reads them
+    from terrain.weights import format_summary, summary_rows
+    rows = {r["role"]: r for r in summary_rows(q)}
+    assert all("hoyer_qnull" in r for r in rows.values()) and "quantised null" in format_summary(q)
+    assert not any("hoyer_qnull" in r for r in summary_rows(f))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import quant_shift
+    fp, qp = tmp_path / "f.json", tmp_path / "q.json"
+    fp.write_text(json.dumps(f))
+    qp.write_text(json.dumps(q))
+    assert quant_shift.main([str(fp), str(qp), "--out-dir", str(tmp_path / "qs")]) == 0
+    got = json.loads((tmp_path / "qs" / "quant_shift.json").read_text())["types"]["Q4_1"]["rows"]
+    frows = {r["role"]: r for r in summary_rows(f)}
+    for r in got:   # every shift is the quantised model's value minus the float model's, role by role
+        key = {"Hoyer": "hoyer", "stable rank": "stable_rank", "PR(sigma^2)": "pr_sigma2",
+               "share below 0.1 RMS": "frac_below_0.1_rms", "share below 0.01 RMS": "frac_below_0.01_rms"}[
+            r["statistic"]]
+        assert r["shift"] == pytest.approx(rows[r["role"]][key] - frows[r["role"]][key])
+    assert quant_shift.main([str(fp), str(qp), "--out-dir", str(tmp_path / "qs")]) == 2   # no --force
 
 
 def write_bytes(path, data):
