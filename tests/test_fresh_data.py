@@ -175,3 +175,40 @@ def test_a_run_reports_its_signal_error_split_by_the_oracles_certainty(small_dat
             assert total == pytest.approx(m[f"{split}_signal_mse"], rel=1e-5)
             ototal = sum(o[f"n_{k}"] * (o[f"signal_mse_{k}"] or 0) for k in ("certain", "uncertain")) / n
             assert ototal == pytest.approx(m["oracle"][split]["oracle_signal_mse"], rel=1e-6)
+
+
+def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
+    """scripts/fresh_vs_fixed.py on planted sweep folders: each curve point is the log's validation signal
+    MSE over the run's oracle, and each target's verdict follows the planted values seed by seed."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import fresh_vs_fixed
+    root = tmp_path / "sweep"
+    planted = {("fresh", 0): (0.12, 0.97, 0.05, 0.04), ("fresh", 1): (0.20, 0.90, 0.30, 0.04),
+               ("fixed", 0): (0.60, 0.80, 0.90, 0.05)}
+    for (config, seed), (ratio_mse, belief, ks, ks_true) in planted.items():
+        job = root / config / f"s{seed}"
+        (job / "representations").mkdir(parents=True)
+        (job / "generate").mkdir()
+        (job / "metrics.json").write_text(json.dumps({"val_oracle_signal_mse": 0.1,
+                                                      "val_signal_over_oracle": ratio_mse / 0.1}))
+        (job / "training_log.csv").write_text("epoch,step,val_signal_mse\n1,10,0.5\n2,20,%s\n" % ratio_mse)
+        (job / "representations" / "representation_metrics.json").write_text(json.dumps(
+            {"layers": {"1": {"belief_circle_r2": belief - 0.1}, "2": {"belief_circle_r2": belief}},
+             "random_init_control": {"1": {"belief_circle_r2": 0.3}}}))
+        (job / "generate" / "gen.json").write_text(json.dumps({"process": {
+            "generated": {"dwell_ks": ks, "angular_speed_ratio_median": 1.05},
+            "true_continuation": {"dwell_ks": ks_true}, "process_draw": {"dwell_ks": 0.06}}}))
+    out = tmp_path / "out"
+    assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--out-dir", str(out)]) == 0
+    rows = (out / "curves.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 3 and any(r.endswith(",5.0") for r in rows)     # 0.5 / 0.1 at step 10
+    t = json.loads((out / "targets.json").read_text())["targets"]["mamba"]
+    assert t["fresh"]["val_signal_over_oracle"]["values"] == pytest.approx([1.2, 2.0])
+    assert t["fresh"]["val_signal_over_oracle"]["met"] == "yes" and t["fixed"]["val_signal_over_oracle"]["met"] == "no"
+    assert t["fresh"]["belief_circle_r2_best_layer"]["values"] == pytest.approx([0.97, 0.90])
+    assert t["fresh"]["belief_circle_r2_best_layer"]["met"] == "1 of 2 seeds"
+    assert t["fresh"]["belief_circle_r2_best_layer_random_init"]["mean"] == pytest.approx(0.3)
+    assert t["fresh"]["generation_dwell_ks"]["met"] == "1 of 2 seeds"            # 0.05/0.04 <= 2, 0.30/0.04 > 2
+    assert t["fresh"]["generation_angular_speed_ratio"]["met"] == "yes"
+    assert (out / "curves.png").stat().st_size > 1000
+    assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--out-dir", str(out)]) == 2      # no --force

@@ -1,0 +1,194 @@
+"""Fresh against fixed training data on the circles process: the learning curves (validation signal MSE
+over the oracle's, against training steps, every seed) and the issue's targets, read from finished
+sweeps of scripts/sweeps/fresh_vs_fixed_{masked,mamba}.json.
+
+    python scripts/fresh_vs_fixed.py --sweep masked=runs/sweeps/fresh_vs_fixed_masked \\
+        --sweep mamba=runs/sweeps/fresh_vs_fixed_mamba --out-dir results/circles_fresh
+
+Writes curves.csv (model, config, seed, epoch, step, val_signal_over_oracle), targets.json (each target:
+the value per seed, its mean and range, met or not) and curves.png. The per-configuration summaries
+with intervals and the paired fresh - fixed differences come from `python sweep.py aggregate`.
+"""
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import safeio  # noqa: E402
+from cliargs import Parser  # noqa: E402
+
+CONFIGS = ("fresh", "fixed")
+OUTPUTS = ("curves.csv", "targets.json", "curves.png")
+
+
+def _rows(path: str) -> list[dict]:
+    import csv
+    import io
+    raw = safeio.read_bytes(path, "training log")
+    return list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig"))))
+
+
+def _num(v):
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def job_folders(root: str) -> dict[str, list[tuple[int, str]]]:
+    """config -> [(seed, job folder)] of the finished jobs (a metrics.json) under a sweep root."""
+    out = {}
+    for config in CONFIGS:
+        folder = os.path.join(root, config)
+        jobs = []
+        if os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                if name.startswith("s") and name[1:].isdigit() and os.path.isfile(os.path.join(folder, name,
+                                                                                             "metrics.json")):
+                    jobs.append((int(name[1:]), os.path.join(folder, name)))
+        out[config] = jobs
+    return out
+
+
+def curves(model: str, root: str) -> list[dict]:
+    rows = []
+    for config, jobs in job_folders(root).items():
+        for seed, job in jobs:
+            m = safeio.read_json(os.path.join(job, "metrics.json"), "metrics", kind=dict)
+            orc = _num(m.get("val_oracle_signal_mse"))
+            for r in _rows(os.path.join(job, "training_log.csv")):
+                v = _num(r.get("val_signal_mse"))
+                if orc and v is not None:
+                    rows.append({"model": model, "config": config, "seed": seed, "epoch": int(float(r["epoch"])),
+                                 "step": int(float(r["step"])), "val_signal_over_oracle": v / orc})
+    return rows
+
+
+def _spread(values: list[float]) -> dict:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"n": 0, "values": values}
+    return {"n": len(vals), "values": values, "mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+
+
+def _layer_best(rep: dict, key: str):
+    vals = [_num(v.get(key)) for v in (rep.get("layers") or {}).values() if isinstance(v, dict)]
+    vals = [v for v in vals if v is not None]
+    return max(vals) if vals else None
+
+
+def targets(model: str, root: str) -> dict:
+    """The issue's targets for one model, per seed of each configuration."""
+    out = {}
+    for config, jobs in job_folders(root).items():
+        ratio, belief, control_belief, ks, ks_true, ks_draw, speed = [], [], [], [], [], [], []
+        for seed, job in jobs:
+            m = safeio.read_json(os.path.join(job, "metrics.json"), "metrics", kind=dict)
+            ratio.append(_num(m.get("val_signal_over_oracle")))
+            rep_path = os.path.join(job, "representations", "representation_metrics.json")
+            rep = safeio.read_json(rep_path, "representation metrics", kind=dict) if os.path.exists(rep_path) else {}
+            belief.append(_layer_best(rep, "belief_circle_r2"))
+            control_belief.append(_layer_best({"layers": rep.get("random_init_control")}, "belief_circle_r2"))
+            gen_path = os.path.join(job, "generate", "gen.json")
+            if os.path.exists(gen_path):
+                proc = safeio.read_json(gen_path, "generation", kind=dict).get("process", {})
+                ks.append(_num((proc.get("generated") or {}).get("dwell_ks")))
+                ks_true.append(_num((proc.get("true_continuation") or {}).get("dwell_ks")))
+                ks_draw.append(_num((proc.get("process_draw") or {}).get("dwell_ks")))
+                speed.append(_num((proc.get("generated") or {}).get("angular_speed_ratio_median")))
+        limit = 1.5 if model == "masked" else 2.0
+        t = {"val_signal_over_oracle": {**_spread(ratio), "target": f"<= {limit}"},
+             "belief_circle_r2_best_layer": {**_spread(belief), "target": ">= 0.95"},
+             "belief_circle_r2_best_layer_random_init": _spread(control_belief)}
+        t["val_signal_over_oracle"]["met"] = _met(ratio, lambda v: v <= limit)
+        t["belief_circle_r2_best_layer"]["met"] = _met(belief, lambda v: v >= 0.95)
+        if ks:
+            t["generation_dwell_ks"] = {**_spread(ks), "true_continuation": _spread(ks_true),
+                                        "process_draw": _spread(ks_draw),
+                                        "target": "<= 2 x the true continuation's (same seed)"}
+            t["generation_dwell_ks"]["met"] = _met([None if a is None or b is None else a / b
+                                                   for a, b in zip(ks, ks_true)], lambda v: v <= 2)
+            t["generation_angular_speed_ratio"] = {**_spread(speed), "target": "within 10% of 1"}
+            t["generation_angular_speed_ratio"]["met"] = _met(speed, lambda v: abs(v - 1) <= 0.1)
+        out[config] = t
+    return out
+
+
+def _met(values: list, rule) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "not measured"
+    hits = sum(bool(rule(v)) for v in vals)
+    return "yes" if hits == len(vals) else ("no" if hits == 0 else f"{hits} of {len(vals)} seeds")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for config, colour in zip(CONFIGS, ("tab:blue", "tab:red")):
+            seeds = sorted({r["seed"] for r in rows if r["model"] == model and r["config"] == config})
+            for i, seed in enumerate(seeds):
+                pts = [(r["step"], r["val_signal_over_oracle"]) for r in rows
+                       if r["model"] == model and r["config"] == config and r["seed"] == seed]
+                ax.plot(*zip(*pts), color=colour, lw=1, alpha=0.8, label=f"{config} data" if i == 0 else None)
+        target = 1.5 if model == "masked" else 2.0
+        ax.axhline(1, color="k", lw=1, ls="--", label="Bayes-optimal oracle")
+        ax.axhline(target, color="grey", lw=1, ls=":", label=f"target {target}x")
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation signal MSE / oracle's")
+        ax.set_title(f"{model}: one line per seed")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    from plotting import save_figure
+    save_figure(fig, path)
+
+
+def build_parser() -> Parser:
+    p = Parser(description="Learning curves and targets of fresh against fixed training data (circles).")
+    p.add_argument("--sweep", action="append", required=True, metavar="MODEL=ROOT",
+                   help="a finished sweep root of scripts/sweeps/fresh_vs_fixed_<model>.json (repeatable)")
+    p.add_argument("--out-dir", required=True, help="where curves.csv, targets.json and curves.png go")
+    p.add_argument("--force", action="store_true", help="replace earlier outputs of this script there")
+    return p
+
+
+@safeio.one_line_errors()
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    sweeps = {}
+    for item in args.sweep:
+        model, sep, root = item.partition("=")
+        if not sep or model not in ("masked", "mamba"):
+            raise safeio.InputError(f"--sweep {item!r}: give MODEL=ROOT with MODEL masked or mamba")
+        if not os.path.isdir(root):
+            raise safeio.InputError(f"--sweep {item!r}: {root} is not a folder")
+        sweeps[model] = root
+    safeio.output_dir(args.out_dir, create=False)
+    paths = [os.path.join(args.out_dir, f) for f in OUTPUTS]
+    out = safeio.Outputs("scripts/fresh_vs_fixed.py", args.force)
+    out.claim(paths)
+    rows = [r for model, root in sweeps.items() for r in curves(model, root)]
+    if not rows:
+        raise safeio.InputError("no finished job (metrics.json and training_log.csv) under the sweeps given")
+    res = {"sweeps": sweeps, "targets": {model: targets(model, root) for model, root in sweeps.items()}}
+    safeio.output_dir(args.out_dir)
+    safeio.write_csv(out.target(paths[0]), list(rows[0]), [list(r.values()) for r in rows])
+    out.write_json(paths[1], res)
+    plot(rows, out.target(paths[2]))
+    for model, t in res["targets"].items():
+        for config, d in t.items():
+            print(f"{model} {config}: " + "; ".join(f"{k} {v.get('mean', float('nan')):.3f} (met: {v.get('met', '-')})"
+                                                   for k, v in d.items() if "mean" in v))
+    print(f"wrote {', '.join(paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
