@@ -324,13 +324,15 @@ def build_parser():
     p = cliargs.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 when the ledger file differs from what this script writes")
-    p.add_argument("--out", default=DOC, help="the ledger file to write or check")
+    p.add_argument("--out", default="docs/claims.md",
+                   help="the ledger file to write or check (a relative path is below the repository root)")
     return p
 
 
 @safeio.one_line_errors()
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.out = os.path.join(ROOT, args.out)           # an absolute path stays as it is
     from claims_list import CLAIMS, SOURCES
     check_list(CLAIMS, SOURCES)
     text = render(CLAIMS, SOURCES)
