@@ -708,6 +708,8 @@ def _restore_best(out_dir: str, resume: dict) -> None:
 
 def train_main(args, spec: ModelSpec, given: set[str]) -> int:
     """Train a sequence model end to end: data, model, fit, best-checkpoint test, figures."""
+    if getattr(args, "eval_mask_seed", None) is not None:
+        raise TrainingError("--eval-mask-seed goes with --eval CKPT (a run's own masks come from its --seed)")
     device = resolve_device(args.device)
     args, resume, out_dir = _resolve_run(args, spec, given)
     data = _load_data(args, spec, resume)
@@ -1045,6 +1047,8 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
         raise TrainingError(str(e)) from None
     device = resolve_device(args.device)
     data_args = dict(ckpt["data"])
+    if args.eval_mask_seed is not None:   # the windows stay; their masks (and the oracle's) are those of that seed
+        data_args["seed"] = args.eval_mask_seed
     if "data_dir" in given:
         data_args["data_dir"] = args.data_dir
     elif not os.path.exists(data_args["data_dir"]):
@@ -1072,7 +1076,8 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
         paths = spec.plot_predictions(model, ds["val"], device, plots_dir, series.n_states, amp)
     if args.export:
         paths += export_model(model, spec.model_type, ckpt["model_config"], args.export, args.force, data_args)
-    res: dict[str, Any] = {"checkpoint": ckpt["path"], **scores, "noise_floor": floor}
+    res: dict[str, Any] = {"checkpoint": ckpt["path"], **scores, "noise_floor": floor,
+                           "mask_seed": data_args["seed"]}
     if spec.final_metrics:
         res.update(spec.final_metrics(model, (val_loader, test_loader), device, amp))
     jp = safeio.write_json(os.path.join(out_dir, "eval_metrics.json"), res)
@@ -1124,6 +1129,9 @@ def add_training_arguments(p: argparse.ArgumentParser, *, seq_len: int, stride: 
     g.add_argument("--checkpoint", default=None, help="also write the best checkpoint to this path")
     g.add_argument("--resume", default=None, help="resume from a last.pt (or its run folder)")
     g.add_argument("--eval", default=None, metavar="CKPT", help="evaluate a checkpoint and redraw its figures")
+    g.add_argument("--eval-mask-seed", type=SEED, default=None, metavar="SEED",
+                   help="with --eval: score on the held-out masks a run of this --seed uses (default: the "
+                        "checkpoint's own), so that runs of different seeds are compared on the same masks")
     g.add_argument("--force", action="store_true", help="train into an --out-dir that already holds a run")
     g.add_argument("--export", default=None, metavar="DIR",
                    help="also write the best (or --eval) model as DIR/model.safetensors + config.json; "

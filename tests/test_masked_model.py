@@ -185,6 +185,19 @@ def test_training_resume_and_eval(small_data_dir, tmp_path, plots_below_tmp, cap
     assert "--force" in capsys.readouterr().err
     assert main(["--eval", str(a / "best.pt"), "--data-dir", small_data_dir, "--out-dir", str(ev), "--no-plot",
                  "--force"]) == 0
+    # scored on another seed's held-out masks: exactly the masks (and so the oracle) of a run of that seed
+    s5 = tmp_path / "s5"
+    assert main(["--data-dir", small_data_dir, "--out-dir", str(s5), "--epochs", "1", "--pos-encoding", "t5",
+                 "--seed", "5", "--no-plot", *TINY]) == 0
+    assert main(["--eval", str(a / "best.pt"), "--data-dir", small_data_dir, "--out-dir", str(tmp_path / "ev5"),
+                 "--no-plot", "--eval-mask-seed", "5"]) == 0
+    e5 = json.loads((tmp_path / "ev5" / "eval_metrics.json").read_text())
+    m5 = json.loads((s5 / "metrics.json").read_text())
+    assert e5["mask_seed"] == 5 and e5["val_oracle_mse"] == pytest.approx(m5["val_oracle_mse"], rel=1e-9)
+    assert e5["val_oracle_mse"] != pytest.approx(metrics["val_oracle_mse"], rel=1e-6)
+    capsys.readouterr()
+    assert main(["--data-dir", small_data_dir, "--out-dir", str(tmp_path / "x"), "--eval-mask-seed", "5", *TINY]) == 2
+    assert "goes with --eval" in capsys.readouterr().err
 
 
 def test_training_reduces_the_loss(small_data_dir, tmp_path):
