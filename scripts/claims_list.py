@@ -37,6 +37,7 @@ PUB_CMD = ("the published command with --pos-encoding rope on one GPU (docs/circ
            "evaluate_representations.py on best.pt and last.pt")
 MODADD = "results/modadd_code_gpu10/plots/report.json"
 MODADD_CPU = "results/modadd_cpu/code/"
+SMOL = "results/terrain_smollm2/"
 MINILM = "all-MiniLM-L6-v2, offline; T5 and Qwen weights are not available here"
 
 CLAIMS = [
@@ -498,9 +499,46 @@ CLAIMS = [
          measure_with="python -m terrain.modulate (modulate_minilm.json copied to results/)"),
     dict(id="T18", line="terrain", source="notebook § 11 talk to the modulated T5; Summary",
          claim="The modulated model stays coherent when it generates text.",
-         null="the unmodulated model and a resampled answer; shuffled rows", scale="—",
-         measure_with="python -m terrain.modulate --talk --model <T5 or causal-LM folder> (tested on tiny random "
-                      "models only; SmolLM2 is available offline)"),
+         evidence={"talk": SMOL + "modulate_talk_smollm2.json"},
+         values={"base": "summary.0.loglik_unmodulated.mean", "w": "summary.11.loglik_unmodulated.mean",
+                 "wa": "summary.11.alpha", "s": "summary.12.loglik_unmodulated.mean",
+                 "changed": ["sub", 1, "summary.11.identical"], "w5": "summary.13.loglik_unmodulated.mean",
+                 "n": "summary.0.n_prompts"},
+         measured="SmolLM2 (Q4_1), {n} prompts, greedy, 32 tokens: mean log-likelihood under the bare model "
+                  "{base:.2f} unmodulated; WordNet rows at alpha {wa}: {w:.2f} ({changed:.0%} of answers "
+                  "changed); at alpha 0.5: {w5:.2f}",
+         null="the unmodulated answers; shuffled geometric rows", reference="shuffled rows at alpha {wa}: {s:.2f}",
+         scale="SmolLM2-135M-Instruct (the one real decoder offline), 4 prompts",
+         measure_with="bash scripts/terrain_smollm2.sh (terrain.modulate --talk on SmolLM2)",
+         rules=[(["and", [">=", ["sub", "w", "base"], -0.1], ["<", "w5", ["sub", "base", 0.2]]],
+                 "holds up to alpha {wa} on SmolLM2 (likelihood within 0.1 of the bare model's while answers "
+                 "change); not at 0.5; 4 prompts, wide intervals")],
+         otherwise="does not hold: likelihood {w:.2f} against {base:.2f}"),
+    dict(id="T22", line="terrain", source="notebook Summary (the universal CV), measured on a decoder",
+         claim="The 4-simplex volume CV of a model's token embedding lies in the universal band 0.20-0.23.",
+         evidence={"e": SMOL + "embeddings_smollm2.json", "m": SMOL + "embeddings_minilm.json"},
+         values={"cv": "e:simplex_cv.cv", "lo": "e:simplex_cv.ci.0", "hi": "e:simplex_cv.ci.1",
+                 "null": "e:simplex_cv.null_same_covariance", "mcv": "m:simplex_cv.cv"},
+         measured="SmolLM2 {cv:.3f} [{lo:.3f}, {hi:.3f}]; MiniLM {mcv:.3f}",
+         null="a Gaussian of the same covariance", reference="same covariance {null:.3f}",
+         scale="SmolLM2 (Q4_1) and MiniLM token embeddings, 500 simplices x bootstrap",
+         measure_with="bash scripts/terrain_smollm2.sh (terrain.embeddings)",
+         rules=[(["and", [">=", "lo", 0.20], ["<=", "hi", 0.23]], "holds ({cv:.3f})")],
+         otherwise="does not hold: SmolLM2 {cv:.3f}, MiniLM {mcv:.3f}; both well above their same-covariance "
+                   "Gaussians, so the value is a property of each model, not a constant"),
+    dict(id="T23", line="terrain", source="notebook § 2 WordNet relational alignment, measured on a decoder",
+         claim="A model's states of WordNet definitions correlate with WordNet similarity, the contextual states "
+               "more than the static embeddings.",
+         evidence={"w": SMOL + "wordnet_smollm2.json"},
+         values={"c": "stability.path_contextual_pearson.mean", "cs": "stability.path_contextual_pearson.std",
+                 "st": "stability.path_static_pearson.mean", "n": "stability.path_contextual_pearson.n_seeds",
+                 "p": "seed0.path_contextual_mantel.pearson.p_value"},
+         measured="SmolLM2, path Pearson: contextual {c:.3f} +- {cs:.3f}, static {st:.3f} ({n} seeds)",
+         null="Mantel permutation null (200 permutations)", reference="Mantel p = {p:.3f} (seed 0)",
+         scale="SmolLM2 (Q4_1), 5 seeds of 2,000 items", measure_with="bash scripts/terrain_smollm2.sh (terrain.wordnet)",
+         rules=[(["and", ["<", "p", 0.01], [">", "c", ["add", "st", 0.05]]],
+                 "holds on the decoder too ({c:.3f}); its static embeddings carry none ({st:.3f})")],
+         otherwise="does not hold ({c:.3f}, p {p:.3f})"),
     dict(id="T19", line="terrain", source="notebook § 12 field modulator; Summary",
          claim="Under modulation the CV stays in the universal band (0.20-0.23; early stopping at 0.16-0.26).",
          prose=dict(measured="MiniLM's unmodulated monitor CV is already 0.31-0.34: the band stops every field run "

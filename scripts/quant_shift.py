@@ -27,7 +27,7 @@ def shifts(float_res: dict, quant_res: dict) -> list[dict]:
     f = {r["role"]: r for r in summary_rows(float_res)}
     q = {r["role"]: r for r in summary_rows(quant_res)}
     null_key = {"stable_rank": "stable_rank_null", "pr_sigma2": "pr_sigma2_null", "hoyer": "hoyer_null",
-                "frac_below_0.1_rms": "frac_below_0.1_rms_null"}
+                "frac_below_0.1_rms": "frac_below_0.1_rms_null", "frac_below_0.01_rms": "frac_below_0.01_rms_null"}
     out = []
     for role in [r for r in f if r in q]:
         for key, label in STATS:

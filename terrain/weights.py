@@ -433,6 +433,7 @@ def summary_rows(res: dict) -> list[dict]:
             "frac_below_0.1_rms": _mean([m["frac_below_0.1_rms"] for m in ms]),
             "frac_below_0.1_rms_null": _mean([m["null"]["frac_below_0.1_rms"] for m in ms]),
             "frac_below_0.01_rms": _mean([m.get("frac_below_0.01_rms") for m in ms]),
+            "frac_below_0.01_rms_null": _mean([m["null"].get("frac_below_0.01_rms") for m in ms]),
         })
         q = [m["quant_null"] for m in ms if isinstance(m.get("quant_null"), dict) and "stable_rank" in m["quant_null"]]
         if q:  # the same statistics of Gaussians passed through the matrices' own quantisation
