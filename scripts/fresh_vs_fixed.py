@@ -6,7 +6,7 @@ sweeps of scripts/sweeps/fresh_vs_fixed_{masked,mamba}.json.
         --sweep mamba=runs/sweeps/fresh_vs_fixed_mamba --out-dir results/circles_fresh
 
 Writes curves.csv (model, config, seed, epoch, step, val_signal_over_oracle), targets.json (each target:
-the value per seed, its mean and range, met or not) and curves.png. The per-configuration summaries
+the value per seed, its mean and range, met or not), targets.md (the same as tables) and curves.png. The per-configuration summaries
 with intervals and the paired fresh - fixed differences come from `python sweep.py aggregate`.
 """
 import math
@@ -19,7 +19,7 @@ import safeio  # noqa: E402
 from cliargs import Parser  # noqa: E402
 
 CONFIGS = ("fresh", "fixed")
-OUTPUTS = ("curves.csv", "targets.json", "curves.png")
+OUTPUTS = ("curves.csv", "targets.json", "curves.png", "targets.md")
 
 
 def _rows(path: str) -> list[dict]:
@@ -137,6 +137,39 @@ def _met(values: list, rule) -> str:
     return "yes" if hits == len(vals) else ("no" if hits == 0 else f"{hits} of {len(vals)} seeds")
 
 
+LABELS = (("val_signal_over_oracle", "validation signal MSE / oracle's (seed 0's masks)"),
+          ("val_signal_over_oracle_own_masks", "the same on each run's own masks"),
+          ("val_signal_excess_over_oracle", "validation signal MSE minus the oracle's"),
+          ("val_signal_mse_where_oracle_certain", "signal MSE where the oracle is certain (oracle: ~0)"),
+          ("belief_circle_r2_best_layer", "belief probe R^2 (circle posterior), best layer"),
+          ("belief_circle_r2_best_layer_random_init", "the same at random init"),
+          ("generation_dwell_ks", "generation: dwell KS to the process"),
+          ("generation_angular_speed_ratio", "generation: angular speed / true"))
+
+
+def markdown(targets: dict) -> str:
+    """One table per model: each quantity, fresh and fixed, as mean [min, max] over seeds, the
+    target and whether every seed meets it."""
+    def cell(d):
+        if not d or not d.get("n"):
+            return "—"
+        return f"{d['mean']:.3f} [{d['min']:.3f}, {d['max']:.3f}] (n={d['n']})"
+    out = []
+    for model, t in targets.items():
+        out += [f"#### {model}", "", "| quantity | fresh data | fixed data | target (fresh: met?) |", "|---|---|---|---|"]
+        for key, label in LABELS:
+            f, x = t.get("fresh", {}).get(key), t.get("fixed", {}).get(key)
+            if not f and not x:
+                continue
+            extra = ""
+            if key == "generation_dwell_ks" and f:
+                extra = f"; true continuation {cell(f.get('true_continuation'))}; a process draw {cell(f.get('process_draw'))}"
+            target = f"{f.get('target')} ({f.get('met')})" if f and f.get("target") else ""
+            out.append(f"| {label} | {cell(f)}{extra} | {cell(x)} | {target} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -167,7 +200,7 @@ def build_parser() -> Parser:
     p = Parser(description="Learning curves and targets of fresh against fixed training data (circles).")
     p.add_argument("--sweep", action="append", required=True, metavar="MODEL=ROOT",
                    help="a finished sweep root of scripts/sweeps/fresh_vs_fixed_<model>.json (repeatable)")
-    p.add_argument("--out-dir", required=True, help="where curves.csv, targets.json and curves.png go")
+    p.add_argument("--out-dir", required=True, help="where curves.csv, targets.json, targets.md and curves.png go")
     p.add_argument("--force", action="store_true", help="replace earlier outputs of this script there")
     return p
 
@@ -195,6 +228,7 @@ def main(argv=None) -> int:
     safeio.write_csv(out.target(paths[0]), list(rows[0]), [list(r.values()) for r in rows])
     out.write_json(paths[1], res)
     plot(rows, out.target(paths[2]))
+    safeio.write_text(out.target(paths[3]), markdown(res["targets"]))
     for model, t in res["targets"].items():
         for config, d in t.items():
             print(f"{model} {config}: " + "; ".join(f"{k} {v.get('mean', float('nan')):.3f} (met: {v.get('met', '-')})"

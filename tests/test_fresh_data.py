@@ -220,4 +220,6 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     assert t["fresh"]["generation_dwell_ks"]["met"] == "1 of 2 seeds"            # 0.05/0.04 <= 2, 0.30/0.04 > 2
     assert t["fresh"]["generation_angular_speed_ratio"]["met"] == "yes"
     assert (out / "curves.png").stat().st_size > 1000
+    md = (out / "targets.md").read_text()
+    assert "| validation signal MSE / oracle's (seed 0's masks) | 1.600 [1.200, 2.000] (n=2) | 3.000 [3.000, 3.000]" in md
     assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--out-dir", str(out)]) == 2      # no --force
