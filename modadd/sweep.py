@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     print(f"training {len(todo)} of {len(seeds)} seeds ({args.jobs} at once): modadd.train {' '.join(train_args)}")
     if args.together > 0:
         for s in todo:  # what modadd.train --force removes: leftovers of a run that did not finish
-            safeio.Outputs(train.KEY, True).claim(outputs(dirs[s]) + run_stage_outputs(dirs[s]))
+            safeio.Outputs(train.KEY, True).claim(outputs(dirs[s]), derived=run_stage_outputs(dirs[s]))
         rcs = train_together(train_args, todo, dirs, args.together)
     else:
         rcs = run_parallel([(f"seed {s}", [py, "-m", "modadd.train", *train_args, "--seed", str(s), "--out-dir",

@@ -66,6 +66,25 @@ def curves(model: str, root: str) -> list[dict]:
     return rows
 
 
+def common_masks(model: str, job: str, own: dict) -> dict:
+    """The metrics on seed 0's held-out masks. A Mamba run has no masks: its own metrics. A masked run
+    of seed 0 scores on them already; any other needs its rescoring (JOB/eval_mask0/eval_metrics.json,
+    of mask seed 0 and of this run's best.pt, written after it), else its ratio is left out (None)."""
+    if model == "mamba" or os.path.basename(job) == "s0":
+        return own
+    path = os.path.join(job, "eval_mask0", "eval_metrics.json")
+    if not os.path.exists(path):
+        return {}
+    m = safeio.read_json(path, "evaluation metrics", kind=dict)
+    best = os.path.join(job, "best.pt")
+    if m.get("mask_seed") != 0 or os.path.realpath(str(m.get("checkpoint", ""))) != os.path.realpath(best) \
+            or (os.path.exists(best) and os.path.getmtime(path) < os.path.getmtime(best)):
+        raise safeio.InputError(f"{path} is not a rescoring of {best} on seed 0's masks (or is older than it); "
+                                f"run masked_model_gpu.py --eval {best} --eval-mask-seed 0 --out-dir "
+                                f"{os.path.dirname(path)} --no-plot --force")
+    return m
+
+
 def _spread(values: list[float]) -> dict:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -89,9 +108,7 @@ def targets(model: str, root: str) -> dict:
             own.append(_num(m.get("val_signal_over_oracle")))
             # the demo's validation block: a masked run's masks follow its seed, so every seed is also scored
             # on seed 0's masks (masked_model_gpu.py --eval best.pt --eval-mask-seed 0 --out-dir JOB/eval_mask0)
-            common = os.path.join(job, "eval_mask0", "eval_metrics.json")
-            if os.path.exists(common):
-                m = safeio.read_json(common, "evaluation metrics", kind=dict)
+            m = common_masks(model, job, m)
             ratio.append(_num(m.get("val_signal_over_oracle")))
             sm, so = _num(m.get("val_signal_mse")), _num(m.get("val_oracle_signal_mse"))
             excess.append(None if sm is None or so is None else sm - so)
@@ -219,11 +236,12 @@ def main(argv=None) -> int:
     safeio.output_dir(args.out_dir, create=False)
     paths = [os.path.join(args.out_dir, f) for f in OUTPUTS]
     out = safeio.Outputs("scripts/fresh_vs_fixed.py", args.force)
-    out.claim(paths)
+    earlier = out.claim(paths, remove=False)     # removed only once the inputs have been read
     rows = [r for model, root in sweeps.items() for r in curves(model, root)]
     if not rows:
         raise safeio.InputError("no finished job (metrics.json and training_log.csv) under the sweeps given")
     res = {"sweeps": sweeps, "targets": {model: targets(model, root) for model, root in sweeps.items()}}
+    out.remove_earlier(earlier)
     safeio.output_dir(args.out_dir)
     safeio.write_csv(out.target(paths[0]), list(rows[0]), [list(r.values()) for r in rows])
     out.write_json(paths[1], res)

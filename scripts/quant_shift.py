@@ -4,8 +4,8 @@ moves them for Gaussian matrices of the same shapes and RMS (the quantised null 
     python scripts/quant_shift.py runs/terrain/weights_minilm.json runs/terrain/weights_q4_1_minilm.json ...
     python scripts/quant_shift.py FLOAT.json QUANT.json [QUANT2.json ...] --out-dir results/terrain_smollm2
 
-Per role and statistic: the float model's value, the quantised model's, their difference, and the
-difference between the quantised and the float Gaussian nulls. A shift close to the null's shift is
+Per role and statistic: the float model's value, the quantised model's, their difference, and what the
+quantisation does to the Gaussian null: the same Gaussian draws before and after it (paired). A shift close to the null's shift is
 what the storage does to any matrix; the rest is how this model's weights meet the format. Writes
 quant_shift.json and quant_shift.md.
 """
@@ -32,7 +32,10 @@ def shifts(float_res: dict, quant_res: dict) -> list[dict]:
     for role in [r for r in f if r in q]:
         for key, label in STATS:
             fv, qv = f[role].get(key), q[role].get(key)
-            qn, fn = q[role].get(f"{key}_qnull"), f[role].get(null_key.get(key, ""))
+            # the null's shift on the same Gaussian draws before and after the quantisation (paired); a
+            # battery written before the pairing: against the float model's own (independent) null
+            qn = q[role].get(f"{key}_qnull")
+            fn = q[role].get(f"{key}_qnull_float", f[role].get(null_key.get(key, "")))
             out.append({"role": role, "statistic": label, "float": fv, "quantized": qv,
                         "shift": None if fv is None or qv is None else qv - fv,
                         "relative_shift": None if not fv or qv is None else (qv - fv) / abs(fv),
@@ -67,13 +70,14 @@ def main(argv=None) -> int:
     paths = [os.path.join(args.out_dir, f) for f in ("quant_shift.json", "quant_shift.md")]
     safeio.output_dir(args.out_dir, create=False)
     out = safeio.Outputs("quant_shift", args.force)
-    out.claim(paths)
+    earlier = out.claim(paths, remove=False)     # removed only once the inputs have been read
     res, md = {"float": args.float_json, "types": {}}, []
     for path in args.quant_json:
         q = safeio.read_json(path, "battery result", kind=dict)
         qtype = q.get("quantize") or "?"
         res["types"][qtype] = {"file": path, "rows": shifts(base, q)}
         md.append(markdown(res["types"][qtype]["rows"], qtype))
+    out.remove_earlier(earlier)
     safeio.output_dir(args.out_dir)
     out.write_json(paths[0], res)
     safeio.write_text(out.target(paths[1]), "\n".join(md))

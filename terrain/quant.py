@@ -52,17 +52,22 @@ def quantize_like(W: np.ndarray, name: str) -> np.ndarray | None:
         return None
 
 
-def quantized_nulls(W: np.ndarray, name: str, rng: np.random.Generator, n: int) -> list[np.ndarray] | None:
-    """n Gaussian matrices of W's shape and RMS, each passed through quantisation type `name`."""
+def quantized_nulls(W: np.ndarray, name: str, rng: np.random.Generator, n: int,
+                    with_gaussians: bool = False):
+    """n Gaussian matrices of W's shape and RMS, each passed through quantisation type `name`
+    (with_gaussians: also the Gaussians themselves, so that what the quantisation does to a null is
+    measured on the same draws: (quantised, gaussians))."""
     import math
     rms = math.sqrt(float(np.mean(np.asarray(W, np.float64) ** 2)))
-    out = []
+    out, src = [], []
     for _ in range(n):
-        q = quantize_like((rng.standard_normal(W.shape) * rms).astype(np.float32), name)
+        g = (rng.standard_normal(W.shape) * rms).astype(np.float32)
+        q = quantize_like(g, name)
         if q is None:
-            return None
+            return (None, None) if with_gaussians else None
         out.append(q)
-    return out
+        src.append(g)
+    return (out, src) if with_gaussians else out
 
 
 class QuantizedSource:

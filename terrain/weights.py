@@ -87,10 +87,12 @@ def matrix_stats(W: np.ndarray, rng: np.random.Generator, n_null: int, null: str
         out["null"] = LA.analytic_matrix_null(W.shape)
     if quant and quant not in Q.FLOAT_TYPES:
         out["quantization"] = quant
-        qn = Q.quantized_nulls(W, quant, rng, max(1, min(n_null, 3)))
+        qn, gs = Q.quantized_nulls(W, quant, rng, max(1, min(n_null, 3)), with_gaussians=True)
         out["quant_null"] = (null_summary(qn, side, device, f"Gaussian through {quant}, monte-carlo ({len(qn)})")
                              if qn is not None else {"method": f"none: the gguf package cannot quantise to {quant} "
                                                                 f"rows of {W.shape[-1]}"})
+        if gs is not None:   # the same Gaussians before quantisation: what the storage does to a null, paired
+            out["quant_null_float"] = null_summary(gs, side, device, f"the quant_null's Gaussians before {quant}")
     out["shape"] = list(W.shape)
     out["sigma_top"] = s[:8].tolist()
     out["spectrum_method"] = method
@@ -415,6 +417,10 @@ def analysed(res: dict) -> list[dict]:
     return [m for m in res["matrices"].values() if not m.get("nonfinite")]
 
 
+QNULL_KEYS = (("stable_rank", "stable_rank"), ("pr_sigma2", "participation_ratio_sigma2"), ("hoyer", "hoyer"),
+              ("frac_below_0.1_rms", "frac_below_0.1_rms"), ("frac_below_0.01_rms", "frac_below_0.01_rms"))
+
+
 def summary_rows(res: dict) -> list[dict]:
     """Per role: mean statistic over layers beside the mean null."""
     rows = []
@@ -438,10 +444,10 @@ def summary_rows(res: dict) -> list[dict]:
         q = [m["quant_null"] for m in ms if isinstance(m.get("quant_null"), dict) and "stable_rank" in m["quant_null"]]
         if q:  # the same statistics of Gaussians passed through the matrices' own quantisation
             rows[-1].update({"quantization": sorted({m.get("quantization") for m in ms} - {None}),
-                             **{f"{k}_qnull": _mean([x.get(src) for x in q]) for k, src in (
-                                 ("stable_rank", "stable_rank"), ("pr_sigma2", "participation_ratio_sigma2"),
-                                 ("hoyer", "hoyer"), ("frac_below_0.1_rms", "frac_below_0.1_rms"),
-                                 ("frac_below_0.01_rms", "frac_below_0.01_rms"))}})
+                             **{f"{k}_qnull": _mean([x.get(src) for x in q]) for k, src in QNULL_KEYS}})
+        qf = [m["quant_null_float"] for m in ms if isinstance(m.get("quant_null_float"), dict)]
+        if qf and len(qf) == len(q):
+            rows[-1].update({f"{k}_qnull_float": _mean([x.get(src) for x in qf]) for k, src in QNULL_KEYS})
     return rows
 
 

@@ -198,11 +198,6 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
         (job / "generate" / "gen.json").write_text(json.dumps({"process": {
             "generated": {"dwell_ks": ks, "angular_speed_ratio_median": 1.05},
             "true_continuation": {"dwell_ks": ks_true}, "process_draw": {"dwell_ks": 0.06}}}))
-    # a rescoring on seed 0's masks takes precedence over the run's own masks for the target
-    (root / "fixed" / "s0" / "eval_mask0").mkdir()
-    (root / "fixed" / "s0" / "eval_mask0" / "eval_metrics.json").write_text(json.dumps(
-        {"val_signal_over_oracle": 3.0, "val_signal_mse": 0.3, "val_oracle_signal_mse": 0.1,
-         "val_signal_by_certainty": {"signal_mse_certain": 0.02}}))
     out = tmp_path / "out"
     assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--out-dir", str(out)]) == 0
     rows = (out / "curves.csv").read_text().splitlines()
@@ -210,10 +205,6 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     t = json.loads((out / "targets.json").read_text())["targets"]["mamba"]
     assert t["fresh"]["val_signal_over_oracle"]["values"] == pytest.approx([1.2, 2.0])
     assert t["fresh"]["val_signal_over_oracle"]["met"] == "yes" and t["fixed"]["val_signal_over_oracle"]["met"] == "no"
-    assert t["fixed"]["val_signal_over_oracle"]["values"] == [3.0]
-    assert t["fixed"]["val_signal_over_oracle_own_masks"]["values"] == pytest.approx([6.0])
-    assert t["fixed"]["val_signal_excess_over_oracle"]["values"] == pytest.approx([0.2])
-    assert t["fixed"]["val_signal_mse_where_oracle_certain"]["values"] == [0.02]
     assert t["fresh"]["belief_circle_r2_best_layer"]["values"] == pytest.approx([0.97, 0.90])
     assert t["fresh"]["belief_circle_r2_best_layer"]["met"] == "1 of 2 seeds"
     assert t["fresh"]["belief_circle_r2_best_layer_random_init"]["mean"] == pytest.approx(0.3)
@@ -221,5 +212,24 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     assert t["fresh"]["generation_angular_speed_ratio"]["met"] == "yes"
     assert (out / "curves.png").stat().st_size > 1000
     md = (out / "targets.md").read_text()
-    assert "| validation signal MSE / oracle's (seed 0's masks) | 1.600 [1.200, 2.000] (n=2) | 3.000 [3.000, 3.000]" in md
+    assert "| validation signal MSE / oracle's (seed 0's masks) | 1.600 [1.200, 2.000] (n=2) | 6.000 [6.000, 6.000]" in md
+    # a masked model's masks follow its seed: seed 0 scores on its own, any other seed only through a
+    # rescoring on seed 0's masks (of its own best.pt), else it is left out of the target
+    assert fresh_vs_fixed.main(["--sweep", f"masked={root}", "--out-dir", str(tmp_path / "m")]) == 0
+    t = json.loads((tmp_path / "m" / "targets.json").read_text())["targets"]["masked"]
+    assert t["fresh"]["val_signal_over_oracle"]["values"] == [pytest.approx(1.2), None]
+    assert t["fresh"]["val_signal_over_oracle_own_masks"]["values"] == pytest.approx([1.2, 2.0])
+    s1 = root / "fresh" / "s1"
+    (s1 / "eval_mask0").mkdir()
+    rescored = {"val_signal_over_oracle": 3.0, "val_signal_mse": 0.3, "val_oracle_signal_mse": 0.1,
+                "val_signal_by_certainty": {"signal_mse_certain": 0.02}, "checkpoint": str(s1 / "best.pt")}
+    (s1 / "eval_mask0" / "eval_metrics.json").write_text(json.dumps({**rescored, "mask_seed": 1}))
+    assert fresh_vs_fixed.main(["--sweep", f"masked={root}", "--out-dir", str(tmp_path / "m"), "--force"]) == 2
+    assert (tmp_path / "m" / "targets.json").exists()              # a refused input removes nothing
+    (s1 / "eval_mask0" / "eval_metrics.json").write_text(json.dumps({**rescored, "mask_seed": 0}))
+    assert fresh_vs_fixed.main(["--sweep", f"masked={root}", "--out-dir", str(tmp_path / "m"), "--force"]) == 0
+    t = json.loads((tmp_path / "m" / "targets.json").read_text())["targets"]["masked"]
+    assert t["fresh"]["val_signal_over_oracle"]["values"] == pytest.approx([1.2, 3.0])
+    assert t["fresh"]["val_signal_excess_over_oracle"]["values"] == [None, pytest.approx(0.2)]
+    assert t["fresh"]["val_signal_mse_where_oracle_certain"]["values"] == [None, 0.02]
     assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--out-dir", str(out)]) == 2      # no --force

@@ -183,6 +183,9 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, plots_below_t
     assert set(rep["process"]) == {"generated", "true_continuation", "process_draw"}
     # a draw of the process itself is the reference a generation's statistics are read against
     assert rep["process"]["process_draw"]["n_steps"] == rep["process"]["generated"]["n_steps"] == 40
+    capsys.readouterr()
+    assert main(["eval", str(run / "best.pt"), "--eval-mask-seed", "3", "--no-plot"]) == 2   # nothing masked to re-mask
+    assert "without masks" in capsys.readouterr().err
     assert main(["gates", "--checkpoint", str(run / "best.pt"), "--samples", "3", "--plot-samples", "1"]) == 0
     summary = json.loads((run / "gates" / "gates_summary.json").read_text())
     assert len(summary["mean_delta"]) == 2 and all(d > 0 for d in summary["mean_delta"])

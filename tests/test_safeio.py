@@ -221,6 +221,18 @@ def test_another_commands_file_is_never_replaced_unless_declared_derived(tmp_pat
     found = Outputs("train", force=True).claim([str(out / "model.bin")], derived=[str(out / "report.json")])
     assert [os.path.basename(p) for p in found] == ["report.json"] and not (out / "report.json").exists()
     assert safeio.recorded("analysis", str(out)) == []      # forgotten by the key that wrote it
+    # a file deleted by hand and written again by another command belongs to that command only
+    first = Outputs("first", force=False)
+    first.claim([str(out / "x.json")])
+    safeio.write_json(first.target(str(out / "x.json")), {})
+    os.remove(out / "x.json")
+    second = Outputs("second", force=False)
+    second.claim([str(out / "x.json")])
+    safeio.write_json(second.target(str(out / "x.json")), {"mine": 2})
+    assert safeio.recorded_by(str(out / "x.json")) == {"second"}
+    with pytest.raises(OutputsExist, match="another command"):
+        Outputs("first", force=True).claim([str(out / "x.json")])
+    assert json.loads((out / "x.json").read_text()) == {"mine": 2}
 
 
 def test_a_hostile_manifest_never_removes_files_outside_its_folder(tmp_path):

@@ -242,6 +242,18 @@ def test_quantize_passes_a_float_model_through_a_type(tiny_llama, tmp_path):
             r["statistic"]]
         assert r["shift"] == pytest.approx(rows[r["role"]][key] - frows[r["role"]][key])
     assert quant_shift.main([str(fp), str(qp), "--out-dir", str(tmp_path / "qs")]) == 2   # no --force
+    # the null's shift is paired (the same Gaussians before and after): Q4_1 (a scale and a minimum per
+    # block, 16 levels) leaves a Gaussian's share below 0.01 RMS where it was, while Q4_0 (levels symmetric
+    # about an exact zero) sends about 12% of its entries to zero
+    q0 = battery(str(folder), n_null=1, show_progress=False, quantize="Q4_0")
+    (tmp_path / "q0.json").write_text(json.dumps(q0))
+    assert quant_shift.main([str(fp), str(qp), str(tmp_path / "q0.json"), "--out-dir", str(tmp_path / "qs"),
+                             "--force"]) == 0
+    types = json.loads((tmp_path / "qs" / "quant_shift.json").read_text())["types"]
+    small = {t: [r["null_shift"] for r in types[t]["rows"] if r["statistic"] == "share below 0.01 RMS"]
+             for t in ("Q4_1", "Q4_0")}
+    assert small["Q4_1"] and all(abs(x) < 0.005 for x in small["Q4_1"])
+    assert small["Q4_0"] and all(0.05 < x < 0.2 for x in small["Q4_0"])
 
 
 def write_bytes(path, data):
