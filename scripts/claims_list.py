@@ -416,19 +416,24 @@ CLAIMS = [
     dict(id="B10", line="mamba", source="Mamba § Generation (fresh data)",
          claim="Autoregressive generation continues the Markov-switching process (visit lengths and speeds).",
          evidence={"t": FRESH},
-         values={"ks": "targets.mamba.fresh.generation_dwell_ks.mean",
-                 "kst": "targets.mamba.fresh.generation_dwell_ks.true_continuation.mean",
-                 "ksd": "targets.mamba.fresh.generation_dwell_ks.process_draw.mean",
+         values={"v": "targets.mamba.fresh.generation_visits.mean",
+                 "vt": "targets.mamba.fresh.generation_visits.true_continuation.mean",
                  "sp": "targets.mamba.fresh.generation_angular_speed_ratio.mean",
-                 "ksx": "targets.mamba.fixed.generation_dwell_ks.mean"},
-         measured="2,000 generated steps decoded by the oracle, mean over seeds: dwell KS {ks:.2f} (fixed-data "
-                  "models {ksx:.2f}); angular speed {sp:.2f}x the true",
+                 "ksh": "targets.mamba.fresh.generation_hidden_dwell_ks.mean",
+                 "kst": "targets.mamba.fresh.generation_hidden_dwell_ks.true_continuation.mean",
+                 "ksd": "targets.mamba.fresh.generation_hidden_dwell_ks.process_draw.mean",
+                 "sph": "targets.mamba.fresh.generation_hidden_angular_speed_ratio.mean",
+                 "vx": "targets.mamba.fixed.generation_visits.mean"},
+         measured="2,000 generated steps decoded by the oracle, mean over seeds: {v:.1f} visits (true continuation "
+                  "{vt:.1f}; fixed-data models {vx:.1f}) at {sp:.2f}x the true angular speed; with hidden-state "
+                  "bursts dwell KS {ksh:.2f} at {sph:.2f}x speed",
          null="the true continuation and a draw of the process, decoded the same way",
          reference="dwell KS: true continuation {kst:.2f}, a process draw {ksd:.2f}; speed 1",
          scale=FRESH_SCALE, measure_with=FRESH_CMD,
-         rules=[(["and", ["<=", "ks", ["mul", 2, "kst"]], ["<=", ["abs", ["sub", "sp", 1]], 0.1]],
-                 "holds with fresh data (dwell KS {ks:.2f}, speed {sp:.2f}x)")],
-         otherwise="does not hold: dwell KS {ks:.2f} against {kst:.2f} for the true continuation; speed {sp:.2f}x"),
+         rules=[(["and", ["<=", "ksh", ["mul", 2, "kst"]], ["<=", ["abs", ["sub", "sp", 1]], 0.1]],
+                 "holds with fresh data (dwell KS {ksh:.2f}, speed {sp:.2f}x)")],
+         otherwise="does not hold: without bursts a generation stays on one or two circles at {sp:.2f}x the speed; "
+                   "bursts make it switch ({ksh:.2f} dwell KS against {kst:.2f})"),
     dict(id="B11", line="mamba", source="Mamba § introduction (belief states, fresh data)",
          claim="The layers build a representation of the hidden state: the belief over circles becomes linearly "
                "readable.",

@@ -183,7 +183,9 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
     import fresh_vs_fixed
     root = tmp_path / "sweep"
-    planted = {("fresh", 0): (0.12, 0.97, 0.05, 0.04), ("fresh", 1): (0.20, 0.90, 0.30, 0.04),
+    # (val signal MSE, belief R^2, dwell KS, the true continuation's KS); a KS of None: a generation that
+    # stays on two circles (no dwell law to compare), which misses the target
+    planted = {("fresh", 0): (0.12, 0.97, 0.05, 0.04), ("fresh", 1): (0.20, 0.90, None, 0.04),
                ("fixed", 0): (0.60, 0.80, 0.90, 0.05)}
     for (config, seed), (ratio_mse, belief, ks, ks_true) in planted.items():
         job = root / config / f"s{seed}"
@@ -196,7 +198,7 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
             {"layers": {"1": {"belief_circle_r2": belief - 0.1}, "2": {"belief_circle_r2": belief}},
              "random_init_control": {"1": {"belief_circle_r2": 0.3}}}))
         (job / "generate" / "gen.json").write_text(json.dumps({"process": {
-            "generated": {"dwell_ks": ks, "angular_speed_ratio_median": 1.05},
+            "generated": {"dwell_ks": ks, "angular_speed_ratio_median": 1.05, "n_visits": 9 if ks else 2},
             "true_continuation": {"dwell_ks": ks_true}, "process_draw": {"dwell_ks": 0.06}}}))
     out = tmp_path / "out"
     assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--out-dir", str(out)]) == 0
@@ -208,7 +210,9 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     assert t["fresh"]["belief_circle_r2_best_layer"]["values"] == pytest.approx([0.97, 0.90])
     assert t["fresh"]["belief_circle_r2_best_layer"]["met"] == "1 of 2 seeds"
     assert t["fresh"]["belief_circle_r2_best_layer_random_init"]["mean"] == pytest.approx(0.3)
-    assert t["fresh"]["generation_dwell_ks"]["met"] == "1 of 2 seeds"            # 0.05/0.04 <= 2, 0.30/0.04 > 2
+    assert t["fresh"]["generation_dwell_ks"]["met"] == "1 of 2 seeds"            # 0.05/0.04 <= 2; stuck: no
+    assert t["fresh"]["generation_dwell_ks"]["values"] == [0.05, None]
+    assert t["fresh"]["generation_visits"]["values"] == [9, 2] and "generation_hidden_visits" not in t["fresh"]
     assert t["fresh"]["generation_angular_speed_ratio"]["met"] == "yes"
     assert (out / "curves.png").stat().st_size > 1000
     md = (out / "targets.md").read_text()
