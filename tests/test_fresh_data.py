@@ -203,7 +203,7 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     out = tmp_path / "out"
     assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--out-dir", str(out)]) == 0
     rows = (out / "curves.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 3 and any(r.endswith(",5.0") for r in rows)     # 0.5 / 0.1 at step 10
+    assert len(rows) == 1 + 2 * 3 and any(r.endswith(",0.5,0.1,0.4,5.0") for r in rows)   # 0.5 against 0.1
     t = json.loads((out / "targets.json").read_text())["targets"]["mamba"]
     assert t["fresh"]["val_signal_over_oracle"]["values"] == pytest.approx([1.2, 2.0])
     assert t["fresh"]["val_signal_over_oracle"]["met"] == "yes" and t["fixed"]["val_signal_over_oracle"]["met"] == "no"
