@@ -321,7 +321,11 @@ CLAIMS = [
                   "{cert:.3f} (the oracle's ~0)",
          null="the Bayes-optimal oracle on the same windows and masks (seed 0's)", reference="oracle = 1x; target 1.5x",
          scale=FRESH_SCALE, measure_with=FRESH_CMD,
-         rules=[(["<=", "frhi", 1.5], "holds with fresh data ({fr:.2f}x the oracle)")],
+         rules=[(["<=", "frhi", 1.5], "holds with fresh data ({fr:.2f}x the oracle)"),
+                ([">=", "share", 0.9],
+                 "does not hold at the CPU budget: {fr:.2f}x the oracle with fresh data against {fx:.2f}x with "
+                 "fixed data; the error on the 99% of steps whose circle the oracle is certain of ({cert:.2f}, "
+                 "the oracle's ~0) accounts for all of the excess over the oracle ({exc:.2f})")],
          otherwise="does not hold at the CPU budget: {fr:.2f}x the oracle with fresh data against {fx:.2f}x with "
                    "fixed data; about {share:.0%} of the excess is on the 99% of steps whose circle the oracle is "
                    "certain of"),
@@ -441,12 +445,17 @@ CLAIMS = [
          values={"fr": "targets.mamba.fresh.belief_circle_r2_best_layer.mean",
                  "fx": "targets.mamba.fixed.belief_circle_r2_best_layer.mean",
                  "ri": "targets.mamba.fresh.belief_circle_r2_best_layer_random_init.mean",
+                 "lo": "targets.mamba.fresh.belief_circle_r2_best_layer.min",
+                 "hi": "targets.mamba.fresh.belief_circle_r2_best_layer.max",
                  "mk": "targets.masked.fresh.belief_circle_r2_best_layer.mean"},
          measured="held-out R^2 of the oracle's circle posterior, best layer, mean over seeds: {fr:.2f} (fresh), "
                   "{fx:.2f} (fixed); masked model (fresh) {mk:.2f}",
          null="the same architecture at random init", reference="random init {ri:.2f}; target 0.95",
          scale=FRESH_SCALE, measure_with=FRESH_CMD,
-         rules=[([">=", "fr", 0.95], "holds ({fr:.2f})"), ([">", "fr", ["add", "ri", 0.3]],
+         rules=[([">=", "lo", 0.95], "holds in every seed ({lo:.3f}-{hi:.3f})"),
+                ([">=", "fr", 0.95], "holds on average ({fr:.3f}; seeds {lo:.3f}-{hi:.3f}, not every seed above "
+                                     "0.95), with fresh data; fixed data {fx:.2f}"),
+                ([">", "fr", ["add", "ri", 0.3]],
                  "holds only in part: readable well above random init ({fr:.2f} against {ri:.2f}) but below 0.95")],
          otherwise="does not hold ({fr:.2f}; random init {ri:.2f})"),
     # ------------------------------------------------------------------ terrain
