@@ -18,6 +18,8 @@ T -m terrain.wordnet --model smollm2 --seeds 5 "${F[@]}"
 T -m terrain.project --source minilm@embed --target smollm2@embed "${F[@]}"
 T -m terrain.project --source smollm2@embed --target smollm2@15 "${F[@]}"
 T -m terrain.modulate --model smollm2 --layers 10,20 --talk --n-prompts 4 "${F[@]}"
+T -m terrain.modulate --model smollm2 --layers 10,20 --talk --n-prompts 4 --temperature 0.7 --out-dir "$OUT/sampled" \
+    --plots-dir "$OUT/sampled/plots" --force
 T -m terrain.modulate --model smollm2 --train --modulator lerp --layers 10,20 "${F[@]}"
 T -m terrain.modulate --model smollm2 --train --modulator field --layers 10,20 "${F[@]}"
 T scripts/quant_shift.py "$OUT/weights_minilm.json" "$OUT/weights_q4_1_minilm.json" "$OUT/weights_q8_0_minilm.json" \
