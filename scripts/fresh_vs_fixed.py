@@ -3,12 +3,14 @@ minus the oracle's, against training steps, every seed) and the issue's targets,
 sweeps of scripts/sweeps/fresh_vs_fixed_{masked,mamba}.json.
 
     python scripts/fresh_vs_fixed.py --sweep masked=runs/sweeps/fresh_vs_fixed_masked \\
-        --sweep mamba=runs/sweeps/fresh_vs_fixed_mamba --out-dir results/circles_fresh
+        --sweep mamba=runs/sweeps/fresh_vs_fixed_mamba --out-dir results/circles_fresh \\
+        --plots-dir results/circles_fresh
 
-Writes curves.csv (model, config, seed, epoch, step, the validation signal MSE, the oracle's, their
-difference and ratio), targets.json (each target:
-the value per seed, its mean and range, met or not), targets.md (the same as tables) and curves.png. The per-configuration summaries
-with intervals and the paired fresh - fixed differences come from `python sweep.py aggregate`.
+Writes to --out-dir curves.csv (model, config, seed, epoch, step, the validation signal MSE, the
+oracle's, their difference and ratio), targets.json (each target: the value per seed, its mean and
+range, met or not) and targets.md (the same as tables); to --plots-dir curves.png. The
+per-configuration summaries with intervals and the paired fresh - fixed differences come from
+`python sweep.py aggregate`.
 """
 import math
 import os
@@ -17,11 +19,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import safeio  # noqa: E402
-from cliargs import Parser  # noqa: E402
+from cliargs import Parser, add_output_flags, plots_dir  # noqa: E402
 
 CONFIGS = ("fresh", "fixed")
 GENERATIONS = ("gen", "gen_hidden")      # mamba_next.py generate: plain, and with hidden-state perturbation bursts
-OUTPUTS = ("curves.csv", "targets.json", "curves.png", "targets.md")
+OUTPUTS = ("curves.csv", "targets.json", "targets.md")   # and the figure curves.png in --plots-dir
 
 
 def _rows(path: str) -> list[dict]:
@@ -238,7 +240,7 @@ def build_parser() -> Parser:
     p = Parser(description="Learning curves and targets of fresh against fixed training data (circles).")
     p.add_argument("--sweep", action="append", required=True, metavar="MODEL=ROOT",
                    help="a finished sweep root of scripts/sweeps/fresh_vs_fixed_<model>.json (repeatable)")
-    p.add_argument("--out-dir", required=True, help="where curves.csv, targets.json, targets.md and curves.png go")
+    add_output_flags(p, "runs/fresh_vs_fixed", "where curves.csv, targets.json and targets.md go")
     p.add_argument("--force", action="store_true", help="replace earlier outputs of this script there")
     return p
 
@@ -256,8 +258,11 @@ def main(argv=None) -> int:
         sweeps[model] = root
     safeio.output_dir(args.out_dir, create=False)
     paths = [os.path.join(args.out_dir, f) for f in OUTPUTS]
+    figure = None if args.no_plot else os.path.join(plots_dir(args), "curves.png")
+    if figure:
+        safeio.output_dir(os.path.dirname(figure), "--plots-dir", create=False)
     out = safeio.Outputs("scripts/fresh_vs_fixed.py", args.force)
-    earlier = out.claim(paths, remove=False)     # removed only once the inputs have been read
+    earlier = out.claim(paths + ([figure] if figure else []), remove=False)   # removed once the inputs are read
     rows = [r for model, root in sweeps.items() for r in curves(model, root)]
     if not rows:
         raise safeio.InputError("no finished job (metrics.json and training_log.csv) under the sweeps given")
@@ -266,13 +271,15 @@ def main(argv=None) -> int:
     safeio.output_dir(args.out_dir)
     safeio.write_csv(out.target(paths[0]), list(rows[0]), [list(r.values()) for r in rows])
     out.write_json(paths[1], res)
-    plot(rows, out.target(paths[2]))
-    safeio.write_text(out.target(paths[3]), markdown(res["targets"]))
+    safeio.write_text(out.target(paths[2]), markdown(res["targets"]))
+    if figure:
+        safeio.output_dir(os.path.dirname(figure), "--plots-dir")
+        plot(rows, out.target(figure))
     for model, t in res["targets"].items():
         for config, d in t.items():
             print(f"{model} {config}: " + "; ".join(f"{k} {v.get('mean', float('nan')):.3f} (met: {v.get('met', '-')})"
                                                    for k, v in d.items() if "mean" in v))
-    print(f"wrote {', '.join(paths)}")
+    print(f"wrote {', '.join(paths + ([figure] if figure else []))}")
     return 0
 
 

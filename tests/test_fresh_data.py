@@ -201,7 +201,8 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
             "generated": {"dwell_ks": ks, "angular_speed_ratio_median": 1.05, "n_visits": 9 if ks else 2},
             "true_continuation": {"dwell_ks": ks_true}, "process_draw": {"dwell_ks": 0.06}}}))
     out = tmp_path / "out"
-    assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--out-dir", str(out)]) == 0
+    figs = tmp_path / "figs"
+    assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--out-dir", str(out), "--plots-dir", str(figs)]) == 0
     rows = (out / "curves.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 3 and any(r.endswith(",0.5,0.1,0.4,5.0") for r in rows)   # 0.5 against 0.1
     t = json.loads((out / "targets.json").read_text())["targets"]["mamba"]
@@ -214,12 +215,12 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     assert t["fresh"]["generation_dwell_ks"]["values"] == [0.05, None]
     assert t["fresh"]["generation_visits"]["values"] == [9, 2] and "generation_hidden_visits" not in t["fresh"]
     assert t["fresh"]["generation_angular_speed_ratio"]["met"] == "yes"
-    assert (out / "curves.png").stat().st_size > 1000
+    assert (figs / "curves.png").stat().st_size > 1000 and not (out / "curves.png").exists()
     md = (out / "targets.md").read_text()
     assert "| validation signal MSE / oracle's (seed 0's masks) | 1.600 [1.200, 2.000] (n=2) | 6.000 [6.000, 6.000]" in md
     # a masked model's masks follow its seed: seed 0 scores on its own, any other seed only through a
     # rescoring on seed 0's masks (of its own best.pt), else it is left out of the target
-    assert fresh_vs_fixed.main(["--sweep", f"masked={root}", "--out-dir", str(tmp_path / "m")]) == 0
+    assert fresh_vs_fixed.main(["--sweep", f"masked={root}", "--out-dir", str(tmp_path / "m"), "--no-plot"]) == 0
     t = json.loads((tmp_path / "m" / "targets.json").read_text())["targets"]["masked"]
     assert t["fresh"]["val_signal_over_oracle"]["values"] == [pytest.approx(1.2), None]
     assert t["fresh"]["val_signal_over_oracle_own_masks"]["values"] == pytest.approx([1.2, 2.0])
@@ -228,12 +229,13 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     rescored = {"val_signal_over_oracle": 3.0, "val_signal_mse": 0.3, "val_oracle_signal_mse": 0.1,
                 "val_signal_by_certainty": {"signal_mse_certain": 0.02}, "checkpoint": str(s1 / "best.pt")}
     (s1 / "eval_mask0" / "eval_metrics.json").write_text(json.dumps({**rescored, "mask_seed": 1}))
-    assert fresh_vs_fixed.main(["--sweep", f"masked={root}", "--out-dir", str(tmp_path / "m"), "--force"]) == 2
+    assert fresh_vs_fixed.main(["--sweep", f"masked={root}", "--out-dir", str(tmp_path / "m"), "--no-plot", "--force"]) == 2
     assert (tmp_path / "m" / "targets.json").exists()              # a refused input removes nothing
     (s1 / "eval_mask0" / "eval_metrics.json").write_text(json.dumps({**rescored, "mask_seed": 0}))
-    assert fresh_vs_fixed.main(["--sweep", f"masked={root}", "--out-dir", str(tmp_path / "m"), "--force"]) == 0
+    assert fresh_vs_fixed.main(["--sweep", f"masked={root}", "--out-dir", str(tmp_path / "m"), "--no-plot", "--force"]) == 0
     t = json.loads((tmp_path / "m" / "targets.json").read_text())["targets"]["masked"]
     assert t["fresh"]["val_signal_over_oracle"]["values"] == pytest.approx([1.2, 3.0])
     assert t["fresh"]["val_signal_excess_over_oracle"]["values"] == [None, pytest.approx(0.2)]
     assert t["fresh"]["val_signal_mse_where_oracle_certain"]["values"] == [None, 0.02]
-    assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--out-dir", str(out)]) == 2      # no --force
+    assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--out-dir", str(out), "--plots-dir", str(figs)]) == 2
+    assert not list((tmp_path / "m").glob("*.png"))                   # --no-plot draws nothing
