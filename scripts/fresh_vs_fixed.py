@@ -71,11 +71,20 @@ def curves(model: str, root: str) -> list[dict]:
     return rows
 
 
+def run_seed(job: str):
+    """The training seed a run recorded in its args.json (its own held-out masks follow it)."""
+    seed = safeio.read_json(os.path.join(job, "args.json"), "run arguments", kind=dict).get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise safeio.InputError(f"{os.path.join(job, 'args.json')}: no integer seed")
+    return seed
+
+
 def common_masks(model: str, job: str, own: dict) -> dict:
     """The metrics on seed 0's held-out masks. A Mamba run has no masks: its own metrics. A masked run
     of seed 0 scores on them already; any other needs its rescoring (JOB/eval_mask0/eval_metrics.json,
-    of mask seed 0 and of this run's best.pt, written after it), else its ratio is left out (None)."""
-    if model == "mamba" or os.path.basename(job) == "s0":
+    of mask seed 0 and of this run's best.pt, written after it), else its ratio is left out (None). The run's
+    seed is read from its args.json, never from its folder's name."""
+    if model == "mamba" or run_seed(job) == 0:
         return own
     path = os.path.join(job, "eval_mask0", "eval_metrics.json")
     if not os.path.exists(path):

@@ -194,6 +194,7 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
         (job / "metrics.json").write_text(json.dumps({"val_oracle_signal_mse": 0.1,
                                                       "val_signal_over_oracle": ratio_mse / 0.1}))
         (job / "training_log.csv").write_text("epoch,step,val_signal_mse\n1,10,0.5\n2,20,%s\n" % ratio_mse)
+        (job / "args.json").write_text(json.dumps({"seed": seed}))
         (job / "representations" / "representation_metrics.json").write_text(json.dumps(
             {"layers": {"1": {"belief_circle_r2": belief - 0.1}, "2": {"belief_circle_r2": belief}},
              "random_init_control": {"1": {"belief_circle_r2": 0.3}}}))
@@ -239,3 +240,8 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     assert t["fresh"]["val_signal_mse_where_oracle_certain"]["values"] == [None, 0.02]
     assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--out-dir", str(out), "--plots-dir", str(figs)]) == 2
     assert not list((tmp_path / "m").glob("*.png"))                   # --no-plot draws nothing
+    # the seed is the run's own (args.json), not its folder's name: a folder s0 of seed 4 needs its rescoring
+    (root / "fresh" / "s0" / "args.json").write_text(json.dumps({"seed": 4}))
+    assert fresh_vs_fixed.main(["--sweep", f"masked={root}", "--out-dir", str(tmp_path / "m"), "--no-plot", "--force"]) == 0
+    t = json.loads((tmp_path / "m" / "targets.json").read_text())["targets"]["masked"]
+    assert t["fresh"]["val_signal_over_oracle"]["values"] == [None, pytest.approx(3.0)]
