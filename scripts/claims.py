@@ -128,6 +128,12 @@ def _first_below(xs, thr):
     return next((i + 1 for i, x in enumerate(xs) if finite(x) and x < thr), None)
 
 
+def _pairwise(a, b, f):
+    if not isinstance(a, list) or not isinstance(b, list) or len(a) != len(b):
+        raise ValueError(f"an element-wise operation needs two lists of one length, not {a!r} and {b!r}")
+    return [f(x, y) for x, y in zip(a, b)]
+
+
 def _cmp(f):
     return lambda a, b: (a is not None and b is not None) and f(a, b)
 
@@ -144,6 +150,8 @@ OPS = {
     "decreasing": lambda xs: all(a > b for a, b in zip(xs, xs[1:])),
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
     "div": lambda a, b: a / b, "abs": abs,
+    "vsub": lambda a, b: _pairwise(a, b, lambda x, y: x - y),     # element by element, lists of one length
+    "vdiv": lambda a, b: _pairwise(a, b, lambda x, y: x / y),
     "contains": lambda text, needle: isinstance(text, str) and needle in text,
     "<": _cmp(lambda a, b: a < b), "<=": _cmp(lambda a, b: a <= b), ">": _cmp(lambda a, b: a > b),
     ">=": _cmp(lambda a, b: a >= b), "==": _cmp(lambda a, b: a == b), "!=": _cmp(lambda a, b: a != b),

@@ -95,18 +95,28 @@ def test_a_missing_file_or_key_is_not_measured_yet(tmp_path):
 
 
 def test_a_row_for_a_future_run_turns_into_a_verdict_once_its_file_exists(tmp_path):
-    """A20 names results/modadd_paper_cpu/report.json before that run exists."""
-    assert claims.judge(by_id("A20"), str(tmp_path))["kind"] == "not measured yet"
+    """A20 names results/modadd_paper_cpu/report.json; its verdict follows the planted r90, its null and
+    whether the model learned the task at all."""
+    tmp = tmp_path / "empty"
+    assert claims.judge(by_id("A20"), str(tmp))["kind"] == "not measured yet"
     traj = {f"L{i}.W_Q": {"r90": {"mean": r}, "null_r90_mean": {"mean": 5.5}} for i, r in enumerate((2, 3, 2))}
-    plant(tmp_path, "results/modadd_paper_cpu/report.json", {"n_seeds": 3, "trajectory": {"summary": traj}})
-    assert claims.judge(by_id("A20"), str(tmp_path))["verdict"] == "holds"
+    learned = {f"acc_m{m}": {"mean": 0.9} for m in range(1, 5)}
+
+    def judge(acc):
+        plant(tmp_path, "results/modadd_paper_cpu/report.json",
+              {"n_seeds": 3, "trajectory": {"summary": traj}, "final_accuracy": acc})
+        return claims.judge(by_id("A20"), str(tmp_path))
+
+    assert judge(learned)["verdict"] == "holds"
     traj["L0.W_Q"]["r90"]["mean"] = 9
-    plant(tmp_path, "results/modadd_paper_cpu/report.json", {"n_seeds": 3, "trajectory": {"summary": traj}})
-    assert claims.judge(by_id("A20"), str(tmp_path))["kind"] == "holds only at / in part"
+    assert judge(learned)["kind"] == "holds only at / in part"
     for t in traj.values():
         t["r90"]["mean"] = 6
-    plant(tmp_path, "results/modadd_paper_cpu/report.json", {"n_seeds": 3, "trajectory": {"summary": traj}})
-    assert claims.judge(by_id("A20"), str(tmp_path))["kind"] == "does not hold"
+    assert judge(learned)["kind"] == "does not hold"
+    for t in traj.values():
+        t["r90"]["mean"] = 1.5                         # a collapse without learning is no evidence for it
+    j = judge({f"acc_m{m}": {"mean": 0.13} for m in range(1, 5)})
+    assert j["kind"] == "does not hold" and "does not learn the task" in j["verdict"]
 
 
 def test_an_interval_rule(tmp_path):
@@ -138,6 +148,22 @@ def test_csv_globs_and_wildcards(tmp_path):
     assert j["measured"] == "3 2 2.17 yes" and j["verdict"] == "holds"
     row["evidence"]["log"] = "results/x/other.csv"
     assert claims.judge(row, str(tmp_path))["kind"] == "not measured yet"
+
+
+def test_element_wise_operations_over_globbed_files(tmp_path):
+    for s, (u, w) in enumerate(((0.2, 0.25), (0.3, 0.31))):
+        plant(tmp_path, f"results/y/split{s}/m.json", {"u": u, "rows": [{"w": w}]})
+    row = dict(id="X2", line="terrain", claim="c", source="notebook x", measure_with="cmd",
+               evidence={"m": "results/y/split*/m.json"},
+               values={"g": ["vsub", "m:*.rows.0.w", "m:*.u"], "r": ["vdiv", "g", "m:*.u"],
+                       "lo": ["min", "g"], "hi": ["max", "r"]},
+               measured="{g:.2f}; {lo:.2f} {hi:.2f}", rules=[([">", "lo", 0.005], "holds")], otherwise="does not hold")
+    j = claims.judge(row, str(tmp_path))
+    assert j["measured"] == "0.05 / 0.01; 0.01 0.25" and j["verdict"] == "holds"
+    plant(tmp_path, "results/y/split1/m.json", {"u": 0.3, "rows": [{"w": 0.3}]})
+    assert claims.judge(row, str(tmp_path))["verdict"] == "does not hold"
+    with pytest.raises(ValueError, match="two lists of one length"):
+        claims.OPS["vsub"]([1.0], [1.0, 2.0])
 
 
 def test_prose_rows_say_their_run_is_not_recorded():
