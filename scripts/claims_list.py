@@ -967,7 +967,8 @@ CLAIMS = [
                       "python -m modadd.report runs/paper (report.json recorded as results/modadd_paper_cpu/)",
          rules=[(["<", "amax", 0.5],
                  "does not hold as stated: in that setting the model does not learn the task in 20,000 steps "
-                 "(accuracy near chance), so there is no trained execution to collapse onto; the trajectory of "
+                 "(m = 2-4 at chance, m = 1 at {a1:.2f}), so there is no trained execution to collapse onto; the "
+                 "trajectory of "
                  "SGD there has r90 {r90:.1f} against {null:.1f} for random walks"),
                 (["and", ["<=", "r90", 3.0], ["<", "r90", "null"]], "holds"),
                 (["<", "r90", "null"], "holds only in part: below the random walk, at {r90:.1f} dimensions")],
