@@ -46,6 +46,8 @@ FRESH_CMD = ("python sweep.py run scripts/sweeps/fresh_vs_fixed_{masked,mamba}.j
 MINILM = "all-MiniLM-L6-v2, offline; T5 and Qwen weights are not available here"
 MINI = "results/terrain_minilm/"
 MINI_CMD = "bash scripts/terrain_minilm.sh"
+MOD_SWEEP = MINI + "split*/modulate_minilm.json"              # the frozen alpha sweep, one file per item split
+MOD_TRAIN = MINI + "split*/modulate_train_lerp_minilm.json"   # the trained LERP rows, one file per item split
 
 CLAIMS = [
     # ------------------------------------------------------------------ data
@@ -622,8 +624,8 @@ CLAIMS = [
     dict(id="T15", line="terrain", source="notebook Summary; § 8 pipeline",
          claim="The LERP residual modulator raises the relational correlation: Pearson +152%, Spearman +189%, "
                "coherence preserved.",
-         evidence={"m": MINI + "split*/modulate_minilm.json", "t": MINI + "split*/modulate_train_lerp_minilm.json"},
-         values={"a": "m:*.rows.12.alpha", "a1": ["max", "a"], "u": "m:*.unmodulated.wup_pearson",
+         evidence={"m": MOD_SWEEP, "t": MOD_TRAIN},
+         values={"a1": ["max", "m:*.rows.12.alpha"], "u": "m:*.unmodulated.wup_pearson",
                  "g": ["vsub", "m:*.rows.12.wup_pearson", "u"], "r": ["vdiv", "g", "u"],
                  "glo": ["min", "g"], "rlo": ["min", "r"], "rhi": ["max", "r"], "n": ["len", "u"],
                  "sh": ["max", ["vsub", "m:*.rows.13.wup_pearson", "u"]],
@@ -647,7 +649,7 @@ CLAIMS = [
          otherwise="does not hold: the gain is not above its controls on every split"),
     dict(id="T16", line="terrain", source="notebook § 9-10 the 0.29154 constant; Summary",
          claim="Trained alpha settles at 0.29154, a phase boundary found in several systems.",
-         evidence={"m": MINI + "split*/modulate_minilm.json", "t": MINI + "split*/modulate_train_lerp_minilm.json"},
+         evidence={"m": MOD_SWEEP, "t": MOD_TRAIN},
          values={"a0": "t:*.epochs.0.alpha.*", "al": "t:*.epochs.-1.alpha.*", "lo": ["min", "al"], "hi": ["max", "al"],
                  "start": ["min", "a0"], "alphas": "m:0.rows.*.alpha",
                  **{f"p{i}": ["at", "alphas", ["mul", 3, ["argmax", ["list", *[f"m:{i}.rows.{3 * k}.wup_pearson"
@@ -663,7 +665,7 @@ CLAIMS = [
          otherwise="does not hold"),
     dict(id="T17", line="terrain", source="notebook § 7 quick test",
          claim="At alpha = 0.01 the modulator barely changes the model's states.",
-         evidence={"m": MINI + "split*/modulate_minilm.json"},
+         evidence={"m": MOD_SWEEP},
          values={"a": ["max", "m:*.rows.0.alpha"], "lo": ["min", "m:*.rows.0.preservation"], "n": ["len", "m:*.rows.0.alpha"]},
          measured="cosine to the unmodulated state at least {lo:.4f} at alpha {a} ({n} item splits)",
          null="alpha 0", reference="1 at alpha 0 (bit-identical, tested)",
