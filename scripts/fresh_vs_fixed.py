@@ -1,10 +1,14 @@
 """Fresh against fixed training data on the circles process: the learning curves (validation signal MSE
 minus the oracle's, against training steps, every seed) and the issue's targets, read from finished
-sweeps of scripts/sweeps/fresh_vs_fixed_{masked,mamba}.json.
+sweeps of scripts/sweeps/fresh_vs_fixed_{masked,mamba}.json (configurations fresh and fixed, and any
+other recipe they hold) and of any other circles sweep, such as scripts/sweeps/fresh_best60_*.json.
 
     python scripts/fresh_vs_fixed.py --sweep masked=runs/sweeps/fresh_vs_fixed_masked \\
-        --sweep mamba=runs/sweeps/fresh_vs_fixed_mamba --out-dir results/circles_fresh \\
-        --plots-dir results/circles_fresh
+        --sweep mamba=runs/sweeps/fresh_vs_fixed_mamba --sweep mamba=runs/sweeps/fresh_best60_mamba \\
+        --out-dir results/circles_fresh --plots-dir results/circles_fresh
+
+Every configuration folder of a sweep (one holding s<seed>/metrics.json) is a column; two sweeps of
+one model must not share a configuration's name.
 
 Writes to --out-dir curves.csv (model, config, seed, epoch, step, the validation signal MSE, the
 oracle's, their difference and ratio), targets.json (each target: the value per seed, its mean and
@@ -21,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import safeio  # noqa: E402
 from cliargs import Parser, add_output_flags, plots_dir  # noqa: E402
 
-CONFIGS = ("fresh", "fixed")
+CONFIGS = ("fresh", "fixed")     # first, in this order; then any other configuration, by name
+NOT_CONFIGS = ("data", "logs", "aggregate")   # a sweep root's own folders
 GENERATIONS = ("gen", "gen_hidden")      # mamba_next.py generate: plain, and with hidden-state perturbation bursts
 OUTPUTS = ("curves.csv", "targets.json", "targets.md")   # and the figure curves.png in --plots-dir
 
@@ -41,22 +46,41 @@ def _num(v):
     return x if math.isfinite(x) else None
 
 
-def job_folders(root: str) -> dict[str, list[tuple[int, str]]]:
-    """config -> [(seed, job folder)] of the finished jobs (a metrics.json) under a sweep root."""
-    out = {}
-    for config in CONFIGS:
-        folder = os.path.join(root, config)
-        jobs = []
-        if os.path.isdir(folder):
-            for name in sorted(os.listdir(folder)):
-                if name.startswith("s") and name[1:].isdigit() and os.path.isfile(os.path.join(folder, name,
-                                                                                             "metrics.json")):
-                    jobs.append((int(name[1:]), os.path.join(folder, name)))
-        out[config] = jobs
-    return out
+def _seed_folders(folder: str) -> list[tuple[int, str]]:
+    jobs = []
+    for name in os.listdir(folder):
+        if name.startswith("s") and name[1:].isdigit() and os.path.isfile(os.path.join(folder, name, "metrics.json")):
+            jobs.append((int(name[1:]), os.path.join(folder, name)))
+    return sorted(jobs)
 
 
-def curves(model: str, root: str) -> list[dict]:
+def _config_order(config: str):
+    return (CONFIGS.index(config) if config in CONFIGS else len(CONFIGS), config)
+
+
+def job_folders(roots) -> dict[str, list[tuple[int, str]]]:
+    """config -> [(seed, job folder)] of the finished jobs (a metrics.json) under one sweep root or several
+    of one model: fresh and fixed first (always present, perhaps empty), then every other configuration
+    with a finished job, by name. Two roots with a configuration of the same name are refused."""
+    out: dict[str, list] = {c: [] for c in CONFIGS}
+    seen: dict[str, str] = {}
+    for root in ([roots] if isinstance(roots, str) else roots):
+        for config in sorted(os.listdir(root)):
+            folder = os.path.join(root, config)
+            if config in NOT_CONFIGS or not os.path.isdir(folder):
+                continue
+            jobs = _seed_folders(folder)
+            if not jobs:
+                continue
+            if config in seen:
+                raise safeio.InputError(f"configuration {config!r} is in both {seen[config]} and {root}: "
+                                        f"give the sweeps of one model distinct configuration names")
+            seen[config] = root
+            out[config] = jobs
+    return dict(sorted(out.items(), key=lambda kv: _config_order(kv[0])))
+
+
+def curves(model: str, root) -> list[dict]:
     rows = []
     for config, jobs in job_folders(root).items():
         for seed, job in jobs:
@@ -112,19 +136,21 @@ def _layer_best(rep: dict, key: str):
     return max(vals) if vals else None
 
 
-def targets(model: str, root: str) -> dict:
+def targets(model: str, root) -> dict:
     """The issue's targets for one model, per seed of each configuration."""
     out = {}
     for config, jobs in job_folders(root).items():
-        ratio, own, excess, certain, belief, control_belief = ([] for _ in range(6))
+        ratio, own, excess, certain, belief, control_belief, best_step, steps = ([] for _ in range(8))
         gens: dict[str, dict[str, list]] = {}
         for seed, job in jobs:
-            m = safeio.read_json(os.path.join(job, "metrics.json"), "metrics", kind=dict)
+            m = own_m = safeio.read_json(os.path.join(job, "metrics.json"), "metrics", kind=dict)
             own.append(_num(m.get("val_signal_over_oracle")))
             # the demo's validation block: a masked run's masks follow its seed, so every seed is also scored
             # on seed 0's masks (masked_model_gpu.py --eval best.pt --eval-mask-seed 0 --out-dir JOB/eval_mask0)
             m = common_masks(model, job, m)
             ratio.append(_num(m.get("val_signal_over_oracle")))
+            steps.append(_num(own_m.get("steps")))
+            best_step.append(_best_step(job, own_m.get("best_epoch")))
             sm, so = _num(m.get("val_signal_mse")), _num(m.get("val_oracle_signal_mse"))
             excess.append(None if sm is None or so is None else sm - so)
             certain.append(_num((m.get("val_signal_by_certainty") or {}).get("signal_mse_certain")))
@@ -135,9 +161,12 @@ def targets(model: str, root: str) -> dict:
             for tag in GENERATIONS:
                 gen_path = os.path.join(job, "generate", f"{tag}.json")
                 if os.path.exists(gen_path):
-                    proc = safeio.read_json(gen_path, "generation", kind=dict).get("process", {})
+                    gj = safeio.read_json(gen_path, "generation", kind=dict)
+                    proc = gj.get("process") or {}
                     g = gens.setdefault(tag, {k: [] for k in ("ks", "ks_true", "ks_draw", "speed", "visits",
-                                                              "visits_true")})
+                                                              "visits_true", "visits_draw", "length")})
+                    g["length"].append(_num(gj.get("gen_len")))
+                    g["visits_draw"].append(_num((proc.get("process_draw") or {}).get("n_visits")))
                     g["ks"].append(_num((proc.get("generated") or {}).get("dwell_ks")))
                     g["ks_true"].append(_num((proc.get("true_continuation") or {}).get("dwell_ks")))
                     g["ks_draw"].append(_num((proc.get("process_draw") or {}).get("dwell_ks")))
@@ -151,7 +180,8 @@ def targets(model: str, root: str) -> dict:
              "val_signal_excess_over_oracle": _spread(excess),
              "val_signal_mse_where_oracle_certain": _spread(certain),
              "belief_circle_r2_best_layer": {**_spread(belief), "target": ">= 0.95"},
-             "belief_circle_r2_best_layer_random_init": _spread(control_belief)}
+             "belief_circle_r2_best_layer_random_init": _spread(control_belief),
+             "training_steps": _spread(steps), "best_step": _spread(best_step)}
         t["val_signal_over_oracle"]["met"] = _met(ratio, lambda v: v <= limit)
         t["belief_circle_r2_best_layer"]["met"] = _met(belief, lambda v: v >= 0.95)
         for tag, g in gens.items():
@@ -163,12 +193,28 @@ def targets(model: str, root: str) -> dict:
             t[f"{name}_dwell_ks"] = {**_spread(g["ks"]), "true_continuation": _spread(g["ks_true"]),
                                      "process_draw": _spread(g["ks_draw"]),
                                      "target": "<= 2 x the true continuation's (same seed)",
-                                     "met": _met(ratios, lambda v: v <= 2)}
-            t[f"{name}_visits"] = {**_spread(g["visits"]), "true_continuation": _spread(g["visits_true"])}
+                                     "met": _met(ratios, lambda v: v <= 2),
+                                     # the true continuation is at most the test block long; a draw of the
+                                     # process as long as the generation is the fairer yardstick of a long one
+                                     "met_against_a_process_draw": _met(
+                                         [None if a is None or b is None else a / b
+                                          for a, b in zip(g["ks"], g["ks_draw"])], lambda v: v <= 2)}
+            t[f"{name}_visits"] = {**_spread(g["visits"]), "true_continuation": _spread(g["visits_true"]),
+                                   "process_draw": _spread(g["visits_draw"]), "length": _spread(g["length"])}
             t[f"{name}_angular_speed_ratio"] = {**_spread(g["speed"]), "target": "within 10% of 1",
                                                 "met": _met(g["speed"], lambda v: abs(v - 1) <= 0.1)}
         out[config] = t
     return out
+
+
+def _best_step(job: str, best_epoch):
+    """The optimizer step at the end of the best epoch, from the run's training log."""
+    if not isinstance(best_epoch, int) or isinstance(best_epoch, bool):
+        return None
+    for r in _rows(os.path.join(job, "training_log.csv")):
+        if _num(r.get("epoch")) == best_epoch:
+            return _num(r.get("step"))
+    return None
 
 
 def _met(values: list, rule) -> str:
@@ -183,9 +229,11 @@ LABELS = (("val_signal_over_oracle", "validation signal MSE / oracle's (seed 0's
           ("val_signal_over_oracle_own_masks", "the same on each run's own masks"),
           ("val_signal_excess_over_oracle", "validation signal MSE minus the oracle's"),
           ("val_signal_mse_where_oracle_certain", "signal MSE where the oracle is certain (oracle: ~0)"),
+          ("training_steps", "optimizer steps"),
+          ("best_step", "step of the best epoch (selected on the validation block)"),
           ("belief_circle_r2_best_layer", "belief probe R^2 (circle posterior), best layer"),
           ("belief_circle_r2_best_layer_random_init", "the same at random init"),
-          ("generation_visits", "generation (2,000 steps): visits decoded by the oracle"),
+          ("generation_visits", "generation: visits decoded by the oracle"),
           ("generation_dwell_ks", "generation: dwell KS to the process"),
           ("generation_angular_speed_ratio", "generation: angular speed / true"),
           ("generation_hidden_visits", "generation with hidden-state bursts: visits"),
@@ -193,27 +241,39 @@ LABELS = (("val_signal_over_oracle", "validation signal MSE / oracle's (seed 0's
           ("generation_hidden_angular_speed_ratio", "generation with hidden-state bursts: angular speed / true"))
 
 
+def _cell(d) -> str:
+    if not d or not d.get("n"):
+        return "—"
+    return f"{d['mean']:.3f} [{d['min']:.3f}, {d['max']:.3f}] (n={d['n']})"
+
+
 def markdown(targets: dict) -> str:
-    """One table per model: each quantity, fresh and fixed, as mean [min, max] over seeds, the
-    target and whether every seed meets it."""
-    def cell(d):
-        if not d or not d.get("n"):
-            return "—"
-        return f"{d['mean']:.3f} [{d['min']:.3f}, {d['max']:.3f}] (n={d['n']})"
+    """One table per model: each quantity as mean [min, max] over seeds, one column per configuration,
+    with whether every seed meets the target, and the references (true continuation, a process draw)."""
     out = []
     for model, t in targets.items():
-        out += [f"#### {model}", "", "| quantity | fresh data | fixed data | target (fresh: met?) |", "|---|---|---|---|"]
+        configs = list(t)
+        out += [f"#### {model}", "", "| quantity | " + " | ".join(f"{c} data" if c in CONFIGS else c for c in configs)
+                + " | target |", "|---|" + "---|" * len(configs) + "---|"]
         for key, label in LABELS:
-            f, x = t.get("fresh", {}).get(key), t.get("fixed", {}).get(key)
-            if not f and not x:
+            ds = [t[c].get(key) for c in configs]
+            if not any(d and d.get("n") for d in ds):
                 continue
-            extra = ""
-            if key.endswith("dwell_ks") and f:
-                extra = f"; true continuation {cell(f.get('true_continuation'))}; a process draw {cell(f.get('process_draw'))}"
-            elif key.endswith("visits") and f:
-                extra = f"; true continuation {cell(f.get('true_continuation'))}"
-            target = f"{f.get('target')} ({f.get('met')})" if f and f.get("target") else ""
-            out.append(f"| {label} | {cell(f)}{extra} | {cell(x)} | {target} |")
+            cells = []
+            for d in ds:
+                c = _cell(d)
+                if d and d.get("n"):
+                    if "met" in d:
+                        c += f"; met: {d['met']}"
+                    if "met_against_a_process_draw" in d:
+                        c += f" (against a process draw: {d['met_against_a_process_draw']})"
+                    for ref in ("true_continuation", "process_draw", "length"):
+                        if (d.get(ref) or {}).get("n"):
+                            name = "generated steps" if ref == "length" else ref.replace("_", " ")
+                            c += f"; {name} {_cell(d[ref])}"
+                cells.append(c)
+            target = next((d["target"] for d in ds if d and d.get("target")), "")
+            out.append(f"| {label} | " + " | ".join(cells) + f" | {target} |")
         out.append("")
     return "\n".join(out)
 
@@ -225,17 +285,21 @@ def plot(rows: list[dict], path: str) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for config, colour in zip(CONFIGS, ("tab:blue", "tab:red")):
+        configs = sorted({r["config"] for r in rows if r["model"] == model}, key=_config_order)
+        others = iter(("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"))
+        for config in configs:
+            colour = {"fresh": "tab:blue", "fixed": "tab:red"}.get(config) or next(others, "tab:gray")
             seeds = sorted({r["seed"] for r in rows if r["model"] == model and r["config"] == config})
             for i, seed in enumerate(seeds):
                 pts = [(r["step"], max(r["val_signal_excess"], 1e-4)) for r in rows
                        if r["model"] == model and r["config"] == config and r["seed"] == seed]
-                ax.plot(*zip(*pts), color=colour, lw=1, alpha=0.8, label=f"{config} data" if i == 0 else None)
+                ax.plot(*zip(*pts), color=colour, lw=1, alpha=0.8, label=(f"{config} data" if config in CONFIGS else config) if i == 0 else None)
         # a masked run's validation masks (and so its oracle) follow its seed: the excess over the oracle on the
         # run's own masks is comparable across seeds, the ratio is not
         orcs = sorted({round(r["val_oracle_signal_mse"], 4) for r in rows if r["model"] == model})
         ax.set_yscale("log")
-        ax.set_xlabel("training step")
+        ax.set_xscale("log")
+        ax.set_xlabel("training step (log scale)")
         ax.set_ylabel("validation signal MSE minus the oracle's")
         ax.set_title(f"{model}: one line per seed (oracle's own signal MSE: {', '.join(map(str, orcs))})",
                      fontsize=9)
@@ -248,7 +312,8 @@ def plot(rows: list[dict], path: str) -> None:
 def build_parser() -> Parser:
     p = Parser(description="Learning curves and targets of fresh against fixed training data (circles).")
     p.add_argument("--sweep", action="append", required=True, metavar="MODEL=ROOT",
-                   help="a finished sweep root of scripts/sweeps/fresh_vs_fixed_<model>.json (repeatable)")
+                   help="a finished circles sweep of MODEL, such as one of scripts/sweeps/fresh_vs_fixed_<model>.json "
+                        "(repeatable, also for one model: its configurations are the table's columns)")
     add_output_flags(p, "runs/fresh_vs_fixed", "where curves.csv, targets.json and targets.md go")
     p.add_argument("--force", action="store_true", help="replace earlier outputs of this script there")
     return p
@@ -264,7 +329,9 @@ def main(argv=None) -> int:
             raise safeio.InputError(f"--sweep {item!r}: give MODEL=ROOT with MODEL masked or mamba")
         if not os.path.isdir(root):
             raise safeio.InputError(f"--sweep {item!r}: {root} is not a folder")
-        sweeps[model] = root
+        if root in sweeps.get(model, []):
+            raise safeio.InputError(f"--sweep {item!r} is given twice")
+        sweeps.setdefault(model, []).append(root)
     safeio.output_dir(args.out_dir, create=False)
     paths = [os.path.join(args.out_dir, f) for f in OUTPUTS]
     figure = None if args.no_plot else os.path.join(plots_dir(args), "curves.png")

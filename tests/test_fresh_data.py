@@ -218,7 +218,42 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     assert t["fresh"]["generation_angular_speed_ratio"]["met"] == "yes"
     assert (figs / "curves.png").stat().st_size > 1000 and not (out / "curves.png").exists()
     md = (out / "targets.md").read_text()
-    assert "| validation signal MSE / oracle's (seed 0's masks) | 1.600 [1.200, 2.000] (n=2) | 6.000 [6.000, 6.000]" in md
+    assert "| validation signal MSE / oracle's (seed 0's masks) | 1.600 [1.200, 2.000] (n=2); met: yes | " \
+        "6.000 [6.000, 6.000] (n=1); met: no | <= 2.0 |" in md
+    # another sweep of the same model adds its configurations as columns (its best step read from its log);
+    # a configuration name in two sweeps is refused
+    other = tmp_path / "other"
+    job = other / "long" / "s0"
+    job.mkdir(parents=True)
+    (job / "metrics.json").write_text(json.dumps({"val_oracle_signal_mse": 0.1, "val_signal_over_oracle": 1.5,
+                                                  "best_epoch": 2, "steps": 30}))
+    (job / "training_log.csv").write_text("epoch,step,val_signal_mse\n1,10,0.5\n2,20,0.15\n3,30,0.2\n")
+    (job / "args.json").write_text(json.dumps({"seed": 0}))
+    (job / "generate").mkdir()
+    (job / "generate" / "gen.json").write_text(json.dumps({"gen_len": 5000, "process": {
+        "generated": {"dwell_ks": 0.3, "n_visits": 40}, "true_continuation": {"dwell_ks": 0.1},
+        "process_draw": {"dwell_ks": 0.2, "n_visits": 50}}}))
+    assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--sweep", f"mamba={other}", "--out-dir", str(out),
+                                "--plots-dir", str(figs), "--force"]) == 0
+    t = json.loads((out / "targets.json").read_text())["targets"]["mamba"]
+    assert list(t) == ["fresh", "fixed", "long"] and t["long"]["best_step"]["values"] == [20]
+    assert t["long"]["training_steps"]["values"] == [30] and t["long"]["val_signal_over_oracle"]["met"] == "yes"
+    ks = t["long"]["generation_dwell_ks"]
+    assert ks["met"] == "no" and ks["met_against_a_process_draw"] == "yes"    # 0.3 / 0.1 > 2; 0.3 / 0.2 <= 2
+    assert t["long"]["generation_visits"]["process_draw"]["values"] == [50]
+    assert t["long"]["generation_visits"]["length"]["values"] == [5000]
+    assert "| quantity | fresh data | fixed data | long | target |" in (out / "targets.md").read_text()
+    assert len((out / "curves.csv").read_text().splitlines()) == 1 + 3 * 3
+    assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--sweep", f"mamba={root}", "--out-dir", str(out),
+                                "--no-plot", "--force"]) == 2
+    (other / "fresh" / "s5").mkdir(parents=True)
+    for f in ("metrics.json", "training_log.csv", "args.json"):
+        (other / "fresh" / "s5" / f).write_text((job / f).read_text())
+    assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--sweep", f"mamba={other}", "--out-dir", str(out),
+                                "--no-plot", "--force"]) == 2
+    assert len((out / "curves.csv").read_text().splitlines()) == 1 + 3 * 3       # a refused input removes nothing
+    import shutil
+    shutil.rmtree(other)
     # a masked model's masks follow its seed: seed 0 scores on its own, any other seed only through a
     # rescoring on seed 0's masks (of its own best.pt), else it is left out of the target
     assert fresh_vs_fixed.main(["--sweep", f"masked={root}", "--out-dir", str(tmp_path / "m"), "--no-plot"]) == 0
