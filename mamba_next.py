@@ -453,7 +453,7 @@ def run_generate(args) -> int:
     print(f"generated {args.gen_len} steps in {secs:.2f} s ({args.gen_len / secs:.0f} steps/s); "
           f"MSE first 16: {report.get('mse_first_16', float('nan')):.2f} (noise floor {series.noise_var}{orc})")
     for name, st in report.get("process", {}).items():
-        print(f"{name:17s} decoded by the oracle: {st['n_visits']} visits, dwell KS {_fmt(st['dwell_ks'])}, "
+        print(f"{name:18s} decoded by the oracle: {st['n_visits']} visits, dwell KS {_fmt(st['dwell_ks'])}, "
               f"transition TV {_fmt(st['transition_tv'])}, occupancy TV {st['occupancy_tv']:.2f}, "
               f"angular speed x{_fmt(st['angular_speed_ratio_median'])} of the true")
     print(f"wrote {out_dir}/{tag}.npy, {tag}.json" + (f", {p}" if p else ""))
@@ -544,6 +544,11 @@ def score_generation(args, series, gen: np.ndarray, start: int, end: int, known:
         draw = fresh_draw(Process.from_series(series), int(series.config.get("seed", 0)), 10 ** 6 + args.seed,
                           args.gen_len)
         report["process"]["process_draw"] = oracle.process_statistics(chain, draw["X"], dm, ds_)
+        # the exact predictor generating the way the model does (its predictive mean fed back, plus the same
+        # temperature's noise; no hidden-state bursts): what the generation scheme itself allows
+        roll = oracle.rollout(chain, series.X[start:p0], args.gen_len, args.temperature,
+                              rng=np.random.default_rng(args.seed))
+        report["process"]["oracle_rollout"] = oracle.process_statistics(chain, roll, dm, ds_)
     decoded = None
     if series.has_labels and "planes" in series.extra and "radii" in series.extra:
         decoded = nearest_circle(gen, series.extra["planes"], series.extra["radii"])

@@ -547,6 +547,36 @@ def forecast(chain: Chain, seed: np.ndarray, n: int, prior: str = "stationary") 
     return out
 
 
+def rollout(chain: Chain, seed: np.ndarray, n: int, temperature: float = 0.0, sample_state: bool = False,
+            rng: np.random.Generator | None = None, prior: str = "stationary") -> np.ndarray:
+    """The Bayes-optimal predictor generating closed-loop, the way a model generates: from the
+    filtered seed window, each step's prediction is fed back as the next observation and conditioned
+    on. The prediction is the predictive mean (sample_state False: what a model trained on squared
+    error outputs), or a noise-free point drawn from the predictive law over (circle, phase) points
+    (sample_state True), plus N(0, temperature^2) noise per dimension. With sample_state and the
+    temperature at the data's noise standard deviation this is an exact sample of the process
+    continuing the seed; with neither it shows what feeding back a mean does to the process. (n, D)."""
+    if rng is None:
+        rng = np.random.default_rng(0)
+    T = len(seed)
+    a, p = chain.filter(seed[None].astype(np.float64), None, prior)
+    D = chain.points.shape[1]
+    out = np.empty((n, D))
+    row = np.zeros(1, np.int64)
+    for j in range(n):
+        a = chain._lap_advance(a, p, T - 1 + j)
+        if sample_state:
+            w = np.clip(a[0], 0, None)
+            x = chain.points[rng.choice(len(w), p=w / w.sum())].copy()
+        else:
+            x = a[0] @ chain.points
+        if temperature > 0:
+            x = x + temperature * rng.standard_normal(D)
+        out[j] = x
+        chain._lap_condition(a, x[None], row)
+    return out
+
+
 # ----------------------------------------------------------------------------- a series against the process
 
 def decode(chain: Chain, X: np.ndarray, prior: str = "stationary") -> tuple[np.ndarray, np.ndarray]:

@@ -856,7 +856,7 @@ CIRCLES_CURVES = (("lb_k30", lambda m: _dig(m, "lb", "30", "mle")),
                   ("belief_next_r2", lambda m: _dig(m, "belief_next_r2")))
 CERTAINTY = ("certain_share", "signal_mse_certain", "signal_mse_uncertain")   # of metrics.json's *_by_certainty
 PROCESS = ("dwell_ks", "transition_tv", "occupancy_tv", "angular_speed_ratio_median", "n_visits")
-GENERATED = ("generated", "true_continuation", "process_draw")               # the series generate decodes
+GENERATED = ("generated", "true_continuation", "process_draw", "oracle_rollout")   # the series generate decodes
 
 
 def circles_metrics(job_dir: str, spec: dict) -> tuple[dict, dict]:

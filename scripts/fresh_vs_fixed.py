@@ -164,7 +164,12 @@ def targets(model: str, root) -> dict:
                     gj = safeio.read_json(gen_path, "generation", kind=dict)
                     proc = gj.get("process") or {}
                     g = gens.setdefault(tag, {k: [] for k in ("ks", "ks_true", "ks_draw", "speed", "visits",
-                                                              "visits_true", "visits_draw", "length")})
+                                                              "visits_true", "visits_draw", "length", "ks_roll",
+                                                              "speed_roll", "visits_roll")})
+                    roll = proc.get("oracle_rollout") or {}   # the exact predictor generating the same way
+                    g["ks_roll"].append(_num(roll.get("dwell_ks")))
+                    g["speed_roll"].append(_num(roll.get("angular_speed_ratio_median")))
+                    g["visits_roll"].append(_num(roll.get("n_visits")))
                     g["length"].append(_num(gj.get("gen_len")))
                     g["visits_draw"].append(_num((proc.get("process_draw") or {}).get("n_visits")))
                     g["ks"].append(_num((proc.get("generated") or {}).get("dwell_ks")))
@@ -191,7 +196,7 @@ def targets(model: str, root) -> dict:
             ratios = [None if b is None else (a / b if a is not None else (math.inf if v is not None and v < 3 else None))
                       for a, b, v in zip(g["ks"], g["ks_true"], g["visits"])]
             t[f"{name}_dwell_ks"] = {**_spread(g["ks"]), "true_continuation": _spread(g["ks_true"]),
-                                     "process_draw": _spread(g["ks_draw"]),
+                                     "process_draw": _spread(g["ks_draw"]), "oracle_rollout": _spread(g["ks_roll"]),
                                      "target": "<= 2 x the true continuation's (same seed)",
                                      "met": _met(ratios, lambda v: v <= 2),
                                      # the true continuation is at most the test block long; a draw of the
@@ -200,8 +205,10 @@ def targets(model: str, root) -> dict:
                                          [None if a is None or b is None else a / b
                                           for a, b in zip(g["ks"], g["ks_draw"])], lambda v: v <= 2)}
             t[f"{name}_visits"] = {**_spread(g["visits"]), "true_continuation": _spread(g["visits_true"]),
-                                   "process_draw": _spread(g["visits_draw"]), "length": _spread(g["length"])}
+                                   "process_draw": _spread(g["visits_draw"]), "oracle_rollout": _spread(g["visits_roll"]),
+                                   "length": _spread(g["length"])}
             t[f"{name}_angular_speed_ratio"] = {**_spread(g["speed"]), "target": "within 10% of 1",
+                                                "oracle_rollout": _spread(g["speed_roll"]),
                                                 "met": _met(g["speed"], lambda v: abs(v - 1) <= 0.1)}
         out[config] = t
     return out
@@ -267,9 +274,10 @@ def markdown(targets: dict) -> str:
                         c += f"; met: {d['met']}"
                     if "met_against_a_process_draw" in d:
                         c += f" (against a process draw: {d['met_against_a_process_draw']})"
-                    for ref in ("true_continuation", "process_draw", "length"):
+                    for ref in ("true_continuation", "process_draw", "oracle_rollout", "length"):
                         if (d.get(ref) or {}).get("n"):
-                            name = "generated steps" if ref == "length" else ref.replace("_", " ")
+                            name = {"length": "generated steps", "oracle_rollout": "the oracle generating the "
+                                    "same way"}.get(ref, ref.replace("_", " "))
                             c += f"; {name} {_cell(d[ref])}"
                 cells.append(c)
             target = next((d["target"] for d in ds if d and d.get("target")), "")

@@ -232,7 +232,8 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     (job / "generate").mkdir()
     (job / "generate" / "gen.json").write_text(json.dumps({"gen_len": 5000, "process": {
         "generated": {"dwell_ks": 0.3, "n_visits": 40}, "true_continuation": {"dwell_ks": 0.1},
-        "process_draw": {"dwell_ks": 0.2, "n_visits": 50}}}))
+        "process_draw": {"dwell_ks": 0.2, "n_visits": 50},
+        "oracle_rollout": {"dwell_ks": 0.07, "n_visits": 45, "angular_speed_ratio_median": 1.0}}}))
     assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--sweep", f"mamba={other}", "--out-dir", str(out),
                                 "--plots-dir", str(figs), "--force"]) == 0
     t = json.loads((out / "targets.json").read_text())["targets"]["mamba"]
@@ -242,6 +243,8 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     assert ks["met"] == "no" and ks["met_against_a_process_draw"] == "yes"    # 0.3 / 0.1 > 2; 0.3 / 0.2 <= 2
     assert t["long"]["generation_visits"]["process_draw"]["values"] == [50]
     assert t["long"]["generation_visits"]["length"]["values"] == [5000]
+    assert ks["oracle_rollout"]["values"] == [0.07] and t["long"]["generation_visits"]["oracle_rollout"]["mean"] == 45
+    assert t["long"]["generation_angular_speed_ratio"]["oracle_rollout"]["values"] == [1.0]
     assert "| quantity | fresh data | fixed data | long | target |" in (out / "targets.md").read_text()
     assert len((out / "curves.csv").read_text().splitlines()) == 1 + 3 * 3
     assert fresh_vs_fixed.main(["--sweep", f"mamba={root}", "--sweep", f"mamba={root}", "--out-dir", str(out),

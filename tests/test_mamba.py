@@ -180,9 +180,11 @@ def test_train_generate_gates_end_to_end(small_data_dir, tmp_path, plots_below_t
     rep = json.loads((run / "generate" / "gen_hidden.json").read_text())
     assert "mse_first_16" in rep and "decoded_matches_true_circle" in rep
     assert rep["oracle_mse_to_signal_first_16"] < rep["mse_to_signal_first_16"]
-    assert set(rep["process"]) == {"generated", "true_continuation", "process_draw"}
-    # a draw of the process itself is the reference a generation's statistics are read against
+    assert set(rep["process"]) == {"generated", "true_continuation", "process_draw", "oracle_rollout"}
+    # a draw of the process itself is the reference a generation's statistics are read against, and the exact
+    # predictor generating the same way (its mean fed back) shows what the scheme allows
     assert rep["process"]["process_draw"]["n_steps"] == rep["process"]["generated"]["n_steps"] == 40
+    assert rep["process"]["oracle_rollout"]["n_steps"] == 40
     capsys.readouterr()
     assert main(["eval", str(run / "best.pt"), "--eval-mask-seed", "3", "--no-plot"]) == 2   # nothing masked to re-mask
     assert "without masks" in capsys.readouterr().err

@@ -248,6 +248,34 @@ def test_forecast_starts_with_the_one_step_predictive(tiny):
     np.testing.assert_allclose(f[1], two[0], atol=1e-12)
 
 
+def test_mean_rollout_feeds_back_the_predictive_mean(tiny):
+    """Closed loop with the predictive mean: every output is the batch filter's one-step prediction of the
+    seed followed by the outputs before it (recomputed independently); the first is the forecast's."""
+    _, chain, X = tiny
+    out = oracle.rollout(chain, X[:6], 5)
+    np.testing.assert_allclose(out[0], oracle.forecast(chain, X[:6], 1)[0], atol=1e-12)
+    nxt = oracle.next_step_predictions(chain, np.concatenate([X[:6], out])[None])[0]
+    np.testing.assert_allclose(out, nxt[6:11], atol=1e-10)
+    # with noise: the same, about the noisy outputs actually fed back
+    noisy = oracle.rollout(chain, X[:6], 5, temperature=1.0, rng=np.random.default_rng(1))
+    nxt = oracle.next_step_predictions(chain, np.concatenate([X[:6], noisy])[None])[0]
+    assert not np.allclose(noisy, nxt[6:11])
+    np.testing.assert_allclose(noisy, oracle.rollout(chain, X[:6], 5, temperature=1.0, rng=np.random.default_rng(1)))
+
+
+def test_sampling_rollout_continues_the_process(tmp_path):
+    """Drawing a point from the predictive law and adding the data's noise is an exact sample of the
+    process: its decoded dwell, transition, occupancy and speed statistics are those of the process."""
+    series = write_data(tmp_path, n_steps=20_000)
+    chain = oracle.Chain.from_series(series)
+    cfg = series.config
+    roll = oracle.rollout(chain, series.X[:500], 20_000, temperature=float(np.sqrt(chain.noise_var)),
+                          sample_state=True, rng=np.random.default_rng(0))
+    st = oracle.process_statistics(chain, roll, cfg["dwell_mean"], cfg["dwell_std"])
+    assert st["dwell_ks"] < 0.15 and st["transition_tv"] < 0.25 and st["occupancy_tv"] < 0.2
+    assert abs(st["angular_speed_ratio_median"] - 1) < 0.03
+
+
 def test_process_statistics_separate_the_process_from_a_scrambled_copy(tmp_path):
     series = write_data(tmp_path, n_steps=40_000)
     chain = oracle.Chain.from_series(series)
