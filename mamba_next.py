@@ -258,7 +258,7 @@ def make_spec():
         + ("_freezeA" if a.freeze_A else ""),
         final_metrics=final_metrics, plot_title=lambda c: f"Mamba next-step model ({c.n_layers} layers)",
         task="next", train_eval_windows=train_eval_windows,
-        loss_labels=("train loss (next-step MSE over the horizons, dropout on)",
+        loss_labels=("train loss (next-step MSE over the horizons, training mode)",
                      "train next-step MSE (eval mode, after the warm-up)", "validation next-step MSE (after the warm-up)"),
         figures=tuple(f"mamba_prediction_{i}.png" for i in range(3)), memory=activation_bytes,
         step_predictions=step_predictions)

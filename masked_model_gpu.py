@@ -330,7 +330,7 @@ def spec():
         describe=lambda m, c: f"{c.n_layers} layers, d_model {c.d_model}, {c.pos_encoding} positions",
         run_name=lambda a: a.pos_encoding,
         plot_title=lambda c: f"Masked model ({c.pos_encoding}, {c.n_layers} layers)",
-        loss_labels=("train loss (masked MSE, dropout on)", "train MSE (fixed masks, eval mode)",
+        loss_labels=("train loss (masked MSE, training mode)", "train MSE (fixed masks, eval mode)",
                      "validation MSE (fixed masks)"),
         train_eval_windows=train_eval_windows, figures=tuple(f"bert_prediction_{i}.png" for i in range(3)),
         step_predictions=step_predictions,

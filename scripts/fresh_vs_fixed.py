@@ -248,10 +248,14 @@ LABELS = (("val_signal_over_oracle", "validation signal MSE / oracle's (seed 0's
           ("generation_hidden_angular_speed_ratio", "generation with hidden-state bursts: angular speed / true"))
 
 
-def _cell(d) -> str:
+COUNTS = ("training_steps", "best_step", "generation_visits", "generation_hidden_visits")
+
+
+def _cell(d, counts: bool = False) -> str:
     if not d or not d.get("n"):
         return "—"
-    return f"{d['mean']:.3f} [{d['min']:.3f}, {d['max']:.3f}] (n={d['n']})"
+    p = ",.0f" if counts else ".3f"
+    return f"{d['mean']:{p}} [{d['min']:{p}}, {d['max']:{p}}] (n={d['n']})"
 
 
 def markdown(targets: dict) -> str:
@@ -268,7 +272,7 @@ def markdown(targets: dict) -> str:
                 continue
             cells = []
             for d in ds:
-                c = _cell(d)
+                c = _cell(d, key in COUNTS)
                 if d and d.get("n"):
                     if "met" in d:
                         c += f"; met: {d['met']}"
@@ -278,7 +282,7 @@ def markdown(targets: dict) -> str:
                         if (d.get(ref) or {}).get("n"):
                             name = {"length": "generated steps", "oracle_rollout": "the oracle generating the "
                                     "same way"}.get(ref, ref.replace("_", " "))
-                            c += f"; {name} {_cell(d[ref])}"
+                            c += f"; {name} {_cell(d[ref], key in COUNTS)}"
                 cells.append(c)
             target = next((d["target"] for d in ds if d and d.get("target")), "")
             out.append(f"| {label} | " + " | ".join(cells) + f" | {target} |")

@@ -283,3 +283,44 @@ def test_the_fresh_vs_fixed_report_reads_planted_runs(tmp_path):
     assert fresh_vs_fixed.main(["--sweep", f"masked={root}", "--out-dir", str(tmp_path / "m"), "--no-plot", "--force"]) == 0
     t = json.loads((tmp_path / "m" / "targets.json").read_text())["targets"]["masked"]
     assert t["fresh"]["val_signal_over_oracle"]["values"] == [None, pytest.approx(3.0)]
+
+
+def test_pooling_evaluations_sums_squared_errors_over_every_scored_step(tmp_path):
+    """scripts/pool_evals.py on planted evaluations: the pooled signal MSE is the step-weighted mean, the
+    ratio is of the pooled sums (not a mean of ratios), the certain and uncertain parts add up to the
+    total, and an evaluation whose model and oracle were scored on different steps is refused."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import pool_evals
+
+    def plant(name, nc, nu, mc, mu, oc, ou):
+        d = tmp_path / name
+        d.mkdir()
+        split = {"n_certain": nc, "n_uncertain": nu, "signal_mse_certain": mc, "signal_mse_uncertain": mu}
+        orc = {"n_certain": nc, "n_uncertain": nu, "signal_mse_certain": oc, "signal_mse_uncertain": ou}
+        tot = (nc * mc + nu * (mu or 0)) / (nc + nu)
+        otot = (nc * oc + nu * (ou or 0)) / (nc + nu)
+        m = {"oracle": {}}
+        for s in ("val", "test"):
+            m[f"{s}_signal_mse"] = tot
+            m[f"{s}_signal_by_certainty"] = split
+            m["oracle"][s] = {"oracle_signal_mse": otot, "oracle_by_certainty": orc}
+        (d / "eval_metrics.json").write_text(json.dumps(m))
+    plant("e_m0", 90, 10, 0.1, 5.0, 0.0, 10.0)      # lucky masks: below the oracle where it is unsure
+    plant("e_m1", 100, 0, 0.1, None, 0.0, None)     # no uncertain patch: the oracle's error is 0
+    out = tmp_path / "out"
+    assert pool_evals.main(["--group", f"x={tmp_path}/e_m*", "--out-dir", str(out)]) == 0
+    g = json.loads((out / "pooled.json").read_text())["groups"]["x"]["val"]
+    model = (90 * 0.1 + 10 * 5.0 + 100 * 0.1) / 200
+    assert g["signal_mse"] == pytest.approx(model) and g["oracle_signal_mse"] == pytest.approx(100 / 200)
+    assert g["signal_over_oracle"] == pytest.approx(model / 0.5)
+    assert g["ratio_per_evaluation"] == [pytest.approx((9 + 50) / 100 / 1.0), None]
+    assert g["n_uncertain_steps"] == 10 and g["signal_mse_certain"] == pytest.approx(0.1)
+    assert (190 * g["signal_mse_certain"] + 10 * g["signal_mse_uncertain"]) / 200 == pytest.approx(g["signal_mse"])
+    assert "| x | val | 2 | 200 (10) |" in (out / "pooled.md").read_text()
+    assert pool_evals.main(["--group", f"x={tmp_path}/e_m*", "--out-dir", str(out)]) == 2      # no --force
+    m = json.loads((tmp_path / "e_m1" / "eval_metrics.json").read_text())
+    m["oracle"]["val"]["oracle_by_certainty"]["n_certain"] = 99
+    (tmp_path / "e_m1" / "eval_metrics.json").write_text(json.dumps(m))
+    assert pool_evals.main(["--group", f"x={tmp_path}/e_m*", "--out-dir", str(out), "--force"]) == 2
+    assert (out / "pooled.json").exists()                          # a refused input removes nothing
+    assert pool_evals.main(["--group", f"x={tmp_path}/none*", "--out-dir", str(out), "--force"]) == 2
