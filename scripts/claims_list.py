@@ -474,7 +474,8 @@ CLAIMS = [
          otherwise="does not hold: without bursts a generation stays on one or two circles at {sp:.2f}x the speed; "
                    "bursts make it switch ({ksh:.2f} dwell KS against {kst:.2f}); the 60-minute model, a {bpr:.1f}x "
                    "predictor, is no better ({bks:.2f}, {bsp:.2f}x speed), while the exact predictor rolled out the "
-                   "same way keeps the process ({rks:.2f}, {rsp:.2f}x): the limit is the model's closed loop"),
+                   "same way keeps the dwell law and speed ({rks:.2f}, {rsp:.2f}x): for those the limit is the model's "
+                   "closed loop"),
     dict(id="B11", line="mamba", source="Mamba § introduction (belief states, fresh data)",
          claim="The layers build a representation of the hidden state: the belief over circles becomes linearly "
                "readable.",

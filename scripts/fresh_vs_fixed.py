@@ -286,6 +286,11 @@ def markdown(targets: dict) -> str:
                 cells.append(c)
             target = next((d["target"] for d in ds if d and d.get("target")), "")
             out.append(f"| {label} | " + " | ".join(cells) + f" | {target} |")
+        if model == "masked":
+            out += ["", "A masked model's ratio on the demo's validation block rests on the few scored steps where the "
+                        "oracle is unsure (3 of 304 with seed 0's masks): a verdict there is noisy. Score the "
+                        "checkpoints on a longer held-out draw over several mask seeds and pool them "
+                        "(scripts/pool_evals.py, docs/circles.md)."]
         out.append("")
     return "\n".join(out)
 

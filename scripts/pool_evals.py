@@ -49,6 +49,9 @@ def pool(files: list[str]) -> dict:
             if (nc, nu) != (int(o["n_certain"]), int(o["n_uncertain"])):
                 raise safeio.InputError(f"{f}: the model and the oracle are scored on different steps")
             n = nc + nu
+            for k, count in (("certain", nc), ("uncertain", nu)):
+                if count and (_n(s.get(f"signal_mse_{k}")) is None or _n(o.get(f"signal_mse_{k}")) is None):
+                    raise safeio.InputError(f"{f}: {count} {k} {split} steps without their signal MSE")
             tot["n"] += n
             tot["n_unc"] += nu
             tot["m"] += m_mse * n
@@ -59,6 +62,8 @@ def pool(files: list[str]) -> dict:
             tot["ou"] += (o["signal_mse_uncertain"] or 0) * nu
             ratios.append(m_mse / o_mse if o_mse > 0 else None)
         n, nu, nc = tot["n"], tot["n_unc"], tot["n"] - tot["n_unc"]
+        if not n:
+            raise safeio.InputError(f"no {split} step is scored in {', '.join(files)}")
         out[split] = {"n_scored_steps": n, "n_uncertain_steps": nu,
                       "signal_mse": tot["m"] / n, "oracle_signal_mse": tot["o"] / n,
                       "signal_over_oracle": tot["m"] / tot["o"] if tot["o"] > 0 else None,
