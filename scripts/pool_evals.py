@@ -11,7 +11,9 @@ the oracle alike, and splits them where the oracle is certain of the circle and 
     python scripts/pool_evals.py --group "masked 60 min, last=runs/sweeps/fresh_best60_masked/fresh-best60/s0/heldout200k_last_m*" \\
         --out-dir results/circles_fresh/heldout
 
-Writes pooled.json and pooled.md to --out-dir.
+Writes pooled.json and pooled.md to --out-dir. `--paired A,B` also compares two recipes seed by seed:
+groups named A-s<seed> and B-s<seed> (the seeds both have) give the per-seed difference B - A of the
+pooled signal MSE, with its mean, 95% t interval over seeds and paired t-test p.
 """
 import glob
 import math
@@ -77,6 +79,34 @@ def pool(files: list[str]) -> dict:
     return out
 
 
+def paired(groups: dict, a: str, b: str) -> dict:
+    """B - A of the pooled validation and test signal MSE, seed by seed (groups A-s<seed>, B-s<seed>)."""
+    from scipy import stats
+
+    from statsutil import seed_ci
+
+    def seeds(prefix):
+        out = {}
+        for name in groups:
+            head, sep, tail = name.rpartition("-s")
+            if sep and head == prefix and tail.isdigit():
+                out[int(tail)] = name
+        return out
+    sa, sb = seeds(a), seeds(b)
+    common = sorted(set(sa) & set(sb))
+    if len(common) < 2:
+        raise safeio.InputError(f"--paired {a},{b}: groups {a}-s<seed> and {b}-s<seed> share {len(common)} seed(s); "
+                                f"give at least 2")
+    res = {"a": a, "b": b, "seeds": common}
+    for split in ("val", "test"):
+        d = [groups[sb[k]][split]["signal_mse"] - groups[sa[k]][split]["signal_mse"] for k in common]
+        p = float(stats.ttest_1samp(d, 0.0).pvalue) if len(set(d)) > 1 else float("nan")
+        res[split] = {"differences": d, **seed_ci(d), "p": p, "b_lower_in": sum(x < 0 for x in d),
+                      "a_signal_over_oracle": [groups[sa[k]][split]["signal_over_oracle"] for k in common],
+                      "b_signal_over_oracle": [groups[sb[k]][split]["signal_over_oracle"] for k in common]}
+    return res
+
+
 def markdown(res: dict) -> str:
     def f(x, p=3):
         return "—" if x is None else f"{x:.{p}f}"
@@ -91,6 +121,15 @@ def markdown(res: dict) -> str:
                          f"| **{f(d['signal_over_oracle'], 2)}** | {f(d['signal_mse'])}; {f(d['oracle_signal_mse'])} "
                          f"| {f(d['signal_mse_certain'], 4)}; {f(d['oracle_signal_mse_certain'], 4)} "
                          f"| {f(d['signal_mse_uncertain'], 2)}; {f(d['oracle_signal_mse_uncertain'], 2)} | {per} |")
+    for pr in res.get("paired", []):
+        lines += ["", f"Paired on seeds {', '.join(map(str, pr['seeds']))}: pooled signal MSE of {pr['b']} minus {pr['a']}", "",
+                  "| split | mean [95% t interval] | p | lower in | ratio to the oracle per seed, A; B |", "|---|---|---|---|---|"]
+        for split in ("val", "test"):
+            d = pr[split]
+            ra = ", ".join(f"{x:.2f}" for x in d["a_signal_over_oracle"])
+            rb = ", ".join(f"{x:.2f}" for x in d["b_signal_over_oracle"])
+            lines.append(f"| {split} | {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] | {d['p']:.3f} "
+                         f"| {d['b_lower_in']} of {d['n']} | {ra}; {rb} |")
     return "\n".join(lines) + "\n"
 
 
@@ -100,6 +139,8 @@ def build_parser() -> Parser:
     p.add_argument("--group", action="append", required=True, metavar="NAME=GLOB",
                    help="a name and a glob of evaluation folders (each with eval_metrics.json) or of the files "
                         "themselves; repeatable, one table row per group and split")
+    p.add_argument("--paired", action="append", default=[], metavar="A,B",
+                   help="compare recipe B with A seed by seed, from groups named A-s<seed> and B-s<seed> (repeatable)")
     p.add_argument("--out-dir", required=True, help="where pooled.json and pooled.md go")
     p.add_argument("--force", action="store_true", help="replace earlier outputs of this script there")
     return p
@@ -125,6 +166,14 @@ def main(argv=None) -> int:
     out = safeio.Outputs("scripts/pool_evals.py", args.force)
     earlier = out.claim(paths, remove=False)
     res = {"groups": {name: pool(files) for name, files in groups.items()}}
+    pairs = []
+    for item in args.paired:
+        a, sep, b = item.partition(",")
+        if not sep or not a or not b:
+            raise safeio.InputError(f"--paired {item!r}: give A,B")
+        pairs.append(paired(res["groups"], a, b))
+    if pairs:
+        res["paired"] = pairs
     out.remove_earlier(earlier)
     safeio.output_dir(args.out_dir)
     out.write_json(paths[0], res)

@@ -324,3 +324,18 @@ def test_pooling_evaluations_sums_squared_errors_over_every_scored_step(tmp_path
     assert pool_evals.main(["--group", f"x={tmp_path}/e_m*", "--out-dir", str(out), "--force"]) == 2
     assert (out / "pooled.json").exists()                          # a refused input removes nothing
     assert pool_evals.main(["--group", f"x={tmp_path}/none*", "--out-dir", str(out), "--force"]) == 2
+    # two recipes paired on seeds: B - A of each seed's pooled signal MSE, against scipy's paired t-test
+    (tmp_path / "e_m1").rename(tmp_path / "bad")
+    from scipy import stats
+    diffs = []
+    for seed, (mb, mbu) in enumerate(((0.05, 3.0), (0.08, 4.0), (0.02, 9.0))):
+        plant(f"a_s{seed}", 90, 10, 0.1, 5.0, 0.0, 10.0)
+        plant(f"b_s{seed}", 90, 10, mb, mbu, 0.0, 10.0)
+        diffs.append((90 * mb + 10 * mbu - 90 * 0.1 - 10 * 5.0) / 100)
+    groups = [f"--group=r{r}-s{seed}={tmp_path}/{r}_s{seed}" for r in "ab" for seed in range(3)]
+    assert pool_evals.main([*groups, "--paired", "ra,rb", "--out-dir", str(out), "--force"]) == 0
+    pr = json.loads((out / "pooled.json").read_text())["paired"][0]
+    assert pr["seeds"] == [0, 1, 2] and pr["val"]["differences"] == pytest.approx(diffs)
+    assert pr["val"]["p"] == pytest.approx(stats.ttest_rel([d + 1 for d in diffs], [1, 1, 1]).pvalue)
+    assert pr["val"]["b_lower_in"] == sum(d < 0 for d in diffs) and "Paired on seeds 0, 1, 2" in (out / "pooled.md").read_text()
+    assert pool_evals.main([*groups[:4], "--paired", "ra,rb", "--out-dir", str(out), "--force"]) == 2   # 1 shared seed
