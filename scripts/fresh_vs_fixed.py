@@ -16,6 +16,7 @@ range, met or not) and targets.md (the same as tables); to --plots-dir curves.pn
 per-configuration summaries with intervals and the paired fresh - fixed differences come from
 `python sweep.py aggregate`.
 """
+import functools
 import math
 import os
 import sys
@@ -28,9 +29,16 @@ from cliargs import Parser, add_output_flags, plots_dir  # noqa: E402
 CONFIGS = ("fresh", "fixed")     # first, in this order; then any other configuration, by name
 NOT_CONFIGS = ("data", "logs", "aggregate")   # a sweep root's own folders
 GENERATIONS = ("gen", "gen_hidden")      # mamba_next.py generate: plain, and with hidden-state perturbation bursts
+# what is read from a generation's "process" statistics: key -> (decoded series, statistic); the oracle_rollout
+# series is the exact predictor generating the same way
+GEN_FIELDS = {f"{short}{suffix}": (series, stat)
+              for short, stat in (("ks", "dwell_ks"), ("speed", "angular_speed_ratio_median"), ("visits", "n_visits"))
+              for suffix, series in (("", "generated"), ("_true", "true_continuation"), ("_draw", "process_draw"),
+                                     ("_roll", "oracle_rollout"))}
 OUTPUTS = ("curves.csv", "targets.json", "targets.md")   # and the figure curves.png in --plots-dir
 
 
+@functools.lru_cache(maxsize=None)     # a training log is read by the curves and again for the best step
 def _rows(path: str) -> list[dict]:
     import csv
     import io
@@ -163,21 +171,10 @@ def targets(model: str, root) -> dict:
                 if os.path.exists(gen_path):
                     gj = safeio.read_json(gen_path, "generation", kind=dict)
                     proc = gj.get("process") or {}
-                    g = gens.setdefault(tag, {k: [] for k in ("ks", "ks_true", "ks_draw", "speed", "visits",
-                                                              "visits_true", "visits_draw", "length", "ks_roll",
-                                                              "speed_roll", "visits_roll")})
-                    roll = proc.get("oracle_rollout") or {}   # the exact predictor generating the same way
-                    g["ks_roll"].append(_num(roll.get("dwell_ks")))
-                    g["speed_roll"].append(_num(roll.get("angular_speed_ratio_median")))
-                    g["visits_roll"].append(_num(roll.get("n_visits")))
+                    g = gens.setdefault(tag, {k: [] for k in (*GEN_FIELDS, "length")})
+                    for key, (series, stat) in GEN_FIELDS.items():
+                        g[key].append(_num((proc.get(series) or {}).get(stat)))
                     g["length"].append(_num(gj.get("gen_len")))
-                    g["visits_draw"].append(_num((proc.get("process_draw") or {}).get("n_visits")))
-                    g["ks"].append(_num((proc.get("generated") or {}).get("dwell_ks")))
-                    g["ks_true"].append(_num((proc.get("true_continuation") or {}).get("dwell_ks")))
-                    g["ks_draw"].append(_num((proc.get("process_draw") or {}).get("dwell_ks")))
-                    g["speed"].append(_num((proc.get("generated") or {}).get("angular_speed_ratio_median")))
-                    g["visits"].append(_num((proc.get("generated") or {}).get("n_visits")))
-                    g["visits_true"].append(_num((proc.get("true_continuation") or {}).get("n_visits")))
         limit = 1.5 if model == "masked" else 2.0
         t = {"val_signal_over_oracle": {**_spread(ratio), "target": f"<= {limit}",
                                         "masks": "seed 0's (the demo's) for a masked model"},
@@ -339,6 +336,7 @@ def build_parser() -> Parser:
 @safeio.one_line_errors()
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _rows.cache_clear()     # the logs as they are now, not as an earlier call in this process read them
     sweeps = {}
     for item in args.sweep:
         model, sep, root = item.partition("=")

@@ -22,6 +22,9 @@ import sys
 
 from common import ROOT, report
 
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from pool_evals import pool  # noqa: E402
+
 TARGETS = {"masked": 1.5, "mamba": 2.0}
 BUDGET_S = 3600.0
 HELDOUT = os.path.join(ROOT, "runs", "heldout_200k")   # a 200,000-step draw of the demo data's process
@@ -87,8 +90,6 @@ def main(argv=None) -> int:
                                              "eval_metrics.json")))
         pooled = None
         if held:
-            sys.path.insert(0, os.path.join(ROOT, "scripts"))
-            from pool_evals import pool
             pooled = pool(held)["val"]["signal_over_oracle"]
         ratio = pooled if pooled is not None else demo
         where = (f"pooled over {len(held)} held-out evaluations of the last checkpoint (demo block {demo:.2f}x)"
